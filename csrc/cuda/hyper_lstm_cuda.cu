@@ -1,0 +1,263 @@
+// Fused per-step HyperLSTM kernels for CUDA. One thread block owns one batch row for the whole step, so
+// the per-gate layer norms and the Ĥ→N_z→H projections are block reductions with no global sync. The
+// recurrent GEMMs stay in cuBLAS (driven from hyper_lstm.cpp); this file holds the pointwise core only
+// and includes no torch headers so nvcc compiles it in seconds.
+#include <cuda_runtime.h>
+
+#include "../hyper_lstm_kernels.h"
+
+namespace hyperfused {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr double kLnEps = 1e-3;
+
+template <typename T>
+__device__ T block_sum(T v, T* red) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // earlier readers of red are done
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  T total = 0;
+  for (int w = 0; w < (blockDim.x + 31) / 32; ++w) total += red[w];
+  return total;
+}
+
+template <typename T>
+__device__ T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+__device__ T affine(const T* v, const T* gain, const T* bias, int64_t j, bool ln) {
+  return ln ? v[j] * gain[j] + bias[j] : v[j];
+}
+
+template <typename T>
+__device__ void normalize(T* x, int64_t n, T* rstd_out, T* red) {
+  T s = 0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += x[j];
+  const T mean = block_sum(s, red) / T(n);
+  T v = 0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) v += (x[j] - mean) * (x[j] - mean);
+  const T r = T(1) / sqrt(block_sum(v, red) / T(n) + T(kLnEps));
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) x[j] = (x[j] - mean) * r;
+  if (threadIdx.x == 0) *rstd_out = r;
+  __syncthreads();
+}
+
+template <typename T>
+__device__ void layer_norm_backward(const T* dout, const T* xhat, const T* gain, T rstd, int64_t n, T* dx, T* red) {
+  T a = 0, b = 0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const T d = dout[j] * gain[j];
+    a += d;
+    b += d * xhat[j];
+  }
+  const T mean_d = block_sum(a, red) / T(n);
+  const T mean_dx = block_sum(b, red) / T(n);
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dx[j] = rstd * (dout[j] * gain[j] - mean_d - xhat[j] * mean_dx);
+  __syncthreads();
+}
+
+template <typename T>
+__device__ void cell_forward(const T* gates, const T* gg, const T* gb, const T* cg, const T* cb, const T* c_prev,
+                             const T* mask, T fb, bool ln, int64_t n, T* c, T* h, T* cn, T* crstd, T* red) {
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    T ga = tanh(affine(gates, gg, gb, 2 * n + j, ln));
+    if (mask) ga *= mask[j];
+    c[j] = sigmoid_(affine(gates, gg, gb, n + j, ln) + fb) * c_prev[j] + sigmoid_(affine(gates, gg, gb, j, ln)) * ga;
+    if (ln) cn[j] = c[j];
+  }
+  __syncthreads();
+  if (ln) normalize(cn, n, crstd, red);
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const T co = ln ? cn[j] * cg[j] + cb[j] : c[j];
+    h[j] = sigmoid_(affine(gates, gg, gb, 3 * n + j, ln)) * tanh(co);
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__device__ void cell_backward(const T* gates, const T* gg, const T* gb, const T* cg, const T* cb, const T* rstd,
+                              const T* cn, T crstd, const T* c, const T* c_prev, const T* mask, T fb, bool ln,
+                              int64_t n, const T* dh_a, const T* dh_b, const T* dc_out, T* dc_carry, T* dcout,
+                              T* dy, T* da, T* red) {
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const T dh = (dh_a ? dh_a[j] : T(0)) + (dh_b ? dh_b[j] : T(0));
+    const T tc = tanh(ln ? cn[j] * cg[j] + cb[j] : c[j]);
+    const T so = sigmoid_(affine(gates, gg, gb, 3 * n + j, ln));
+    dy[3 * n + j] = dh * tc * so * (T(1) - so);
+    dcout[j] = dh * so * (T(1) - tc * tc);
+  }
+  __syncthreads();
+  // dc via LN_c backward; da's slot for gate i is free until the gate LN below, so it holds dc_ln.
+  T* dc_ln = da;
+  if (ln)
+    layer_norm_backward(dcout, cn, cg, crstd, n, dc_ln, red);
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const T dc = dc_carry[j] + (ln ? dc_ln[j] : dcout[j]) + (dc_out ? dc_out[j] : T(0));
+    const T si = sigmoid_(affine(gates, gg, gb, j, ln));
+    const T sf = sigmoid_(affine(gates, gg, gb, n + j, ln) + fb);
+    const T tg = tanh(affine(gates, gg, gb, 2 * n + j, ln));
+    const T m = mask ? mask[j] : T(1);
+    dy[j] = dc * tg * m * si * (T(1) - si);
+    dy[n + j] = dc * c_prev[j] * sf * (T(1) - sf);
+    dy[2 * n + j] = dc * si * m * (T(1) - tg * tg);
+    dc_carry[j] = dc * sf;
+  }
+  __syncthreads();
+  for (int k = 0; k < 4; ++k) {
+    if (ln) {
+      layer_norm_backward(dy + k * n, gates + k * n, gg + k * n, rstd[k], n, da + k * n, red);
+    } else {
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) da[k * n + j] = dy[k * n + j];
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T>
+struct Ptrs {
+  const T *bias, *zw, *zb, *bzw, *sw, *bsw, *lnw, *lnb, *lncw, *lncb, *hlnw, *hlnb, *hlncw, *hlncb;
+  __device__ explicit Ptrs(const StepParams& p)
+      : bias(static_cast<const T*>(p.bias)), zw(static_cast<const T*>(p.z_weight)),
+        zb(static_cast<const T*>(p.z_bias)), bzw(static_cast<const T*>(p.bias_z_weight)),
+        sw(static_cast<const T*>(p.scale_weight)), bsw(static_cast<const T*>(p.bias_scale_weight)),
+        lnw(static_cast<const T*>(p.ln_weight)), lnb(static_cast<const T*>(p.ln_bias)),
+        lncw(static_cast<const T*>(p.ln_cell_weight)), lncb(static_cast<const T*>(p.ln_cell_bias)),
+        hlnw(static_cast<const T*>(p.hyper_ln_weight)), hlnb(static_cast<const T*>(p.hyper_ln_bias)),
+        hlncw(static_cast<const T*>(p.hyper_ln_cell_weight)), hlncb(static_cast<const T*>(p.hyper_ln_cell_bias)) {}
+  __device__ const T* scale_row(int k, int64_t r, const Dims& d) const {
+    return k < 2 ? sw + (k * 4 * d.H + r) * d.Nz : bsw + r * d.Nz;
+  }
+  __device__ const T* z_row(int64_t k, const Dims& d) const {
+    return k < 8 * d.Nz ? zw + k * d.Hh : bzw + (k - 8 * d.Nz) * d.Hh;
+  }
+};
+
+template <typename T>
+__device__ const T* row_of(const void* base, int64_t b, int64_t width) {
+  return base ? static_cast<const T*>(base) + b * width : nullptr;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardStep s) {
+  __shared__ T red[32];
+  const Dims d = s.dims;
+  const WsLayout L(d);
+  const Ptrs<T> P(s.p);
+  const int64_t b = blockIdx.x, H = d.H, Hh = d.Hh, Nz = d.Nz;
+  const T fb = T(s.forget_bias);
+  const T* g = row_of<T>(s.g, b, d.g_width());
+  T* ws = static_cast<T*>(s.ws) + b * L.width;
+  T* hh = static_cast<T*>(s.hh) + b * Hh;
+
+  T* hn = ws + L.hn;
+  const T* ghh = row_of<T>(s.ghh, b, 4 * Hh);
+  const T* ghx = row_of<T>(s.ghx, b, 4 * Hh);
+  for (int64_t j = threadIdx.x; j < 4 * Hh; j += blockDim.x) hn[j] = ghx[j] + g[4 * H + j] + ghh[j];
+  __syncthreads();
+  if (s.layer_norm)
+    for (int k = 0; k < 4; ++k) normalize(hn + k * Hh, Hh, ws + L.hrstd + k, red);
+  cell_forward(hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb,
+               s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd, red);
+
+  T* z = ws + L.z;
+  for (int64_t k = threadIdx.x; k < 12 * Nz; k += blockDim.x)
+    z[k] = (k < 8 * Nz ? P.zb[k] : T(0)) + dot(P.z_row(k, d), static_cast<const T*>(hh), Hh);
+  __syncthreads();
+
+  T* n = ws + L.n;
+  const T* gx = row_of<T>(s.gx, b, 4 * H);
+  for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x) {
+    const int64_t y = r / H;
+    const T dh = dot(P.scale_row(0, r, d), static_cast<const T*>(z) + y * Nz, Nz);
+    const T dx = dot(P.scale_row(1, r, d), static_cast<const T*>(z) + (4 + y) * Nz, Nz);
+    const T db = dot(P.scale_row(2, r, d), static_cast<const T*>(z) + (8 + y) * Nz, Nz);
+    n[r] = dh * g[r] + dx * gx[r] + P.bias[r] + db;
+  }
+  __syncthreads();
+  if (s.layer_norm)
+    for (int k = 0; k < 4; ++k) normalize(n + k * H, H, ws + L.rstd + k, red);
+  cell_forward(n, P.lnw, P.lnb, P.lncw, P.lncb, row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm,
+               H, static_cast<T*>(s.c) + b * H, static_cast<T*>(s.h) + b * H, ws + L.cn, ws + L.crstd, red);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardStep s) {
+  __shared__ T red[32];
+  const Dims d = s.dims;
+  const WsLayout L(d);
+  const DwsLayout D(d);
+  const Ptrs<T> P(s.p);
+  const int64_t b = blockIdx.x, H = d.H, Hh = d.Hh, Nz = d.Nz;
+  const T fb = T(s.forget_bias);
+  const T* g = row_of<T>(s.g, b, d.g_width());
+  const T* gx = row_of<T>(s.gx, b, 4 * H);
+  const T* ws = row_of<T>(s.ws, b, L.width);
+  T* dws = static_cast<T*>(s.dws) + b * D.width;
+  T* dg = static_cast<T*>(s.dg) + b * d.g_width();
+  T* da = dws + D.da;
+
+  cell_backward(ws + L.n, P.lnw, P.lnb, P.lncw, P.lncb, ws + L.rstd, ws + L.cn, ws[L.crstd], row_of<T>(s.c, b, H),
+                row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm, H, row_of<T>(s.dh_out, b, H),
+                row_of<T>(s.dh_rec, b, H), row_of<T>(s.dc_out, b, H), static_cast<T*>(s.dc_carry) + b * H,
+                dws + D.dcout, dws + D.dy, da, red);
+
+  const T* z = ws + L.z;
+  for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x)
+    dg[r] = da[r] * dot(P.scale_row(0, r, d), z + (r / H) * Nz, Nz);
+  // dz[kind, y, m] = Σ_r dd_kind[yH + r] · W_kind[yH + r, m]; one thread per embedding entry.
+  T* dz = dws + D.dz;
+  for (int64_t k = threadIdx.x; k < 12 * Nz; k += blockDim.x) {
+    const int kind = int(k / (4 * Nz));
+    const int64_t y = (k / Nz) % 4, m = k % Nz;
+    T acc = 0;
+    for (int64_t r = y * H; r < (y + 1) * H; ++r) {
+      const T dd = kind == 0 ? da[r] * g[r] : kind == 1 ? da[r] * gx[r] : da[r];
+      acc += dd * P.scale_row(kind, r, d)[m];
+    }
+    dz[k] = acc;
+  }
+  __syncthreads();
+  // ĥ_t's gradient, parked in dg's hyper slot until the hyper cell backward overwrites it with dâ.
+  T* dhh = dg + 4 * H;
+  const T* dhh_out = row_of<T>(s.dhh_out, b, Hh);
+  const T* dhh_rec = row_of<T>(s.dhh_rec, b, Hh);
+  for (int64_t j = threadIdx.x; j < Hh; j += blockDim.x) {
+    T acc = (dhh_out ? dhh_out[j] : T(0)) + (dhh_rec ? dhh_rec[j] : T(0));
+    for (int64_t k = 0; k < 12 * Nz; ++k) acc += dz[k] * P.z_row(k, d)[j];
+    dhh[j] = acc;
+  }
+  __syncthreads();
+  // cell_backward reads its dh only in its first loop, which ends in a barrier before anything is written
+  // to its da slot, so dâ may overwrite the parked dhh.
+  cell_backward(ws + L.hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, ws + L.hrstd, ws + L.hcn, ws[L.hcrstd],
+                row_of<T>(s.hc, b, Hh), row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb, s.layer_norm, Hh,
+                static_cast<const T*>(dhh), static_cast<const T*>(nullptr), row_of<T>(s.dhc_out, b, Hh),
+                static_cast<T*>(s.dhc_carry) + b * Hh, dws + D.dhcout, dws + D.dyh, dg + 4 * H, red);
+}
+
+}  // namespace
+
+void forward_step_cuda(const ForwardStep& s) {
+  auto stream = static_cast<cudaStream_t>(s.stream);
+  if (s.kind == ScalarKind::Float64)
+    forward_kernel<double><<<dim3(s.dims.B), dim3(kThreads), 0, stream>>>(s);
+  else
+    forward_kernel<float><<<dim3(s.dims.B), dim3(kThreads), 0, stream>>>(s);
+}
+
+void backward_step_cuda(const BackwardStep& s) {
+  auto stream = static_cast<cudaStream_t>(s.stream);
+  if (s.kind == ScalarKind::Float64)
+    backward_kernel<double><<<dim3(s.dims.B), dim3(kThreads), 0, stream>>>(s);
+  else
+    backward_kernel<float><<<dim3(s.dims.B), dim3(kThreads), 0, stream>>>(s);
+}
+
+}  // namespace hyperfused

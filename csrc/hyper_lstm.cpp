@@ -1,0 +1,239 @@
+// Sequence driver shared by the CPU and CUDA backends (haste's structure):
+//  forward  - W_x x and the x-part of the hyper input for all T·B rows in one GEMM each; then per step two
+//             recurrent GEMMs ([W_h; Ŵ_x,h] h_{t-1} and Ŵ_h ĥ_{t-1}) and one fused step kernel.
+//  backward - per step in reverse one fused step kernel and two GEMMs for dh_{t-1}, dĥ_{t-1}; then every
+//             weight gradient as a GEMM or reduction over all T·B rows at once.
+// Memory kept for backward, per time step and batch row (elements of the op's dtype):
+//   h, c (2H) + ĥ, ĉ (2Ĥ) [the op's outputs] + g (4H + 4Ĥ) + ws (5H + 12N_z + 5Ĥ + 10)
+//   = 11H + 11Ĥ + 12N_z + 10;  e.g. H=1000, Ĥ=128, N_z=16: 12,610 floats ≈ 50 KB.
+#include "hyper_lstm.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+namespace hyperfused {
+namespace {
+
+enum Param {
+  WEIGHT_IH, WEIGHT_HH, BIAS, HYPER_WEIGHT_IH, HYPER_WEIGHT_HH, HYPER_BIAS, Z_WEIGHT, Z_BIAS, SCALE_WEIGHT,
+  BIAS_Z_WEIGHT, BIAS_SCALE_WEIGHT, LN_WEIGHT, LN_BIAS, LN_CELL_WEIGHT, LN_CELL_BIAS, HYPER_LN_WEIGHT,
+  HYPER_LN_BIAS, HYPER_LN_CELL_WEIGHT, HYPER_LN_CELL_BIAS, NUM_PARAMS
+};
+
+const char* const kParamNames[NUM_PARAMS] = {
+    "weight_ih", "weight_hh", "bias", "hyper_weight_ih", "hyper_weight_hh", "hyper_bias", "z_weight", "z_bias",
+    "scale_weight", "bias_z_weight", "bias_scale_weight", "ln_weight", "ln_bias", "ln_cell_weight", "ln_cell_bias",
+    "hyper_ln_weight", "hyper_ln_bias", "hyper_ln_cell_weight", "hyper_ln_cell_bias"};
+
+struct Sizes {
+  int64_t T, B, X, H, Hh, Nz;
+  Dims dims() const { return Dims{B, H, Hh, Nz}; }
+};
+
+void check_arg(const at::Tensor& t, const char* name, std::vector<int64_t> shape, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), "hyperfused::hyper_lstm: '", name, "' is on ", t.device(),
+              " but 'x' is on ", x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "hyperfused::hyper_lstm: '", name, "' has dtype ",
+              t.scalar_type(), ", expected ", x.scalar_type(), " (the dtype of 'x')");
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "hyperfused::hyper_lstm: '", name, "' has shape ", t.sizes(),
+              ", expected ", at::IntArrayRef(shape));
+  TORCH_CHECK(t.is_contiguous(), "hyperfused::hyper_lstm: '", name, "' must be contiguous");
+}
+
+Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0,
+                   const at::Tensor& hc0, at::TensorList p, const std::optional<at::Tensor>& mask,
+                   const std::optional<at::Tensor>& hyper_mask) {
+  TORCH_CHECK(x.dim() == 3, "hyperfused::hyper_lstm: 'x' must have shape (T, B, input_size), got ", x.sizes());
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 0,
+              "hyperfused::hyper_lstm: 'x' must be non-empty, got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "hyperfused::hyper_lstm: 'x' must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(p.size() == NUM_PARAMS, "hyperfused::hyper_lstm: 'params' must hold ", int(NUM_PARAMS),
+              " tensors, got ", p.size());
+  TORCH_CHECK(h0.dim() == 2 && hh0.dim() == 2, "hyperfused::hyper_lstm: 'h0' and 'hh0' must be 2-D (B, ·), got ",
+              h0.sizes(), " and ", hh0.sizes());
+  TORCH_CHECK(p[SCALE_WEIGHT].dim() == 3, "hyperfused::hyper_lstm: 'scale_weight' must be (2, 4H, N_z), got ",
+              p[SCALE_WEIGHT].sizes());
+  Sizes s{x.size(0), x.size(1), x.size(2), h0.size(1), hh0.size(1), p[SCALE_WEIGHT].size(2)};
+  TORCH_CHECK(s.H > 0 && s.Hh > 0 && s.Nz > 0, "hyperfused::hyper_lstm: sizes must be positive");
+  const int64_t B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz;
+  check_arg(x, "x", {s.T, B, X}, x);
+  check_arg(h0, "h0", {B, H}, x);
+  check_arg(c0, "c0", {B, H}, x);
+  check_arg(hh0, "hh0", {B, Hh}, x);
+  check_arg(hc0, "hc0", {B, Hh}, x);
+  const std::vector<std::vector<int64_t>> shapes = {
+      {4 * H, X}, {4 * H, H},   {4 * H},     {4 * Hh, X + H}, {4 * Hh, Hh}, {4 * Hh}, {8 * Nz, Hh},
+      {8 * Nz},   {2, 4 * H, Nz}, {4 * Nz, Hh}, {4 * H, Nz},   {4 * H},      {4 * H},  {H},
+      {H},        {4 * Hh},     {4 * Hh},    {Hh},            {Hh}};
+  for (int i = 0; i < NUM_PARAMS; ++i) check_arg(p[i], kParamNames[i], shapes[i], x);
+  if (mask) check_arg(*mask, "mask", {s.T, B, H}, x);
+  if (hyper_mask) check_arg(*hyper_mask, "hyper_mask", {s.T, B, Hh}, x);
+  return s;
+}
+
+StepParams step_params(at::TensorList p) {
+  return StepParams{p[BIAS].data_ptr(),           p[Z_WEIGHT].data_ptr(),         p[Z_BIAS].data_ptr(),
+                    p[BIAS_Z_WEIGHT].data_ptr(),  p[SCALE_WEIGHT].data_ptr(),     p[BIAS_SCALE_WEIGHT].data_ptr(),
+                    p[LN_WEIGHT].data_ptr(),      p[LN_BIAS].data_ptr(),          p[LN_CELL_WEIGHT].data_ptr(),
+                    p[LN_CELL_BIAS].data_ptr(),   p[HYPER_LN_WEIGHT].data_ptr(),  p[HYPER_LN_BIAS].data_ptr(),
+                    p[HYPER_LN_CELL_WEIGHT].data_ptr(), p[HYPER_LN_CELL_BIAS].data_ptr()};
+}
+
+ScalarKind kind_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32; }
+
+const void* ptr_or_null(const std::optional<at::Tensor>& t, int64_t step) {
+  return t && t->defined() ? t->select(0, step).data_ptr() : nullptr;
+}
+
+std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
+  if (!t || !t->defined()) return std::nullopt;
+  return t->contiguous();
+}
+
+}  // namespace
+
+ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                              const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList p,
+                              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask,
+                              bool layer_norm, double forget_bias) {
+  const Sizes s = check_inputs(x, h0, c0, hh0, hc0, p, mask, hyper_mask);
+  const c10::DeviceGuard guard(x.device());
+  const Dims dims = s.dims();
+  const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh;
+  const auto x2 = x.reshape({T * B, X});
+  const auto gx = at::mm(x2, p[WEIGHT_IH].t()).view({T, B, 4 * H});
+  const auto ghx = at::addmm(p[HYPER_BIAS], x2, p[HYPER_WEIGHT_IH].narrow(1, 0, X).t()).view({T, B, 4 * Hh});
+  const auto w_rec = at::cat({p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, X, H)}, 0).t();  // (H, 4H+4Ĥ)
+  const auto w_hyper = p[HYPER_WEIGHT_HH].t();
+  const auto opts = x.options();
+  auto hs = at::empty({T, B, H}, opts), cs = at::empty({T, B, H}, opts);
+  auto hhs = at::empty({T, B, Hh}, opts), hcs = at::empty({T, B, Hh}, opts);
+  auto g = at::empty({T, B, dims.g_width()}, opts);
+  auto ws = at::empty({T, B, WsLayout(dims).width}, opts);
+  auto ghh = at::empty({B, 4 * Hh}, opts);
+  const StepParams sp = step_params(p);
+  for (int64_t t = 0; t < T; ++t) {
+    const at::Tensor h_prev = t ? hs.select(0, t - 1) : h0;
+    const at::Tensor hh_prev = t ? hhs.select(0, t - 1) : hh0;
+    auto g_t = g.select(0, t);
+    at::mm_out(g_t, h_prev, w_rec);
+    at::mm_out(ghh, hh_prev, w_hyper);
+    ForwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
+                   g_t.data_ptr(), ghh.data_ptr(), gx.select(0, t).data_ptr(), ghx.select(0, t).data_ptr(),
+                   (t ? cs.select(0, t - 1) : c0).data_ptr(), (t ? hcs.select(0, t - 1) : hc0).data_ptr(),
+                   ptr_or_null(mask, t), ptr_or_null(hyper_mask, t),
+                   hs.select(0, t).data_ptr(), cs.select(0, t).data_ptr(), hhs.select(0, t).data_ptr(),
+                   hcs.select(0, t).data_ptr(), ws.select(0, t).data_ptr(), k.stream()};
+    k.forward(st);
+  }
+  return {hs, cs, hhs, hcs, g, ws};
+}
+
+std::vector<at::Tensor> hyper_lstm_backward(
+    const StepKernels& k, const std::optional<at::Tensor>& grad_hs_in, const std::optional<at::Tensor>& grad_cs_in,
+    const std::optional<at::Tensor>& grad_hhs_in, const std::optional<at::Tensor>& grad_hcs_in, const at::Tensor& x,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList p,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask, const at::Tensor& hs,
+    const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
+    bool layer_norm, double forget_bias) {
+  const Sizes s = check_inputs(x, h0, c0, hh0, hc0, p, mask, hyper_mask);
+  const c10::DeviceGuard guard(x.device());
+  const Dims dims = s.dims();
+  const WsLayout L(dims);
+  const DwsLayout D(dims);
+  const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, M = T * B, GW = dims.g_width();
+  check_arg(hs, "hs", {T, B, H}, x);
+  check_arg(cs, "cs", {T, B, H}, x);
+  check_arg(hhs, "hhs", {T, B, Hh}, x);
+  check_arg(hcs, "hcs", {T, B, Hh}, x);
+  check_arg(g, "g", {T, B, GW}, x);
+  check_arg(ws, "ws", {T, B, L.width}, x);
+  const auto grad_hs = contiguous_or_none(grad_hs_in), grad_cs = contiguous_or_none(grad_cs_in);
+  const auto grad_hhs = contiguous_or_none(grad_hhs_in), grad_hcs = contiguous_or_none(grad_hcs_in);
+  for (const auto& [gr, name, width] : {std::make_tuple(&grad_hs, "grad_hs", H), std::make_tuple(&grad_cs, "grad_cs", H),
+                                        std::make_tuple(&grad_hhs, "grad_hhs", Hh),
+                                        std::make_tuple(&grad_hcs, "grad_hcs", Hh)})
+    if (*gr) check_arg(**gr, name, {T, B, width}, x);
+
+  const auto x2 = x.reshape({M, X});
+  const auto gx = at::mm(x2, p[WEIGHT_IH].t()).view({T, B, 4 * H});  // recomputed rather than stored
+  const auto w_rec = at::cat({p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, X, H)}, 0);  // (4H+4Ĥ, H)
+  const auto opts = x.options();
+  auto dg = at::empty({T, B, GW}, opts);
+  auto dws = at::empty({T, B, D.width}, opts);
+  auto dc = at::zeros({B, H}, opts), dhc = at::zeros({B, Hh}, opts);
+  auto dh_rec = at::empty({B, H}, opts), dhh_rec = at::empty({B, Hh}, opts);
+  const StepParams sp = step_params(p);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const bool last = t == T - 1;
+    BackwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
+                    g.select(0, t).data_ptr(), gx.select(0, t).data_ptr(), cs.select(0, t).data_ptr(),
+                    (t ? cs.select(0, t - 1) : c0).data_ptr(), hcs.select(0, t).data_ptr(),
+                    (t ? hcs.select(0, t - 1) : hc0).data_ptr(), ws.select(0, t).data_ptr(),
+                    ptr_or_null(mask, t), ptr_or_null(hyper_mask, t),
+                    ptr_or_null(grad_hs, t), last ? nullptr : dh_rec.data_ptr(), ptr_or_null(grad_cs, t),
+                    ptr_or_null(grad_hhs, t), last ? nullptr : dhh_rec.data_ptr(), ptr_or_null(grad_hcs, t),
+                    dc.data_ptr(), dhc.data_ptr(), dg.select(0, t).data_ptr(), dws.select(0, t).data_ptr(),
+                    k.stream()};
+    k.backward(st);
+    const auto dg_t = dg.select(0, t);
+    at::mm_out(dh_rec, dg_t, w_rec);
+    at::mm_out(dhh_rec, dg_t.narrow(1, 4 * H, 4 * Hh), p[HYPER_WEIGHT_HH]);
+  }
+
+  // Weight gradients: each a reduction over all T·B rows.
+  const auto dgm = dg.view({M, GW});
+  const auto dgh = dgm.narrow(1, 0, 4 * H), dah = dgm.narrow(1, 4 * H, 4 * Hh);
+  const auto dwsm = dws.view({M, D.width}), wsm = ws.view({M, L.width});
+  const auto da = dwsm.narrow(1, D.da, 4 * H);
+  const auto z3 = wsm.narrow(1, L.z, 12 * Nz).reshape({M, 3, 4, Nz});
+  const auto h_prev = at::cat({h0.unsqueeze(0), hs.narrow(0, 0, T - 1)}, 0).view({M, H});
+  const auto hh_prev = at::cat({hh0.unsqueeze(0), hhs.narrow(0, 0, T - 1)}, 0).view({M, Hh});
+  const auto hh_all = hhs.view({M, Hh});
+  const auto w_scale = p[SCALE_WEIGHT].view({2, 4, H, Nz});
+  const auto d_x = at::einsum("myn,yhn->myh", {z3.select(1, 1), w_scale.select(0, 1)}).reshape({M, 4 * H});
+  const auto dgx = da * d_x;
+
+  std::vector<at::Tensor> grads(5 + NUM_PARAMS);
+  grads[0] = (dgx.mm(p[WEIGHT_IH]) + dah.mm(p[HYPER_WEIGHT_IH].narrow(1, 0, X))).view({T, B, X});
+  grads[1] = dh_rec;
+  grads[2] = dc;
+  grads[3] = dhh_rec;
+  grads[4] = dhc;
+  at::Tensor* gp = grads.data() + 5;
+  gp[WEIGHT_IH] = dgx.t().mm(x2);
+  gp[WEIGHT_HH] = dgh.t().mm(h_prev);
+  gp[BIAS] = da.sum(0);
+  gp[HYPER_WEIGHT_IH] = at::cat({dah.t().mm(x2), dah.t().mm(h_prev)}, 1);
+  gp[HYPER_WEIGHT_HH] = dah.t().mm(hh_prev);
+  gp[HYPER_BIAS] = dah.sum(0);
+  const auto dd_h = (da * g.view({M, GW}).narrow(1, 0, 4 * H)).view({M, 4, H});
+  const auto dd_x = (da * gx.view({M, 4 * H})).view({M, 4, H});
+  const auto dd_b = da.reshape({M, 4, H});
+  gp[SCALE_WEIGHT] = at::stack({at::einsum("myh,myn->yhn", {dd_h, z3.select(1, 0)}),
+                                at::einsum("myh,myn->yhn", {dd_x, z3.select(1, 1)})})
+                         .reshape({2, 4 * H, Nz});
+  gp[BIAS_SCALE_WEIGHT] = at::einsum("myh,myn->yhn", {dd_b, z3.select(1, 2)}).reshape({4 * H, Nz});
+  const auto dz = dwsm.narrow(1, D.dz, 12 * Nz);
+  gp[Z_WEIGHT] = dz.narrow(1, 0, 8 * Nz).t().mm(hh_all);
+  gp[Z_BIAS] = dz.narrow(1, 0, 8 * Nz).sum(0);
+  gp[BIAS_Z_WEIGHT] = dz.narrow(1, 8 * Nz, 4 * Nz).t().mm(hh_all);
+  if (layer_norm) {
+    const auto dy = dwsm.narrow(1, D.dy, 4 * H), dcout = dwsm.narrow(1, D.dcout, H);
+    const auto dyh = dwsm.narrow(1, D.dyh, 4 * Hh), dhcout = dwsm.narrow(1, D.dhcout, Hh);
+    gp[LN_WEIGHT] = (dy * wsm.narrow(1, L.n, 4 * H)).sum(0);
+    gp[LN_BIAS] = dy.sum(0);
+    gp[LN_CELL_WEIGHT] = (dcout * wsm.narrow(1, L.cn, H)).sum(0);
+    gp[LN_CELL_BIAS] = dcout.sum(0);
+    gp[HYPER_LN_WEIGHT] = (dyh * wsm.narrow(1, L.hn, 4 * Hh)).sum(0);
+    gp[HYPER_LN_BIAS] = dyh.sum(0);
+    gp[HYPER_LN_CELL_WEIGHT] = (dhcout * wsm.narrow(1, L.hcn, Hh)).sum(0);
+    gp[HYPER_LN_CELL_BIAS] = dhcout.sum(0);
+  } else {
+    for (int i = LN_WEIGHT; i <= HYPER_LN_CELL_BIAS; ++i) gp[i] = at::zeros_like(p[i]);
+  }
+  return grads;
+}
+
+}  // namespace hyperfused

@@ -1,0 +1,56 @@
+// Whole-sequence HyperLSTM forward/backward for one layer and one direction, written once against ATen
+// (the GEMMs, the time loop, the post-loop weight-gradient GEMMs) and parameterised by the device's fused
+// step kernels.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "hyper_lstm_kernels.h"
+
+namespace hyperfused {
+
+struct StepKernels {
+  void (*forward)(const ForwardStep&);
+  void (*backward)(const BackwardStep&);
+  void* (*stream)();  // current stream for the kernels, or null
+};
+
+using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                              const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList params,
+                              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask,
+                              bool layer_norm, double forget_bias);
+
+std::vector<at::Tensor> hyper_lstm_backward(
+    const StepKernels& k, const std::optional<at::Tensor>& grad_hs, const std::optional<at::Tensor>& grad_cs,
+    const std::optional<at::Tensor>& grad_hhs, const std::optional<at::Tensor>& grad_hcs, const at::Tensor& x,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList params,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask, const at::Tensor& hs,
+    const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
+    bool layer_norm, double forget_bias);
+
+// The op entry points for one device: a registration file binds forward_on<kItsKernels> to a dispatch key.
+template <const StepKernels& K>
+ForwardOut forward_on(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0,
+                      const at::Tensor& hc0, at::TensorList params, const std::optional<at::Tensor>& mask,
+                      const std::optional<at::Tensor>& hyper_mask, bool layer_norm, double forget_bias) {
+  return hyper_lstm_forward(K, x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias);
+}
+
+template <const StepKernels& K>
+std::vector<at::Tensor> backward_on(
+    const std::optional<at::Tensor>& grad_hs, const std::optional<at::Tensor>& grad_cs,
+    const std::optional<at::Tensor>& grad_hhs, const std::optional<at::Tensor>& grad_hcs, const at::Tensor& x,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList params,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask, const at::Tensor& hs,
+    const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
+    bool layer_norm, double forget_bias) {
+  return hyper_lstm_backward(K, grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
+                             hs, cs, hhs, hcs, g, ws, layer_norm, forget_bias);
+}
+
+}  // namespace hyperfused

@@ -1,0 +1,116 @@
+// Framework-independent interface between the sequence driver (hyper_lstm.cpp, ATen GEMMs and the time
+// loop) and the fused per-step kernels (cpu/, cuda/). Only raw pointers cross it, so the .cu file needs no
+// torch headers and compiles in seconds.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define HF_HD __host__ __device__ __forceinline__
+#else
+#define HF_HD inline
+#endif
+
+namespace hyperfused {
+
+enum class ScalarKind { Float32, Float64 };
+
+// Sizes of one layer/direction. Gate order inside each 4·n block is (i, f, g, o).
+struct Dims {
+  int64_t B, H, Hh, Nz;
+  HF_HD int64_t g_width() const { return 4 * H + 4 * Hh; }  // [W_h h | Ŵ_{x,h-part} h] per step
+};
+
+// Per-row layout of the forward workspace saved for backward (all in the op's dtype):
+//   n    (4H)   main gate pre-activations after LN normalisation, before gain/bias (raw when LN is off)
+//   cn   (H)    LN-normalised c_t
+//   z    (12Nz) embeddings [z_h (4Nz) | z_x (4Nz) | z_b (4Nz)], each gate-major
+//   hn   (4Hh)  hyper gate pre-activations, normalised
+//   hcn  (Hh)   normalised ĉ_t
+//   rstd (4), crstd (1), hrstd (4), hcrstd (1)   1/sqrt(var + eps) of each LN
+struct WsLayout {
+  int64_t n, cn, z, hn, hcn, rstd, crstd, hrstd, hcrstd, width;
+  HF_HD explicit WsLayout(const Dims& d)
+      : n(0), cn(4 * d.H), z(5 * d.H), hn(5 * d.H + 12 * d.Nz), hcn(hn + 4 * d.Hh), rstd(hcn + d.Hh),
+        crstd(rstd + 4), hrstd(crstd + 1), hcrstd(hrstd + 4), width(hcrstd + 1) {}
+};
+
+// Per-row layout of the backward workspace (gradients the post-loop weight GEMMs reduce over T·B rows):
+//   da (4H) grad of main pre-activation a; dy (4H) grad of the LN output; dcout (H) grad of LN_c(c);
+//   dz (12Nz); dyh (4Hh) grad of hyper LN output; dhcout (Hh).
+struct DwsLayout {
+  int64_t da, dy, dcout, dz, dyh, dhcout, width;
+  HF_HD explicit DwsLayout(const Dims& d)
+      : da(0), dy(4 * d.H), dcout(8 * d.H), dz(9 * d.H), dyh(9 * d.H + 12 * d.Nz), dhcout(dyh + 4 * d.Hh),
+        width(dhcout + d.Hh) {}
+};
+
+// Parameters the step kernels read (views of the op's inputs; contiguous).
+struct StepParams {
+  const void *bias;               // (4H)       b_0
+  const void *z_weight, *z_bias;  // (8Nz, Hh), (8Nz)
+  const void *bias_z_weight;      // (4Nz, Hh)
+  const void *scale_weight;       // (2, 4H, Nz)
+  const void *bias_scale_weight;  // (4H, Nz)
+  const void *ln_weight, *ln_bias, *ln_cell_weight, *ln_cell_bias;
+  const void *hyper_ln_weight, *hyper_ln_bias, *hyper_ln_cell_weight, *hyper_ln_cell_bias;
+};
+
+struct ForwardStep {
+  Dims dims;
+  ScalarKind kind;
+  bool layer_norm;
+  double forget_bias;
+  StepParams p;
+  const void* g;        // (B, 4H+4Hh)  [W_h h_{t-1} | Ŵ_x[:, X:] h_{t-1}]
+  const void* ghh;      // (B, 4Hh)     Ŵ_h ĥ_{t-1}
+  const void* gx;       // (B, 4H)      W_x x_t
+  const void* ghx;      // (B, 4Hh)     Ŵ_x[:, :X] x_t + b̂
+  const void* c_prev;   // (B, H)
+  const void* hc_prev;  // (B, Hh)
+  const void* mask;     // (B, H) or null: recurrent-dropout multiplier on φ(g)
+  const void* hmask;    // (B, Hh) or null
+  void *h, *c, *hh, *hc;  // (B, ·) outputs of this step
+  void* ws;               // (B, WsLayout.width)
+  void* stream;           // cudaStream_t on CUDA, unused on CPU
+};
+
+struct BackwardStep {
+  Dims dims;
+  ScalarKind kind;
+  bool layer_norm;
+  double forget_bias;
+  StepParams p;
+  const void* g;        // saved (B, 4H+4Hh) of this step
+  const void* gx;       // (B, 4H)  recomputed W_x x_t
+  const void* c;        // (B, H)   c_t
+  const void* c_prev;   // (B, H)
+  const void* hc;       // (B, Hh)  ĉ_t
+  const void* hc_prev;  // (B, Hh)
+  const void* ws;       // saved forward workspace of this step
+  const void* mask;     // or null
+  const void* hmask;    // or null
+  const void* dh_out;   // (B, H)  grad of h_t from the op's output, or null
+  const void* dh_rec;   // (B, H)  grad of h_t through step t+1, or null
+  const void* dc_out;   // (B, H)  or null
+  const void* dhh_out;  // (B, Hh) or null
+  const void* dhh_rec;  // (B, Hh) or null
+  const void* dhc_out;  // (B, Hh) or null
+  void* dc_carry;       // (B, H)  in: grad of c_t through step t+1; out: grad of c_{t-1}
+  void* dhc_carry;      // (B, Hh) likewise for ĉ
+  void* dg;             // (B, 4H+4Hh) out: [grad of W_h h_{t-1} | grad of hyper pre-activation]
+  void* dws;            // (B, DwsLayout.width) out
+  void* stream;
+};
+
+void forward_step_cpu(const ForwardStep& s);
+void backward_step_cpu(const BackwardStep& s);
+void forward_step_cuda(const ForwardStep& s);
+void backward_step_cuda(const BackwardStep& s);
+
+// Pointwise math shared by the CPU and CUDA kernels.
+template <typename T>
+HF_HD T sigmoid_(T x) {
+  return T(1) / (T(1) + exp(-x));
+}
+
+}  // namespace hyperfused

@@ -1,0 +1,41 @@
+// The hyperfused operator library: schemas and the CPU implementations. CUDA implementations of the same
+// schemas are registered from cuda/register_cuda.cpp when the extension is built with CUDA. Autograd and
+// fake (meta) implementations are registered from Python (hyperfused/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "hyper_lstm.h"
+
+extern "C" {
+// A bare module: importing hyperfused._C runs the TORCH_LIBRARY registrations below; no pybind needed.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace hyperfused {
+namespace {
+
+void* no_stream() { return nullptr; }
+const StepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &no_stream};
+
+}  // namespace
+
+TORCH_LIBRARY(hyperfused, m) {
+  m.def(
+      "hyper_lstm_forward(Tensor x, Tensor h0, Tensor c0, Tensor hh0, Tensor hc0, Tensor[] params, Tensor? mask, "
+      "Tensor? hyper_mask, bool layer_norm, float forget_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "hyper_lstm_backward(Tensor? grad_hs, Tensor? grad_cs, Tensor? grad_hhs, Tensor? grad_hcs, Tensor x, "
+      "Tensor h0, Tensor c0, Tensor hh0, Tensor hc0, Tensor[] params, Tensor? mask, Tensor? hyper_mask, "
+      "Tensor hs, Tensor cs, Tensor hhs, Tensor hcs, Tensor g, Tensor ws, bool layer_norm, float forget_bias) "
+      "-> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(hyperfused, CPU, m) {
+  m.impl("hyper_lstm_forward", &forward_on<kCpuKernels>);
+  m.impl("hyper_lstm_backward", &backward_on<kCpuKernels>);
+}
+
+}  // namespace hyperfused

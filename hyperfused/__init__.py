@@ -1,0 +1,8 @@
+"""hyperfused: fast, faithful HyperNetworks (Ha, Dai & Le 2016) for PyTorch."""
+from ._extension import HAS_EXTENSION
+from .nn import HyperConv2d, HyperLSTM, HyperLSTMCell, HyperLSTMState, StaticHyperNetwork
+from .ops import available_backends
+
+__version__ = "0.1.0"
+__all__ = ["HyperLSTM", "HyperLSTMCell", "HyperLSTMState", "StaticHyperNetwork", "HyperConv2d",
+           "available_backends", "HAS_EXTENSION", "__version__"]

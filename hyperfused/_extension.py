@@ -1,0 +1,19 @@
+"""Loads the compiled extension hyperfused._C, which registers the torch.ops.hyperfused.* operators.
+
+The package works without it (the reference backend needs no compiled code); `EXTENSION_ERROR` says why it
+is missing. Setting HYPERFUSED_NO_EXTENSION=1 skips loading it, to exercise that path.
+"""
+import os
+
+EXTENSION_ERROR = None
+if os.environ.get("HYPERFUSED_NO_EXTENSION") == "1":
+    _C = None
+    EXTENSION_ERROR = "disabled by HYPERFUSED_NO_EXTENSION=1"
+else:
+    try:
+        from . import _C  # noqa: F401  (import side effect: operator registration)
+    except ImportError as e:  # not built: pip install --no-build-isolation .
+        _C = None
+        EXTENSION_ERROR = f"hyperfused._C is not built ({e})"
+
+HAS_EXTENSION = _C is not None

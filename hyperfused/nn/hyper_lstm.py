@@ -1,0 +1,337 @@
+"""HyperLSTM and HyperLSTMCell: drop-in replacements for torch.nn.LSTM / nn.LSTMCell."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
+from ..reference import PARAM_NAMES
+
+_BIAS_PARAMS = ("bias", "bias_z_weight", "bias_scale_weight")
+_LN_PARAMS = tuple(n for n in PARAM_NAMES if "ln_" in n)
+
+
+class HyperLSTMState(tuple):
+    """``(h_n, c_n)`` — unpacks like nn.LSTM's state — that also carries the hyper-LSTM's state.
+
+    Passing it back as ``hx`` continues the sequence exactly; a plain ``(h_0, c_0)`` tuple starts the hyper
+    state at zero. ``hyper_h``/``hyper_c`` have shape (D·num_layers, B, hyper_size).
+    """
+
+    def __new__(cls, h, c, hyper_h, hyper_c):
+        self = super().__new__(cls, (h, c))
+        self.hyper_h, self.hyper_c = hyper_h, hyper_c
+        return self
+
+    def __reduce__(self):
+        return HyperLSTMState, (self[0], self[1], self.hyper_h, self.hyper_c)
+
+    def detach(self) -> "HyperLSTMState":
+        """The same state cut from the graph (truncated BPTT)."""
+        return HyperLSTMState(*(t.detach() for t in (self[0], self[1], self.hyper_h, self.hyper_c)))
+
+
+def _orthogonal_blocks_(w: torch.Tensor, blocks: int) -> None:
+    for chunk in w.chunk(blocks, 0):
+        nn.init.orthogonal_(chunk)
+
+
+class HyperLSTMCell(nn.Module):
+    """One HyperLSTM step, like nn.LSTMCell: ``h_1, c_1 = cell(x, (h_0, c_0))``.
+
+    It also holds the parameters of one layer and direction of :class:`HyperLSTM`; their layout is
+    documented in :mod:`hyperfused.reference.hyper_lstm`. With ``bias=False`` the main cell has no bias
+    (b_0 and the hyper-bias path are fixed at zero); with ``layer_norm=False`` there is no layer norm.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, hyper_embed: int = 16,
+                 layer_norm: bool = True, forget_bias: float = 1.0, recurrent_dropout: float = 0.0,
+                 bias: bool = True, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("hyper_size", hyper_size),
+                            ("hyper_embed", hyper_embed)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not 0.0 <= recurrent_dropout < 1.0:
+            raise ValueError(f"recurrent_dropout: expected a probability in [0, 1), got {recurrent_dropout}")
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.hyper_size, self.hyper_embed = hyper_size, hyper_embed
+        self.layer_norm, self.forget_bias, self.use_bias = bool(layer_norm), float(forget_bias), bool(bias)
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.backend = _check_backend(backend)
+        X, H, Hh, Nz = input_size, hidden_size, hyper_size, hyper_embed
+        shapes = dict(weight_ih=(4 * H, X), weight_hh=(4 * H, H), bias=(4 * H,), hyper_weight_ih=(4 * Hh, X + H),
+                      hyper_weight_hh=(4 * Hh, Hh), hyper_bias=(4 * Hh,), z_weight=(8 * Nz, Hh), z_bias=(8 * Nz,),
+                      scale_weight=(2, 4 * H, Nz), bias_z_weight=(4 * Nz, Hh), bias_scale_weight=(4 * H, Nz),
+                      ln_weight=(4 * H,), ln_bias=(4 * H,), ln_cell_weight=(H,), ln_cell_bias=(H,),
+                      hyper_ln_weight=(4 * Hh,), hyper_ln_bias=(4 * Hh,), hyper_ln_cell_weight=(Hh,),
+                      hyper_ln_cell_bias=(Hh,))
+        factory = dict(device=device, dtype=dtype)
+        for name in PARAM_NAMES:
+            t = torch.empty(shapes[name], **factory)
+            fixed = (not self.use_bias and name in _BIAS_PARAMS) or (not self.layer_norm and name in _LN_PARAMS)
+            if fixed:  # constants the kernels still read: zeros, or unit LN gains
+                self.register_buffer(name, t.fill_(1.0 if name.endswith("weight") and "ln_" in name else 0.0))
+            else:
+                self.register_parameter(name, nn.Parameter(t))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's initialisation (DESIGN.md §1): every scaling vector d starts at 0.1."""
+        Nz = self.hyper_embed
+        nn.init.orthogonal_(self.weight_ih)
+        _orthogonal_blocks_(self.weight_hh, 4)
+        nn.init.orthogonal_(self.hyper_weight_ih)
+        _orthogonal_blocks_(self.hyper_weight_hh, 4)
+        self.hyper_bias.zero_()
+        self.z_weight.zero_()
+        self.z_bias.fill_(1.0)
+        self.scale_weight.fill_(0.1 / Nz)
+        for name in _LN_PARAMS:
+            getattr(self, name).fill_(1.0 if name.endswith("weight") else 0.0)
+        if self.use_bias:
+            self.bias.zero_()
+            nn.init.normal_(self.bias_z_weight, std=0.01)
+            self.bias_scale_weight.zero_()
+
+    def flat_params(self) -> list[torch.Tensor]:
+        """The tensors in the order the ops take them (hyperfused.reference.PARAM_NAMES)."""
+        return [getattr(self, name) for name in PARAM_NAMES]
+
+    def recurrent_masks(self, T: int, B: int, like: torch.Tensor):
+        """Recurrent-dropout multipliers on φ(g) for the main and hyper cells, from torch's RNG."""
+        if not self.training or self.recurrent_dropout == 0.0:
+            return None, None
+        keep = 1.0 - self.recurrent_dropout
+        main = torch.empty(T, B, self.hidden_size, device=like.device, dtype=like.dtype).bernoulli_(keep) / keep
+        hyper = torch.empty(T, B, self.hyper_size, device=like.device, dtype=like.dtype).bernoulli_(keep) / keep
+        return main, hyper
+
+    def run(self, backend: str, x: torch.Tensor, state):
+        """The whole sequence x (T, B, X) from state (h, c, ĥ, ĉ); returns per-step (h, c, ĥ, ĉ)."""
+        mask, hyper_mask = self.recurrent_masks(x.shape[0], x.shape[1], x)
+        return hyper_lstm_layer(backend, x, *state, self.flat_params(), self.layer_norm, self.forget_bias, mask,
+                                hyper_mask)
+
+    def forward(self, input: torch.Tensor, hx=None) -> HyperLSTMState:
+        _check_tensor("input", input, self.weight_ih, (1, 2), self.input_size)
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        B = x.shape[0]
+        state = _initial_state(hx, 1, B, self.hidden_size, self.hyper_size, batched, self.weight_ih)
+        state = [s[0] for s in state]
+        backend = resolve_backend(self.backend, x.device)
+        h, c, hh, hc = (s[0] for s in self.run(backend, x.unsqueeze(0), state))
+        if not batched:
+            h, c, hh, hc = (s.squeeze(0) for s in (h, c, hh, hc))
+        return HyperLSTMState(h, c, hh, hc)
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, hyper_size={self.hyper_size}, "
+                f"hyper_embed={self.hyper_embed}, layer_norm={self.layer_norm}, bias={self.use_bias}")
+
+
+def _check_tensor(name: str, t, ref: torch.Tensor, ndims: tuple, features: int) -> None:
+    """Shape/dtype/device checks with messages that name the argument and what was expected."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in ndims:
+        layouts = {3: "(T, B, input_size) or (B, T, input_size) with batch_first", 2: "(T, input_size) unbatched",
+                   1: "(input_size,) unbatched"}
+        if ndims == (1, 2):
+            layouts[2] = "(B, input_size)"
+        expected = " or ".join(f"{d}-D {layouts[d]}" for d in sorted(ndims, reverse=True))
+        raise ValueError(f"{name}: expected a {expected} tensor, got shape {tuple(t.shape)}")
+    if t.shape[-1] != features:
+        raise ValueError(f"{name}: expected last dimension input_size={features}, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name}: got an empty sequence or batch, shape {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the module's), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the module's device), got {t.device}")
+
+
+def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, ref: torch.Tensor):
+    """(h0, c0, ĥ0, ĉ0), each (num_states, B, ·), from hx = None | (h0, c0) | HyperLSTMState."""
+    def zeros(n):
+        return torch.zeros(num_states, B, n, dtype=ref.dtype, device=ref.device)
+
+    if hx is None:
+        return zeros(H), zeros(H), zeros(Hh), zeros(Hh)
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError("hx: expected a tuple (h_0, c_0) or the HyperLSTMState a previous call returned, "
+                        f"got {type(hx).__name__}")
+    hyper = (hx.hyper_h, hx.hyper_c) if isinstance(hx, HyperLSTMState) else None
+    named = [("hx[0] (h_0)", hx[0], H), ("hx[1] (c_0)", hx[1], H)]
+    if hyper is not None:
+        named += [("hx.hyper_h", hyper[0], Hh), ("hx.hyper_c", hyper[1], Hh)]
+    out = []
+    for name, t, n in named:
+        expected = (num_states, B, n) if batched else (num_states, n)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of shape {expected}, got {type(t).__name__}")
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name}: expected dtype {ref.dtype} (the module's), got {t.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{name}: expected a tensor on {ref.device} (the module's device), got {t.device}")
+        out.append(t if batched else t.unsqueeze(1))
+    if hyper is None:
+        out += [zeros(Hh), zeros(Hh)]
+    return tuple(out)
+
+
+def _reverse_index(T: int, lengths: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    """Index (T, B) that reverses each sequence within its own length (an involution); None = plain flip."""
+    if lengths is None:
+        return None
+    t = torch.arange(T, device=device).unsqueeze(1)
+    L = lengths.to(device).unsqueeze(0)
+    return torch.where(t < L, L - 1 - t, t)
+
+
+def _time_gather(seq: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    if index is None:
+        return seq.flip(0)
+    return seq.gather(0, index.unsqueeze(-1).expand_as(seq))
+
+
+def _last_step(seq: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    if lengths is None:
+        return seq[-1]
+    L = lengths.to(seq.device)
+    return seq[L - 1, torch.arange(seq.shape[1], device=seq.device)]
+
+
+class HyperLSTM(nn.Module):
+    """A multi-layer HyperLSTM (Ha, Dai & Le 2016) with the constructor and call of :class:`torch.nn.LSTM`.
+
+    ``out, (h_n, c_n) = m(x, hx)`` accepts (T, B, X), (B, T, X) with ``batch_first``, unbatched (T, X) and
+    :class:`~torch.nn.utils.rnn.PackedSequence` inputs. The returned state is a :class:`HyperLSTMState`,
+    which also carries the hyper state so that ``m(x2, state)`` continues the sequence exactly.
+
+    ``backend``: "auto" (the fastest available for the input's device), "reference" (plain PyTorch,
+    the paper line by line), "cpu" / "cuda" (fused C++/CUDA kernels) or "triton".
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 hyper_size: int = 128, hyper_embed: int = 16, layer_norm: bool = True, forget_bias: float = 1.0,
+                 recurrent_dropout: float = 0.0, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional = bool(bidirectional)
+        self.hyper_size, self.hyper_embed, self.layer_norm = hyper_size, hyper_embed, layer_norm
+        self.forget_bias, self.recurrent_dropout = forget_bias, recurrent_dropout
+        self.backend = _check_backend(backend)
+        D = 2 if bidirectional else 1
+        self.cells = nn.ModuleList(
+            HyperLSTMCell(input_size if layer == 0 else D * hidden_size, hidden_size, hyper_size, hyper_embed,
+                          layer_norm, forget_bias, recurrent_dropout, bias, backend, device=device, dtype=dtype)
+            for layer in range(num_layers) for _ in range(D))
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def reset_parameters(self) -> None:
+        for cell in self.cells:
+            cell.reset_parameters()
+
+    def forward(self, input: Union[torch.Tensor, PackedSequence], hx=None):
+        ref = self.cells[0].weight_ih
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            _check_tensor("input", input.data, ref, (2,), self.input_size)
+            x, lengths = pad_packed_sequence(input)
+            batched = True
+        else:
+            _check_tensor("input", input, ref, (2, 3), self.input_size)
+            batched, lengths = input.dim() == 3, None
+            x = input if not batched or not self.batch_first else input.transpose(0, 1)
+            x = x if batched else x.unsqueeze(1)
+        T, B, _ = x.shape
+        L, D = self.num_layers, self.num_directions
+        state = _initial_state(hx, L * D, B, self.hidden_size, self.hyper_size, batched, ref)
+        backend = resolve_backend(self.backend, x.device)
+        rev = _reverse_index(T, lengths, x.device) if D == 2 else None
+        finals = []
+        layer_input = x
+        for layer in range(L):
+            outs = []
+            for direction in range(D):
+                k = layer * D + direction
+                xi = layer_input if direction == 0 else _time_gather(layer_input, rev)
+                seqs = self.cells[k].run(backend, xi, [s[k] for s in state])
+                finals.append([_last_step(s, lengths) for s in seqs])
+                outs.append(seqs[0] if direction == 0 else _time_gather(seqs[0], rev))
+            layer_input = torch.cat(outs, -1) if D == 2 else outs[0]
+            if self.dropout > 0 and self.training and layer < L - 1:
+                layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
+        h_n, c_n, hh_n, hc_n = (torch.stack(s) for s in zip(*finals))
+        out = layer_input
+        if packed:
+            out = _repack(out, input)
+        elif not batched:
+            out = out.squeeze(1)
+            h_n, c_n, hh_n, hc_n = (s.squeeze(1) for s in (h_n, c_n, hh_n, hc_n))
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, HyperLSTMState(h_n, c_n, hh_n, hc_n)
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, **kwargs) -> "HyperLSTM":
+        """A HyperLSTM whose main weights W_x, W_h and b_0 = b_ih + b_hh are copied from a trained nn.LSTM.
+
+        Both use the gate order (i, f, g, o), so the blocks copy over as they are. ``kwargs`` set the
+        hyper-specific options (hyper_size, hyper_embed, layer_norm, ...).
+        """
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"lstm: expected a torch.nn.LSTM, got {type(lstm).__name__}")
+        if lstm.proj_size:
+            raise ValueError("lstm: LSTMs with proj_size > 0 have no HyperLSTM counterpart")
+        ref = lstm.weight_ih_l0
+        m = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first, lstm.dropout,
+                lstm.bidirectional, device=ref.device, dtype=ref.dtype, **kwargs)
+        with torch.no_grad():
+            for layer in range(lstm.num_layers):
+                for direction in range(m.num_directions):
+                    sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                    cell = m.cells[layer * m.num_directions + direction]
+                    cell.weight_ih.copy_(getattr(lstm, "weight_ih" + sfx))
+                    cell.weight_hh.copy_(getattr(lstm, "weight_hh" + sfx))
+                    if lstm.bias:
+                        cell.bias.copy_(getattr(lstm, "bias_ih" + sfx) + getattr(lstm, "bias_hh" + sfx))
+        return m
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s + (f", hyper_size={self.hyper_size}, hyper_embed={self.hyper_embed}, layer_norm={self.layer_norm}, "
+                    f"backend={self.backend!r}")
+
+
+def _repack(out: torch.Tensor, like: PackedSequence) -> PackedSequence:
+    """Packs padded (T, B, ·) output with exactly the batch_sizes/sorting of the input PackedSequence."""
+    order = like.sorted_indices if like.sorted_indices is not None else torch.arange(out.shape[1])
+    order = order.to(out.device)
+    sizes = like.batch_sizes.tolist()
+    t_idx = torch.repeat_interleave(torch.arange(len(sizes), device=out.device),
+                                    torch.as_tensor(sizes, device=out.device))
+    b_idx = torch.cat([order[:n] for n in sizes])
+    return PackedSequence(out[t_idx, b_idx], like.batch_sizes, like.sorted_indices, like.unsorted_indices)

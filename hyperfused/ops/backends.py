@@ -1,0 +1,75 @@
+"""The one place that decides which implementation runs: `resolve_backend`."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .._extension import EXTENSION_ERROR, HAS_EXTENSION
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+def _has_cuda_kernels() -> bool:
+    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("hyperfused::hyper_lstm_forward", "CUDA")
+
+
+def _has_triton() -> bool:
+    return False
+
+
+def triton_interpreted() -> bool:
+    """True under TRITON_INTERPRET=1, where Triton kernels run on CPU tensors (tests only)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+
+
+def available_backends() -> list[str]:
+    """The backends this build can run, for some device."""
+    names = ["reference"]
+    if HAS_EXTENSION:
+        names.append("cpu")
+    if _has_cuda_kernels():
+        names.append("cuda")
+    if _has_triton():
+        names.append("triton")
+    return names
+
+
+def _why_missing(name: str) -> str:
+    if name in ("cpu", "cuda") and not HAS_EXTENSION:
+        return str(EXTENSION_ERROR)
+    if name == "cuda":
+        return "the extension was built without CUDA (torch without CUDA, or nvcc not found at build time)"
+    if name == "triton":
+        return "the Triton HyperLSTM kernels are not part of this build yet"
+    return "unknown"
+
+
+def check_backend_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    if name != "auto" and name not in available_backends():
+        raise ValueError(f"backend={name!r} is not available: {_why_missing(name)}. "
+                         f"Available backends: {available_backends()}")
+    return name
+
+
+def backends_for(device: torch.device) -> list[str]:
+    """Available backends that can run on tensors of `device`."""
+    fits = ("reference", "cuda", "triton") if device.type == "cuda" else \
+        ("reference", "cpu", "triton") if triton_interpreted() else ("reference", "cpu")
+    return [b for b in available_backends() if b in fits]
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The concrete backend for `name` on `device`; raises ValueError if it cannot run there."""
+    check_backend_name(name)
+    usable = backends_for(device)
+    if name == "auto":  # never Triton on CPU: the interpreter is for tests only
+        order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+        return next(b for b in order if b in usable)
+    if name not in usable:
+        raise ValueError(f"backend={name!r} cannot run on device {device}; backends for {device.type} tensors: "
+                         f"{usable}")
+    return name

@@ -1,0 +1,71 @@
+"""The HyperLSTM layer op: one layer, one direction, a whole sequence, on the chosen backend.
+
+For the C++ backends this module gives torch.ops.hyperfused.hyper_lstm_forward its autograd formula
+(the hyper_lstm_backward op) and fake implementations, so it traces under torch.compile without graph
+breaks.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import reference
+from .._extension import HAS_EXTENSION
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def workspace_width(H: int, Hh: int, Nz: int) -> int:
+    """Per-row width of the saved forward workspace (csrc/hyper_lstm_kernels.h, WsLayout)."""
+    return 5 * H + 12 * Nz + 5 * Hh + 10
+
+
+def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.Tensor], layer_norm: bool,
+                     forget_bias: float, mask: Optional[torch.Tensor] = None,
+                     hyper_mask: Optional[torch.Tensor] = None):
+    """Runs x (T, B, X) from (h0, c0, ĥ0, ĉ0); returns the per-step (h, c, ĥ, ĉ), each (T, B, ·)."""
+    if backend == "reference":
+        return reference.hyper_lstm_sequence(x, h0, c0, hh0, hc0, reference.HyperLSTMParams(*params), layer_norm,
+                                             forget_bias, mask, hyper_mask)
+    if backend in ("cpu", "cuda"):
+        dtype = x.dtype
+        if dtype not in _FLOAT_DTYPES:  # half/bfloat16: compute and accumulate in float32
+            cast = lambda t: None if t is None else t.float()  # noqa: E731
+            outs = hyper_lstm_layer(backend, *map(cast, (x, h0, c0, hh0, hc0)), [p.float() for p in params],
+                                    layer_norm, forget_bias, cast(mask), cast(hyper_mask))
+            return tuple(o.to(dtype) for o in outs)
+        outs = torch.ops.hyperfused.hyper_lstm_forward(
+            x.contiguous(), h0.contiguous(), c0.contiguous(), hh0.contiguous(), hc0.contiguous(),
+            [p.contiguous() for p in params], mask, hyper_mask, layer_norm, float(forget_bias))
+        return tuple(outs[:4])
+    raise ValueError(f"backend: no HyperLSTM implementation named {backend!r}")
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("hyperfused::hyper_lstm_forward")
+    def _(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias):
+        T, B, _ = x.shape
+        H, Hh, Nz = h0.shape[1], hh0.shape[1], params[8].shape[2]
+        return (x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, Hh), x.new_empty(T, B, Hh),
+                x.new_empty(T, B, 4 * H + 4 * Hh), x.new_empty(T, B, workspace_width(H, Hh, Nz)))
+
+    @torch.library.register_fake("hyperfused::hyper_lstm_backward")
+    def _(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, *rest):
+        return [torch.empty_like(t) for t in (x, h0, c0, hh0, hc0, *params)]
+
+    def _setup_context(ctx, inputs, output):
+        x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias = inputs
+        ctx.n_params = len(params)
+        ctx.layer_norm, ctx.forget_bias = layer_norm, forget_bias
+        ctx.save_for_backward(x, h0, c0, hh0, hc0, mask, hyper_mask, *output, *params)
+
+    def _backward(ctx, grad_hs, grad_cs, grad_hhs, grad_hcs, _grad_g, _grad_ws):
+        x, h0, c0, hh0, hc0, mask, hyper_mask, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
+        grads = torch.ops.hyperfused.hyper_lstm_backward(
+            grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs, hcs,
+            g, ws, ctx.layer_norm, ctx.forget_bias)
+        return (*grads[:5], list(grads[5:]), None, None, None, None)
+
+    torch.library.register_autograd("hyperfused::hyper_lstm_forward", _backward, setup_context=_setup_context)
