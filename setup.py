@@ -38,7 +38,12 @@ def extensions():
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp"]
+    # -fno-trapping-math lets the compiler if-convert, hence vectorise, the kernels' clamps and selects
+    # (nothing here relies on floating-point traps). -march=native uses the build machine's vector width;
+    # HYPERFUSED_PORTABLE=1 builds for the baseline ISA instead (for binaries that travel).
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    if os.environ.get("HYPERFUSED_PORTABLE") != "1":
+        cxx.append("-march=native")
     kwargs = dict(name="hyperfused._C", extra_link_args=["-fopenmp"], py_limited_api=False)
     if _want_cuda(torch):
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))

@@ -72,12 +72,22 @@ Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
   return s;
 }
 
-StepParams step_params(at::TensorList p) {
+// Owns the transposed weight copies that StepParams points into.
+struct Transposed {
+  at::Tensor z_weight_t, scale_weight_t;
+  Transposed(at::TensorList p, const Sizes& s)
+      : z_weight_t(at::cat({p[Z_WEIGHT], p[BIAS_Z_WEIGHT]}, 0).t().contiguous()),
+        scale_weight_t(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0)
+                           .view({3, 4, s.H, s.Nz}).transpose(2, 3).contiguous()) {}
+};
+
+StepParams step_params(at::TensorList p, const Transposed& tr) {
   return StepParams{p[BIAS].data_ptr(),           p[Z_WEIGHT].data_ptr(),         p[Z_BIAS].data_ptr(),
                     p[BIAS_Z_WEIGHT].data_ptr(),  p[SCALE_WEIGHT].data_ptr(),     p[BIAS_SCALE_WEIGHT].data_ptr(),
                     p[LN_WEIGHT].data_ptr(),      p[LN_BIAS].data_ptr(),          p[LN_CELL_WEIGHT].data_ptr(),
                     p[LN_CELL_BIAS].data_ptr(),   p[HYPER_LN_WEIGHT].data_ptr(),  p[HYPER_LN_BIAS].data_ptr(),
-                    p[HYPER_LN_CELL_WEIGHT].data_ptr(), p[HYPER_LN_CELL_BIAS].data_ptr()};
+                    p[HYPER_LN_CELL_WEIGHT].data_ptr(), p[HYPER_LN_CELL_BIAS].data_ptr(),
+                    tr.z_weight_t.data_ptr(),     tr.scale_weight_t.data_ptr()};
 }
 
 ScalarKind kind_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32; }
@@ -112,7 +122,8 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   auto g = at::empty({T, B, dims.g_width()}, opts);
   auto ws = at::empty({T, B, WsLayout(dims).width}, opts);
   auto ghh = at::empty({B, 4 * Hh}, opts);
-  const StepParams sp = step_params(p);
+  const Transposed tr(p, s);
+  const StepParams sp = step_params(p, tr);
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor h_prev = t ? hs.select(0, t - 1) : h0;
     const at::Tensor hh_prev = t ? hhs.select(0, t - 1) : hh0;
@@ -164,7 +175,8 @@ std::vector<at::Tensor> hyper_lstm_backward(
   auto dws = at::empty({T, B, D.width}, opts);
   auto dc = at::zeros({B, H}, opts), dhc = at::zeros({B, Hh}, opts);
   auto dh_rec = at::empty({B, H}, opts), dhh_rec = at::empty({B, Hh}, opts);
-  const StepParams sp = step_params(p);
+  const Transposed tr(p, s);
+  const StepParams sp = step_params(p, tr);
   for (int64_t t = T - 1; t >= 0; --t) {
     const bool last = t == T - 1;
     BackwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,

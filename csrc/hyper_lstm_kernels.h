@@ -53,6 +53,9 @@ struct StepParams {
   const void *bias_scale_weight;  // (4H, Nz)
   const void *ln_weight, *ln_bias, *ln_cell_weight, *ln_cell_bias;
   const void *hyper_ln_weight, *hyper_ln_bias, *hyper_ln_cell_weight, *hyper_ln_cell_bias;
+  // Transposed copies made once per call, so that the CPU's inner loops run along contiguous memory:
+  const void* z_weight_t;      // (Hh, 12Nz)      [z_weight ; bias_z_weight]^T
+  const void* scale_weight_t;  // (3, 4, Nz, H)   W_kz^y transposed, kinds (h, x, b)
 };
 
 struct ForwardStep {

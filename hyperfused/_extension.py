@@ -5,6 +5,8 @@ is missing. Setting HYPERFUSED_NO_EXTENSION=1 skips loading it, to exercise that
 """
 import os
 
+import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
+
 EXTENSION_ERROR = None
 if os.environ.get("HYPERFUSED_NO_EXTENSION") == "1":
     _C = None

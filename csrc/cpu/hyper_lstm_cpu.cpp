@@ -1,9 +1,16 @@
 // Fused per-step HyperLSTM kernels for the CPU: one pass per batch row does the hyper LN-LSTM cell, the 12
 // embeddings, the 12 scaling vectors, the row scaling, the main per-gate LN and the cell update (forward),
 // or all of that in reverse (backward). Rows are independent, so at::parallel_for splits the batch.
+//
+// Every inner loop runs along contiguous memory with no calls, so the compiler vectorises it: the
+// Ĥ→N_z and N_z→H projections are written as axpy's over transposed weights, and float32 sigmoid/tanh use
+// an inline exp (Cephes' polynomial, relative error ~2e-7) instead of libm. float64 keeps libm: it is the
+// precision the tests check gradients in, not a fast path.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../hyper_lstm_kernels.h"
@@ -13,16 +20,48 @@ namespace {
 
 constexpr double kLnEps = 1e-3;
 
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float fx = x * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(fx + (fx >= 0.0f ? 0.5f : -0.5f));
+  const float fn = static_cast<float>(n);
+  const float r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
 }
 
-// Normalises each of the 4 gate blocks of v (size n) in place; stores 1/sqrt(var+eps) per gate.
+inline float sigm(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline float tanh_(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
+inline double sigm(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+inline double tanh_(double x) { return std::tanh(x); }
+
+// y[i] += a * x[i]
 template <typename T>
-void normalize_blocks(T* v, int64_t blocks, int64_t n, T* rstd) {
+inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// `p`, or (for an absent optional input) `n` copies of `value` held in `storage`: keeps branches out of
+// the loops so that they vectorise.
+template <typename T>
+const T* or_constant(const T* p, std::vector<T>& storage, T value, int64_t n) {
+  if (p) return p;
+  storage.assign(n, value);
+  return storage.data();
+}
+
+// Normalises each block of v (size n) in place; stores 1/sqrt(var+eps) per block.
+template <typename T>
+void normalize_blocks(T* __restrict v, int64_t blocks, int64_t n, T* __restrict rstd) {
   for (int64_t k = 0; k < blocks; ++k) {
     T* x = v + k * n;
     T mean = 0;
@@ -30,8 +69,7 @@ void normalize_blocks(T* v, int64_t blocks, int64_t n, T* rstd) {
     mean /= T(n);
     T var = 0;
     for (int64_t j = 0; j < n; ++j) var += (x[j] - mean) * (x[j] - mean);
-    var /= T(n);
-    const T r = T(1) / std::sqrt(var + T(kLnEps));
+    const T r = T(1) / std::sqrt(var / T(n) + T(kLnEps));
     for (int64_t j = 0; j < n; ++j) x[j] = (x[j] - mean) * r;
     rstd[k] = r;
   }
@@ -39,7 +77,8 @@ void normalize_blocks(T* v, int64_t blocks, int64_t n, T* rstd) {
 
 // Gradient through one LN block: from dout (grad of gain·x̂ + bias) to the grad of its input.
 template <typename T>
-void layer_norm_backward(const T* dout, const T* xhat, const T* gain, T rstd, int64_t n, T* dx) {
+void layer_norm_backward(const T* __restrict dout, const T* __restrict xhat, const T* __restrict gain, T rstd,
+                         int64_t n, T* __restrict dx) {
   T mean_d = 0, mean_dx = 0;
   for (int64_t j = 0; j < n; ++j) {
     const T d = dout[j] * gain[j];
@@ -51,87 +90,103 @@ void layer_norm_backward(const T* dout, const T* xhat, const T* gain, T rstd, in
   for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dout[j] * gain[j] - mean_d - xhat[j] * mean_dx);
 }
 
+// Gate values after LN's gain and bias (or the raw pre-activations without LN), 4n of them.
 template <typename T>
-T affine(const T* v, const T* gain, const T* bias, int64_t j, bool ln) {
-  return ln ? v[j] * gain[j] + bias[j] : v[j];
+void apply_affine(const T* __restrict v, const T* __restrict gain, const T* __restrict bias, bool ln, int64_t n,
+                  T* __restrict out) {
+  if (ln)
+    for (int64_t j = 0; j < n; ++j) out[j] = v[j] * gain[j] + bias[j];
+  else
+    std::copy(v, v + n, out);
 }
 
-// c_t and h_t from the (normalised) gates of one cell of width n. Writes cn/crstd when LN is on.
+// c_t and h_t of one cell of width n from its (normalised) gates. Writes cn/crstd when LN is on.
 template <typename T>
 void cell_forward(const T* gates, const T* g_gain, const T* g_bias, const T* c_gain, const T* c_bias,
-                  const T* c_prev, const T* mask, T forget_bias, bool ln, int64_t n, T* c, T* h, T* cn, T* crstd) {
+                  const T* __restrict c_prev, const T* __restrict mask, T forget_bias, bool ln, int64_t n,
+                  T* __restrict c, T* __restrict h, T* __restrict cn, T* crstd, std::vector<T>& y,
+                  std::vector<T>& ones) {
+  y.resize(4 * n);
+  apply_affine(gates, g_gain, g_bias, ln, 4 * n, y.data());
+  const T *yi = y.data(), *yf = yi + n, *yg = yf + n, *yo = yg + n;
+  const T* __restrict m = or_constant(mask, ones, T(1), n);
   for (int64_t j = 0; j < n; ++j) {
-    const T i = affine(gates, g_gain, g_bias, j, ln);
-    const T f = affine(gates, g_gain, g_bias, n + j, ln);
-    const T g = affine(gates, g_gain, g_bias, 2 * n + j, ln);
-    T ga = std::tanh(g);
-    if (mask) ga *= mask[j];
-    c[j] = sigmoid_(f + forget_bias) * c_prev[j] + sigmoid_(i) * ga;
+    const T ga = tanh_(yg[j]) * m[j];
+    c[j] = sigm(yf[j] + forget_bias) * c_prev[j] + sigm(yi[j]) * ga;
   }
   const T* cout = c;
   if (ln) {
-    for (int64_t j = 0; j < n; ++j) cn[j] = c[j];
+    std::copy(c, c + n, cn);
     normalize_blocks(cn, 1, n, crstd);
-    cout = cn;
+    T* co = y.data();  // yi is no longer needed
+    for (int64_t j = 0; j < n; ++j) co[j] = cn[j] * c_gain[j] + c_bias[j];
+    cout = co;
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const T o = affine(gates, g_gain, g_bias, 3 * n + j, ln);
-    const T co = ln ? cout[j] * c_gain[j] + c_bias[j] : cout[j];
-    h[j] = sigmoid_(o) * std::tanh(co);
-  }
+  for (int64_t j = 0; j < n; ++j) h[j] = sigm(yo[j]) * tanh_(cout[j]);
 }
 
-// Reverse of cell_forward for one row. Produces dy (grad of the affine gate outputs) and da (grad of the
-// gate pre-activations), dcout, and updates dc_carry from grad-of-c_t to grad-of-c_{t-1}.
+// Reverse of cell_forward. Produces dy (grad of the affine gate outputs), da (grad of the gate
+// pre-activations) and dcout, and turns dc_carry from the grad of c_t into the grad of c_{t-1}.
 template <typename T>
 void cell_backward(const T* gates, const T* g_gain, const T* g_bias, const T* c_gain, const T* c_bias,
-                   const T* rstd, const T* cn, T crstd, const T* c, const T* c_prev, const T* mask, T forget_bias,
-                   bool ln, int64_t n, const T* dh_a, const T* dh_b, const T* dc_out, T* dc_carry, T* dcout,
-                   T* dy, T* da, std::vector<T>& tmp) {
+                   const T* rstd, const T* __restrict cn, T crstd, const T* __restrict c, const T* __restrict c_prev,
+                   const T* __restrict mask, T forget_bias, bool ln, int64_t n, const T* __restrict dh_a,
+                   const T* __restrict dh_b, const T* __restrict dc_out, T* __restrict dc_carry,
+                   T* __restrict dcout, T* __restrict dy, T* __restrict da, std::vector<T>& y, std::vector<T>& tmp,
+                   std::vector<T> (&fill)[4]) {
+  y.resize(4 * n);
   tmp.resize(n);
+  const T* __restrict m = or_constant(mask, fill[0], T(1), n);
+  const T* __restrict dha = or_constant(dh_a, fill[1], T(0), n);
+  const T* __restrict dhb = or_constant(dh_b, fill[2], T(0), n);
+  const T* __restrict dco = or_constant(dc_out, fill[3], T(0), n);
+  apply_affine(gates, g_gain, g_bias, ln, 4 * n, y.data());
+  const T *yi = y.data(), *yf = yi + n, *yg = yf + n, *yo = yg + n;
+  T* co = tmp.data();
+  if (ln)
+    for (int64_t j = 0; j < n; ++j) co[j] = cn[j] * c_gain[j] + c_bias[j];
+  else
+    std::copy(c, c + n, co);
   for (int64_t j = 0; j < n; ++j) {
-    const T dh = (dh_a ? dh_a[j] : T(0)) + (dh_b ? dh_b[j] : T(0));
-    const T co = ln ? cn[j] * c_gain[j] + c_bias[j] : c[j];
-    const T tc = std::tanh(co);
-    const T so = sigmoid_(affine(gates, g_gain, g_bias, 3 * n + j, ln));
+    const T dh = dha[j] + dhb[j];
+    const T tc = tanh_(co[j]);
+    const T so = sigm(yo[j]);
     dy[3 * n + j] = dh * tc * so * (T(1) - so);
     dcout[j] = dh * so * (T(1) - tc * tc);
   }
-  const T* dc_ln = dcout;
-  if (ln) {
-    layer_norm_backward(dcout, cn, c_gain, crstd, n, tmp.data());
-    dc_ln = tmp.data();
-  }
+  T* dc_ln = tmp.data();
+  if (ln)
+    layer_norm_backward(dcout, cn, c_gain, crstd, n, dc_ln);
+  else
+    std::copy(dcout, dcout + n, dc_ln);
   for (int64_t j = 0; j < n; ++j) {
-    const T dc = dc_carry[j] + dc_ln[j] + (dc_out ? dc_out[j] : T(0));
-    const T si = sigmoid_(affine(gates, g_gain, g_bias, j, ln));
-    const T sf = sigmoid_(affine(gates, g_gain, g_bias, n + j, ln) + forget_bias);
-    const T tg = std::tanh(affine(gates, g_gain, g_bias, 2 * n + j, ln));
-    const T m = mask ? mask[j] : T(1);
-    dy[j] = dc * tg * m * si * (T(1) - si);
+    const T dc = dc_carry[j] + dc_ln[j] + dco[j];
+    const T si = sigm(yi[j]);
+    const T sf = sigm(yf[j] + forget_bias);
+    const T tg = tanh_(yg[j]);
+    dy[j] = dc * tg * m[j] * si * (T(1) - si);
     dy[n + j] = dc * c_prev[j] * sf * (T(1) - sf);
-    dy[2 * n + j] = dc * si * m * (T(1) - tg * tg);
+    dy[2 * n + j] = dc * si * m[j] * (T(1) - tg * tg);
     dc_carry[j] = dc * sf;
   }
   for (int64_t k = 0; k < 4; ++k) {
     if (ln)
       layer_norm_backward(dy + k * n, gates + k * n, g_gain + k * n, rstd[k], n, da + k * n);
     else
-      for (int64_t j = 0; j < n; ++j) da[k * n + j] = dy[k * n + j];
+      std::copy(dy + k * n, dy + (k + 1) * n, da + k * n);
   }
 }
 
 template <typename T>
 struct Ptrs {
-  const T *bias, *zw, *zb, *bzw, *sw, *bsw, *lnw, *lnb, *lncw, *lncb, *hlnw, *hlnb, *hlncw, *hlncb;
+  const T *bias, *zb, *zw, *bzw, *sw, *bsw, *zwt, *swt, *lnw, *lnb, *lncw, *lncb, *hlnw, *hlnb, *hlncw, *hlncb;
   explicit Ptrs(const StepParams& p)
-      : bias(static_cast<const T*>(p.bias)), zw(static_cast<const T*>(p.z_weight)),
-        zb(static_cast<const T*>(p.z_bias)), bzw(static_cast<const T*>(p.bias_z_weight)),
-        sw(static_cast<const T*>(p.scale_weight)), bsw(static_cast<const T*>(p.bias_scale_weight)),
-        lnw(static_cast<const T*>(p.ln_weight)), lnb(static_cast<const T*>(p.ln_bias)),
-        lncw(static_cast<const T*>(p.ln_cell_weight)), lncb(static_cast<const T*>(p.ln_cell_bias)),
-        hlnw(static_cast<const T*>(p.hyper_ln_weight)), hlnb(static_cast<const T*>(p.hyper_ln_bias)),
-        hlncw(static_cast<const T*>(p.hyper_ln_cell_weight)), hlncb(static_cast<const T*>(p.hyper_ln_cell_bias)) {}
+      : bias(cast(p.bias)), zb(cast(p.z_bias)), zw(cast(p.z_weight)), bzw(cast(p.bias_z_weight)),
+        sw(cast(p.scale_weight)), bsw(cast(p.bias_scale_weight)), zwt(cast(p.z_weight_t)),
+        swt(cast(p.scale_weight_t)), lnw(cast(p.ln_weight)), lnb(cast(p.ln_bias)), lncw(cast(p.ln_cell_weight)),
+        lncb(cast(p.ln_cell_bias)), hlnw(cast(p.hyper_ln_weight)), hlnb(cast(p.hyper_ln_bias)),
+        hlncw(cast(p.hyper_ln_cell_weight)), hlncb(cast(p.hyper_ln_cell_bias)) {}
+  static const T* cast(const void* v) { return static_cast<const T*>(v); }
   // Row r of W_kz (k = 0: h, 1: x, 2: b), length Nz.
   const T* scale_row(int k, int64_t r, const Dims& d) const {
     return k < 2 ? sw + (k * 4 * d.H + r) * d.Nz : bsw + r * d.Nz;
@@ -145,43 +200,60 @@ const T* row_of(const void* base, int64_t b, int64_t width) {
   return base ? static_cast<const T*>(base) + b * width : nullptr;
 }
 
+// z = [z_bias ; 0] + [z_weight ; bias_z_weight] ĥ, accumulated along the contiguous rows of the transpose.
+template <typename T>
+void embeddings(const Ptrs<T>& P, const Dims& d, const T* hh, T* z) {
+  const int64_t Z = 12 * d.Nz;
+  for (int64_t k = 0; k < Z; ++k) z[k] = k < 8 * d.Nz ? P.zb[k] : T(0);
+  for (int64_t j = 0; j < d.Hh; ++j) axpy(z, hh[j], P.zwt + j * Z, Z);
+}
+
+// scale[k·4H + r] = d_k[r] = Σ_n W_kz^y[r, n] z_k^y[n] for the three kinds k.
+template <typename T>
+void scaling_vectors(const Ptrs<T>& P, const Dims& d, const T* z, int kinds, T* scale) {
+  const int64_t H = d.H, Nz = d.Nz;
+  std::fill(scale, scale + kinds * 4 * H, T(0));
+  for (int k = 0; k < kinds; ++k)
+    for (int64_t y = 0; y < 4; ++y)
+      for (int64_t m = 0; m < Nz; ++m)
+        axpy(scale + (k * 4 + y) * H, z[(k * 4 + y) * Nz + m], P.swt + ((k * 4 + y) * Nz + m) * H, H);
+}
+
 template <typename T>
 void forward_rows(const ForwardStep& s) {
   const Dims& d = s.dims;
   const WsLayout L(d);
   const Ptrs<T> P(s.p);
-  const int64_t H = d.H, Hh = d.Hh, Nz = d.Nz, GW = d.g_width();
+  const int64_t H = d.H, Hh = d.Hh, GW = d.g_width();
   const T fb = T(s.forget_bias);
   at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> scale(12 * H), y, ones;
     for (int64_t b = b0; b < b1; ++b) {
       const T* g = row_of<T>(s.g, b, GW);
       T* ws = static_cast<T*>(s.ws) + b * L.width;
       T* hh = static_cast<T*>(s.hh) + b * Hh;
       // Hyper LN-LSTM on [x_t ; h_{t-1}].
-      T* hn = ws + L.hn;
-      const T* ghh = row_of<T>(s.ghh, b, 4 * Hh);
-      const T* ghx = row_of<T>(s.ghx, b, 4 * Hh);
-      for (int64_t j = 0; j < 4 * Hh; ++j) hn[j] = ghx[j] + g[4 * H + j] + ghh[j];
+      T* __restrict hn = ws + L.hn;
+      const T* __restrict ghh = row_of<T>(s.ghh, b, 4 * Hh);
+      const T* __restrict ghx = row_of<T>(s.ghx, b, 4 * Hh);
+      const T* __restrict gh = g + 4 * H;
+      for (int64_t j = 0; j < 4 * Hh; ++j) hn[j] = ghx[j] + gh[j] + ghh[j];
       if (s.layer_norm) normalize_blocks(hn, 4, Hh, ws + L.hrstd);
       cell_forward(hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb,
-                   s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd);
-      // Embeddings z from the updated ĥ_t.
+                   s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd, y, ones);
+      // Embeddings from the updated ĥ_t, then the scaling vectors d_h, d_x, d_b.
       T* z = ws + L.z;
-      for (int64_t k = 0; k < 12 * Nz; ++k) z[k] = (k < 8 * Nz ? P.zb[k] : T(0)) + dot(P.z_row(k, d), hh, Hh);
+      embeddings(P, d, hh, z);
+      scaling_vectors(P, d, z, 3, scale.data());
       // Row-scaled pre-activation d_h ⊙ (W_h h) + d_x ⊙ (W_x x) + b_0 + d_b.
-      T* n = ws + L.n;
-      const T* gx = row_of<T>(s.gx, b, 4 * H);
-      for (int64_t r = 0; r < 4 * H; ++r) {
-        const int64_t y = r / H;
-        const T dh = dot(P.scale_row(0, r, d), z + y * Nz, Nz);
-        const T dx = dot(P.scale_row(1, r, d), z + (4 + y) * Nz, Nz);
-        const T db = dot(P.scale_row(2, r, d), z + (8 + y) * Nz, Nz);
-        n[r] = dh * g[r] + dx * gx[r] + P.bias[r] + db;
-      }
+      T* __restrict n = ws + L.n;
+      const T* __restrict gx = row_of<T>(s.gx, b, 4 * H);
+      const T *__restrict dh = scale.data(), *__restrict dx = dh + 4 * H, *__restrict db = dx + 4 * H;
+      for (int64_t r = 0; r < 4 * H; ++r) n[r] = dh[r] * g[r] + dx[r] * gx[r] + P.bias[r] + db[r];
       if (s.layer_norm) normalize_blocks(n, 4, H, ws + L.rstd);
       cell_forward(n, P.lnw, P.lnb, P.lncw, P.lncb, row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb,
                    s.layer_norm, H, static_cast<T*>(s.c) + b * H, static_cast<T*>(s.h) + b * H, ws + L.cn,
-                   ws + L.crstd);
+                   ws + L.crstd, y, ones);
     }
   });
 }
@@ -195,48 +267,41 @@ void backward_rows(const BackwardStep& s) {
   const int64_t H = d.H, Hh = d.Hh, Nz = d.Nz, GW = d.g_width();
   const T fb = T(s.forget_bias);
   at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> tmp, dhh(Hh);
+    std::vector<T> y, tmp, dhh(Hh), scale(4 * H), fill[4];
     for (int64_t b = b0; b < b1; ++b) {
-      const T* g = row_of<T>(s.g, b, GW);
-      const T* gx = row_of<T>(s.gx, b, 4 * H);
+      const T* __restrict g = row_of<T>(s.g, b, GW);
+      const T* __restrict gx = row_of<T>(s.gx, b, 4 * H);
       const T* ws = row_of<T>(s.ws, b, L.width);
       T* dws = static_cast<T*>(s.dws) + b * D.width;
-      T* dg = static_cast<T*>(s.dg) + b * GW;
-      T* da = dws + D.da;
+      T* __restrict dg = static_cast<T*>(s.dg) + b * GW;
+      T* __restrict da = dws + D.da;
       // Main cell.
       cell_backward(ws + L.n, P.lnw, P.lnb, P.lncw, P.lncb, ws + L.rstd, ws + L.cn, ws[L.crstd], row_of<T>(s.c, b, H),
                     row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm, H,
                     row_of<T>(s.dh_out, b, H), row_of<T>(s.dh_rec, b, H), row_of<T>(s.dc_out, b, H),
-                    static_cast<T*>(s.dc_carry) + b * H, dws + D.dcout, dws + D.dy, da, tmp);
-      // Through the row scaling into W_h h, and into the scaling vectors' embeddings.
+                    static_cast<T*>(s.dc_carry) + b * H, dws + D.dcout, dws + D.dy, da, y, tmp, fill);
+      // Through the row scaling into W_h h_{t-1} ...
       const T* z = ws + L.z;
+      scaling_vectors(P, d, z, 1, scale.data());
+      for (int64_t r = 0; r < 4 * H; ++r) dg[r] = da[r] * scale[r];
+      // ... and into the embeddings: dz[k, y, :] = Σ_r dd_k[yH + r] · W_kz^y[r, :].
       T* dz = dws + D.dz;
-      for (int64_t k = 0; k < 12 * Nz; ++k) dz[k] = 0;
+      std::fill(dz, dz + 12 * Nz, T(0));
       for (int64_t r = 0; r < 4 * H; ++r) {
-        const int64_t y = r / H;
-        const T* wh = P.scale_row(0, r, d);
-        const T* wx = P.scale_row(1, r, d);
-        const T* wb = P.scale_row(2, r, d);
-        dg[r] = da[r] * dot(wh, z + y * Nz, Nz);
-        const T ddh = da[r] * g[r], ddx = da[r] * gx[r], ddb = da[r];
-        for (int64_t m = 0; m < Nz; ++m) {
-          dz[y * Nz + m] += ddh * wh[m];
-          dz[(4 + y) * Nz + m] += ddx * wx[m];
-          dz[(8 + y) * Nz + m] += ddb * wb[m];
-        }
+        const int64_t y4 = r / H;
+        axpy(dz + y4 * Nz, da[r] * g[r], P.scale_row(0, r, d), Nz);
+        axpy(dz + (4 + y4) * Nz, da[r] * gx[r], P.scale_row(1, r, d), Nz);
+        axpy(dz + (8 + y4) * Nz, da[r], P.scale_row(2, r, d), Nz);
       }
-      // ĥ_t receives the embeddings' gradient on top of what flows in from outside and from step t+1.
+      // ĥ_t gets the embeddings' gradient on top of what flows in from outside and from step t+1.
       const T* dhh_out = row_of<T>(s.dhh_out, b, Hh);
       const T* dhh_rec = row_of<T>(s.dhh_rec, b, Hh);
       for (int64_t j = 0; j < Hh; ++j) dhh[j] = (dhh_out ? dhh_out[j] : T(0)) + (dhh_rec ? dhh_rec[j] : T(0));
-      for (int64_t k = 0; k < 12 * Nz; ++k) {
-        const T* zr = P.z_row(k, d);
-        for (int64_t j = 0; j < Hh; ++j) dhh[j] += dz[k] * zr[j];
-      }
+      for (int64_t k = 0; k < 12 * Nz; ++k) axpy(dhh.data(), dz[k], P.z_row(k, d), Hh);
       cell_backward(ws + L.hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, ws + L.hrstd, ws + L.hcn, ws[L.hcrstd],
                     row_of<T>(s.hc, b, Hh), row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb, s.layer_norm,
-                    Hh, dhh.data(), static_cast<const T*>(nullptr), row_of<T>(s.dhc_out, b, Hh), static_cast<T*>(s.dhc_carry) + b * Hh,
-                    dws + D.dhcout, dws + D.dyh, dg + 4 * H, tmp);
+                    Hh, static_cast<const T*>(dhh.data()), static_cast<const T*>(nullptr), row_of<T>(s.dhc_out, b, Hh),
+                    static_cast<T*>(s.dhc_carry) + b * Hh, dws + D.dhcout, dws + D.dyh, dg + 4 * H, y, tmp, fill);
     }
   });
 }

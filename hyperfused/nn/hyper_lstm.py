@@ -295,13 +295,15 @@ class HyperLSTM(nn.Module):
         """A HyperLSTM whose main weights W_x, W_h and b_0 = b_ih + b_hh are copied from a trained nn.LSTM.
 
         Both use the gate order (i, f, g, o), so the blocks copy over as they are. ``kwargs`` set the
-        hyper-specific options (hyper_size, hyper_embed, layer_norm, ...).
+        hyper-specific options (hyper_size, hyper_embed, layer_norm, ...). ``forget_bias`` defaults to 0
+        here: the trained LSTM's biases already hold its forget-gate offset.
         """
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"lstm: expected a torch.nn.LSTM, got {type(lstm).__name__}")
         if lstm.proj_size:
             raise ValueError("lstm: LSTMs with proj_size > 0 have no HyperLSTM counterpart")
         ref = lstm.weight_ih_l0
+        kwargs.setdefault("forget_bias", 0.0)
         m = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first, lstm.dropout,
                 lstm.bidirectional, device=ref.device, dtype=ref.dtype, **kwargs)
         with torch.no_grad():

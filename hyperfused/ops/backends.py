@@ -24,8 +24,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 
 
-def available_backends() -> list[str]:
-    """The backends this build can run, for some device."""
+def _probe_backends() -> tuple:
     names = ["reference"]
     if HAS_EXTENSION:
         names.append("cpu")
@@ -33,7 +32,16 @@ def available_backends() -> list[str]:
         names.append("cuda")
     if _has_triton():
         names.append("triton")
-    return names
+    return tuple(names)
+
+
+# Fixed for the life of the process; a constant also keeps torch.compile from tracing the probes.
+_AVAILABLE = _probe_backends()
+
+
+def available_backends() -> list[str]:
+    """The backends this build can run, for some device."""
+    return list(_AVAILABLE)
 
 
 def _why_missing(name: str) -> str:

@@ -57,7 +57,7 @@ if HAS_EXTENSION:
 
     def _setup_context(ctx, inputs, output):
         x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias = inputs
-        ctx.n_params = len(params)
+        ctx.set_materialize_grads(False)  # unused outputs (g, ws, often cs) need no zero-filled gradients
         ctx.layer_norm, ctx.forget_bias = layer_norm, forget_bias
         ctx.save_for_backward(x, h0, c0, hh0, hc0, mask, hyper_mask, *output, *params)
 

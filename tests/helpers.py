@@ -1,0 +1,61 @@
+"""Shared test helpers: random (non-paper) parameters, and comparing every output and gradient."""
+import torch
+
+import hyperfused
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, scale: float = 0.5) -> torch.nn.Module:
+    """Replaces every parameter by N(0, scale²) noise (LN gains around 1) so no gradient path is trivially
+    zero, as it is under the paper's initialisation (z weights 0, W_bz 0)."""
+    for name, p in module.named_parameters():
+        p.normal_(0.0, scale)
+        if "ln" in name and name.endswith("weight"):
+            p.add_(1.0)
+    return module
+
+
+def make_pair(backend: str, *args, dtype=torch.float64, **kwargs):
+    """A reference HyperLSTM and one on `backend` with identical random parameters."""
+    ref = randomize_(hyperfused.HyperLSTM(*args, backend="reference", dtype=dtype, **kwargs))
+    fast = hyperfused.HyperLSTM(*args, backend=backend, dtype=dtype, **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def random_state(m: hyperfused.HyperLSTM, B: int, dtype=torch.float64, requires_grad=True):
+    n = m.num_layers * m.num_directions
+    ts = [torch.randn(n, B, size, dtype=dtype, requires_grad=requires_grad)
+          for size in (m.hidden_size, m.hidden_size, m.hyper_size, m.hyper_size)]
+    return hyperfused.HyperLSTMState(*ts)
+
+
+def run_and_grad(m, x, state):
+    """Output, final state (h, c, ĥ, ĉ) and the gradients of x, the initial state and every parameter
+    under a random linear functional of every output."""
+    x = x.detach().clone().requires_grad_()
+    state = hyperfused.HyperLSTMState(*(t.detach().clone().requires_grad_() for t in
+                                        (state[0], state[1], state.hyper_h, state.hyper_c)))
+    out, fin = m(x, state)
+    gen = torch.Generator().manual_seed(1234)
+    outs = [out, fin[0], fin[1], fin.hyper_h, fin.hyper_c]
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)
+    m.zero_grad()
+    loss.backward()
+    grads = {"x": x.grad, "h0": state[0].grad, "c0": state[1].grad, "hh0": state.hyper_h.grad,
+             "hc0": state.hyper_c.grad}
+    grads.update({n: p.grad for n, p in m.named_parameters()})
+    return outs, grads
+
+
+def assert_same_run(ref, fast, x, state, rtol, atol):
+    outs_r, grads_r = run_and_grad(ref, x, state)
+    outs_f, grads_f = run_and_grad(fast, x, state)
+    for name, a, b in zip(("output", "h_n", "c_n", "hyper_h", "hyper_c"), outs_f, outs_r):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    assert grads_r.keys() == grads_f.keys()
+    for name in grads_r:
+        assert grads_r[name] is not None, f"reference gradient of {name} is missing"
+        assert grads_f[name] is not None, f"gradient of {name} is missing"
+        torch.testing.assert_close(grads_f[name], grads_r[name], rtol=rtol, atol=atol,
+                                   msg=lambda m, n=name: f"grad {n}: {m}")

@@ -1,0 +1,98 @@
+"""Bad input gets a clear ValueError/TypeError naming the argument and what was expected."""
+import pytest
+import torch
+
+import hyperfused
+
+
+@pytest.fixture
+def m():
+    return hyperfused.HyperLSTM(4, 6, num_layers=2, hyper_size=5, hyper_embed=3, backend="reference")
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((3, 2, 2, 4), r"input: expected a 3-D \(T, B, input_size\)"),
+    ((4,), r"input: expected a 3-D"),
+    ((3, 2, 5), r"input: expected last dimension input_size=4, got shape \(3, 2, 5\)"),
+    ((0, 2, 4), r"input: got an empty sequence"),
+    ((3, 0, 4), r"input: got an empty sequence"),
+])
+def test_bad_input_shape(m, shape, match):
+    with pytest.raises(ValueError, match=match):
+        m(torch.randn(shape))
+
+
+def test_wrong_dtype(m):
+    with pytest.raises(TypeError, match=r"input: expected dtype torch.float32 \(the module's\), got torch.float64"):
+        m(torch.randn(3, 2, 4, dtype=torch.float64))
+
+
+def test_wrong_device(m):
+    with pytest.raises(ValueError, match=r"input: expected a tensor on cpu \(the module's device\), got meta"):
+        m(torch.randn(3, 2, 4, device="meta"))
+
+
+def test_not_a_tensor(m):
+    with pytest.raises(TypeError, match="input: expected a torch.Tensor, got list"):
+        m([[1.0, 2.0]])
+
+
+@pytest.mark.parametrize("hx, exc, match", [
+    (lambda: (torch.zeros(2, 3, 6), torch.zeros(1, 3, 6)), ValueError,
+     r"hx\[1\] \(c_0\): expected shape \(2, 3, 6\), got \(1, 3, 6\)"),
+    (lambda: (torch.zeros(2, 2, 6), torch.zeros(2, 3, 6)), ValueError, r"hx\[0\] \(h_0\): expected shape \(2, 3, 6\)"),
+    (lambda: torch.zeros(2, 3, 6), TypeError, r"hx: expected a tuple \(h_0, c_0\)"),
+    (lambda: (torch.zeros(2, 3, 6, dtype=torch.float64), torch.zeros(2, 3, 6)), TypeError,
+     r"hx\[0\] \(h_0\): expected dtype torch.float32"),
+    (lambda: hyperfused.HyperLSTMState(torch.zeros(2, 3, 6), torch.zeros(2, 3, 6), torch.zeros(2, 3, 4),
+                                       torch.zeros(2, 3, 5)), ValueError,
+     r"hx.hyper_h: expected shape \(2, 3, 5\), got \(2, 3, 4\)"),
+])
+def test_bad_hx(m, hx, exc, match):
+    with pytest.raises(exc, match=match):
+        m(torch.randn(4, 3, 4), hx())
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'reference'"):
+        hyperfused.HyperLSTM(4, 6, backend="fastest")
+
+
+def test_unavailable_backend_lists_the_available_ones():
+    missing = [b for b in ("cpu", "cuda", "triton") if b not in hyperfused.available_backends()]
+    if not missing:
+        pytest.skip("every backend is available in this build")
+    with pytest.raises(ValueError, match=rf"backend='{missing[0]}' is not available: .*Available backends: \["):
+        hyperfused.HyperLSTM(4, 6, backend=missing[0])
+
+
+def test_backend_that_does_not_fit_the_device():
+    if "cuda" not in hyperfused.available_backends():
+        pytest.skip("needs a CUDA build of the extension to ask for backend='cuda'")
+    m = hyperfused.HyperLSTM(4, 6, backend="cuda")
+    with pytest.raises(ValueError, match=r"backend='cuda' cannot run on device cpu; backends for cpu tensors"):
+        m(torch.randn(3, 2, 4))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(in_channels=20, out_channels=16), r"in_channels: expected a positive multiple of the hypernet's tile size 16"),
+    (dict(in_channels=16, out_channels=8), r"out_channels: expected a positive multiple of the hypernet's tile size 16"),
+])
+def test_channels_not_a_tile_multiple(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hyperfused.HyperConv2d(kernel_size=3, **kwargs)
+
+
+def test_kernel_size_must_match_the_hypernet():
+    net = hyperfused.StaticHyperNetwork(z_dim=4, kernel_size=3)
+    with pytest.raises(ValueError, match=r"kernel_size: expected 3 \(the hypernet's\), got 5"):
+        hyperfused.HyperConv2d(16, 16, 5, hypernet=net)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="hidden_size: expected a positive int"):
+        hyperfused.HyperLSTM(4, 0)
+    with pytest.raises(ValueError, match="recurrent_dropout: expected a probability"):
+        hyperfused.HyperLSTM(4, 6, recurrent_dropout=1.5)
+    with pytest.raises(TypeError, match="lstm: expected a torch.nn.LSTM"):
+        hyperfused.HyperLSTM.from_lstm(torch.nn.GRU(4, 6))

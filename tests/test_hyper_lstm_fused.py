@@ -1,0 +1,190 @@
+"""The fused C++ (CPU) and CUDA HyperLSTM ops against the reference: outputs, final main and hyper states,
+and the gradients of the input, the initial states and every parameter."""
+import pytest
+import torch
+
+import hyperfused
+from conftest import requires_extension, requires_gpu
+from helpers import assert_same_run, make_pair, random_state, randomize_
+
+pytestmark = requires_extension
+
+# (T, B, X, H, Hh, Nz): unfriendly sizes (H = 37, Hh = 20, B = 1, T = 1) beside typical ones.
+SIZES = [(1, 1, 3, 5, 4, 2), (5, 3, 7, 37, 20, 4), (4, 1, 5, 37, 20, 16), (6, 4, 16, 32, 16, 8)]
+
+# float32 on the CPU: same math, different summation order; the state after T steps agrees to ~1e-5.
+F32 = dict(rtol=2e-4, atol=2e-5)
+F64 = dict(rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "T{}B{}X{}H{}Hh{}Nz{}".format(*s))
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cpu_matches_reference(size, layer_norm, dtype):
+    T, B, X, H, Hh, Nz = size
+    ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, layer_norm=layer_norm, dtype=dtype)
+    x = torch.randn(T, B, X, dtype=dtype)
+    assert_same_run(ref, fast, x, random_state(ref, B, dtype), **(F64 if dtype == torch.float64 else F32))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_without_bias(bias):
+    ref, fast = make_pair("cpu", 4, 9, hyper_size=6, hyper_embed=3, bias=bias)
+    assert_same_run(ref, fast, torch.randn(3, 2, 4, dtype=torch.float64), random_state(ref, 2), **F64)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cpu_multilayer_bidirectional(bidirectional):
+    ref, fast = make_pair("cpu", 5, 11, num_layers=2, bidirectional=bidirectional, hyper_size=6, hyper_embed=4)
+    assert_same_run(ref, fast, torch.randn(4, 3, 5, dtype=torch.float64), random_state(ref, 3), **F64)
+
+
+def test_cpu_packed_sequence_bidirectional():
+    from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
+    ref, fast = make_pair("cpu", 3, 7, num_layers=2, bidirectional=True, hyper_size=5, hyper_embed=2)
+    seqs = [torch.randn(n, 3, dtype=torch.float64, requires_grad=True) for n in (2, 5, 3)]
+    results = []
+    for m in (ref, fast):
+        m.zero_grad()
+        out, (h, c) = m(pack_sequence(seqs, enforce_sorted=False))
+        padded, _ = pad_packed_sequence(out)
+        (padded.square().sum() + h.sum() + c.square().sum()).backward()
+        results.append([padded, h, c] + [s.grad.clone() for s in seqs] + [p.grad.clone() for p in m.parameters()])
+        for s in seqs:
+            s.grad = None
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **F64)
+
+
+def test_cpu_recurrent_dropout_same_masks_as_reference():
+    ref, fast = make_pair("cpu", 4, 6, hyper_size=5, hyper_embed=2, recurrent_dropout=0.4)
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    state = random_state(ref, 2)
+    outs = []
+    for m in (ref, fast):
+        torch.manual_seed(11)
+        outs.append(m(x, state)[0])
+    torch.testing.assert_close(outs[1], outs[0], **F64)
+
+
+def test_cpu_inter_layer_dropout_same_as_reference_under_a_seed():
+    ref, fast = make_pair("cpu", 4, 6, num_layers=3, dropout=0.3, hyper_size=5, hyper_embed=2)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    outs = []
+    for m in (ref, fast):
+        torch.manual_seed(5)
+        outs.append(m(x)[0])
+    torch.testing.assert_close(outs[1], outs[0], **F64)
+
+
+def _op_inputs(T=3, B=2, X=3, H=5, Hh=4, Nz=2, layer_norm=True, masks=False):
+    m = randomize_(hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, layer_norm=layer_norm,
+                                        dtype=torch.float64))
+    params = [p.detach().clone().requires_grad_(p.requires_grad) for p in m.cells[0].flat_params()]
+    x = torch.randn(T, B, X, dtype=torch.float64, requires_grad=True)
+    state = [torch.randn(B, n, dtype=torch.float64, requires_grad=True) for n in (H, H, Hh, Hh)]
+    mask = hyper_mask = None
+    if masks:
+        mask = torch.bernoulli(torch.full((T, B, H), 0.7, dtype=torch.float64)) / 0.7
+        hyper_mask = torch.bernoulli(torch.full((T, B, Hh), 0.7, dtype=torch.float64)) / 0.7
+    return x, state, params, mask, hyper_mask
+
+
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+@pytest.mark.parametrize("masks", [False, True], ids=["nomask", "mask"])
+def test_gradcheck_cpu_op(layer_norm, masks):
+    x, state, params, mask, hyper_mask = _op_inputs(layer_norm=layer_norm, masks=masks)
+    trainable = [p for p in params if p.requires_grad]
+
+    def f(x, h0, c0, hh0, hc0, *ps):
+        it = iter(ps)
+        full = [next(it) if p.requires_grad else p for p in params]
+        return tuple(torch.ops.hyperfused.hyper_lstm_forward(x, h0, c0, hh0, hc0, full, mask, hyper_mask,
+                                                             layer_norm, 1.0)[:4])
+
+    assert torch.autograd.gradcheck(f, (x, *state, *trainable))
+
+
+def test_torch_compile_fullgraph_has_no_graph_break():
+    m = randomize_(hyperfused.HyperLSTM(4, 8, num_layers=2, hyper_size=6, hyper_embed=2, backend="cpu"))
+    x = torch.randn(5, 3, 4)
+
+    def run(x):
+        out, state = m(x)
+        return out, state[0], state[1], state.hyper_h
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    expected = run(x)
+    got = compiled(x)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    got[0].sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_op_checks_its_inputs():
+    x, state, params, _, _ = _op_inputs()
+    op = torch.ops.hyperfused.hyper_lstm_forward
+    with pytest.raises(RuntimeError, match=r"'weight_hh' has shape \[20, 4\], expected \[20, 5\]"):
+        op(x, *state, params[:1] + [params[1][:, :4].contiguous()] + params[2:], None, None, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"'c0' has dtype Float, expected Double"):
+        op(x, state[0], state[1].float(), *state[2:], params, None, None, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"'x' must have shape \(T, B, input_size\)"):
+        op(x[0], *state, params, None, None, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"'params' must hold 19 tensors, got 18"):
+        op(x, *state, params[:-1], None, None, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"'mask' has shape \[3, 2, 4\], expected \[3, 2, 5\]"):
+        op(x, *state, params, torch.ones(3, 2, 4, dtype=torch.float64), None, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"'x' must be contiguous"):
+        op(x.detach().transpose(0, 1).contiguous().transpose(0, 1), *state, params, None, None, True, 1.0)
+
+
+def test_half_precision_inputs_compute_in_float32():
+    ref, fast = make_pair("cpu", 4, 6, hyper_size=5, hyper_embed=2, dtype=torch.float32)
+    fast = fast.to(torch.bfloat16)
+    x = torch.randn(3, 2, 4)
+    out, _ = fast(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref(x)[0], rtol=0.05, atol=0.05)
+
+
+# -- CUDA: the same comparisons on the GPU ---------------------------------------------------------------
+
+def _cuda_pair(*args, dtype, **kwargs):
+    ref, fast = make_pair("cuda", *args, dtype=dtype, **kwargs)
+    return ref.cuda(), fast.cuda()
+
+
+@requires_gpu
+@pytest.mark.parametrize("size", SIZES + [(20, 64, 128, 256, 128, 16)],
+                         ids=lambda s: "T{}B{}X{}H{}Hh{}Nz{}".format(*s))
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cuda_matches_reference(size, layer_norm, dtype):
+    T, B, X, H, Hh, Nz = size
+    ref, fast = _cuda_pair(X, H, hyper_size=Hh, hyper_embed=Nz, layer_norm=layer_norm, dtype=dtype)
+    x = torch.randn(T, B, X, dtype=dtype, device="cuda")
+    state = hyperfused.HyperLSTMState(*(t.cuda() for t in random_state(ref, B, dtype, requires_grad=False)))
+    tol = F64 if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
+    assert_same_run(ref, fast, x, state, **tol)
+
+
+@requires_gpu
+def test_cuda_multilayer_bidirectional_with_dropout():
+    ref, fast = _cuda_pair(5, 11, num_layers=2, bidirectional=True, hyper_size=6, hyper_embed=4,
+                           recurrent_dropout=0.2, dtype=torch.float64)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, device="cuda")
+    outs = []
+    for m in (ref, fast):
+        torch.manual_seed(0)
+        outs.append(m(x)[0])
+    torch.testing.assert_close(outs[1], outs[0], **F64)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_inputs_against_float32_reference(dtype):
+    ref, fast = _cuda_pair(32, 64, hyper_size=32, hyper_embed=8, dtype=torch.float32)
+    x = torch.randn(10, 8, 32, device="cuda")
+    out, _ = fast.to(dtype)(x.to(dtype))
+    torch.testing.assert_close(out.float(), ref(x)[0], rtol=0.05, atol=0.02)
