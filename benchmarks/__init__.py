@@ -1,0 +1,1 @@
+"""hyperfused's benchmark suite: `python -m benchmarks --help`."""

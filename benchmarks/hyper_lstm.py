@@ -1,0 +1,113 @@
+"""HyperLSTM section: nn.LSTM (cuDNN / oneDNN), the eager reference, the reference under torch.compile and
+every fused backend, timed side by side on one config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import hyperfused
+from hyperfused import reference
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    T: int
+    B: int
+    X: int
+    H: int
+    Hh: int = 128
+    Nz: int = 16
+
+    @classmethod
+    def parse(cls, text: str) -> "Config":
+        """'T,B,X,H,Hh,Nz' (Hh and Nz optional)."""
+        try:
+            vals = [int(v) for v in text.split(",")]
+            if not 4 <= len(vals) <= 6 or min(vals) <= 0:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"--config: expected T,B,X,H[,Hh[,Nz]] as positive integers, got {text!r}")
+        return cls("custom", *vals)
+
+    def label(self) -> str:
+        return f"{self.name} (T={self.T}, B={self.B}, X={self.X}, H={self.H}, Ĥ={self.Hh}, N_z={self.Nz})"
+
+    def gemm_flops(self, hyper: bool) -> float:
+        """FLOPs of the GEMMs of one forward+backward (backward = 2× forward), the floor of any implementation."""
+        T, B, X, H, Hh, Nz = self.T, self.B, self.X, self.H, self.Hh, self.Nz
+        fwd = 2 * T * B * 4 * H * (X + H)
+        if hyper:
+            fwd += 2 * T * B * 4 * Hh * (X + H + Hh) + 2 * T * B * 12 * Nz * (Hh + H)
+        return 3.0 * fwd
+
+
+FULL_CONFIGS = [
+    Config("fastrnns default", 100, 64, 512, 512),
+    Config("paper PTB", 100, 128, 128, 1000),
+    Config("small batch", 100, 8, 128, 256),
+]
+# Sized for a 2-core CPU: the whole --quick run takes about three minutes.
+QUICK_CONFIGS = [
+    Config("CPU default", 100, 32, 128, 256),
+    Config("small batch", 100, 8, 128, 256),
+]
+
+
+class Row:
+    """One implementation on one config: a forward and a forward+backward closure over fixed inputs."""
+
+    def __init__(self, name: str, forward: Callable[[torch.Tensor], torch.Tensor], params, x: torch.Tensor):
+        self.name, self._forward, self._params, self.x = name, forward, list(params), x
+        self._grad = torch.randn_like(forward(x))
+
+    def fwd(self):
+        return self._forward(self.x)
+
+    def fwd_bwd(self):
+        for p in self._params:
+            p.grad = None
+        self._forward(self.x).backward(self._grad)
+
+
+def _compiled_reference(m: hyperfused.HyperLSTM) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The reference step under torch.compile, looped in Python: how one compiles a custom RNN cell."""
+    step = torch.compile(reference.hyper_lstm_step, dynamic=False)
+    cell = m.cells[0]
+
+    def run(x):
+        B = x.shape[1]
+        state = [x.new_zeros(B, n) for n in (cell.hidden_size, cell.hidden_size, cell.hyper_size, cell.hyper_size)]
+        p = reference.HyperLSTMParams(*cell.flat_params())
+        outs = []
+        for t in range(x.shape[0]):
+            state = step(x[t], state, p, cell.layer_norm, cell.forget_bias)
+            outs.append(state[0])
+        return torch.stack(outs)
+
+    return run
+
+
+def make_rows(cfg: Config, device: torch.device, with_compile: bool, backends: Optional[list[str]] = None):
+    torch.manual_seed(0)
+    x = torch.randn(cfg.T, cfg.B, cfg.X, device=device)
+    rows = []
+    lstm = torch.nn.LSTM(cfg.X, cfg.H, device=device)
+    rows.append(Row("nn.LSTM (cuDNN)" if device.type == "cuda" else "nn.LSTM", lambda x: lstm(x)[0],
+                    lstm.parameters(), x))
+    kw = dict(hyper_size=cfg.Hh, hyper_embed=cfg.Nz, device=device)
+    ref = hyperfused.HyperLSTM(cfg.X, cfg.H, backend="reference", **kw)
+    rows.append(Row("reference", lambda x: ref(x)[0], ref.parameters(), x))
+    if with_compile:
+        rows.append(Row("reference + torch.compile", _compiled_reference(ref), ref.parameters(), x))
+    for backend in hyperfused.ops.backends_for(device):
+        if backend == "reference" or (backends is not None and backend not in backends):
+            continue
+        if backend == "triton" and device.type != "cuda":
+            continue  # the interpreter is for tests, not timings
+        m = hyperfused.HyperLSTM(cfg.X, cfg.H, backend=backend, **kw)
+        m.load_state_dict(ref.state_dict())
+        rows.append(Row(f"hyperfused {backend}", lambda x, m=m: m(x)[0], m.parameters(), x))
+    return rows
