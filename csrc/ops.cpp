@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "hyper_lstm.h"
+#include "static_hypernet.h"
 
 extern "C" {
 // A bare module: importing hyperfused._C runs the TORCH_LIBRARY registrations below; no pybind needed.
@@ -19,6 +20,8 @@ namespace {
 
 void* no_stream() { return nullptr; }
 const StepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &no_stream};
+// The CPU generates tiles with two BLAS GEMMs over all tiles, then the layout kernel.
+const TileKernels kCpuTileKernels{nullptr, &scatter_tiles_cpu, &gather_tiles_cpu, &no_stream};
 
 }  // namespace
 
@@ -31,11 +34,19 @@ TORCH_LIBRARY(hyperfused, m) {
       "Tensor h0, Tensor c0, Tensor hh0, Tensor hc0, Tensor[] params, Tensor? mask, Tensor? hyper_mask, "
       "Tensor hs, Tensor cs, Tensor hhs, Tensor hcs, Tensor g, Tensor ws, bool layer_norm, float forget_bias) "
       "-> Tensor[]");
+  m.def(
+      "generate_kernels(Tensor z, Tensor w_in, Tensor b_in, Tensor w_out, Tensor b_out, Tensor tile_meta, "
+      "int numel, int kernel_size) -> Tensor");
+  m.def(
+      "generate_kernels_backward(Tensor grad, Tensor z, Tensor w_in, Tensor b_in, Tensor w_out, "
+      "Tensor tile_meta, int kernel_size) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(hyperfused, CPU, m) {
   m.impl("hyper_lstm_forward", &forward_on<kCpuKernels>);
   m.impl("hyper_lstm_backward", &backward_on<kCpuKernels>);
+  m.impl("generate_kernels", &generate_kernels_on<kCpuTileKernels>);
+  m.impl("generate_kernels_backward", &generate_kernels_backward_on<kCpuTileKernels>);
 }
 
 }  // namespace hyperfused

@@ -21,5 +21,11 @@ if [ -x "$CUDA_HOME/bin/nvcc" ]; then
 fi
 # Ampere and Hopper; a GPU-less build needs an explicit list.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
-$PY setup.py -q build_ext --inplace 2>&1 | grep -v "^WARNING: Location\|SetuptoolsDeprecationWarning\|^!!\|^\s*\*\*\*\|corresp(dist" || true
+mkdir -p build
+if ! $PY setup.py build_ext --inplace > build/build.log 2>&1; then
+  grep -v "^WARNING: Location" build/build.log | tail -60
+  echo "bootstrap: building hyperfused._C failed (full log: build/build.log)" >&2
+  exit 1
+fi
+grep "hyperfused: building" build/build.log || true
 $PY -c "import hyperfused; assert hyperfused.HAS_EXTENSION, hyperfused._extension.EXTENSION_ERROR; print('hyperfused backends:', hyperfused.available_backends())"

@@ -48,3 +48,108 @@ def test_generate_refuses_layers_of_another_hypernet():
     conv = hyperfused.HyperConv2d(16, 16, 3, hypernet=b)
     with pytest.raises(ValueError, match=r"layers\[0\]: this HyperConv2d is served by another"):
         a.generate([conv])
+
+
+# -- the fused generation op against the per-tile reference ----------------------------------------------
+
+from conftest import requires_extension, requires_gpu  # noqa: E402
+from helpers import randomize_  # noqa: E402
+
+
+def _layers(net, shapes, device="cpu", dtype=torch.float64):
+    return [hyperfused.HyperConv2d(i * net.in_tile, o * net.out_tile, net.kernel_size, hypernet=net, device=device,
+                                   dtype=dtype) for o, i in shapes]
+
+
+def _generate_and_grads(net, layers, backend):
+    net.backend = backend
+    for p in [*net.parameters(), *(l.z for l in layers)]:
+        p.grad = None
+    kernels = net.generate(layers)
+    gen = torch.Generator().manual_seed(7)
+    loss = sum((k * torch.randn(k.shape, generator=gen, dtype=k.dtype).to(k.device)).sum() for k in kernels)
+    loss.backward()
+    grads = [net.w_in.grad, net.b_in.grad, net.w_out.grad, net.b_out.grad] + [l.z.grad for l in layers]
+    return kernels, grads
+
+
+FUSED_CASES = [  # (z_dim, in_tile, out_tile, kernel_size, layer tile grids (rows, cols))
+    (4, 16, 16, 7, [(1, 1)]),             # the paper's MNIST layer
+    (64, 16, 16, 3, [(2, 2), (2, 4), (1, 1)]),
+    (4, 3, 5, 1, [(2, 3), (1, 1)]),
+    (6, 2, 3, 5, [(3, 1), (1, 2)]),
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"z{c[0]}-in{c[1]}-out{c[2]}-k{c[3]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_fused_cpu_generation_matches_reference(case, dtype):
+    z_dim, in_tile, out_tile, k, grids = case
+    net = randomize_(hyperfused.StaticHyperNetwork(z_dim, in_tile, out_tile, k, dtype=dtype))
+    layers = _layers(net, grids, dtype=dtype)
+    ref_k, ref_g = _generate_and_grads(net, layers, "reference")
+    got_k, got_g = _generate_and_grads(net, layers, "cpu")
+    for a, b in zip(got_k + got_g, ref_k + ref_g):
+        # float32: gradients sum over many tiles in a different order, so the error scales with their size.
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-6 * b.abs().max().item())
+        torch.testing.assert_close(a, b, **tol)
+
+
+@requires_extension
+def test_gradcheck_cpu_generation_op():
+    net = randomize_(hyperfused.StaticHyperNetwork(3, 2, 3, 3, dtype=torch.float64))
+    layers = _layers(net, [(2, 1), (1, 2)])
+    meta, spans, numel = hyperfused.ops.tile_layout([(l.out_channels, l.in_channels) for l in layers], 3, 2, 3)
+    z = torch.cat([l.z for l in layers]).detach().requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in (net.w_in, net.b_in, net.w_out, net.b_out)]
+    f = lambda z, *p: torch.ops.hyperfused.generate_kernels(z, *p, meta, numel, 3)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (z, *params))
+
+
+@requires_extension
+def test_pytorch_einsum_path_matches_reference():
+    net = randomize_(hyperfused.StaticHyperNetwork(5, 2, 3, 3, dtype=torch.float64))
+    layers = _layers(net, [(2, 3), (1, 1)])
+    ref_k, ref_g = _generate_and_grads(net, layers, "reference")
+    net.backend = "reference"
+    meta, spans, numel = hyperfused.ops.tile_layout([(l.out_channels, l.in_channels) for l in layers], 3, 2, 3)
+    flat = hyperfused.ops.generate_kernels("torch", torch.cat([l.z for l in layers]), net.w_in, net.b_in,
+                                           net.w_out, net.b_out, meta, numel, 3)
+    for (off, n), k in zip(spans, ref_k):
+        torch.testing.assert_close(flat[off:off + n].view_as(k), k)
+
+
+@requires_extension
+def test_generation_op_checks_its_inputs():
+    net = hyperfused.StaticHyperNetwork(4, 2, 2, 3, dtype=torch.float64)
+    meta, _, numel = hyperfused.ops.tile_layout([(2, 2)], 2, 2, 3)
+    z = torch.randn(1, 4, dtype=torch.float64)
+    op = torch.ops.hyperfused.generate_kernels
+    with pytest.raises(RuntimeError, match=r"'w_in' has shape \[2, 4, 4\], expected \(in_tile, hidden, 5\)"):
+        op(torch.randn(1, 5, dtype=torch.float64), net.w_in, net.b_in, net.w_out, net.b_out, meta, numel, 3)
+    with pytest.raises(RuntimeError, match=r"'b_out' has dtype Float, expected Double"):
+        op(z, net.w_in, net.b_in, net.w_out, net.b_out.float(), meta, numel, 3)
+    with pytest.raises(RuntimeError, match=r"'tile_meta' places tiles outside a buffer of 10 elements"):
+        op(z, net.w_in, net.b_in, net.w_out, net.b_out, meta, 10, 3)
+    with pytest.raises(RuntimeError, match=r"'tile_meta' must be a contiguous int64 tensor of shape \[1, 2\]"):
+        op(z, net.w_in, net.b_in, net.w_out, net.b_out, meta.int(), numel, 3)
+
+
+@requires_gpu
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"z{c[0]}-in{c[1]}-out{c[2]}-k{c[3]}")
+def test_fused_cuda_generation_matches_reference(case):
+    z_dim, in_tile, out_tile, k, grids = case
+    net = randomize_(hyperfused.StaticHyperNetwork(z_dim, in_tile, out_tile, k, dtype=torch.float64)).cuda()
+    layers = _layers(net, grids, device="cuda")
+    ref_k, ref_g = _generate_and_grads(net, layers, "reference")
+    got_k, got_g = _generate_and_grads(net, layers, "cuda")
+    for a, b in zip(got_k + got_g, ref_k + ref_g):
+        torch.testing.assert_close(a, b)
+
+
+def test_dtype_mismatch_between_layer_and_hypernet():
+    net = hyperfused.StaticHyperNetwork(z_dim=4)
+    conv = hyperfused.HyperConv2d(16, 16, 3, hypernet=net)
+    with pytest.raises(TypeError, match=r"input: expected dtype torch.float32 \(the layer's\), got torch.float64"):
+        conv(torch.randn(1, 16, 5, 5, dtype=torch.float64))

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import reference
+from ..ops import check_backend_name, generate_kernels, resolve_backend, tile_layout
 
 
 class StaticHyperNetwork(nn.Module):
@@ -19,13 +20,15 @@ class StaticHyperNetwork(nn.Module):
     """
 
     def __init__(self, z_dim: int = 64, in_tile: int = 16, out_tile: int = 16, kernel_size: int = 3,
-                 device=None, dtype=None):
+                 backend: str = "auto", device=None, dtype=None):
         super().__init__()
         for name, value in (("z_dim", z_dim), ("in_tile", in_tile), ("out_tile", out_tile),
                             ("kernel_size", kernel_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         self.z_dim, self.in_tile, self.out_tile, self.kernel_size = z_dim, in_tile, out_tile, kernel_size
+        self.backend = check_backend_name(backend)
+        self._layouts: dict = {}  # (layer shapes, device) -> tile placement, computed once
         hidden, k2 = z_dim, kernel_size * kernel_size
         factory = dict(device=device, dtype=dtype)
         self.w_in = nn.Parameter(torch.empty(in_tile, hidden, z_dim, **factory))
@@ -43,14 +46,28 @@ class StaticHyperNetwork(nn.Module):
         self.b_out.zero_()
 
     def generate(self, layers: Sequence["HyperConv2d"]) -> list[torch.Tensor]:
-        """Every given layer's kernel (N_out, N_in, k, k), in order."""
+        """Every given layer's kernel (N_out, N_in, k, k), in order, from one fused call for all of them."""
         for i, layer in enumerate(layers):
             if not isinstance(layer, HyperConv2d):
                 raise TypeError(f"layers[{i}]: expected a HyperConv2d, got {type(layer).__name__}")
             if layer.hypernet is not self:
                 raise ValueError(f"layers[{i}]: this HyperConv2d is served by another StaticHyperNetwork")
-        return [reference.generate_kernel(layer.z, layer.out_channels, layer.in_channels, self.w_in, self.b_in,
-                                          self.w_out, self.b_out, self.kernel_size) for layer in layers]
+        backend = resolve_backend(self.backend, self.w_in.device)
+        if backend == "reference":
+            return [reference.generate_kernel(layer.z, layer.out_channels, layer.in_channels, self.w_in, self.b_in,
+                                              self.w_out, self.b_out, self.kernel_size) for layer in layers]
+        shapes = tuple((layer.out_channels, layer.in_channels) for layer in layers)
+        key = (shapes, self.w_in.device)
+        if key not in self._layouts:
+            meta, spans, numel = tile_layout(shapes, self.out_tile, self.in_tile, self.kernel_size)
+            self._layouts[key] = (meta.to(self.w_in.device), spans, numel)
+        meta, spans, numel = self._layouts[key]
+        z = torch.cat([layer.z for layer in layers]) if len(layers) > 1 else layers[0].z
+        flat = generate_kernels(backend, z, self.w_in, self.b_in, self.w_out, self.b_out, meta, numel,
+                                self.kernel_size)
+        k = self.kernel_size
+        return [flat[off:off + n].view(layer.out_channels, layer.in_channels, k, k)
+                for (off, n), layer in zip(spans, layers)]
 
     def extra_repr(self) -> str:
         return f"z_dim={self.z_dim}, in_tile={self.in_tile}, out_tile={self.out_tile}, kernel_size={self.kernel_size}"
@@ -87,6 +104,13 @@ class HyperConv2d(nn.Module):
 
     def forward(self, input: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Convolves with `weight` (from a model-wide `hypernet.generate`) or a freshly generated kernel."""
+        if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4) or input.shape[-3] != self.in_channels:
+            shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(f"input: expected (B, {self.in_channels}, H, W) or ({self.in_channels}, H, W), got {shape}")
+        if input.dtype != self.z.dtype:
+            raise TypeError(f"input: expected dtype {self.z.dtype} (the layer's), got {input.dtype}")
+        if input.device != self.z.device:
+            raise ValueError(f"input: expected a tensor on {self.z.device} (the layer's device), got {input.device}")
         if weight is None:
             weight = self.hypernet.generate([self])[0]
         return F.conv2d(input, weight, None, self.stride, self.padding)

@@ -1,5 +1,6 @@
 """torch.library operators and the backend dispatch: modules call these, never kernels directly."""
 from .backends import BACKENDS, available_backends, backends_for, check_backend_name, resolve_backend
 from .hyper_lstm import hyper_lstm_layer
+from .static_hypernet import generate_kernels, tile_layout
 
-__all__ = ["BACKENDS", "available_backends", "backends_for", "check_backend_name", "resolve_backend", "hyper_lstm_layer"]
+__all__ = ["BACKENDS", "available_backends", "backends_for", "check_backend_name", "resolve_backend", "hyper_lstm_layer", "generate_kernels", "tile_layout"]

@@ -1,0 +1,79 @@
+"""The static-hypernetwork generation op: every tile of every layer to every layer's conv kernel, at once.
+
+`tile_layout` places tiles; `generate_kernels` runs on the chosen backend. The C++/CUDA op gets its
+autograd formula and fake implementation here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .._extension import HAS_EXTENSION
+
+
+def tile_layout(shapes: Sequence[tuple[int, int]], out_tile: int, in_tile: int, kernel_size: int):
+    """For layers of (out_channels, in_channels): per-tile (offset, row stride) into one flat buffer holding
+    every kernel in conv layout, each layer's (offset, numel), and the buffer's size."""
+    kk = kernel_size * kernel_size
+    meta, spans, base = [], [], 0
+    for out_ch, in_ch in shapes:
+        for r in range(out_ch // out_tile):
+            for c in range(in_ch // in_tile):
+                meta.append(((r * out_tile * in_ch + c * in_tile) * kk + base, in_ch * kk))
+        spans.append((base, out_ch * in_ch * kk))
+        base += out_ch * in_ch * kk
+    return torch.tensor(meta, dtype=torch.long), spans, base
+
+
+def generate_kernels_torch(z, w_in, b_in, w_out, b_out, meta, numel: int, kernel_size: int):
+    """The same computation as the fused op in plain PyTorch (two batched GEMMs and an index_put)."""
+    kk = kernel_size * kernel_size
+    in_tile, out_tile = w_in.shape[0], w_out.shape[0] // kk
+    hidden = torch.einsum("ihn,tn->tih", w_in, z) + b_in
+    tiles = (hidden @ w_out.T + b_out).view(-1, in_tile, out_tile, kk)  # (t, ib, ob, kk)
+    ob = torch.arange(out_tile, device=z.device).view(1, 1, out_tile, 1)
+    ib = torch.arange(in_tile, device=z.device).view(1, in_tile, 1, 1)
+    ab = torch.arange(kk, device=z.device).view(1, 1, 1, kk)
+    meta = meta.to(z.device)
+    index = meta[:, 0].view(-1, 1, 1, 1) + ob * meta[:, 1].view(-1, 1, 1, 1) + ib * kk + ab
+    return z.new_zeros(numel).index_put((index.reshape(-1),), tiles.reshape(-1))
+
+
+def generate_kernels(backend: str, z, w_in, b_in, w_out, b_out, meta, numel: int, kernel_size: int):
+    if backend in ("cpu", "cuda"):
+        dtype = z.dtype
+        if dtype not in (torch.float32, torch.float64):
+            return generate_kernels(backend, *(t.float() for t in (z, w_in, b_in, w_out, b_out)), meta, numel,
+                                    kernel_size).to(dtype)
+        return torch.ops.hyperfused.generate_kernels(z.contiguous(), w_in.contiguous(), b_in.contiguous(),
+                                                     w_out.contiguous(), b_out.contiguous(), meta, numel,
+                                                     kernel_size)
+    if backend == "torch":
+        return generate_kernels_torch(z, w_in, b_in, w_out, b_out, meta, numel, kernel_size)
+    raise ValueError(f"backend: no fused kernel generation named {backend!r}")
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("hyperfused::generate_kernels")
+    def _(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size):
+        return z.new_empty(numel)
+
+    @torch.library.register_fake("hyperfused::generate_kernels_backward")
+    def _(grad, z, w_in, b_in, w_out, tile_meta, kernel_size):
+        return [torch.empty_like(z), torch.empty_like(w_in), torch.empty_like(b_in), torch.empty_like(w_out),
+                z.new_empty(w_out.shape[0])]
+
+    def _setup_context(ctx, inputs, output):
+        z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size = inputs
+        ctx.kernel_size = kernel_size
+        ctx.save_for_backward(z, w_in, b_in, w_out, tile_meta)
+
+    def _backward(ctx, grad):
+        z, w_in, b_in, w_out, tile_meta = ctx.saved_tensors
+        dz, dw_in, db_in, dw_out, db_out = torch.ops.hyperfused.generate_kernels_backward(
+            grad, z, w_in, b_in, w_out, tile_meta, ctx.kernel_size)
+        return dz, dw_in, db_in, dw_out, db_out, None, None, None
+
+    torch.library.register_autograd("hyperfused::generate_kernels", _backward, setup_context=_setup_context)
