@@ -88,6 +88,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference row")
     ap.add_argument("--backends", default=None, help="comma-separated fused backends to include (default: all)")
     ap.add_argument("--sections", default="lstm,static", help="comma-separated: lstm, static")
+    ap.add_argument("--wrn", default="40,2", metavar="DEPTH,WIDEN", help="HyperWRN for the static section")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     ap.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart (matplotlib)")
     args = ap.parse_args(argv)
@@ -111,7 +112,8 @@ def main(argv=None):
     if "static" in sections:
         from .static_hypernet import run_static_section
 
-        out["static"] = run_static_section(device, quick, repeats, warmup)
+        depth, widen = (int(v) for v in args.wrn.split(","))
+        out["static"] = run_static_section(device, quick, repeats, warmup, depth, widen)
         if out["static"]:
             print(report.static_markdown(out["static"]))
     if args.json:

@@ -29,7 +29,10 @@ def static_markdown(results) -> str:
     lines = ["", "### Static hypernetwork: generating every kernel of the model (forward + backward)", "",
              "| model | implementation | ms | speed-up vs per-tile loop |", "|---|---|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['row']} | {r['ms']:.2f} ± {r['iqr_ms']:.2f} | {r['speedup']:.1f}× |")
+        speedup = "—" if r["speedup"] != r["speedup"] else f"{r['speedup']:.1f}×"
+        lines.append(f"| {r['model']} | {r['row']} | {r['ms']:.2f} ± {r['iqr_ms']:.2f} | {speedup} |")
+        if "generation_share" in r:
+            lines.append(f"\nThe fused generation is {100 * r['generation_share']:.1f}% of that training step.")
     return "\n".join(lines)
 
 

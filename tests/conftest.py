@@ -1,11 +1,13 @@
 import os
 import zlib
 
-# Triton kernels run on CPU tensors only under the interpreter, which must be on before any @triton.jit.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton kernels run on CPU tensors under the interpreter, which must be on before any
+# @triton.jit runs (importing torch does not import triton). With a GPU they compile for it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import hyperfused  # noqa: E402
 

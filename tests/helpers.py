@@ -34,8 +34,7 @@ def run_and_grad(m, x, state):
     """Output, final state (h, c, ĥ, ĉ) and the gradients of x, the initial state and every parameter
     under a random linear functional of every output."""
     x = x.detach().clone().requires_grad_()
-    state = hyperfused.HyperLSTMState(*(t.detach().clone().requires_grad_() for t in
-                                        (state[0], state[1], state.hyper_h, state.hyper_c)))
+    state = hyperfused.HyperLSTMState(*(t.detach().clone().requires_grad_() for t in state.tensors()))
     out, fin = m(x, state)
     gen = torch.Generator().manual_seed(1234)
     outs = [out, fin[0], fin[1], fin.hyper_h, fin.hyper_c]

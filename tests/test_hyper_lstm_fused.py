@@ -164,7 +164,7 @@ def test_cuda_matches_reference(size, layer_norm, dtype):
     T, B, X, H, Hh, Nz = size
     ref, fast = _cuda_pair(X, H, hyper_size=Hh, hyper_embed=Nz, layer_norm=layer_norm, dtype=dtype)
     x = torch.randn(T, B, X, dtype=dtype, device="cuda")
-    state = hyperfused.HyperLSTMState(*(t.cuda() for t in random_state(ref, B, dtype, requires_grad=False)))
+    state = random_state(ref, B, dtype, requires_grad=False).to("cuda")
     tol = F64 if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
     assert_same_run(ref, fast, x, state, **tol)
 

@@ -29,9 +29,17 @@ class HyperLSTMState(tuple):
     def __reduce__(self):
         return HyperLSTMState, (self[0], self[1], self.hyper_h, self.hyper_c)
 
+    def tensors(self) -> tuple:
+        """(h, c, hyper_h, hyper_c)."""
+        return self[0], self[1], self.hyper_h, self.hyper_c
+
     def detach(self) -> "HyperLSTMState":
         """The same state cut from the graph (truncated BPTT)."""
-        return HyperLSTMState(*(t.detach() for t in (self[0], self[1], self.hyper_h, self.hyper_c)))
+        return HyperLSTMState(*(t.detach() for t in self.tensors()))
+
+    def to(self, *args, **kwargs) -> "HyperLSTMState":
+        """Every tensor moved/cast like Tensor.to."""
+        return HyperLSTMState(*(t.to(*args, **kwargs) for t in self.tensors()))
 
 
 def _orthogonal_blocks_(w: torch.Tensor, blocks: int) -> None:

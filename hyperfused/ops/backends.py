@@ -15,13 +15,16 @@ def _has_cuda_kernels() -> bool:
     return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("hyperfused::hyper_lstm_forward", "CUDA")
 
 
-def _has_triton() -> bool:
-    return False
-
-
 def triton_interpreted() -> bool:
     """True under TRITON_INTERPRET=1, where Triton kernels run on CPU tensors (tests only)."""
     return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+
+
+def _has_triton() -> bool:
+    """Triton kernels need a CUDA device, or the interpreter (tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or triton_interpreted()
 
 
 def _probe_backends() -> tuple:
@@ -50,7 +53,9 @@ def _why_missing(name: str) -> str:
     if name == "cuda":
         return "the extension was built without CUDA (torch without CUDA, or nvcc not found at build time)"
     if name == "triton":
-        return "the Triton HyperLSTM kernels are not part of this build yet"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for tests on CPU)"
     return "unknown"
 
 

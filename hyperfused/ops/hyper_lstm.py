@@ -28,14 +28,16 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
     if backend == "reference":
         return reference.hyper_lstm_sequence(x, h0, c0, hh0, hc0, reference.HyperLSTMParams(*params), layer_norm,
                                              forget_bias, mask, hyper_mask)
-    if backend in ("cpu", "cuda"):
+    if backend in ("cpu", "cuda", "triton"):
         dtype = x.dtype
         if dtype not in _FLOAT_DTYPES:  # half/bfloat16: compute and accumulate in float32
             cast = lambda t: None if t is None else t.float()  # noqa: E731
             outs = hyper_lstm_layer(backend, *map(cast, (x, h0, c0, hh0, hc0)), [p.float() for p in params],
                                     layer_norm, forget_bias, cast(mask), cast(hyper_mask))
             return tuple(o.to(dtype) for o in outs)
-        outs = torch.ops.hyperfused.hyper_lstm_forward(
+        op = torch.ops.hyperfused.hyper_lstm_triton_forward if backend == "triton" else \
+            torch.ops.hyperfused.hyper_lstm_forward
+        outs = op(
             x.contiguous(), h0.contiguous(), c0.contiguous(), hh0.contiguous(), hc0.contiguous(),
             [p.contiguous() for p in params], mask, hyper_mask, layer_norm, float(forget_bias))
         return tuple(outs[:4])

@@ -167,13 +167,11 @@ def train(args):
             torch.cuda.set_rng_state(mine["cuda_rng"], device)
         state = mine["state"]
         if state is not None:
-            state = (HyperLSTMState(*state) if len(state) == 4 else tuple(state))
-            state = tuple(t.to(device) for t in state) if not isinstance(state, HyperLSTMState) else \
-                HyperLSTMState(*(t.to(device) for t in (state[0], state[1], state.hyper_h, state.hyper_c)))
+            state = [t.to(device) for t in state]
+            state = HyperLSTMState(*state) if len(state) == 4 else tuple(state)
 
     def checkpoint():
-        s = None if state is None else ([state[0], state[1], state.hyper_h, state.hyper_c]
-                                        if isinstance(state, HyperLSTMState) else list(state))
+        s = None if state is None else list(state.tensors() if isinstance(state, HyperLSTMState) else state)
         mine = dict(rng=torch.get_rng_state(), state=s,
                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         ranks = [mine]

@@ -1,0 +1,65 @@
+"""The Triton HyperLSTM backend as torch.library custom ops (hyperfused::hyper_lstm_triton_forward/_backward).
+
+Registered only where Triton imports. The dispatcher uses it for CUDA tensors; on CPU tensors it runs only
+under the Triton interpreter (TRITON_INTERPRET=1), which is how the tests exercise it without a GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    from triton_kernels import hyper_lstm as _kernels
+
+    IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover - depends on the install
+    _kernels = None
+    IMPORT_ERROR = f"triton could not be imported ({e})"
+
+
+if _kernels is not None:
+
+    @torch.library.custom_op("hyperfused::hyper_lstm_triton_forward", mutates_args=())
+    def triton_forward(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, hh0: torch.Tensor, hc0: torch.Tensor,
+                       params: list[torch.Tensor], mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
+                       layer_norm: bool, forget_bias: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _kernels.forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias)
+
+    @triton_forward.register_fake
+    def _(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias):
+        T, B, _ = x.shape
+        H, Hh, Nz = h0.shape[1], hh0.shape[1], params[8].shape[2]
+        return (x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, Hh), x.new_empty(T, B, Hh),
+                x.new_empty(T, B, 4 * H + 4 * Hh), x.new_empty(T, B, _kernels.ws_width(H, Hh, Nz)))
+
+    @torch.library.custom_op("hyperfused::hyper_lstm_triton_backward", mutates_args=())
+    def triton_backward(grad_hs: Optional[torch.Tensor], grad_cs: Optional[torch.Tensor],
+                        grad_hhs: Optional[torch.Tensor], grad_hcs: Optional[torch.Tensor], x: torch.Tensor,
+                        h0: torch.Tensor, c0: torch.Tensor, hh0: torch.Tensor, hc0: torch.Tensor,
+                        params: list[torch.Tensor], mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
+                        hs: torch.Tensor, cs: torch.Tensor, hhs: torch.Tensor, hcs: torch.Tensor, g: torch.Tensor,
+                        ws: torch.Tensor, layer_norm: bool, forget_bias: float) -> list[torch.Tensor]:
+        return _kernels.backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
+                                 hs, cs, hhs, hcs, g, ws, layer_norm, forget_bias)
+
+    @triton_backward.register_fake
+    def _(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, *rest):
+        return [torch.empty_like(t) for t in (x, h0, c0, hh0, hc0, *params)]
+
+    def _setup_context(ctx, inputs, output):
+        x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias = inputs
+        ctx.set_materialize_grads(False)
+        ctx.layer_norm, ctx.forget_bias = layer_norm, forget_bias
+        ctx.save_for_backward(x, h0, c0, hh0, hc0, mask, hyper_mask, *output, *params)
+
+    def _backward(ctx, grad_hs, grad_cs, grad_hhs, grad_hcs, _grad_g, _grad_ws):
+        x, h0, c0, hh0, hc0, mask, hyper_mask, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
+        grads = triton_backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
+                                hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias)
+        return (*grads[:5], list(grads[5:]), None, None, None, None)
+
+    triton_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,27 @@
+"""The benchmark suite runs end to end at a tiny size and writes valid JSON with every available backend."""
+import json
+import math
+
+import hyperfused
+from benchmarks.__main__ import main
+
+
+def test_benchmark_suite_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    png = tmp_path / "bench.png"
+    main(["--config", "3,2,4,8,4,2", "--repeats", "2", "--wrn", "10,1", "--json", str(out), "--plot", str(png)])
+    data = json.loads(out.read_text())
+    rows = {r["row"] for r in data["lstm"]}
+    assert {"nn.LSTM", "reference", "reference + torch.compile"} <= rows
+    for backend in hyperfused.ops.backends_for(__import__("torch").device("cpu")):
+        if backend not in ("reference", "triton"):
+            assert f"hyperfused {backend}" in rows
+    for r in data["lstm"]:
+        for key in ("fwd_ms", "fwd_bwd_ms", "tokens_per_s", "vs_lstm", "speedup_vs_reference"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["row"], key, r[key])
+    static = {r["row"] for r in data["static"]}
+    assert "per-tile loop (reference)" in static and any(r.startswith("hyperfused") for r in static)
+    assert all(r["ms"] > 0 for r in data["static"])
+    assert png.stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "| implementation | fwd ms | fwd+bwd ms |" in printed and "time vs nn.LSTM" in printed

@@ -1,0 +1,447 @@
+"""Fused HyperLSTM step kernels in Triton and the sequence driver around them.
+
+One program per batch row and time step does, in registers: the hyper LN-LSTM cell on [x_t ; h_{t-1}],
+the 12 embeddings z (Ĥ→N_z), the 12 scaling vectors d (N_z→H), the row scaling d ⊙ (W v), the per-gate
+layer norm and the main cell update (forward), or all of it in reverse (backward). The recurrent GEMMs
+and the post-loop weight-gradient GEMMs run in torch, as in the C++ driver (csrc/hyper_lstm.cpp), whose
+workspace layout these kernels share, so the two backends are interchangeable step for step.
+
+Inputs follow hyperfused.reference.PARAM_NAMES order; bf16/fp16 values are cast to float32 right after
+each load (the accumulation is float32 throughout).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LN_EPS, layer_norm, layer_norm_backward, next_pow2, tanh
+
+
+def ws_width(H, Hh, Nz):
+    return 5 * H + 12 * Nz + 5 * Hh + 10
+
+
+def dws_width(H, Hh, Nz):
+    return 9 * H + 12 * Nz + 5 * Hh
+
+
+@triton.jit
+def _load(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _affine(n, w_ptr, b_ptr, offs, mask, LN: tl.constexpr):
+    if LN:
+        return n * _load(w_ptr, offs, mask) + _load(b_ptr, offs, mask)
+    return n
+
+
+@triton.jit
+def _cell_fwd(yi, yf, yg, yo, c_prev, m, fb, cw_ptr, cb_ptr, offs, msk, n, cn_ptr, crstd_ptr, LN: tl.constexpr):
+    c = tl.where(msk, tl.sigmoid(yf + fb) * c_prev + tl.sigmoid(yi) * tanh(yg) * m, 0.0)
+    co = c
+    if LN:
+        cn, cr = layer_norm(c, msk, n, 1e-3)
+        tl.store(cn_ptr + offs, cn, mask=msk)
+        tl.store(crstd_ptr, cr)
+        co = cn * _load(cw_ptr, offs, msk) + _load(cb_ptr, offs, msk)
+    h = tl.where(msk, tl.sigmoid(yo) * tanh(co), 0.0)
+    return c, h
+
+
+@triton.jit
+def _cell_bwd(yi, yf, yg, yo, m, c, c_prev, cn, crstd, cw_ptr, cb_ptr, dh, dc_carry, dc_out, fb, offs, msk, n,
+              LN: tl.constexpr):
+    co = c
+    if LN:
+        cw = _load(cw_ptr, offs, msk)
+        co = cn * cw + _load(cb_ptr, offs, msk)
+    tc = tanh(co)
+    so = tl.sigmoid(yo)
+    dyo = dh * tc * so * (1.0 - so)
+    dco = tl.where(msk, dh * so * (1.0 - tc * tc), 0.0)
+    dcl = dco
+    if LN:
+        dcl = layer_norm_backward(dco, cn, cw, crstd, msk, n)
+    dc = dc_carry + dcl + dc_out
+    si = tl.sigmoid(yi)
+    sf = tl.sigmoid(yf + fb)
+    tg = tanh(yg)
+    dyi = dc * tg * m * si * (1.0 - si)
+    dyf = dc * c_prev * sf * (1.0 - sf)
+    dyg = dc * si * m * (1.0 - tg * tg)
+    return dyi, dyf, dyg, dyo, dco, tl.where(msk, dc * sf, 0.0)
+
+
+@triton.jit
+def _hyper_gate_fwd(k: tl.constexpr, row, g_ptr, ghh_ptr, ghx_ptr, ws, lnw_ptr, lnb_ptr, oh, mh,
+                    H: tl.constexpr, HH: tl.constexpr, GW: tl.constexpr, OFF_HN: tl.constexpr,
+                    OFF_HRSTD: tl.constexpr, LN: tl.constexpr):
+    a = (_load(ghx_ptr, row * 4 * HH + k * HH + oh, mh) + _load(g_ptr, row * GW + 4 * H + k * HH + oh, mh)
+         + _load(ghh_ptr, row * 4 * HH + k * HH + oh, mh))
+    if LN:
+        n, r = layer_norm(a, mh, HH, 1e-3)
+        tl.store(ws + OFF_HRSTD + k, r)
+    else:
+        n = a
+    tl.store(ws + OFF_HN + k * HH + oh, n, mask=mh)
+    return _affine(n, lnw_ptr + k * HH, lnb_ptr + k * HH, oh, mh, LN)
+
+
+@triton.jit
+def _embed(w_ptr, first_row, hh, oz, mz, oh, mh, HH: tl.constexpr):
+    """z[n] = Σ_j W[first_row + n, j] ĥ[j] for one (kind, gate) block of N_z rows."""
+    w = tl.load(w_ptr + (first_row + oz)[:, None] * HH + oh[None, :], mask=mz[:, None] & mh[None, :],
+                other=0.0).to(tl.float32)
+    return tl.sum(w * hh[None, :], axis=1)
+
+
+@triton.jit
+def _scale(w_ptr, first_row, z, oH, mH, oz, mz, NZ: tl.constexpr):
+    """d[r] = Σ_n W[first_row + r, n] z[n] over one gate's H rows."""
+    w = tl.load(w_ptr + (first_row + oH)[:, None] * NZ + oz[None, :], mask=mH[:, None] & mz[None, :],
+                other=0.0).to(tl.float32)
+    return tl.sum(w * z[None, :], axis=1)
+
+
+@triton.jit
+def _main_gate_fwd(y: tl.constexpr, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr,
+                   bsw_ptr, lnw_ptr, lnb_ptr, oH, mH, oh, mh, oz, mz, H: tl.constexpr, HH: tl.constexpr,
+                   NZ: tl.constexpr, GW: tl.constexpr, OFF_Z: tl.constexpr, OFF_RSTD: tl.constexpr,
+                   LN: tl.constexpr):
+    zh = _embed(zw_ptr, y * NZ, hh, oz, mz, oh, mh, HH) + _load(zb_ptr, y * NZ + oz, mz)
+    zx = _embed(zw_ptr, (4 + y) * NZ, hh, oz, mz, oh, mh, HH) + _load(zb_ptr, (4 + y) * NZ + oz, mz)
+    zb = _embed(bzw_ptr, y * NZ, hh, oz, mz, oh, mh, HH)
+    tl.store(ws + OFF_Z + y * NZ + oz, zh, mask=mz)
+    tl.store(ws + OFF_Z + (4 + y) * NZ + oz, zx, mask=mz)
+    tl.store(ws + OFF_Z + (8 + y) * NZ + oz, zb, mask=mz)
+    dh = _scale(sw_ptr, y * H, zh, oH, mH, oz, mz, NZ)
+    dx = _scale(sw_ptr, 4 * H + y * H, zx, oH, mH, oz, mz, NZ)
+    db = _scale(bsw_ptr, y * H, zb, oH, mH, oz, mz, NZ)
+    a = (dh * _load(g_ptr, row * GW + y * H + oH, mH) + dx * _load(gx_ptr, row * 4 * H + y * H + oH, mH)
+         + _load(bias_ptr, y * H + oH, mH) + db)
+    if LN:
+        n, r = layer_norm(a, mH, H, 1e-3)
+        tl.store(ws + OFF_RSTD + y, r)
+    else:
+        n = a
+    tl.store(ws + y * H + oH, n, mask=mH)
+    return _affine(n, lnw_ptr + y * H, lnb_ptr + y * H, oH, mH, LN)
+
+
+@triton.jit
+def hyper_lstm_fwd_step(g_ptr, ghh_ptr, gx_ptr, ghx_ptr, c_prev_ptr, hc_prev_ptr, mask_ptr, hmask_ptr,
+                        h_ptr, c_ptr, hh_ptr, hc_ptr, ws_ptr,
+                        bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
+                        hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias,
+                        H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, WS: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr, BLOCK_Z: tl.constexpr,
+                        LN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_HMASK: tl.constexpr):
+    GW: tl.constexpr = 4 * H + 4 * HH
+    OFF_CN: tl.constexpr = 4 * H
+    OFF_Z: tl.constexpr = 5 * H
+    OFF_HN: tl.constexpr = 5 * H + 12 * NZ
+    OFF_HCN: tl.constexpr = OFF_HN + 4 * HH
+    OFF_RSTD: tl.constexpr = OFF_HCN + HH
+    OFF_CRSTD: tl.constexpr = OFF_RSTD + 4
+    OFF_HRSTD: tl.constexpr = OFF_CRSTD + 1
+    OFF_HCRSTD: tl.constexpr = OFF_HRSTD + 4
+    row = tl.program_id(0)
+    ws = ws_ptr + row * WS
+    oH = tl.arange(0, BLOCK_H)
+    mH = oH < H
+    oh = tl.arange(0, BLOCK_HH)
+    mh = oh < HH
+    oz = tl.arange(0, BLOCK_Z)
+    mz = oz < NZ
+
+    # Hyper LN-LSTM on [x_t ; h_{t-1}].
+    yi = _hyper_gate_fwd(0, row, g_ptr, ghh_ptr, ghx_ptr, ws, hlnw_ptr, hlnb_ptr, oh, mh, H, HH, GW, OFF_HN, OFF_HRSTD, LN)
+    yf = _hyper_gate_fwd(1, row, g_ptr, ghh_ptr, ghx_ptr, ws, hlnw_ptr, hlnb_ptr, oh, mh, H, HH, GW, OFF_HN, OFF_HRSTD, LN)
+    yg = _hyper_gate_fwd(2, row, g_ptr, ghh_ptr, ghx_ptr, ws, hlnw_ptr, hlnb_ptr, oh, mh, H, HH, GW, OFF_HN, OFF_HRSTD, LN)
+    yo = _hyper_gate_fwd(3, row, g_ptr, ghh_ptr, ghx_ptr, ws, hlnw_ptr, hlnb_ptr, oh, mh, H, HH, GW, OFF_HN, OFF_HRSTD, LN)
+    hm = 1.0
+    if HAS_HMASK:
+        hm = _load(hmask_ptr, row * HH + oh, mh)
+    hc, hh = _cell_fwd(yi, yf, yg, yo, _load(hc_prev_ptr, row * HH + oh, mh), hm, forget_bias, hlncw_ptr, hlncb_ptr,
+                       oh, mh, HH, ws + OFF_HCN, ws + OFF_HCRSTD, LN)
+    tl.store(hc_ptr + row * HH + oh, hc, mask=mh)
+    tl.store(hh_ptr + row * HH + oh, hh, mask=mh)
+
+    # Per gate: embeddings from the updated ĥ_t, scaling vectors, row-scaled pre-activation, LN.
+    yi = _main_gate_fwd(0, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                        lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+    yf = _main_gate_fwd(1, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                        lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+    yg = _main_gate_fwd(2, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                        lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+    yo = _main_gate_fwd(3, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                        lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+    m = 1.0
+    if HAS_MASK:
+        m = _load(mask_ptr, row * H + oH, mH)
+    c, h = _cell_fwd(yi, yf, yg, yo, _load(c_prev_ptr, row * H + oH, mH), m, forget_bias, lncw_ptr, lncb_ptr, oH, mH,
+                     H, ws + OFF_CN, ws + OFF_CRSTD, LN)
+    tl.store(c_ptr + row * H + oH, c, mask=mH)
+    tl.store(h_ptr + row * H + oH, h, mask=mH)
+
+
+@triton.jit
+def _main_gate_bwd(y: tl.constexpr, row, dy, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr,
+                   lnw_ptr, oH, mH, oh, mh, oz, mz, H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr,
+                   GW: tl.constexpr, OFF_Z: tl.constexpr, OFF_RSTD: tl.constexpr, LN: tl.constexpr):
+    """Stores da, dy, dg (= da ⊙ d_h) and dz of gate y; returns this gate's part of the grad of ĥ_t."""
+    if LN:
+        da = layer_norm_backward(dy, _load(ws, y * H + oH, mH), _load(lnw_ptr, y * H + oH, mH),
+                                 tl.load(ws + OFF_RSTD + y), mH, H)
+    else:
+        da = tl.where(mH, dy, 0.0)
+    tl.store(dws + y * H + oH, da, mask=mH)
+    tl.store(dws + 4 * H + y * H + oH, dy, mask=mH)
+    zh = _load(ws, OFF_Z + y * NZ + oz, mz)
+    tl.store(dg_ptr + row * GW + y * H + oH, da * _scale(sw_ptr, y * H, zh, oH, mH, oz, mz, NZ), mask=mH)
+    smask = mH[:, None] & mz[None, :]
+    wh = tl.load(sw_ptr + (y * H + oH)[:, None] * NZ + oz[None, :], mask=smask, other=0.0).to(tl.float32)
+    wx = tl.load(sw_ptr + (4 * H + y * H + oH)[:, None] * NZ + oz[None, :], mask=smask, other=0.0).to(tl.float32)
+    wb = tl.load(bsw_ptr + (y * H + oH)[:, None] * NZ + oz[None, :], mask=smask, other=0.0).to(tl.float32)
+    ddh = da * _load(g_ptr, row * GW + y * H + oH, mH)
+    ddx = da * _load(gx_ptr, row * 4 * H + y * H + oH, mH)
+    dzh = tl.sum(wh * ddh[:, None], axis=0)
+    dzx = tl.sum(wx * ddx[:, None], axis=0)
+    dzb = tl.sum(wb * da[:, None], axis=0)
+    OFF_DZ: tl.constexpr = 9 * H
+    tl.store(dws + OFF_DZ + y * NZ + oz, dzh, mask=mz)
+    tl.store(dws + OFF_DZ + (4 + y) * NZ + oz, dzx, mask=mz)
+    tl.store(dws + OFF_DZ + (8 + y) * NZ + oz, dzb, mask=mz)
+    zmask = mz[:, None] & mh[None, :]
+    wzh = tl.load(zw_ptr + (y * NZ + oz)[:, None] * HH + oh[None, :], mask=zmask, other=0.0).to(tl.float32)
+    wzx = tl.load(zw_ptr + ((4 + y) * NZ + oz)[:, None] * HH + oh[None, :], mask=zmask, other=0.0).to(tl.float32)
+    wzb = tl.load(bzw_ptr + (y * NZ + oz)[:, None] * HH + oh[None, :], mask=zmask, other=0.0).to(tl.float32)
+    return tl.sum(wzh * dzh[:, None] + wzx * dzx[:, None] + wzb * dzb[:, None], axis=0)
+
+
+@triton.jit
+def _gates(ws, base, w_ptr, b_ptr, o, m, n: tl.constexpr, LN: tl.constexpr):
+    yi = _affine(_load(ws, base + o, m), w_ptr, b_ptr, o, m, LN)
+    yf = _affine(_load(ws, base + n + o, m), w_ptr + n, b_ptr + n, o, m, LN)
+    yg = _affine(_load(ws, base + 2 * n + o, m), w_ptr + 2 * n, b_ptr + 2 * n, o, m, LN)
+    yo = _affine(_load(ws, base + 3 * n + o, m), w_ptr + 3 * n, b_ptr + 3 * n, o, m, LN)
+    return yi, yf, yg, yo
+
+
+@triton.jit
+def _hyper_gate_bwd(k: tl.constexpr, row, dy, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H: tl.constexpr,
+                    HH: tl.constexpr, NZ: tl.constexpr, GW: tl.constexpr, OFF_HN: tl.constexpr,
+                    OFF_HRSTD: tl.constexpr, LN: tl.constexpr):
+    if LN:
+        da = layer_norm_backward(dy, _load(ws, OFF_HN + k * HH + oh, mh), _load(hlnw_ptr, k * HH + oh, mh),
+                                 tl.load(ws + OFF_HRSTD + k), mh, HH)
+    else:
+        da = tl.where(mh, dy, 0.0)
+    OFF_DYH: tl.constexpr = 9 * H + 12 * NZ
+    tl.store(dws + OFF_DYH + k * HH + oh, dy, mask=mh)
+    tl.store(dg_ptr + row * GW + 4 * H + k * HH + oh, da, mask=mh)
+
+
+@triton.jit
+def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, ws_ptr, mask_ptr, hmask_ptr,
+                        dh_out_ptr, dh_rec_ptr, dc_out_ptr, dhh_out_ptr, dhh_rec_ptr, dhc_out_ptr,
+                        dc_carry_ptr, dhc_carry_ptr, dg_ptr, dws_ptr,
+                        zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
+                        hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias,
+                        H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, WS: tl.constexpr, DWS: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr, BLOCK_Z: tl.constexpr, LN: tl.constexpr,
+                        HAS_MASK: tl.constexpr, HAS_HMASK: tl.constexpr, HAS_DH_OUT: tl.constexpr,
+                        HAS_REC: tl.constexpr, HAS_DC_OUT: tl.constexpr, HAS_DHH_OUT: tl.constexpr,
+                        HAS_DHC_OUT: tl.constexpr):
+    GW: tl.constexpr = 4 * H + 4 * HH
+    OFF_CN: tl.constexpr = 4 * H
+    OFF_Z: tl.constexpr = 5 * H
+    OFF_HN: tl.constexpr = 5 * H + 12 * NZ
+    OFF_HCN: tl.constexpr = OFF_HN + 4 * HH
+    OFF_RSTD: tl.constexpr = OFF_HCN + HH
+    OFF_CRSTD: tl.constexpr = OFF_RSTD + 4
+    OFF_HRSTD: tl.constexpr = OFF_CRSTD + 1
+    OFF_HCRSTD: tl.constexpr = OFF_HRSTD + 4
+    OFF_DCOUT: tl.constexpr = 8 * H
+    OFF_DHCOUT: tl.constexpr = 9 * H + 12 * NZ + 4 * HH
+    row = tl.program_id(0)
+    ws = ws_ptr + row * WS
+    dws = dws_ptr + row * DWS
+    oH = tl.arange(0, BLOCK_H)
+    mH = oH < H
+    oh = tl.arange(0, BLOCK_HH)
+    mh = oh < HH
+    oz = tl.arange(0, BLOCK_Z)
+    mz = oz < NZ
+
+    # Main cell.
+    yi, yf, yg, yo = _gates(ws, 0, lnw_ptr, lnb_ptr, oH, mH, H, LN)
+    dh = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if HAS_DH_OUT:
+        dh += _load(dh_out_ptr, row * H + oH, mH)
+    if HAS_REC:
+        dh += _load(dh_rec_ptr, row * H + oH, mH)
+    dc_out = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if HAS_DC_OUT:
+        dc_out += _load(dc_out_ptr, row * H + oH, mH)
+    m = 1.0
+    if HAS_MASK:
+        m = _load(mask_ptr, row * H + oH, mH)
+    crstd = 1.0
+    if LN:
+        crstd = tl.load(ws + OFF_CRSTD)
+    dyi, dyf, dyg, dyo, dco, dc_prev = _cell_bwd(
+        yi, yf, yg, yo, m, _load(c_ptr, row * H + oH, mH), _load(c_prev_ptr, row * H + oH, mH),
+        _load(ws, OFF_CN + oH, mH), crstd, lncw_ptr, lncb_ptr, dh, _load(dc_carry_ptr, row * H + oH, mH), dc_out,
+        forget_bias, oH, mH, H, LN)
+    tl.store(dc_carry_ptr + row * H + oH, dc_prev, mask=mH)
+    tl.store(dws + OFF_DCOUT + oH, dco, mask=mH)
+    dhh = tl.zeros([BLOCK_HH], dtype=tl.float32)
+    if HAS_DHH_OUT:
+        dhh += _load(dhh_out_ptr, row * HH + oh, mh)
+    if HAS_REC:
+        dhh += _load(dhh_rec_ptr, row * HH + oh, mh)
+    dhh += _main_gate_bwd(0, row, dyi, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                          oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+    dhh += _main_gate_bwd(1, row, dyf, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                          oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+    dhh += _main_gate_bwd(2, row, dyg, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                          oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+    dhh += _main_gate_bwd(3, row, dyo, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                          oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+
+    # Hyper cell.
+    hi, hf, hg, ho = _gates(ws, OFF_HN, hlnw_ptr, hlnb_ptr, oh, mh, HH, LN)
+    dhc_out = tl.zeros([BLOCK_HH], dtype=tl.float32)
+    if HAS_DHC_OUT:
+        dhc_out += _load(dhc_out_ptr, row * HH + oh, mh)
+    hm = 1.0
+    if HAS_HMASK:
+        hm = _load(hmask_ptr, row * HH + oh, mh)
+    hcrstd = 1.0
+    if LN:
+        hcrstd = tl.load(ws + OFF_HCRSTD)
+    dhi, dhf, dhg, dho, dhco, dhc_prev = _cell_bwd(
+        hi, hf, hg, ho, hm, _load(hc_ptr, row * HH + oh, mh), _load(hc_prev_ptr, row * HH + oh, mh),
+        _load(ws, OFF_HCN + oh, mh), hcrstd, hlncw_ptr, hlncb_ptr, dhh, _load(dhc_carry_ptr, row * HH + oh, mh),
+        dhc_out, forget_bias, oh, mh, HH, LN)
+    tl.store(dhc_carry_ptr + row * HH + oh, dhc_prev, mask=mh)
+    tl.store(dws + OFF_DHCOUT + oh, dhco, mask=mh)
+    _hyper_gate_bwd(0, row, dhi, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
+    _hyper_gate_bwd(1, row, dhf, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
+    _hyper_gate_bwd(2, row, dhg, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
+    _hyper_gate_bwd(3, row, dho, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
+
+
+def _launch_config(H, Hh, Nz):
+    blocks = dict(BLOCK_H=next_pow2(H, 4), BLOCK_HH=next_pow2(Hh, 4), BLOCK_Z=next_pow2(Nz, 4))
+    return blocks, (8 if blocks["BLOCK_H"] >= 512 else 4)
+
+
+def forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm: bool, forget_bias: float):
+    """Whole-sequence forward of one layer/direction; returns (hs, cs, hhs, hcs, g, ws) like the C++ op."""
+    (wih, whh, bias, hwih, hwhh, hbias, zw, zb, sw, bzw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw,
+     hlncb) = params
+    T, B, X = x.shape
+    H, Hh, Nz = h0.shape[1], hh0.shape[1], sw.shape[2]
+    x2 = x.reshape(T * B, X)
+    gx = (x2 @ wih.T).view(T, B, 4 * H)
+    ghx = torch.addmm(hbias, x2, hwih[:, :X].T).view(T, B, 4 * Hh)
+    w_rec = torch.cat([whh, hwih[:, X:]], 0).T
+    new = lambda *shape: x.new_empty(shape)  # noqa: E731
+    hs, cs, hhs, hcs = new(T, B, H), new(T, B, H), new(T, B, Hh), new(T, B, Hh)
+    g, ws, ghh = new(T, B, 4 * H + 4 * Hh), new(T, B, ws_width(H, Hh, Nz)), new(B, 4 * Hh)
+    blocks, warps = _launch_config(H, Hh, Nz)
+    for t in range(T):
+        h_prev, c_prev = (hs[t - 1], cs[t - 1]) if t else (h0, c0)
+        hh_prev, hc_prev = (hhs[t - 1], hcs[t - 1]) if t else (hh0, hc0)
+        torch.mm(h_prev, w_rec, out=g[t])
+        torch.mm(hh_prev, hwhh.T, out=ghh)
+        hyper_lstm_fwd_step[(B,)](
+            g[t], ghh, gx[t], ghx[t], c_prev, hc_prev, mask[t] if mask is not None else ws,
+            hyper_mask[t] if hyper_mask is not None else ws, hs[t], cs[t], hhs[t], hcs[t], ws[t],
+            bias, zw, zb, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias),
+            H=H, HH=Hh, NZ=Nz, WS=ws.shape[2], LN=bool(layer_norm), HAS_MASK=mask is not None,
+            HAS_HMASK=hyper_mask is not None, num_warps=warps, **blocks)
+    return hs, cs, hhs, hcs, g, ws
+
+
+def backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs,
+             hcs, g, ws, layer_norm: bool, forget_bias: float):
+    """Gradients [x, h0, c0, ĥ0, ĉ0, *params] of the whole sequence, like the C++ backward op."""
+    (wih, whh, bias, hwih, hwhh, hbias, zw, zb, sw, bzw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw,
+     hlncb) = params
+    T, B, X = x.shape
+    H, Hh, Nz = h0.shape[1], hh0.shape[1], sw.shape[2]
+    M, GW = T * B, 4 * H + 4 * Hh
+    grads_in = [None if t is None else t.contiguous() for t in (grad_hs, grad_cs, grad_hhs, grad_hcs)]
+    grad_hs, grad_cs, grad_hhs, grad_hcs = grads_in
+    x2 = x.reshape(M, X)
+    gx = (x2 @ wih.T).view(T, B, 4 * H)
+    w_rec = torch.cat([whh, hwih[:, X:]], 0)
+    new = lambda *shape: x.new_empty(shape)  # noqa: E731
+    dg, dws = new(T, B, GW), new(T, B, dws_width(H, Hh, Nz))
+    dc, dhc = x.new_zeros(B, H), x.new_zeros(B, Hh)
+    dh_rec, dhh_rec = new(B, H), new(B, Hh)
+    blocks, warps = _launch_config(H, Hh, Nz)
+    for t in reversed(range(T)):
+        hyper_lstm_bwd_step[(B,)](
+            g[t], gx[t], cs[t], cs[t - 1] if t else c0, hcs[t], hcs[t - 1] if t else hc0, ws[t],
+            mask[t] if mask is not None else ws, hyper_mask[t] if hyper_mask is not None else ws,
+            grad_hs[t] if grad_hs is not None else ws, dh_rec, grad_cs[t] if grad_cs is not None else ws,
+            grad_hhs[t] if grad_hhs is not None else ws, dhh_rec, grad_hcs[t] if grad_hcs is not None else ws,
+            dc, dhc, dg[t], dws[t], zw, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb,
+            float(forget_bias), H=H, HH=Hh, NZ=Nz, WS=ws.shape[2], DWS=dws.shape[2], LN=bool(layer_norm),
+            HAS_MASK=mask is not None, HAS_HMASK=hyper_mask is not None, HAS_DH_OUT=grad_hs is not None,
+            HAS_REC=t < T - 1, HAS_DC_OUT=grad_cs is not None, HAS_DHH_OUT=grad_hhs is not None,
+            HAS_DHC_OUT=grad_hcs is not None, num_warps=warps, **blocks)
+        torch.mm(dg[t], w_rec, out=dh_rec)
+        torch.mm(dg[t, :, 4 * H:], hwhh, out=dhh_rec)
+    return weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh_rec, dc, dhh_rec, dhc,
+                            layer_norm, (T, B, X, H, Hh, Nz))
+
+
+def weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh0, dc0, dhh0, dhc0, layer_norm, sizes):
+    """Every weight gradient as a GEMM or reduction over all T·B rows (the post-loop part of backward)."""
+    (wih, whh, bias, hwih, hwhh, hbias, zw, zb, sw, bzw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw,
+     hlncb) = params
+    T, B, X, H, Hh, Nz = sizes
+    M, GW = T * B, 4 * H + 4 * Hh
+    dgm, dwsm, wsm = dg.view(M, GW), dws.view(M, -1), ws.view(M, -1)
+    dgh, dah = dgm[:, :4 * H], dgm[:, 4 * H:]
+    da = dwsm[:, :4 * H]
+    z3 = wsm[:, 5 * H:5 * H + 12 * Nz].reshape(M, 3, 4, Nz)
+    h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(M, H)
+    hh_prev = torch.cat([hh0.unsqueeze(0), hhs[:-1]]).view(M, Hh)
+    hh_all = hhs.reshape(M, Hh)
+    w_scale = sw.view(2, 4, H, Nz)
+    d_x = torch.einsum("myn,yhn->myh", z3[:, 1], w_scale[1]).reshape(M, 4 * H)
+    dgx = da * d_x
+    X_ = x2.shape[1]
+    dx = (dgx @ wih + dah @ hwih[:, :X_]).view(T, B, X_)
+    dd_h = (da * g.view(M, GW)[:, :4 * H]).view(M, 4, H)
+    dd_x = (da * gx.reshape(M, 4 * H)).view(M, 4, H)
+    dz = dwsm[:, 9 * H:9 * H + 12 * Nz]
+    grads = [
+        dgx.T @ x2, dgh.T @ h_prev, da.sum(0),
+        torch.cat([dah.T @ x2, dah.T @ h_prev], 1), dah.T @ hh_prev, dah.sum(0),
+        dz[:, :8 * Nz].T @ hh_all, dz[:, :8 * Nz].sum(0),
+        torch.stack([torch.einsum("myh,myn->yhn", dd_h, z3[:, 0]),
+                     torch.einsum("myh,myn->yhn", dd_x, z3[:, 1])]).reshape(2, 4 * H, Nz),
+        dz[:, 8 * Nz:].T @ hh_all,
+        torch.einsum("myh,myn->yhn", da.reshape(M, 4, H), z3[:, 2]).reshape(4 * H, Nz),
+    ]
+    if layer_norm:
+        dy, dcout = dwsm[:, 4 * H:8 * H], dwsm[:, 8 * H:9 * H]
+        o = 9 * H + 12 * Nz
+        dyh, dhcout = dwsm[:, o:o + 4 * Hh], dwsm[:, o + 4 * Hh:o + 5 * Hh]
+        hn0 = 5 * H + 12 * Nz
+        grads += [(dy * wsm[:, :4 * H]).sum(0), dy.sum(0), (dcout * wsm[:, 4 * H:5 * H]).sum(0), dcout.sum(0),
+                  (dyh * wsm[:, hn0:hn0 + 4 * Hh]).sum(0), dyh.sum(0),
+                  (dhcout * wsm[:, hn0 + 4 * Hh:hn0 + 5 * Hh]).sum(0), dhcout.sum(0)]
+    else:
+        grads += [torch.zeros_like(p) for p in (lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb)]
+    return [dx, dh0, dc0, dhh0, dhc0, *grads]
