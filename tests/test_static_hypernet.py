@@ -136,6 +136,20 @@ def test_generation_op_checks_its_inputs():
         op(z, net.w_in, net.b_in, net.w_out, net.b_out, meta.int(), numel, 3)
 
 
+@pytest.mark.skipif("triton" not in hyperfused.available_backends(),
+                    reason="Triton is not installed, or neither a GPU nor TRITON_INTERPRET=1 is present")
+@pytest.mark.parametrize("case", FUSED_CASES[:1] + FUSED_CASES[2:], ids=lambda c: f"z{c[0]}-in{c[1]}-out{c[2]}-k{c[3]}")
+def test_triton_generation_matches_reference(case):
+    z_dim, in_tile, out_tile, k, grids = case
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under the Triton interpreter
+    net = randomize_(hyperfused.StaticHyperNetwork(z_dim, in_tile, out_tile, k, dtype=torch.float32)).to(device)
+    layers = _layers(net, grids, device=device, dtype=torch.float32)
+    ref_k, ref_g = _generate_and_grads(net, layers, "reference")
+    got_k, got_g = _generate_and_grads(net, layers, "triton")
+    for a, b in zip(got_k + got_g, ref_k + ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6 * b.abs().max().item())
+
+
 @requires_gpu
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"z{c[0]}-in{c[1]}-out{c[2]}-k{c[3]}")
 def test_fused_cuda_generation_matches_reference(case):

@@ -41,14 +41,16 @@ def generate_kernels_torch(z, w_in, b_in, w_out, b_out, meta, numel: int, kernel
 
 
 def generate_kernels(backend: str, z, w_in, b_in, w_out, b_out, meta, numel: int, kernel_size: int):
+    if backend in ("cpu", "cuda") and z.dtype not in (torch.float32, torch.float64):
+        return generate_kernels(backend, *(t.float() for t in (z, w_in, b_in, w_out, b_out)), meta, numel,
+                                kernel_size).to(z.dtype)
     if backend in ("cpu", "cuda"):
-        dtype = z.dtype
-        if dtype not in (torch.float32, torch.float64):
-            return generate_kernels(backend, *(t.float() for t in (z, w_in, b_in, w_out, b_out)), meta, numel,
-                                    kernel_size).to(dtype)
         return torch.ops.hyperfused.generate_kernels(z.contiguous(), w_in.contiguous(), b_in.contiguous(),
                                                      w_out.contiguous(), b_out.contiguous(), meta, numel,
                                                      kernel_size)
+    if backend == "triton":
+        args = [t.contiguous() for t in (z, w_in, b_in, w_out, b_out)]
+        return torch.ops.hyperfused.generate_kernels_triton(*args, meta, numel, kernel_size)
     if backend == "torch":
         return generate_kernels_torch(z, w_in, b_in, w_out, b_out, meta, numel, kernel_size)
     raise ValueError(f"backend: no fused kernel generation named {backend!r}")

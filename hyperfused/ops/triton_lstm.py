@@ -1,4 +1,5 @@
-"""The Triton HyperLSTM backend as torch.library custom ops (hyperfused::hyper_lstm_triton_forward/_backward).
+"""The Triton backend as torch.library custom ops: hyperfused::hyper_lstm_triton_forward/_backward and
+hyperfused::generate_kernels_triton (static hypernetwork).
 
 Registered only where Triton imports. The dispatcher uses it for CUDA tensors; on CPU tensors it runs only
 under the Triton interpreter (TRITON_INTERPRET=1), which is how the tests exercise it without a GPU.
@@ -13,6 +14,7 @@ try:
     import triton  # noqa: F401
 
     from triton_kernels import hyper_lstm as _kernels
+    from triton_kernels import static_hypernet as _static
 
     IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the install
@@ -63,3 +65,24 @@ if _kernels is not None:
         return (*grads[:5], list(grads[5:]), None, None, None, None)
 
     triton_forward.register_autograd(_backward, setup_context=_setup_context)
+
+    @torch.library.custom_op("hyperfused::generate_kernels_triton", mutates_args=())
+    def generate_kernels_triton(z: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
+                                b_out: torch.Tensor, tile_meta: torch.Tensor, numel: int,
+                                kernel_size: int) -> torch.Tensor:
+        return _static.generate(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size)
+
+    @generate_kernels_triton.register_fake
+    def _(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size):
+        return z.new_empty(numel)
+
+    def _static_setup(ctx, inputs, output):
+        z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size = inputs
+        ctx.kernel_size = kernel_size
+        ctx.save_for_backward(z, w_in, b_in, w_out, tile_meta)
+
+    def _static_backward(ctx, grad):
+        z, w_in, b_in, w_out, tile_meta = ctx.saved_tensors
+        return (*_static.backward(grad, z, w_in, b_in, w_out, tile_meta, ctx.kernel_size), None, None, None)
+
+    generate_kernels_triton.register_autograd(_static_backward, setup_context=_static_setup)
