@@ -85,7 +85,8 @@ def main(argv=None):
                     help="benchmark this config (repeatable) instead of the built-in ones")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per row (after warm-up)")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference row")
+    ap.add_argument("--compile", choices=("first", "all", "none"), default="first",
+                    help="configs that get the torch.compile'd reference row (compiling costs ~1 min each)")
     ap.add_argument("--backends", default=None, help="comma-separated fused backends to include (default: all)")
     ap.add_argument("--sections", default="lstm,static", help="comma-separated: lstm, static")
     ap.add_argument("--wrn", default="40,2", metavar="DEPTH,WIDEN", help="HyperWRN for the static section")
@@ -98,8 +99,7 @@ def main(argv=None):
     configs = [Config.parse(c) for c in args.config] or (QUICK_CONFIGS if quick else FULL_CONFIGS)
     repeats = args.repeats or (5 if quick else 10)
     warmup = 1 if quick else 3
-    # torch.compile of the reference costs about a minute per config on 2 cores: in --quick, first config only.
-    compile_on = (lambda i: False) if args.no_compile else (lambda i: i == 0 if quick else True)
+    compile_on = {"first": lambda i: i == 0, "all": lambda i: True, "none": lambda i: False}[args.compile]
     sections = set(args.sections.split(","))
     meta = dict(date=datetime.date.today().isoformat(), machine=machine(), device=str(device),
                 torch=torch.__version__, commit=commit(), quick=quick)

@@ -9,7 +9,7 @@ from benchmarks.__main__ import main
 def test_benchmark_suite_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
-    main(["--config", "3,2,4,8,4,2", "--repeats", "2", "--wrn", "10,1", "--json", str(out), "--plot", str(png)])
+    main(["--config", "3,2,4,8,4,2", "--repeats", "2", "--compile", "first", "--wrn", "10,1", "--json", str(out), "--plot", str(png)])
     data = json.loads(out.read_text())
     rows = {r["row"] for r in data["lstm"]}
     assert {"nn.LSTM", "reference", "reference + torch.compile"} <= rows

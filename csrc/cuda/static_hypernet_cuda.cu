@@ -12,7 +12,7 @@ constexpr int kThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) generate_kernel(TileGenArgs a) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* z = reinterpret_cast<T*>(smem_raw);  // (z_dim)
   T* A = z + a.z_dim;                     // (in_tile, hidden)
   const int64_t t = blockIdx.x;
