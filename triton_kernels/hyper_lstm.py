@@ -18,11 +18,19 @@ import triton.language as tl
 from ._common import LN_EPS, layer_norm, layer_norm_backward, next_pow2, tanh
 
 
+def ws_layout(H, Hh, Nz):
+    """Offsets inside one row of the forward workspace, as csrc/hyper_lstm_kernels.h's WsLayout."""
+    hn = 5 * H + 12 * Nz
+    return dict(GW=4 * H + 4 * Hh, OFF_CN=4 * H, OFF_Z=5 * H, OFF_HN=hn, OFF_HCN=hn + 4 * Hh,
+                OFF_RSTD=hn + 5 * Hh, OFF_CRSTD=hn + 5 * Hh + 4, OFF_HRSTD=hn + 5 * Hh + 5, OFF_HCRSTD=hn + 5 * Hh + 9)
+
+
 def ws_width(H, Hh, Nz):
     return 5 * H + 12 * Nz + 5 * Hh + 10
 
 
 def dws_width(H, Hh, Nz):
+    """Backward workspace row (DwsLayout): da 4H | dy 4H | dcout H | dz 12Nz | dyh 4Hh | dhcout Hh."""
     return 9 * H + 12 * Nz + 5 * Hh
 
 
@@ -73,6 +81,29 @@ def _cell_bwd(yi, yf, yg, yo, m, c, c_prev, cn, crstd, cw_ptr, cb_ptr, dh, dc_ca
     dyf = dc * c_prev * sf * (1.0 - sf)
     dyg = dc * si * m * (1.0 - tg * tg)
     return dyi, dyf, dyg, dyo, dco, tl.where(msk, dc * sf, 0.0)
+
+
+@triton.jit
+def _cell_bwd_row(yi, yf, yg, yo, dh, row, o, msk, n: tl.constexpr, c_ptr, c_prev_ptr, ws, OFF_CN: tl.constexpr,
+                  OFF_CRSTD: tl.constexpr, cw_ptr, cb_ptr, mask_ptr, dc_out_ptr, dc_carry_ptr, dcout_ptr, fb,
+                  BLOCK: tl.constexpr, LN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DC_OUT: tl.constexpr):
+    """_cell_bwd for one row of a cell of width n, reading its inputs and storing dcout and the new carry."""
+    dc_out = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_DC_OUT:
+        dc_out += _load(dc_out_ptr, row * n + o, msk)
+    m = 1.0
+    if HAS_MASK:
+        m = _load(mask_ptr, row * n + o, msk)
+    crstd = 1.0
+    if LN:
+        crstd = tl.load(ws + OFF_CRSTD)
+    dyi, dyf, dyg, dyo, dco, dc_prev = _cell_bwd(
+        yi, yf, yg, yo, m, _load(c_ptr, row * n + o, msk), _load(c_prev_ptr, row * n + o, msk),
+        _load(ws, OFF_CN + o, msk), crstd, cw_ptr, cb_ptr, dh, _load(dc_carry_ptr, row * n + o, msk), dc_out, fb,
+        o, msk, n, LN)
+    tl.store(dc_carry_ptr + row * n + o, dc_prev, mask=msk)
+    tl.store(dcout_ptr + o, dco, mask=msk)
+    return dyi, dyf, dyg, dyo
 
 
 @triton.jit
@@ -137,17 +168,11 @@ def hyper_lstm_fwd_step(g_ptr, ghh_ptr, gx_ptr, ghx_ptr, c_prev_ptr, hc_prev_ptr
                         bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
                         hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias,
                         H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, WS: tl.constexpr,
+                        GW: tl.constexpr, OFF_CN: tl.constexpr, OFF_Z: tl.constexpr, OFF_HN: tl.constexpr,
+                        OFF_HCN: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_CRSTD: tl.constexpr, OFF_HRSTD: tl.constexpr,
+                        OFF_HCRSTD: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr, BLOCK_Z: tl.constexpr,
                         LN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_HMASK: tl.constexpr):
-    GW: tl.constexpr = 4 * H + 4 * HH
-    OFF_CN: tl.constexpr = 4 * H
-    OFF_Z: tl.constexpr = 5 * H
-    OFF_HN: tl.constexpr = 5 * H + 12 * NZ
-    OFF_HCN: tl.constexpr = OFF_HN + 4 * HH
-    OFF_RSTD: tl.constexpr = OFF_HCN + HH
-    OFF_CRSTD: tl.constexpr = OFF_RSTD + 4
-    OFF_HRSTD: tl.constexpr = OFF_CRSTD + 1
-    OFF_HCRSTD: tl.constexpr = OFF_HRSTD + 4
     row = tl.program_id(0)
     ws = ws_ptr + row * WS
     oH = tl.arange(0, BLOCK_H)
@@ -252,21 +277,13 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
                         zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
                         hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias,
                         H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, WS: tl.constexpr, DWS: tl.constexpr,
+                        GW: tl.constexpr, OFF_CN: tl.constexpr, OFF_Z: tl.constexpr, OFF_HN: tl.constexpr,
+                        OFF_HCN: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_CRSTD: tl.constexpr, OFF_HRSTD: tl.constexpr,
+                        OFF_HCRSTD: tl.constexpr, OFF_DCOUT: tl.constexpr, OFF_DHCOUT: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr, BLOCK_Z: tl.constexpr, LN: tl.constexpr,
                         HAS_MASK: tl.constexpr, HAS_HMASK: tl.constexpr, HAS_DH_OUT: tl.constexpr,
                         HAS_REC: tl.constexpr, HAS_DC_OUT: tl.constexpr, HAS_DHH_OUT: tl.constexpr,
                         HAS_DHC_OUT: tl.constexpr):
-    GW: tl.constexpr = 4 * H + 4 * HH
-    OFF_CN: tl.constexpr = 4 * H
-    OFF_Z: tl.constexpr = 5 * H
-    OFF_HN: tl.constexpr = 5 * H + 12 * NZ
-    OFF_HCN: tl.constexpr = OFF_HN + 4 * HH
-    OFF_RSTD: tl.constexpr = OFF_HCN + HH
-    OFF_CRSTD: tl.constexpr = OFF_RSTD + 4
-    OFF_HRSTD: tl.constexpr = OFF_CRSTD + 1
-    OFF_HCRSTD: tl.constexpr = OFF_HRSTD + 4
-    OFF_DCOUT: tl.constexpr = 8 * H
-    OFF_DHCOUT: tl.constexpr = 9 * H + 12 * NZ + 4 * HH
     row = tl.program_id(0)
     ws = ws_ptr + row * WS
     dws = dws_ptr + row * DWS
@@ -284,21 +301,9 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
         dh += _load(dh_out_ptr, row * H + oH, mH)
     if HAS_REC:
         dh += _load(dh_rec_ptr, row * H + oH, mH)
-    dc_out = tl.zeros([BLOCK_H], dtype=tl.float32)
-    if HAS_DC_OUT:
-        dc_out += _load(dc_out_ptr, row * H + oH, mH)
-    m = 1.0
-    if HAS_MASK:
-        m = _load(mask_ptr, row * H + oH, mH)
-    crstd = 1.0
-    if LN:
-        crstd = tl.load(ws + OFF_CRSTD)
-    dyi, dyf, dyg, dyo, dco, dc_prev = _cell_bwd(
-        yi, yf, yg, yo, m, _load(c_ptr, row * H + oH, mH), _load(c_prev_ptr, row * H + oH, mH),
-        _load(ws, OFF_CN + oH, mH), crstd, lncw_ptr, lncb_ptr, dh, _load(dc_carry_ptr, row * H + oH, mH), dc_out,
-        forget_bias, oH, mH, H, LN)
-    tl.store(dc_carry_ptr + row * H + oH, dc_prev, mask=mH)
-    tl.store(dws + OFF_DCOUT + oH, dco, mask=mH)
+    dyi, dyf, dyg, dyo = _cell_bwd_row(yi, yf, yg, yo, dh, row, oH, mH, H, c_ptr, c_prev_ptr, ws, OFF_CN, OFF_CRSTD,
+                                       lncw_ptr, lncb_ptr, mask_ptr, dc_out_ptr, dc_carry_ptr, dws + OFF_DCOUT,
+                                       forget_bias, BLOCK_H, LN, HAS_MASK, HAS_DC_OUT)
     dhh = tl.zeros([BLOCK_HH], dtype=tl.float32)
     if HAS_DHH_OUT:
         dhh += _load(dhh_out_ptr, row * HH + oh, mh)
@@ -315,21 +320,9 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
 
     # Hyper cell.
     hi, hf, hg, ho = _gates(ws, OFF_HN, hlnw_ptr, hlnb_ptr, oh, mh, HH, LN)
-    dhc_out = tl.zeros([BLOCK_HH], dtype=tl.float32)
-    if HAS_DHC_OUT:
-        dhc_out += _load(dhc_out_ptr, row * HH + oh, mh)
-    hm = 1.0
-    if HAS_HMASK:
-        hm = _load(hmask_ptr, row * HH + oh, mh)
-    hcrstd = 1.0
-    if LN:
-        hcrstd = tl.load(ws + OFF_HCRSTD)
-    dhi, dhf, dhg, dho, dhco, dhc_prev = _cell_bwd(
-        hi, hf, hg, ho, hm, _load(hc_ptr, row * HH + oh, mh), _load(hc_prev_ptr, row * HH + oh, mh),
-        _load(ws, OFF_HCN + oh, mh), hcrstd, hlncw_ptr, hlncb_ptr, dhh, _load(dhc_carry_ptr, row * HH + oh, mh),
-        dhc_out, forget_bias, oh, mh, HH, LN)
-    tl.store(dhc_carry_ptr + row * HH + oh, dhc_prev, mask=mh)
-    tl.store(dws + OFF_DHCOUT + oh, dhco, mask=mh)
+    dhi, dhf, dhg, dho = _cell_bwd_row(hi, hf, hg, ho, dhh, row, oh, mh, HH, hc_ptr, hc_prev_ptr, ws, OFF_HCN,
+                                       OFF_HCRSTD, hlncw_ptr, hlncb_ptr, hmask_ptr, dhc_out_ptr, dhc_carry_ptr,
+                                       dws + OFF_DHCOUT, forget_bias, BLOCK_HH, LN, HAS_HMASK, HAS_DHC_OUT)
     _hyper_gate_bwd(0, row, dhi, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
     _hyper_gate_bwd(1, row, dhf, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
     _hyper_gate_bwd(2, row, dhg, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
@@ -365,7 +358,7 @@ def forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm: bool, for
             hyper_mask[t] if hyper_mask is not None else ws, hs[t], cs[t], hhs[t], hcs[t], ws[t],
             bias, zw, zb, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias),
             H=H, HH=Hh, NZ=Nz, WS=ws.shape[2], LN=bool(layer_norm), HAS_MASK=mask is not None,
-            HAS_HMASK=hyper_mask is not None, num_warps=warps, **blocks)
+            HAS_HMASK=hyper_mask is not None, num_warps=warps, **blocks, **ws_layout(H, Hh, Nz))
     return hs, cs, hhs, hcs, g, ws
 
 
@@ -397,7 +390,8 @@ def backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, 
             float(forget_bias), H=H, HH=Hh, NZ=Nz, WS=ws.shape[2], DWS=dws.shape[2], LN=bool(layer_norm),
             HAS_MASK=mask is not None, HAS_HMASK=hyper_mask is not None, HAS_DH_OUT=grad_hs is not None,
             HAS_REC=t < T - 1, HAS_DC_OUT=grad_cs is not None, HAS_DHH_OUT=grad_hhs is not None,
-            HAS_DHC_OUT=grad_hcs is not None, num_warps=warps, **blocks)
+            HAS_DHC_OUT=grad_hcs is not None, num_warps=warps, **blocks, **ws_layout(H, Hh, Nz),
+            OFF_DCOUT=8 * H, OFF_DHCOUT=9 * H + 12 * Nz + 4 * Hh)
         torch.mm(dg[t], w_rec, out=dh_rec)
         torch.mm(dg[t, :, 4 * H:], hwhh, out=dhh_rec)
     return weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh_rec, dc, dhh_rec, dhc,

@@ -56,6 +56,22 @@ def generate_kernels(backend: str, z, w_in, b_in, w_out, b_out, meta, numel: int
     raise ValueError(f"backend: no fused kernel generation named {backend!r}")
 
 
+def register_generation_autograd(op_name: str, backward_impl) -> None:
+    """Autograd for a generation op: backward_impl(grad, z, w_in, b_in, w_out, tile_meta, kernel_size) returns
+    (dZ, dW_in, dB_in, dW_out, dB_out)."""
+
+    def setup_context(ctx, inputs, output):
+        z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size = inputs
+        ctx.kernel_size = kernel_size
+        ctx.save_for_backward(z, w_in, b_in, w_out, tile_meta)
+
+    def backward(ctx, grad):
+        z, w_in, b_in, w_out, tile_meta = ctx.saved_tensors
+        return (*backward_impl(grad, z, w_in, b_in, w_out, tile_meta, ctx.kernel_size), None, None, None)
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
 if HAS_EXTENSION:
 
     @torch.library.register_fake("hyperfused::generate_kernels")
@@ -67,15 +83,4 @@ if HAS_EXTENSION:
         return [torch.empty_like(z), torch.empty_like(w_in), torch.empty_like(b_in), torch.empty_like(w_out),
                 z.new_empty(w_out.shape[0])]
 
-    def _setup_context(ctx, inputs, output):
-        z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size = inputs
-        ctx.kernel_size = kernel_size
-        ctx.save_for_backward(z, w_in, b_in, w_out, tile_meta)
-
-    def _backward(ctx, grad):
-        z, w_in, b_in, w_out, tile_meta = ctx.saved_tensors
-        dz, dw_in, db_in, dw_out, db_out = torch.ops.hyperfused.generate_kernels_backward(
-            grad, z, w_in, b_in, w_out, tile_meta, ctx.kernel_size)
-        return dz, dw_in, db_in, dw_out, db_out, None, None, None
-
-    torch.library.register_autograd("hyperfused::generate_kernels", _backward, setup_context=_setup_context)
+    register_generation_autograd("hyperfused::generate_kernels", torch.ops.hyperfused.generate_kernels_backward)

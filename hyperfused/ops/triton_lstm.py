@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from .static_hypernet import register_generation_autograd
+
 try:
     import triton  # noqa: F401
 
@@ -76,13 +78,4 @@ if _kernels is not None:
     def _(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size):
         return z.new_empty(numel)
 
-    def _static_setup(ctx, inputs, output):
-        z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size = inputs
-        ctx.kernel_size = kernel_size
-        ctx.save_for_backward(z, w_in, b_in, w_out, tile_meta)
-
-    def _static_backward(ctx, grad):
-        z, w_in, b_in, w_out, tile_meta = ctx.saved_tensors
-        return (*_static.backward(grad, z, w_in, b_in, w_out, tile_meta, ctx.kernel_size), None, None, None)
-
-    generate_kernels_triton.register_autograd(_static_backward, setup_context=_static_setup)
+    register_generation_autograd("hyperfused::generate_kernels_triton", _static.backward)
