@@ -66,8 +66,9 @@ class StaticHyperNetwork(nn.Module):
         flat = generate_kernels(backend, z, self.w_in, self.b_in, self.w_out, self.b_out, meta, numel,
                                 self.kernel_size)
         k = self.kernel_size
-        return [flat[off:off + n].view(layer.out_channels, layer.in_channels, k, k)
-                for (off, n), layer in zip(spans, layers)]
+        # One split (its backward is a single cat), not a slice per layer (a full-size zeros + add each).
+        parts = flat.split([n for _, n in spans])
+        return [part.view(layer.out_channels, layer.in_channels, k, k) for part, layer in zip(parts, layers)]
 
     def extra_repr(self) -> str:
         return f"z_dim={self.z_dim}, in_tile={self.in_tile}, out_tile={self.out_tile}, kernel_size={self.kernel_size}"
