@@ -167,3 +167,12 @@ def test_dtype_mismatch_between_layer_and_hypernet():
     conv = hyperfused.HyperConv2d(16, 16, 3, hypernet=net)
     with pytest.raises(TypeError, match=r"input: expected dtype torch.float32 \(the layer's\), got torch.float64"):
         conv(torch.randn(1, 16, 5, 5, dtype=torch.float64))
+
+
+def test_model_parameter_counts_are_close_to_the_papers():
+    from hyperfused.models import PAPER_PARAMS, HyperWRN, count_parameters
+
+    assert len(HyperWRN(40, 2).hyper_convs) == 36
+    for kind, depth, widen in PAPER_PARAMS:
+        ours = count_parameters(HyperWRN(depth, widen, hyper=kind == "hyper"))
+        assert abs(ours - PAPER_PARAMS[kind, depth, widen]) / PAPER_PARAMS[kind, depth, widen] < 0.06, (kind, ours)
