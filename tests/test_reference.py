@@ -193,6 +193,21 @@ def test_cell_matches_one_step_of_the_layer():
     torch.testing.assert_close(hu, h[1])
 
 
+def test_cell_steps_continue_like_the_layer():
+    m = _model()
+    cell = m.cells[0]
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    h0, c0 = torch.randn(2, 2, 6, dtype=torch.float64).unbind(0)  # (B, H) each, as nn.LSTMCell takes them
+    out, state = m(x, (h0.unsqueeze(0), c0.unsqueeze(0)))
+    s = (h0, c0)
+    for t in range(3):
+        s = cell(x[t], s)
+        torch.testing.assert_close(s[0], out[t])
+    torch.testing.assert_close(s.hyper_c, state.hyper_c[0])
+    with pytest.raises(ValueError, match=r"hx\[0\] \(h_0\): expected shape \(2, 6\), got \(1, 2, 6\)"):
+        cell(x[0], (h0.unsqueeze(0), c0.unsqueeze(0)))
+
+
 def test_module_api_mirrors_nn_lstm():
     m = hyperfused.HyperLSTM(10, 20, num_layers=2, batch_first=True, bidirectional=True)
     x = torch.randn(3, 5, 10)

@@ -130,7 +130,7 @@ class HyperLSTMCell(nn.Module):
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         B = x.shape[0]
-        state = _initial_state(hx, 1, B, self.hidden_size, self.hyper_size, batched, self.weight_ih)
+        state = _initial_state(hx, 1, B, self.hidden_size, self.hyper_size, batched, self.weight_ih, stacked=False)
         state = [s[0] for s in state]
         backend = resolve_backend(self.backend, x.device)
         h, c, hh, hc = (s[0] for s in self.run(backend, x.unsqueeze(0), state))
@@ -164,8 +164,12 @@ def _check_tensor(name: str, t, ref: torch.Tensor, ndims: tuple, features: int) 
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the module's device), got {t.device}")
 
 
-def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, ref: torch.Tensor):
-    """(h0, c0, ĥ0, ĉ0), each (num_states, B, ·), from hx = None | (h0, c0) | HyperLSTMState."""
+def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, ref: torch.Tensor,
+                   stacked: bool = True):
+    """(h0, c0, ĥ0, ĉ0), each (num_states, B, ·), from hx = None | (h0, c0) | HyperLSTMState.
+
+    The user's tensors are (num_states, B, ·) — or (B, ·) without `stacked`, as nn.LSTMCell takes them —
+    and lose B when unbatched."""
     def zeros(n):
         return torch.zeros(num_states, B, n, dtype=ref.dtype, device=ref.device)
 
@@ -180,7 +184,7 @@ def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, 
         named += [("hx.hyper_h", hyper[0], Hh), ("hx.hyper_c", hyper[1], Hh)]
     out = []
     for name, t, n in named:
-        expected = (num_states, B, n) if batched else (num_states, n)
+        expected = ((num_states,) if stacked else ()) + ((B, n) if batched else (n,))
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor of shape {expected}, got {type(t).__name__}")
         if tuple(t.shape) != expected:
@@ -189,7 +193,8 @@ def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, 
             raise TypeError(f"{name}: expected dtype {ref.dtype} (the module's), got {t.dtype}")
         if t.device != ref.device:
             raise ValueError(f"{name}: expected a tensor on {ref.device} (the module's device), got {t.device}")
-        out.append(t if batched else t.unsqueeze(1))
+        t = t if batched else t.unsqueeze(-2)
+        out.append(t if stacked else t.unsqueeze(0))
     if hyper is None:
         out += [zeros(Hh), zeros(Hh)]
     return tuple(out)
