@@ -176,3 +176,20 @@ def test_model_parameter_counts_are_close_to_the_papers():
     for kind, depth, widen in PAPER_PARAMS:
         ours = count_parameters(HyperWRN(depth, widen, hyper=kind == "hyper"))
         assert abs(ours - PAPER_PARAMS[kind, depth, widen]) / PAPER_PARAMS[kind, depth, widen] < 0.06, (kind, ours)
+
+
+@requires_extension
+def test_generation_traces_under_torch_compile_without_graph_breaks():
+    net = hyperfused.StaticHyperNetwork(z_dim=4, in_tile=4, out_tile=4, kernel_size=3, backend="cpu")
+    convs = [hyperfused.HyperConv2d(4, 8, 3, padding=1, hypernet=net), hyperfused.HyperConv2d(8, 8, 3, hypernet=net)]
+    x = torch.randn(2, 4, 6, 6)
+
+    def run(x):
+        k1, k2 = net.generate(convs)
+        return convs[1](convs[0](x, k1), k2)
+
+    expected = run(x)
+    got = torch.compile(run, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    assert net.w_out.grad is not None and convs[0].z.grad is not None
