@@ -25,13 +25,6 @@ __device__ T block_sum(T v, T* red) {
 }
 
 template <typename T>
-__device__ T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-template <typename T>
 __device__ T affine(const T* v, const T* gain, const T* bias, int64_t j, bool ln) {
   return ln ? v[j] * gain[j] + bias[j] : v[j];
 }
@@ -122,9 +115,10 @@ __device__ void cell_backward(const T* gates, const T* gg, const T* gb, const T*
 
 template <typename T>
 struct Ptrs {
-  const T *bias, *zw, *zb, *bzw, *sw, *bsw, *lnw, *lnb, *lncw, *lncb, *hlnw, *hlnb, *hlncw, *hlncb;
+  const T *bias, *zw, *zwt, *swt, *zb, *bzw, *sw, *bsw, *lnw, *lnb, *lncw, *lncb, *hlnw, *hlnb, *hlncw, *hlncb;
   __device__ explicit Ptrs(const StepParams& p)
       : bias(static_cast<const T*>(p.bias)), zw(static_cast<const T*>(p.z_weight)),
+        zwt(static_cast<const T*>(p.z_weight_t)), swt(static_cast<const T*>(p.scale_weight_t)),
         zb(static_cast<const T*>(p.z_bias)), bzw(static_cast<const T*>(p.bias_z_weight)),
         sw(static_cast<const T*>(p.scale_weight)), bsw(static_cast<const T*>(p.bias_scale_weight)),
         lnw(static_cast<const T*>(p.ln_weight)), lnb(static_cast<const T*>(p.ln_bias)),
@@ -136,6 +130,13 @@ struct Ptrs {
   }
   __device__ const T* z_row(int64_t k, const Dims& d) const {
     return k < 8 * d.Nz ? zw + k * d.Hh : bzw + (k - 8 * d.Nz) * d.Hh;
+  }
+  // d_kind[r] from the transposed scale weights, so that threads with consecutive r read consecutive memory.
+  __device__ T scale(int kind, int64_t r, const T* z, const Dims& d) const {
+    const int64_t y = r / d.H, h = r % d.H, q0 = (kind * 4 + y) * d.Nz;
+    T acc = 0;
+    for (int64_t m = 0; m < d.Nz; ++m) acc += swt[(q0 + m) * d.H + h] * z[q0 + m];
+    return acc;
   }
 };
 
@@ -166,20 +167,19 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardStep s) {
   cell_forward(hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb,
                s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd, red);
 
+  // z = [z_bias ; 0] + [z_weight ; bias_z_weight] ĥ_t, read through the transpose for coalescing.
   T* z = ws + L.z;
-  for (int64_t k = threadIdx.x; k < 12 * Nz; k += blockDim.x)
-    z[k] = (k < 8 * Nz ? P.zb[k] : T(0)) + dot(P.z_row(k, d), static_cast<const T*>(hh), Hh);
+  for (int64_t k = threadIdx.x; k < 12 * Nz; k += blockDim.x) {
+    T acc = k < 8 * Nz ? P.zb[k] : T(0);
+    for (int64_t j = 0; j < Hh; ++j) acc += P.zwt[j * 12 * Nz + k] * hh[j];
+    z[k] = acc;
+  }
   __syncthreads();
 
   T* n = ws + L.n;
   const T* gx = row_of<T>(s.gx, b, 4 * H);
-  for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x) {
-    const int64_t y = r / H;
-    const T dh = dot(P.scale_row(0, r, d), static_cast<const T*>(z) + y * Nz, Nz);
-    const T dx = dot(P.scale_row(1, r, d), static_cast<const T*>(z) + (4 + y) * Nz, Nz);
-    const T db = dot(P.scale_row(2, r, d), static_cast<const T*>(z) + (8 + y) * Nz, Nz);
-    n[r] = dh * g[r] + dx * gx[r] + P.bias[r] + db;
-  }
+  for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x)
+    n[r] = P.scale(0, r, z, d) * g[r] + P.scale(1, r, z, d) * gx[r] + P.bias[r] + P.scale(2, r, z, d);
   __syncthreads();
   if (s.layer_norm)
     for (int k = 0; k < 4; ++k) normalize(n + k * H, H, ws + L.rstd + k, red);
@@ -209,8 +209,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardStep s) {
                 dws + D.dcout, dws + D.dy, da, red);
 
   const T* z = ws + L.z;
-  for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x)
-    dg[r] = da[r] * dot(P.scale_row(0, r, d), z + (r / H) * Nz, Nz);
+  for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x) dg[r] = da[r] * P.scale(0, r, z, d);
   // dz[kind, y, m] = Σ_r dd_kind[yH + r] · W_kind[yH + r, m]; one thread per embedding entry.
   T* dz = dws + D.dz;
   for (int64_t k = threadIdx.x; k < 12 * Nz; k += blockDim.x) {
