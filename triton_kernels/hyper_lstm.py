@@ -163,6 +163,16 @@ def _main_gate_fwd(y: tl.constexpr, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr
 
 
 @triton.jit
+def _feature_ranges(H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_HH: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """Offsets and masks over the main (H), hyper (Ĥ) and embedding (N_z) feature axes."""
+    oH = tl.arange(0, BLOCK_H)
+    oh = tl.arange(0, BLOCK_HH)
+    oz = tl.arange(0, BLOCK_Z)
+    return oH, oH < H, oh, oh < HH, oz, oz < NZ
+
+
+@triton.jit
 def hyper_lstm_fwd_step(g_ptr, ghh_ptr, gx_ptr, ghx_ptr, c_prev_ptr, hc_prev_ptr, mask_ptr, hmask_ptr,
                         h_ptr, c_ptr, hh_ptr, hc_ptr, ws_ptr,
                         bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
@@ -175,12 +185,7 @@ def hyper_lstm_fwd_step(g_ptr, ghh_ptr, gx_ptr, ghx_ptr, c_prev_ptr, hc_prev_ptr
                         LN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_HMASK: tl.constexpr):
     row = tl.program_id(0)
     ws = ws_ptr + row * WS
-    oH = tl.arange(0, BLOCK_H)
-    mH = oH < H
-    oh = tl.arange(0, BLOCK_HH)
-    mh = oh < HH
-    oz = tl.arange(0, BLOCK_Z)
-    mz = oz < NZ
+    oH, mH, oh, mh, oz, mz = _feature_ranges(H, HH, NZ, BLOCK_H, BLOCK_HH, BLOCK_Z)
 
     # Hyper LN-LSTM on [x_t ; h_{t-1}].
     yi = _hyper_gate_fwd(0, row, g_ptr, ghh_ptr, ghx_ptr, ws, hlnw_ptr, hlnb_ptr, oh, mh, H, HH, GW, OFF_HN, OFF_HRSTD, LN)
@@ -287,12 +292,7 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
     row = tl.program_id(0)
     ws = ws_ptr + row * WS
     dws = dws_ptr + row * DWS
-    oH = tl.arange(0, BLOCK_H)
-    mH = oH < H
-    oh = tl.arange(0, BLOCK_HH)
-    mh = oh < HH
-    oz = tl.arange(0, BLOCK_Z)
-    mz = oz < NZ
+    oH, mH, oh, mh, oz, mz = _feature_ranges(H, HH, NZ, BLOCK_H, BLOCK_HH, BLOCK_Z)
 
     # Main cell.
     yi, yf, yg, yo = _gates(ws, 0, lnw_ptr, lnb_ptr, oH, mH, H, LN)
