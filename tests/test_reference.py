@@ -215,3 +215,5 @@ def test_module_api_mirrors_nn_lstm():
     ref_out, (ref_h, ref_c) = torch.nn.LSTM(10, 20, num_layers=2, batch_first=True, bidirectional=True)(x)
     assert out.shape == ref_out.shape and h.shape == ref_h.shape and c.shape == ref_c.shape
     assert "10, 20, num_layers=2" in repr(m)
+    m.flatten_parameters()  # code written for nn.LSTM calls this
+    assert m.proj_size == 0 and m.num_layers == 2 and m.batch_first

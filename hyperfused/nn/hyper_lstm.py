@@ -254,9 +254,14 @@ class HyperLSTM(nn.Module):
                           layer_norm, forget_bias, recurrent_dropout, bias, backend, device=device, dtype=dtype)
             for layer in range(num_layers) for _ in range(D))
 
+    proj_size = 0  # nn.LSTM's attribute, for code that reads it; projections are not supported
+
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    def flatten_parameters(self) -> None:
+        """No-op, as for nn.LSTM on the CPU: the fused kernels need no cuDNN weight buffer."""
 
     def reset_parameters(self) -> None:
         for cell in self.cells:
