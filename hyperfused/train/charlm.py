@@ -158,6 +158,9 @@ def train(args):
         if not args.checkpoint or not os.path.exists(args.checkpoint):
             raise SystemExit(f"error: --resume needs an existing --checkpoint, got {args.checkpoint!r}")
         ck = torch.load(args.checkpoint, map_location=device, weights_only=False)
+        if len(ck["ranks"]) != world:
+            raise SystemExit(f"error: {args.checkpoint} was written by {len(ck['ranks'])} process(es); resume it "
+                             f"with the same number (this run has {world})")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, history = ck["step"], ck["history"]
