@@ -77,7 +77,11 @@ def _lstm_update(pre: dict, c_prev, gains, forget_bias, layer_norm_on, mask):
 
 
 def hyper_cell_step(x, h_prev, hh_prev, hc_prev, p: HyperLSTMParams, layer_norm_on, forget_bias, hyper_mask=None):
-    """The hyper LN-LSTM reading x̂_t = [x_t ; h_{t-1}]; returns (ĥ_t, ĉ_t)."""
+    """The hyper LN-LSTM reading x̂_t = [x_t ; h_{t-1}]; returns (ĥ_t, ĉ_t).
+
+    Like the main cell it adds forget_bias to f̂ and drops out φ(ĝ): the reference TensorFlow HyperLSTMCell
+    builds its hyper cell as an LSTMCell with the default forget_bias = 1 and the same recurrent dropout.
+    """
     Hh = hh_prev.shape[-1]
     x_hat = torch.cat([x, h_prev], dim=-1)
     pre = {}
