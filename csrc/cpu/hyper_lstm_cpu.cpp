@@ -59,18 +59,23 @@ const T* or_constant(const T* p, std::vector<T>& storage, T value, int64_t n) {
   return storage.data();
 }
 
-// Σ a[i]·b[i] with 16 independent partial sums, so that the compiler vectorises it without reassociating.
-template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+// Σ_i f(i) with 16 independent partial sums, so that the compiler vectorises it without reassociating.
+template <typename T, typename F>
+inline T lane_sum(int64_t n, const F& f) {
   constexpr int kLanes = 16;
   T acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+    for (int l = 0; l < kLanes; ++l) acc[l] += f(i + l);
   T s = 0;
   for (int l = 0; l < kLanes; ++l) s += acc[l];
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += f(i);
   return s;
+}
+
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  return lane_sum<T>(n, [&](int64_t i) { return a[i] * b[i]; });
 }
 
 // Normalises each block of v (size n) in place; stores 1/sqrt(var+eps) per block.
@@ -78,12 +83,9 @@ template <typename T>
 void normalize_blocks(T* __restrict v, int64_t blocks, int64_t n, T* __restrict rstd) {
   for (int64_t k = 0; k < blocks; ++k) {
     T* x = v + k * n;
-    T mean = 0;
-    for (int64_t j = 0; j < n; ++j) mean += x[j];
-    mean /= T(n);
-    T var = 0;
-    for (int64_t j = 0; j < n; ++j) var += (x[j] - mean) * (x[j] - mean);
-    const T r = T(1) / std::sqrt(var / T(n) + T(kLnEps));
+    const T mean = lane_sum<T>(n, [&](int64_t j) { return x[j]; }) / T(n);
+    const T var = lane_sum<T>(n, [&](int64_t j) { return (x[j] - mean) * (x[j] - mean); }) / T(n);
+    const T r = T(1) / std::sqrt(var + T(kLnEps));
     for (int64_t j = 0; j < n; ++j) x[j] = (x[j] - mean) * r;
     rstd[k] = r;
   }
@@ -93,14 +95,8 @@ void normalize_blocks(T* __restrict v, int64_t blocks, int64_t n, T* __restrict 
 template <typename T>
 void layer_norm_backward(const T* __restrict dout, const T* __restrict xhat, const T* __restrict gain, T rstd,
                          int64_t n, T* __restrict dx) {
-  T mean_d = 0, mean_dx = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const T d = dout[j] * gain[j];
-    mean_d += d;
-    mean_dx += d * xhat[j];
-  }
-  mean_d /= T(n);
-  mean_dx /= T(n);
+  const T mean_d = lane_sum<T>(n, [&](int64_t j) { return dout[j] * gain[j]; }) / T(n);
+  const T mean_dx = lane_sum<T>(n, [&](int64_t j) { return dout[j] * gain[j] * xhat[j]; }) / T(n);
   for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dout[j] * gain[j] - mean_d - xhat[j] * mean_dx);
 }
 
