@@ -81,8 +81,8 @@ class HyperLSTMCell(nn.Module):
         for name in PARAM_NAMES:
             t = torch.empty(shapes[name], **factory)
             fixed = (not self.use_bias and name in _BIAS_PARAMS) or (not self.layer_norm and name in _LN_PARAMS)
-            if fixed:  # constants the kernels still read: zeros, or unit LN gains
-                self.register_buffer(name, t.fill_(1.0 if name.endswith("weight") and "ln_" in name else 0.0))
+            if fixed:  # constants the kernels still read; reset_parameters gives the LN ones their unit gains
+                self.register_buffer(name, t.zero_())
             else:
                 self.register_parameter(name, nn.Parameter(t))
         self.reset_parameters()
