@@ -44,30 +44,37 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
     raise ValueError(f"backend: no HyperLSTM implementation named {backend!r}")
 
 
-if HAS_EXTENSION:
+def register_lstm_meta(forward_op: str, backward_op: str) -> None:
+    """Fake implementations and the autograd formula for a forward/backward op pair with the schemas of
+    hyperfused::hyper_lstm_forward/_backward (the C++ ops and the Triton ones share them)."""
 
-    @torch.library.register_fake("hyperfused::hyper_lstm_forward")
+    @torch.library.register_fake(forward_op)
     def _(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias):
         T, B, _ = x.shape
         H, Hh, Nz = h0.shape[1], hh0.shape[1], params[8].shape[2]
         return (x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, Hh), x.new_empty(T, B, Hh),
                 x.new_empty(T, B, 4 * H + 4 * Hh), x.new_empty(T, B, workspace_width(H, Hh, Nz)))
 
-    @torch.library.register_fake("hyperfused::hyper_lstm_backward")
+    @torch.library.register_fake(backward_op)
     def _(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, *rest):
         return [torch.empty_like(t) for t in (x, h0, c0, hh0, hc0, *params)]
 
-    def _setup_context(ctx, inputs, output):
+    backward_impl = getattr(torch.ops.hyperfused, backward_op.split("::")[1])
+
+    def setup_context(ctx, inputs, output):
         x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias = inputs
         ctx.set_materialize_grads(False)  # unused outputs (g, ws, often cs) need no zero-filled gradients
         ctx.layer_norm, ctx.forget_bias = layer_norm, forget_bias
         ctx.save_for_backward(x, h0, c0, hh0, hc0, mask, hyper_mask, *output, *params)
 
-    def _backward(ctx, grad_hs, grad_cs, grad_hhs, grad_hcs, _grad_g, _grad_ws):
+    def backward(ctx, grad_hs, grad_cs, grad_hhs, grad_hcs, _grad_g, _grad_ws):
         x, h0, c0, hh0, hc0, mask, hyper_mask, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
-        grads = torch.ops.hyperfused.hyper_lstm_backward(
-            grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs, hcs,
-            g, ws, ctx.layer_norm, ctx.forget_bias)
+        grads = backward_impl(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
+                              hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias)
         return (*grads[:5], list(grads[5:]), None, None, None, None)
 
-    torch.library.register_autograd("hyperfused::hyper_lstm_forward", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+if HAS_EXTENSION:
+    register_lstm_meta("hyperfused::hyper_lstm_forward", "hyperfused::hyper_lstm_backward")

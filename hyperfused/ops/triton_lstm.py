@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from .static_hypernet import register_generation_autograd
+from .hyper_lstm import register_lstm_meta
+from .static_hypernet import register_generation_meta
 
 try:
     import triton  # noqa: F401
@@ -33,13 +34,6 @@ if _kernels is not None:
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return _kernels.forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias)
 
-    @triton_forward.register_fake
-    def _(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias):
-        T, B, _ = x.shape
-        H, Hh, Nz = h0.shape[1], hh0.shape[1], params[8].shape[2]
-        return (x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, Hh), x.new_empty(T, B, Hh),
-                x.new_empty(T, B, 4 * H + 4 * Hh), x.new_empty(T, B, _kernels.ws_width(H, Hh, Nz)))
-
     @torch.library.custom_op("hyperfused::hyper_lstm_triton_backward", mutates_args=())
     def triton_backward(grad_hs: Optional[torch.Tensor], grad_cs: Optional[torch.Tensor],
                         grad_hhs: Optional[torch.Tensor], grad_hcs: Optional[torch.Tensor], x: torch.Tensor,
@@ -50,23 +44,7 @@ if _kernels is not None:
         return _kernels.backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
                                  hs, cs, hhs, hcs, g, ws, layer_norm, forget_bias)
 
-    @triton_backward.register_fake
-    def _(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, *rest):
-        return [torch.empty_like(t) for t in (x, h0, c0, hh0, hc0, *params)]
-
-    def _setup_context(ctx, inputs, output):
-        x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias = inputs
-        ctx.set_materialize_grads(False)
-        ctx.layer_norm, ctx.forget_bias = layer_norm, forget_bias
-        ctx.save_for_backward(x, h0, c0, hh0, hc0, mask, hyper_mask, *output, *params)
-
-    def _backward(ctx, grad_hs, grad_cs, grad_hhs, grad_hcs, _grad_g, _grad_ws):
-        x, h0, c0, hh0, hc0, mask, hyper_mask, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
-        grads = triton_backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
-                                hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias)
-        return (*grads[:5], list(grads[5:]), None, None, None, None)
-
-    triton_forward.register_autograd(_backward, setup_context=_setup_context)
+    register_lstm_meta("hyperfused::hyper_lstm_triton_forward", "hyperfused::hyper_lstm_triton_backward")
 
     @torch.library.custom_op("hyperfused::generate_kernels_triton", mutates_args=())
     def generate_kernels_triton(z: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
@@ -74,8 +52,4 @@ if _kernels is not None:
                                 kernel_size: int) -> torch.Tensor:
         return _static.generate(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size)
 
-    @generate_kernels_triton.register_fake
-    def _(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size):
-        return z.new_empty(numel)
-
-    register_generation_autograd("hyperfused::generate_kernels_triton", _static.backward)
+    register_generation_meta("hyperfused::generate_kernels_triton", _static.backward)
