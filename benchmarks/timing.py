@@ -2,6 +2,7 @@
 and cache drift hit every row alike; CUDA work is timed with events."""
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -11,7 +12,19 @@ import torch
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call of fn takes (on CUDA: between events recorded around it on the current stream)."""
+    """Seconds one call of fn takes (on CUDA: between events recorded around it on the current stream).
+    Python's cyclic GC is off during the call, as in timeit: a collection of torch's million objects would
+    land on whichever row happened to be running."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _timed(fn, device)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

@@ -7,6 +7,7 @@
 //   h, c (2H) + ĥ, ĉ (2Ĥ) [the op's outputs] + g (4H + 4Ĥ) + ws (5H + 12N_z + 5Ĥ + 10)
 //   = 11H + 11Ĥ + 12N_z + 10;  e.g. H=1000, Ĥ=128, N_z=16: 12,610 floats ≈ 50 KB.
 #include "hyper_lstm.h"
+#include "cpu/packed_gemm.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -101,6 +102,15 @@ std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t)
   return t->contiguous();
 }
 
+// Σ_t dA_t^T v_{t-1} over all steps, with v_{-1} = v0: dA (T·B, n) against the states shifted by one step,
+// as two GEMMs rather than a concatenated copy of the states.
+at::Tensor times_prev(const at::Tensor& dA, const at::Tensor& v0, const at::Tensor& vs) {
+  const int64_t B = v0.size(0), M = dA.size(0);
+  const auto first = dA.narrow(0, 0, B).t().mm(v0);
+  if (M == B) return first;
+  return at::addmm(first, dA.narrow(0, B, M - B).t(), vs.narrow(0, 0, vs.size(0) - 1).reshape({M - B, v0.size(1)}));
+}
+
 }  // namespace
 
 ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
@@ -124,12 +134,13 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   auto ghh = at::empty({B, 4 * Hh}, opts);
   const Transposed tr(p, s);
   const StepParams sp = step_params(p, tr);
+  const StepGemm rec(w_rec, B), hyper(w_hyper, B);
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor h_prev = t ? hs.select(0, t - 1) : h0;
     const at::Tensor hh_prev = t ? hhs.select(0, t - 1) : hh0;
     auto g_t = g.select(0, t);
-    at::mm_out(g_t, h_prev, w_rec);
-    at::mm_out(ghh, hh_prev, w_hyper);
+    rec.run(g_t, h_prev);
+    hyper.run(ghh, hh_prev);
     ForwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
                    g_t.data_ptr(), ghh.data_ptr(), gx.select(0, t).data_ptr(), ghx.select(0, t).data_ptr(),
                    (t ? cs.select(0, t - 1) : c0).data_ptr(), (t ? hcs.select(0, t - 1) : hc0).data_ptr(),
@@ -177,6 +188,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   auto dh_rec = at::empty({B, H}, opts), dhh_rec = at::empty({B, Hh}, opts);
   const Transposed tr(p, s);
   const StepParams sp = step_params(p, tr);
+  const StepGemm rec(w_rec, B), hyper(p[HYPER_WEIGHT_HH], B);
   for (int64_t t = T - 1; t >= 0; --t) {
     const bool last = t == T - 1;
     BackwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
@@ -190,8 +202,8 @@ std::vector<at::Tensor> hyper_lstm_backward(
                     k.stream()};
     k.backward(st);
     const auto dg_t = dg.select(0, t);
-    at::mm_out(dh_rec, dg_t, w_rec);
-    at::mm_out(dhh_rec, dg_t.narrow(1, 4 * H, 4 * Hh), p[HYPER_WEIGHT_HH]);
+    rec.run(dh_rec, dg_t);
+    hyper.run(dhh_rec, dg_t.narrow(1, 4 * H, 4 * Hh));
   }
 
   // Weight gradients: each a reduction over all T·B rows.
@@ -200,8 +212,6 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const auto dwsm = dws.view({M, D.width}), wsm = ws.view({M, L.width});
   const auto da = dwsm.narrow(1, D.da, 4 * H);
   const auto z3 = wsm.narrow(1, L.z, 12 * Nz).reshape({M, 3, 4, Nz});
-  const auto h_prev = at::cat({h0.unsqueeze(0), hs.narrow(0, 0, T - 1)}, 0).view({M, H});
-  const auto hh_prev = at::cat({hh0.unsqueeze(0), hhs.narrow(0, 0, T - 1)}, 0).view({M, Hh});
   const auto hh_all = hhs.view({M, Hh});
   const auto w_scale = p[SCALE_WEIGHT].view({2, 4, H, Nz});
   const auto d_x = at::einsum("myn,yhn->myh", {z3.select(1, 1), w_scale.select(0, 1)}).reshape({M, 4 * H});
@@ -215,10 +225,10 @@ std::vector<at::Tensor> hyper_lstm_backward(
   grads[4] = dhc;
   at::Tensor* gp = grads.data() + 5;
   gp[WEIGHT_IH] = dgx.t().mm(x2);
-  gp[WEIGHT_HH] = dgh.t().mm(h_prev);
+  gp[WEIGHT_HH] = times_prev(dgh, h0, hs);
   gp[BIAS] = da.sum(0);
-  gp[HYPER_WEIGHT_IH] = at::cat({dah.t().mm(x2), dah.t().mm(h_prev)}, 1);
-  gp[HYPER_WEIGHT_HH] = dah.t().mm(hh_prev);
+  gp[HYPER_WEIGHT_IH] = at::cat({dah.t().mm(x2), times_prev(dah, h0, hs)}, 1);
+  gp[HYPER_WEIGHT_HH] = times_prev(dah, hh0, hhs);
   gp[HYPER_BIAS] = dah.sum(0);
   const auto dd_h = (da * g.view({M, GW}).narrow(1, 0, 4 * H)).view({M, 4, H});
   const auto dd_x = (da * gx.view({M, 4 * H})).view({M, 4, H});
