@@ -72,6 +72,48 @@ class Row:
         self._forward(self.x).backward(self._grad)
 
 
+class GemmFloorRow:
+    """Only the GEMMs a fused HyperLSTM layer runs, with the shapes and call pattern of csrc/hyper_lstm.cpp
+    and nothing between them: the input projections as one GEMM over all T·B rows, per step the two
+    recurrent GEMMs (forward) and their transposes (backward), then the weight-gradient GEMMs. Its time
+    against nn.LSTM is what this machine's BLAS allows a HyperLSTM at this size, pointwise work aside."""
+
+    name = "HyperLSTM GEMMs alone (floor)"
+
+    def __init__(self, cfg: Config, device: torch.device):
+        T, B, X, H, Hh = cfg.T, cfg.B, cfg.X, cfg.H, cfg.Hh
+        r = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+        G = 4 * H + 4 * Hh
+        self.T = T
+        self.x2, self.w_in = r(T * B, X), r(X, 4 * H + 4 * Hh)  # [W_x ; Ŵ_x[:, :X]]ᵀ
+        self.w_rec, self.w_hyper = r(H, G), r(Hh, 4 * Hh)  # [W_h ; Ŵ_x[:, X:]]ᵀ, Ŵ_hᵀ
+        self.hs, self.hhs = r(T, B, H), r(T, B, Hh)
+        self.g, self.ghh = r(T, B, G), r(B, 4 * Hh)
+        self.dh, self.dhh = r(B, H), r(B, Hh)
+
+    def fwd(self):
+        with torch.no_grad():
+            gin = self.x2 @ self.w_in
+            for t in range(self.T):
+                torch.mm(self.hs[t], self.w_rec, out=self.g[t])
+                torch.mm(self.hhs[t], self.w_hyper, out=self.ghh)
+        return gin
+
+    def fwd_bwd(self):
+        gin = self.fwd()
+        with torch.no_grad():
+            Hh4 = self.w_hyper.shape[1]
+            for t in reversed(range(self.T)):
+                torch.mm(self.g[t], self.w_rec.t(), out=self.dh)
+                torch.mm(self.g[t, :, -Hh4:], self.w_hyper.t(), out=self.dhh)
+            M = self.x2.shape[0]
+            g2, hs2 = self.g.view(M, -1), self.hs.view(M, -1)
+            gin @ self.w_in.t()  # grad of x
+            self.x2.t() @ gin  # grads of W_x and Ŵ_x[:, :X]
+            hs2.t() @ g2  # grads of W_h and Ŵ_x[:, X:]
+            self.hhs.view(M, -1).t() @ g2[:, -Hh4:]  # grad of Ŵ_h
+
+
 def _compiled_reference(m: hyperfused.HyperLSTM) -> Callable[[torch.Tensor], torch.Tensor]:
     """The reference step under torch.compile, looped in Python: how one compiles a custom RNN cell."""
     step = torch.compile(reference.hyper_lstm_step, dynamic=False)
@@ -97,6 +139,7 @@ def make_rows(cfg: Config, device: torch.device, with_compile: bool, backends: O
     lstm = torch.nn.LSTM(cfg.X, cfg.H, device=device)
     rows.append(Row("nn.LSTM (cuDNN)" if device.type == "cuda" else "nn.LSTM", lambda x: lstm(x)[0],
                     lstm.parameters(), x))
+    rows.append(GemmFloorRow(cfg, device))
     kw = dict(hyper_size=cfg.Hh, hyper_embed=cfg.Nz, device=device)
     ref = hyperfused.HyperLSTM(cfg.X, cfg.H, backend="reference", **kw)
     rows.append(Row("reference", lambda x: ref(x)[0], ref.parameters(), x))
