@@ -50,6 +50,26 @@ inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// out[j] += Σ_m a[m] · w[m·ldw + j] for j < n: rows of w weighted by a, summed kBlock columns at a time in
+// registers. (One axpy per row stores and reloads all of `out` for every row; that store was the hot spot.)
+template <typename T>
+void add_weighted_rows(const T* __restrict a, int64_t rows, const T* __restrict w, int64_t ldw, int64_t n,
+                       T* __restrict out) {
+  constexpr int64_t kBlock = 64;
+  int64_t j0 = 0;
+  for (; j0 + kBlock <= n; j0 += kBlock) {
+    T acc[kBlock];
+    for (int64_t j = 0; j < kBlock; ++j) acc[j] = out[j0 + j];
+    for (int64_t m = 0; m < rows; ++m) {
+      const T am = a[m];
+      const T* __restrict wr = w + m * ldw + j0;
+      for (int64_t j = 0; j < kBlock; ++j) acc[j] += am * wr[j];
+    }
+    for (int64_t j = 0; j < kBlock; ++j) out[j0 + j] = acc[j];
+  }
+  for (int64_t m = 0; m < rows && j0 < n; ++m) axpy(out + j0, a[m], w + m * ldw + j0, n - j0);
+}
+
 // `p`, or (for an absent optional input) `n` copies of `value` held in `storage`: keeps branches out of
 // the loops so that they vectorise.
 template <typename T>
@@ -197,12 +217,6 @@ struct Ptrs {
         lncb(cast(p.ln_cell_bias)), hlnw(cast(p.hyper_ln_weight)), hlnb(cast(p.hyper_ln_bias)),
         hlncw(cast(p.hyper_ln_cell_weight)), hlncb(cast(p.hyper_ln_cell_bias)) {}
   static const T* cast(const void* v) { return static_cast<const T*>(v); }
-  // Row r of W_kz (k = 0: h, 1: x, 2: b), length Nz.
-  const T* scale_row(int k, int64_t r, const Dims& d) const {
-    return k < 2 ? sw + (k * 4 * d.H + r) * d.Nz : bsw + r * d.Nz;
-  }
-  // Row k of the stacked embedding projection [z_weight ; bias_z_weight], length Hh.
-  const T* z_row(int64_t k, const Dims& d) const { return k < 8 * d.Nz ? zw + k * d.Hh : bzw + (k - 8 * d.Nz) * d.Hh; }
 };
 
 template <typename T>
@@ -215,7 +229,7 @@ template <typename T>
 void embeddings(const Ptrs<T>& P, const Dims& d, const T* hh, T* z) {
   const int64_t Z = 12 * d.Nz;
   for (int64_t k = 0; k < Z; ++k) z[k] = k < 8 * d.Nz ? P.zb[k] : T(0);
-  for (int64_t j = 0; j < d.Hh; ++j) axpy(z, hh[j], P.zwt + j * Z, Z);
+  add_weighted_rows(hh, d.Hh, P.zwt, Z, Z, z);
 }
 
 // scale[k·4H + r] = d_k[r] = Σ_n W_kz^y[r, n] z_k^y[n] for the three kinds k.
@@ -223,10 +237,7 @@ template <typename T>
 void scaling_vectors(const Ptrs<T>& P, const Dims& d, const T* z, int kinds, T* scale) {
   const int64_t H = d.H, Nz = d.Nz;
   std::fill(scale, scale + kinds * 4 * H, T(0));
-  for (int k = 0; k < kinds; ++k)
-    for (int64_t y = 0; y < 4; ++y)
-      for (int64_t m = 0; m < Nz; ++m)
-        axpy(scale + (k * 4 + y) * H, z[(k * 4 + y) * Nz + m], P.swt + ((k * 4 + y) * Nz + m) * H, H);
+  for (int64_t q = 0; q < kinds * 4; ++q) add_weighted_rows(z + q * Nz, Nz, P.swt + q * Nz * H, H, H, scale + q * H);
 }
 
 template <typename T>
@@ -313,7 +324,8 @@ void backward_rows(const BackwardStep& s) {
       const T* dhh_out = row_of<T>(s.dhh_out, b, Hh);
       const T* dhh_rec = row_of<T>(s.dhh_rec, b, Hh);
       for (int64_t j = 0; j < Hh; ++j) dhh[j] = (dhh_out ? dhh_out[j] : T(0)) + (dhh_rec ? dhh_rec[j] : T(0));
-      for (int64_t k = 0; k < 12 * Nz; ++k) axpy(dhh.data(), dz[k], P.z_row(k, d), Hh);
+      add_weighted_rows(dz, 8 * Nz, P.zw, Hh, Hh, dhh.data());
+      add_weighted_rows(dz + 8 * Nz, 4 * Nz, P.bzw, Hh, Hh, dhh.data());
       cell_backward(ws + L.hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, ws + L.hrstd, ws + L.hcn, ws[L.hcrstd],
                     row_of<T>(s.hc, b, Hh), row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb, s.layer_norm,
                     Hh, static_cast<const T*>(dhh.data()), static_cast<const T*>(nullptr), row_of<T>(s.dhc_out, b, Hh),
