@@ -7,7 +7,7 @@
 //   h, c (2H) + ĥ, ĉ (2Ĥ) [the op's outputs] + g (4H + 4Ĥ) + ws (5H + 12N_z + 5Ĥ + 10)
 //   = 11H + 11Ĥ + 12N_z + 10;  e.g. H=1000, Ĥ=128, N_z=16: 12,610 floats ≈ 50 KB.
 #include "hyper_lstm.h"
-#include "cpu/packed_gemm.h"
+#include "cpu/step_gemm.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -134,7 +134,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   auto ghh = at::empty({B, 4 * Hh}, opts);
   const Transposed tr(p, s);
   const StepParams sp = step_params(p, tr);
-  const StepGemm rec(w_rec, B), hyper(w_hyper, B);
+  const StepGemm rec(w_rec), hyper(w_hyper);
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor h_prev = t ? hs.select(0, t - 1) : h0;
     const at::Tensor hh_prev = t ? hhs.select(0, t - 1) : hh0;
@@ -188,7 +188,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   auto dh_rec = at::empty({B, H}, opts), dhh_rec = at::empty({B, Hh}, opts);
   const Transposed tr(p, s);
   const StepParams sp = step_params(p, tr);
-  const StepGemm rec(w_rec, B), hyper(p[HYPER_WEIGHT_HH], B);
+  const StepGemm rec(w_rec), hyper(p[HYPER_WEIGHT_HH]);
   for (int64_t t = T - 1; t >= 0; --t) {
     const bool last = t == T - 1;
     BackwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
