@@ -75,10 +75,11 @@ class Row:
 class GemmFloorRow:
     """Only the GEMMs a fused HyperLSTM layer runs, with the shapes and call pattern of csrc/hyper_lstm.cpp
     and nothing between them: the input projections as one GEMM over all T·B rows, per step the two
-    recurrent GEMMs (forward) and their transposes (backward), then the weight-gradient GEMMs. Its time
-    against nn.LSTM is what this machine's BLAS allows a HyperLSTM at this size, pointwise work aside."""
+    recurrent GEMMs (forward) and their transposes (backward), then the weight-gradient GEMMs, all as
+    torch.mm. Its time against nn.LSTM is what plain BLAS calls allow a HyperLSTM at this size, pointwise
+    work aside (the fused CPU op runs its recurrent GEMMs in oneDNN, which can be faster than torch.mm)."""
 
-    name = "HyperLSTM GEMMs alone (floor)"
+    name = "HyperLSTM GEMMs alone (torch.mm)"
 
     def __init__(self, cfg: Config, device: torch.device):
         T, B, X, H, Hh = cfg.T, cfg.B, cfg.X, cfg.H, cfg.Hh

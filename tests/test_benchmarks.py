@@ -12,7 +12,7 @@ def test_benchmark_suite_smoke(tmp_path, capsys):
     main(["--config", "3,2,4,8,4,2", "--repeats", "2", "--compile", "first", "--wrn", "10,1", "--json", str(out), "--plot", str(png)])
     data = json.loads(out.read_text())
     rows = {r["row"] for r in data["lstm"]}
-    assert {"nn.LSTM", "HyperLSTM GEMMs alone (floor)", "reference", "reference + torch.compile"} <= rows
+    assert {"nn.LSTM", "HyperLSTM GEMMs alone (torch.mm)", "reference", "reference + torch.compile"} <= rows
     for backend in hyperfused.ops.backends_for(__import__("torch").device("cpu")):
         if backend not in ("reference", "triton"):
             assert f"hyperfused {backend}" in rows
