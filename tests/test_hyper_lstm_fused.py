@@ -34,6 +34,18 @@ def test_cpu_without_bias(bias):
     assert_same_run(ref, fast, torch.randn(3, 2, 4, dtype=torch.float64), random_state(ref, 2), **F64)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch is built without oneDNN")
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkldnn-disabled"])
+def test_cpu_float32_step_gemm_either_way(onednn, monkeypatch):
+    """float32 recurrent GEMMs run in oneDNN unless torch.backends.mkldnn is off; both agree with the reference."""
+    T, B, X, H, Hh, Nz = 5, 17, 7, 37, 20, 4
+    ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, dtype=torch.float32)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
+    with torch.profiler.profile() as prof:
+        assert_same_run(ref, fast, torch.randn(T, B, X), random_state(ref, B, torch.float32), **F32)
+    assert ("mkldnn::_linear_pointwise" in {e.name for e in prof.events()}) == onednn
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_cpu_multilayer_bidirectional(bidirectional):
     ref, fast = make_pair("cpu", 5, 11, num_layers=2, bidirectional=bidirectional, hyper_size=6, hyper_embed=4)

@@ -1,6 +1,7 @@
 #include "step_gemm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
@@ -25,7 +26,9 @@ const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
 }  // namespace
 
 StepGemm::StepGemm(const at::Tensor& w) : w_(w) {
-  if (w.is_cpu() && w.scalar_type() == at::kFloat && onednn_linear()) w_nk_ = w.t().contiguous();
+  // userEnabledMkldnn: torch.backends.mkldnn.enabled, which a user may turn off to rule oneDNN out
+  if (w.is_cpu() && w.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && onednn_linear())
+    w_nk_ = w.t().contiguous();
 }
 
 void StepGemm::run(at::Tensor& out, const at::Tensor& a) const {
