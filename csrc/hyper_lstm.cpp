@@ -8,6 +8,7 @@
 //   = 11H + 11Ĥ + 12N_z + 10;  e.g. H=1000, Ĥ=128, N_z=16: 12,610 floats ≈ 50 KB.
 #include "hyper_lstm.h"
 #include "cpu/step_gemm.h"
+#include "no_autocast.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -119,6 +120,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
                               bool layer_norm, double forget_bias) {
   const Sizes s = check_inputs(x, h0, c0, hh0, hc0, p, mask, hyper_mask);
   const c10::DeviceGuard guard(x.device());
+  const NoAutocast no_autocast;
   const Dims dims = s.dims();
   const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh;
   const auto x2 = x.reshape({T * B, X});
@@ -161,6 +163,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
     bool layer_norm, double forget_bias) {
   const Sizes s = check_inputs(x, h0, c0, hh0, hc0, p, mask, hyper_mask);
   const c10::DeviceGuard guard(x.device());
+  const NoAutocast no_autocast;
   const Dims dims = s.dims();
   const WsLayout L(dims);
   const DwsLayout D(dims);

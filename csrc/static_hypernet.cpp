@@ -4,6 +4,7 @@
 //   kernels[layer][o, c, :, :]  <-  K[t, i, ...]     layout change straight into the conv weights
 // Backward: the layout change reversed, then dW_out, dB_out, dA, dW_i, dB_i, dZ as GEMMs/reductions.
 #include "static_hypernet.h"
+#include "no_autocast.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -109,6 +110,7 @@ at::Tensor generate_kernels(const TileKernels& k, const at::Tensor& z, const at:
                             int64_t numel, int64_t kernel_size) {
   const TileSizes s = check_inputs(z, w_in, b_in, w_out, &b_out, tile_meta, kernel_size);
   const c10::DeviceGuard guard(z.device());
+  const NoAutocast no_autocast;
   check_meta_bounds(tile_meta, s, numel);
   auto out = at::zeros({numel}, z.options());  // parts no tile covers stay zero
   const bool dbl = z.scalar_type() == at::kDouble;
@@ -132,6 +134,7 @@ std::vector<at::Tensor> generate_kernels_backward(const TileKernels& k, const at
                                                   int64_t kernel_size) {
   const TileSizes s = check_inputs(z, w_in, b_in, w_out, nullptr, tile_meta, kernel_size);
   const c10::DeviceGuard guard(z.device());
+  const NoAutocast no_autocast;
   const auto grad = grad_in.contiguous();
   TORCH_CHECK(grad.dim() == 1 && grad.scalar_type() == z.scalar_type() && grad.device() == z.device(),
               "hyperfused::generate_kernels_backward: 'grad' must be a flat ", z.scalar_type(), " tensor on ",

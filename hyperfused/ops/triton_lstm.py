@@ -6,6 +6,7 @@ under the Triton interpreter (TRITON_INTERPRET=1), which is how the tests exerci
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -25,6 +26,19 @@ except ImportError as e:  # pragma: no cover - depends on the install
     IMPORT_ERROR = f"triton could not be imported ({e})"
 
 
+def _without_autocast(fn):
+    """Runs fn with autocast off: the Triton drivers size their buffers by the inputs' dtype and call torch
+    GEMMs whose outputs the kernels read; under autocast those would come back in bfloat16/float16. As for
+    the C++ ops (csrc/no_autocast.h), autocast stops at the op's boundary."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 if _kernels is not None:
 
     @torch.library.custom_op("hyperfused::hyper_lstm_triton_forward", mutates_args=())
@@ -32,7 +46,8 @@ if _kernels is not None:
                        params: list[torch.Tensor], mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
                        layer_norm: bool, forget_bias: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _kernels.forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias)
+        return _without_autocast(_kernels.forward)(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm,
+                                                   forget_bias)
 
     @torch.library.custom_op("hyperfused::hyper_lstm_triton_backward", mutates_args=())
     def triton_backward(grad_hs: Optional[torch.Tensor], grad_cs: Optional[torch.Tensor],
@@ -41,8 +56,9 @@ if _kernels is not None:
                         params: list[torch.Tensor], mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
                         hs: torch.Tensor, cs: torch.Tensor, hhs: torch.Tensor, hcs: torch.Tensor, g: torch.Tensor,
                         ws: torch.Tensor, layer_norm: bool, forget_bias: float) -> list[torch.Tensor]:
-        return _kernels.backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
-                                 hs, cs, hhs, hcs, g, ws, layer_norm, forget_bias)
+        return _without_autocast(_kernels.backward)(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0,
+                                                    params, mask, hyper_mask, hs, cs, hhs, hcs, g, ws, layer_norm,
+                                                    forget_bias)
 
     register_lstm_meta("hyperfused::hyper_lstm_triton_forward", "hyperfused::hyper_lstm_triton_backward")
 
@@ -50,6 +66,6 @@ if _kernels is not None:
     def generate_kernels_triton(z: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
                                 b_out: torch.Tensor, tile_meta: torch.Tensor, numel: int,
                                 kernel_size: int) -> torch.Tensor:
-        return _static.generate(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size)
+        return _without_autocast(_static.generate)(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size)
 
-    register_generation_meta("hyperfused::generate_kernels_triton", _static.backward)
+    register_generation_meta("hyperfused::generate_kernels_triton", _without_autocast(_static.backward))
