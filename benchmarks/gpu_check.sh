@@ -17,7 +17,7 @@ if ! $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then tail -40 "$O
 echo "built in ${SECONDS}s"
 echo "== GPU tests"
 timeout 200 $PY -m pytest -q -x -p no:cacheprovider tests/test_hyper_lstm_fused.py tests/test_hyper_lstm_triton.py \
-  tests/test_static_hypernet.py -k "cuda or triton or gpu" 2>&1 | tee "$OUT/tests.log" | tail -15
+  tests/test_static_hypernet.py tests/test_autocast.py -k "cuda or triton or gpu" 2>&1 | tee "$OUT/tests.log" | tail -15
 echo "== benchmark"
 timeout 240 $PY -m benchmarks --full --compile first --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>/dev/null \
   | tee "$OUT/bench.md"
