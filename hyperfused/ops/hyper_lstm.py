@@ -12,6 +12,7 @@ import torch
 
 from .. import reference
 from .._extension import HAS_EXTENSION
+from ._autograd import refuse_double_backward
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -68,6 +69,7 @@ def register_lstm_meta(forward_op: str, backward_op: str) -> None:
         ctx.save_for_backward(x, h0, c0, hh0, hc0, mask, hyper_mask, *output, *params)
 
     def backward(ctx, grad_hs, grad_cs, grad_hhs, grad_hcs, _grad_g, _grad_ws):
+        refuse_double_backward("the fused HyperLSTM")
         x, h0, c0, hh0, hc0, mask, hyper_mask, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
         grads = backward_impl(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
                               hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias)

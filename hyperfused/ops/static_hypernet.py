@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from .._extension import HAS_EXTENSION
+from ._autograd import refuse_double_backward
 
 
 def tile_layout(shapes: Sequence[tuple[int, int]], out_tile: int, in_tile: int, kernel_size: int):
@@ -70,6 +71,7 @@ def register_generation_meta(op_name: str, backward_impl) -> None:
         ctx.save_for_backward(z, w_in, b_in, w_out, tile_meta)
 
     def backward(ctx, grad):
+        refuse_double_backward("the fused kernel generation")
         z, w_in, b_in, w_out, tile_meta = ctx.saved_tensors
         return (*backward_impl(grad, z, w_in, b_in, w_out, tile_meta, ctx.kernel_size), None, None, None)
 
