@@ -25,3 +25,18 @@ def test_benchmark_suite_smoke(tmp_path, capsys):
     assert png.stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "| implementation | fwd ms | fwd+bwd ms |" in printed and "time vs nn.LSTM" in printed
+
+
+def test_breakdown_runs_and_accounts_for_the_time(capsys):
+    import torch
+
+    from benchmarks.breakdown import PARTS, breakdown
+    from benchmarks.breakdown import main as breakdown_main
+    from benchmarks.hyper_lstm import Config
+    breakdown_main(["--config", "3,2,4,8,4,2", "--iters", "1"])
+    printed = capsys.readouterr().out
+    for part in PARTS:
+        assert f"| {part} |" in printed
+    if "cpu" in hyperfused.available_backends():
+        parts, _ = breakdown(Config.parse("3,2,4,8,4,2"), "cpu", torch.device("cpu"), iters=1)
+        assert parts["fused step kernels + time loop"] > 0 and parts["GEMMs over all T·B rows"] > 0
