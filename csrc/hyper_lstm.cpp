@@ -2,7 +2,9 @@
 //  forward  - W_x x and the x-part of the hyper input for all T·B rows in one GEMM each; then per step two
 //             recurrent GEMMs ([W_h; Ŵ_x,h] h_{t-1} and Ŵ_h ĥ_{t-1}) and one fused step kernel.
 //  backward - per step in reverse one fused step kernel and two GEMMs for dh_{t-1}, dĥ_{t-1}; then every
-//             weight gradient as a GEMM or reduction over all T·B rows at once.
+//             weight gradient as a GEMM or reduction over all T·B rows at once. The CPU kernel adds its
+//             rows' share of the elementwise reductions (biases, LN gains, the 12 scaling weights) to
+//             per-thread sums while the factors are in cache, which saves the post-loop passes over them.
 // Memory kept for backward, per time step and batch row (elements of the op's dtype):
 //   h, c (2H) + ĥ, ĉ (2Ĥ) [the op's outputs] + g (4H + 4Ĥ) + ws (5H + 12N_z + 5Ĥ + 10)
 //   = 11H + 11Ĥ + 12N_z + 10;  e.g. H=1000, Ĥ=128, N_z=16: 12,610 floats ≈ 50 KB.
@@ -11,7 +13,11 @@
 #include "no_autocast.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
+
+#include <cstdlib>
+#include <string>
 
 namespace hyperfused {
 namespace {
@@ -112,6 +118,13 @@ at::Tensor times_prev(const at::Tensor& dA, const at::Tensor& v0, const at::Tens
   return at::addmm(first, dA.narrow(0, B, M - B).t(), vs.narrow(0, 0, vs.size(0) - 1).reshape({M - B, v0.size(1)}));
 }
 
+// Whether the backward kernel sums the per-row weight gradients itself. HYPERFUSED_ATEN_REDUCTIONS=1 makes
+// the CPU leave them to ATen as CUDA does, so that the tests can check that path without a GPU.
+bool sums_in_kernel(const StepKernels& k) {
+  const char* v = std::getenv("HYPERFUSED_ATEN_REDUCTIONS");
+  return k.accumulates && !(v && *v && std::string(v) != "0");
+}
+
 }  // namespace
 
 ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
@@ -192,6 +205,9 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const Transposed tr(p, s);
   const StepParams sp = step_params(p, tr);
   const StepGemm rec(w_rec), hyper(p[HYPER_WEIGHT_HH]);
+  const bool in_kernel = sums_in_kernel(k);
+  const AccumLayout A(dims);
+  auto accum = in_kernel ? at::zeros({int64_t(at::get_num_threads()), A.width}, opts) : at::Tensor();
   for (int64_t t = T - 1; t >= 0; --t) {
     const bool last = t == T - 1;
     BackwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
@@ -202,7 +218,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
                     ptr_or_null(grad_hs, t), last ? nullptr : dh_rec.data_ptr(), ptr_or_null(grad_cs, t),
                     ptr_or_null(grad_hhs, t), last ? nullptr : dhh_rec.data_ptr(), ptr_or_null(grad_hcs, t),
                     dc.data_ptr(), dhc.data_ptr(), dg.select(0, t).data_ptr(), dws.select(0, t).data_ptr(),
-                    k.stream()};
+                    in_kernel ? accum.data_ptr() : nullptr, k.stream()};
     k.backward(st);
     const auto dg_t = dg.select(0, t);
     rec.run(dh_rec, dg_t);
@@ -213,12 +229,16 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const auto dgm = dg.view({M, GW});
   const auto dgh = dgm.narrow(1, 0, 4 * H), dah = dgm.narrow(1, 4 * H, 4 * Hh);
   const auto dwsm = dws.view({M, D.width}), wsm = ws.view({M, L.width});
-  const auto da = dwsm.narrow(1, D.da, 4 * H);
   const auto z3 = wsm.narrow(1, L.z, 12 * Nz).reshape({M, 3, 4, Nz});
   const auto hh_all = hhs.view({M, Hh});
-  const auto w_scale = p[SCALE_WEIGHT].view({2, 4, H, Nz});
-  const auto d_x = at::einsum("myn,yhn->myh", {z3.select(1, 1), w_scale.select(0, 1)}).reshape({M, 4 * H});
-  const auto dgx = da * d_x;
+  // The rows' sums that the kernel accumulated (per thread), or the same sums as ATen reductions here.
+  const auto sums = in_kernel ? accum.sum(0) : at::Tensor();
+  const auto da = dwsm.narrow(1, D.da, 4 * H);  // in_kernel: already da ⊙ d_x
+  at::Tensor dgx = da;
+  if (!in_kernel) {
+    const auto w_scale = p[SCALE_WEIGHT].view({2, 4, H, Nz});
+    dgx = da * at::einsum("myn,yhn->myh", {z3.select(1, 1), w_scale.select(0, 1)}).reshape({M, 4 * H});
+  }
 
   std::vector<at::Tensor> grads(5 + NUM_PARAMS);
   grads[0] = (dgx.mm(p[WEIGHT_IH]) + dah.mm(p[HYPER_WEIGHT_IH].narrow(1, 0, X))).view({T, B, X});
@@ -229,17 +249,25 @@ std::vector<at::Tensor> hyper_lstm_backward(
   at::Tensor* gp = grads.data() + 5;
   gp[WEIGHT_IH] = dgx.t().mm(x2);
   gp[WEIGHT_HH] = times_prev(dgh, h0, hs);
-  gp[BIAS] = da.sum(0);
   gp[HYPER_WEIGHT_IH] = at::cat({dah.t().mm(x2), times_prev(dah, h0, hs)}, 1);
   gp[HYPER_WEIGHT_HH] = times_prev(dah, hh0, hhs);
   gp[HYPER_BIAS] = dah.sum(0);
-  const auto dd_h = (da * g.view({M, GW}).narrow(1, 0, 4 * H)).view({M, 4, H});
-  const auto dd_x = (da * gx.view({M, 4 * H})).view({M, 4, H});
-  const auto dd_b = da.reshape({M, 4, H});
-  gp[SCALE_WEIGHT] = at::stack({at::einsum("myh,myn->yhn", {dd_h, z3.select(1, 0)}),
-                                at::einsum("myh,myn->yhn", {dd_x, z3.select(1, 1)})})
-                         .reshape({2, 4 * H, Nz});
-  gp[BIAS_SCALE_WEIGHT] = at::einsum("myh,myn->yhn", {dd_b, z3.select(1, 2)}).reshape({4 * H, Nz});
+  if (in_kernel) {
+    gp[BIAS] = sums.narrow(0, A.bias, 4 * H).clone();  // clones: no two parameters' grads share storage
+    // (3, 4, N_z, H) → the (2, 4H, N_z) and (4H, N_z) layouts of the weights
+    const auto scale = sums.narrow(0, A.scale, 12 * Nz * H).view({3, 4, Nz, H}).transpose(2, 3);
+    gp[SCALE_WEIGHT] = scale.narrow(0, 0, 2).reshape({2, 4 * H, Nz});
+    gp[BIAS_SCALE_WEIGHT] = scale.select(0, 2).reshape({4 * H, Nz});
+  } else {
+    gp[BIAS] = da.sum(0);
+    const auto dd_h = (da * g.view({M, GW}).narrow(1, 0, 4 * H)).view({M, 4, H});
+    const auto dd_x = (da * gx.view({M, 4 * H})).view({M, 4, H});
+    const auto dd_b = da.reshape({M, 4, H});
+    gp[SCALE_WEIGHT] = at::stack({at::einsum("myh,myn->yhn", {dd_h, z3.select(1, 0)}),
+                                  at::einsum("myh,myn->yhn", {dd_x, z3.select(1, 1)})})
+                           .reshape({2, 4 * H, Nz});
+    gp[BIAS_SCALE_WEIGHT] = at::einsum("myh,myn->yhn", {dd_b, z3.select(1, 2)}).reshape({4 * H, Nz});
+  }
   const auto dz = dwsm.narrow(1, D.dz, 12 * Nz);
   gp[Z_WEIGHT] = dz.narrow(1, 0, 8 * Nz).t().mm(hh_all);
   gp[Z_BIAS] = dz.narrow(1, 0, 8 * Nz).sum(0);
@@ -247,10 +275,10 @@ std::vector<at::Tensor> hyper_lstm_backward(
   if (layer_norm) {
     const auto dy = dwsm.narrow(1, D.dy, 4 * H), dcout = dwsm.narrow(1, D.dcout, H);
     const auto dyh = dwsm.narrow(1, D.dyh, 4 * Hh), dhcout = dwsm.narrow(1, D.dhcout, Hh);
-    gp[LN_WEIGHT] = (dy * wsm.narrow(1, L.n, 4 * H)).sum(0);
-    gp[LN_BIAS] = dy.sum(0);
-    gp[LN_CELL_WEIGHT] = (dcout * wsm.narrow(1, L.cn, H)).sum(0);
-    gp[LN_CELL_BIAS] = dcout.sum(0);
+    gp[LN_WEIGHT] = in_kernel ? sums.narrow(0, A.ln_w, 4 * H).clone() : (dy * wsm.narrow(1, L.n, 4 * H)).sum(0);
+    gp[LN_BIAS] = in_kernel ? sums.narrow(0, A.ln_b, 4 * H).clone() : dy.sum(0);
+    gp[LN_CELL_WEIGHT] = in_kernel ? sums.narrow(0, A.lnc_w, H).clone() : (dcout * wsm.narrow(1, L.cn, H)).sum(0);
+    gp[LN_CELL_BIAS] = in_kernel ? sums.narrow(0, A.lnc_b, H).clone() : dcout.sum(0);
     gp[HYPER_LN_WEIGHT] = (dyh * wsm.narrow(1, L.hn, 4 * Hh)).sum(0);
     gp[HYPER_LN_BIAS] = dyh.sum(0);
     gp[HYPER_LN_CELL_WEIGHT] = (dhcout * wsm.narrow(1, L.hcn, Hh)).sum(0);

@@ -16,6 +16,7 @@ struct StepKernels {
   void (*forward)(const ForwardStep&);
   void (*backward)(const BackwardStep&);
   void* (*stream)();  // current stream for the kernels, or null
+  bool accumulates;   // the backward kernel can sum into BackwardStep::accum (AccumLayout)
 };
 
 using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

@@ -44,6 +44,17 @@ struct DwsLayout {
         width(dhcout + d.Hh) {}
 };
 
+// Per-thread sums over the (T·B) rows that a backward step kernel may accumulate itself instead of leaving
+// per-row gradients for post-loop reductions (the CPU does; one block per row on CUDA does not):
+//   bias (4H) Σ da; ln_w (4H) Σ dy ⊙ n; ln_b (4H) Σ dy; lnc_w (H) Σ dcout ⊙ cn; lnc_b (H) Σ dcout;
+//   scale (12·N_z·H) Σ z_k^y[m] · dd_k^y for kinds k = (h, x, b), laid out (3, 4, N_z, H) like scale_weight_t.
+struct AccumLayout {
+  int64_t bias, ln_w, ln_b, lnc_w, lnc_b, scale, width;
+  HF_HD explicit AccumLayout(const Dims& d)
+      : bias(0), ln_w(4 * d.H), ln_b(8 * d.H), lnc_w(12 * d.H), lnc_b(13 * d.H), scale(14 * d.H),
+        width(scale + 12 * d.Nz * d.H) {}
+};
+
 // Parameters the step kernels read (views of the op's inputs; contiguous).
 struct StepParams {
   const void *bias;               // (4H)       b_0
@@ -101,7 +112,8 @@ struct BackwardStep {
   void* dc_carry;       // (B, H)  in: grad of c_t through step t+1; out: grad of c_{t-1}
   void* dhc_carry;      // (B, Hh) likewise for ĉ
   void* dg;             // (B, 4H+4Hh) out: [grad of W_h h_{t-1} | grad of hyper pre-activation]
-  void* dws;            // (B, DwsLayout.width) out
+  void* dws;            // (B, DwsLayout.width) out; with accum, its da slot holds da ⊙ d_x instead
+  void* accum;          // null, or (threads, AccumLayout.width): thread i adds its rows' sums to row i
   void* stream;
 };
 

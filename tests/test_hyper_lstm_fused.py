@@ -34,6 +34,22 @@ def test_cpu_without_bias(bias):
     assert_same_run(ref, fast, torch.randn(3, 2, 4, dtype=torch.float64), random_state(ref, 2), **F64)
 
 
+@pytest.mark.parametrize("aten", [False, True], ids=["sums-in-kernel", "aten-reductions"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cpu_weight_gradient_sums_either_way(aten, layer_norm, dtype, monkeypatch):
+    """The CPU backward kernel sums the row-reduced weight gradients itself; HYPERFUSED_ATEN_REDUCTIONS=1 leaves
+    them to ATen after the loop, the path CUDA takes. Both agree with the reference."""
+    T, B, X, H, Hh, Nz = 4, 5, 6, 37, 20, 4
+    ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, layer_norm=layer_norm, dtype=dtype)
+    monkeypatch.setenv("HYPERFUSED_ATEN_REDUCTIONS", "1" if aten else "0")
+    with torch.profiler.profile() as prof:
+        assert_same_run(ref, fast, torch.randn(T, B, X, dtype=dtype), random_state(ref, B, dtype),
+                        **(F64 if dtype == torch.float64 else F32))
+    backward_einsums = [e for e in prof.events() if e.name == "aten::einsum"]  # the reference has none
+    assert bool(backward_einsums) == aten
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch is built without oneDNN")
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkldnn-disabled"])
 def test_cpu_float32_step_gemm_either_way(onednn, monkeypatch):

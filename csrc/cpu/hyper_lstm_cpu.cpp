@@ -287,8 +287,10 @@ void backward_rows(const BackwardStep& s) {
   const Ptrs<T> P(s.p);
   const int64_t H = d.H, Hh = d.Hh, Nz = d.Nz, GW = d.g_width();
   const T fb = T(s.forget_bias);
+  const AccumLayout A(d);
   at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> y, tmp, dhh(Hh), scale(4 * H), dd(8 * H), fill[4];
+    std::vector<T> y, tmp, dhh(Hh), scale(8 * H), dd(8 * H), fill[4];
+    T* acc = s.accum ? static_cast<T*>(s.accum) + at::get_thread_num() * A.width : nullptr;
     for (int64_t b = b0; b < b1; ++b) {
       const T* __restrict g = row_of<T>(s.g, b, GW);
       const T* __restrict gx = row_of<T>(s.gx, b, 4 * H);
@@ -303,7 +305,7 @@ void backward_rows(const BackwardStep& s) {
                     static_cast<T*>(s.dc_carry) + b * H, dws + D.dcout, dws + D.dy, da, y, tmp, fill);
       // Through the row scaling into W_h h_{t-1} ...
       const T* z = ws + L.z;
-      scaling_vectors(P, d, z, 1, scale.data());
+      scaling_vectors(P, d, z, acc ? 2 : 1, scale.data());
       for (int64_t r = 0; r < 4 * H; ++r) dg[r] = da[r] * scale[r];
       // ... and into the embeddings: dz[k, y, m] = Σ_r dd_k[yH + r] · W_kz^y[r, m], one dot product along
       // the contiguous rows of the transposed weights per entry (dd_h = da ⊙ W_h h, dd_x = da ⊙ W_x x, dd_b = da).
@@ -319,6 +321,33 @@ void backward_rows(const BackwardStep& s) {
             const int64_t q = (k * 4 + y4) * Nz + m;
             dz[q] = dot(ddk + y4 * H, P.swt + q * H, H);
           }
+      }
+      if (acc) {
+        // This row's share of the weight gradients that reduce over rows, while its factors are in cache;
+        // then da's slot takes da ⊙ d_x, the grad of W_x x_t that the post-loop GEMMs want.
+        const T *__restrict dy = dws + D.dy, *__restrict n = ws + L.n;
+        const T *__restrict dco = dws + D.dcout, *__restrict cn = ws + L.cn;
+        for (int64_t r = 0; r < 4 * H; ++r) acc[A.bias + r] += da[r];
+        if (s.layer_norm) {
+          for (int64_t r = 0; r < 4 * H; ++r) {
+            acc[A.ln_w + r] += dy[r] * n[r];
+            acc[A.ln_b + r] += dy[r];
+          }
+          for (int64_t j = 0; j < H; ++j) {
+            acc[A.lnc_w + j] += dco[j] * cn[j];
+            acc[A.lnc_b + j] += dco[j];
+          }
+        }
+        for (int k = 0; k < 3; ++k) {
+          const T* ddk = k < 2 ? dd.data() + k * 4 * H : da;
+          for (int64_t y4 = 0; y4 < 4; ++y4)
+            for (int64_t m = 0; m < Nz; ++m) {
+              const int64_t q = (k * 4 + y4) * Nz + m;
+              axpy(acc + A.scale + q * H, z[q], ddk + y4 * H, H);
+            }
+        }
+        const T* __restrict sx = scale.data() + 4 * H;
+        for (int64_t r = 0; r < 4 * H; ++r) da[r] *= sx[r];
       }
       // ĥ_t gets the embeddings' gradient on top of what flows in from outside and from step t+1.
       const T* dhh_out = row_of<T>(s.dhh_out, b, Hh);

@@ -11,7 +11,7 @@ namespace {
 
 void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-const StepKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda, &current_stream};
+const StepKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda, &current_stream, false};
 const TileKernels kCudaTileKernels{&generate_tiles_cuda, nullptr, &gather_tiles_cuda, &current_stream};
 
 }  // namespace
