@@ -41,6 +41,7 @@ def plot(out: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     lstm = out["lstm"]
     configs = list(dict.fromkeys(r["config"] for r in lstm))
@@ -57,6 +58,7 @@ def plot(out: dict, path: str) -> None:
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r['vs_lstm']:.2f}× LSTM",
                     va="center", fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on short ranges
         ax.invert_yaxis()
         r0 = rows[0]
         ax.set_title(f"{cfg}\nT={r0['T']} B={r0['B']} X={r0['X']} H={r0['H']}", fontsize=9)
