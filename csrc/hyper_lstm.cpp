@@ -179,7 +179,8 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const NoAutocast no_autocast;
   const Dims dims = s.dims();
   const WsLayout L(dims);
-  const DwsLayout D(dims);
+  const bool in_kernel = sums_in_kernel(k);
+  const DwsLayout D(dims, /*main_ln_rows=*/!in_kernel);
   const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, M = T * B, GW = dims.g_width();
   check_arg(hs, "hs", {T, B, H}, x);
   check_arg(cs, "cs", {T, B, H}, x);
@@ -205,7 +206,6 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const Transposed tr(p, s);
   const StepParams sp = step_params(p, tr);
   const StepGemm rec(w_rec), hyper(p[HYPER_WEIGHT_HH]);
-  const bool in_kernel = sums_in_kernel(k);
   const AccumLayout A(dims);
   auto accum = in_kernel ? at::zeros({int64_t(at::get_num_threads()), A.width}, opts) : at::Tensor();
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -273,12 +273,19 @@ std::vector<at::Tensor> hyper_lstm_backward(
   gp[Z_BIAS] = dz.narrow(1, 0, 8 * Nz).sum(0);
   gp[BIAS_Z_WEIGHT] = dz.narrow(1, 8 * Nz, 4 * Nz).t().mm(hh_all);
   if (layer_norm) {
-    const auto dy = dwsm.narrow(1, D.dy, 4 * H), dcout = dwsm.narrow(1, D.dcout, H);
+    if (in_kernel) {
+      gp[LN_WEIGHT] = sums.narrow(0, A.ln_w, 4 * H).clone();
+      gp[LN_BIAS] = sums.narrow(0, A.ln_b, 4 * H).clone();
+      gp[LN_CELL_WEIGHT] = sums.narrow(0, A.lnc_w, H).clone();
+      gp[LN_CELL_BIAS] = sums.narrow(0, A.lnc_b, H).clone();
+    } else {
+      const auto dy = dwsm.narrow(1, D.dy, 4 * H), dcout = dwsm.narrow(1, D.dcout, H);
+      gp[LN_WEIGHT] = (dy * wsm.narrow(1, L.n, 4 * H)).sum(0);
+      gp[LN_BIAS] = dy.sum(0);
+      gp[LN_CELL_WEIGHT] = (dcout * wsm.narrow(1, L.cn, H)).sum(0);
+      gp[LN_CELL_BIAS] = dcout.sum(0);
+    }
     const auto dyh = dwsm.narrow(1, D.dyh, 4 * Hh), dhcout = dwsm.narrow(1, D.dhcout, Hh);
-    gp[LN_WEIGHT] = in_kernel ? sums.narrow(0, A.ln_w, 4 * H).clone() : (dy * wsm.narrow(1, L.n, 4 * H)).sum(0);
-    gp[LN_BIAS] = in_kernel ? sums.narrow(0, A.ln_b, 4 * H).clone() : dy.sum(0);
-    gp[LN_CELL_WEIGHT] = in_kernel ? sums.narrow(0, A.lnc_w, H).clone() : (dcout * wsm.narrow(1, L.cn, H)).sum(0);
-    gp[LN_CELL_BIAS] = in_kernel ? sums.narrow(0, A.lnc_b, H).clone() : dcout.sum(0);
     gp[HYPER_LN_WEIGHT] = (dyh * wsm.narrow(1, L.hn, 4 * Hh)).sum(0);
     gp[HYPER_LN_BIAS] = dyh.sum(0);
     gp[HYPER_LN_CELL_WEIGHT] = (dhcout * wsm.narrow(1, L.hcn, Hh)).sum(0);

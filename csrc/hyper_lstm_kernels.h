@@ -37,11 +37,13 @@ struct WsLayout {
 // Per-row layout of the backward workspace (gradients the post-loop weight GEMMs reduce over T·B rows):
 //   da (4H) grad of main pre-activation a; dy (4H) grad of the LN output; dcout (H) grad of LN_c(c);
 //   dz (12Nz); dyh (4Hh) grad of hyper LN output; dhcout (Hh).
+// A kernel that sums the main LN's gradients itself (AccumLayout) keeps no dy/dcout rows: main_ln_rows
+// false drops them (their offsets are then -1), which takes 5H of 9H + ... per row off the workspace.
 struct DwsLayout {
   int64_t da, dy, dcout, dz, dyh, dhcout, width;
-  HF_HD explicit DwsLayout(const Dims& d)
-      : da(0), dy(4 * d.H), dcout(8 * d.H), dz(9 * d.H), dyh(9 * d.H + 12 * d.Nz), dhcout(dyh + 4 * d.Hh),
-        width(dhcout + d.Hh) {}
+  HF_HD explicit DwsLayout(const Dims& d, bool main_ln_rows = true)
+      : da(0), dy(main_ln_rows ? 4 * d.H : -1), dcout(main_ln_rows ? 8 * d.H : -1),
+        dz(main_ln_rows ? 9 * d.H : 4 * d.H), dyh(dz + 12 * d.Nz), dhcout(dyh + 4 * d.Hh), width(dhcout + d.Hh) {}
 };
 
 // Per-thread sums over the (T·B) rows that a backward step kernel may accumulate itself instead of leaving

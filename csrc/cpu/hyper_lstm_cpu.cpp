@@ -283,14 +283,18 @@ template <typename T>
 void backward_rows(const BackwardStep& s) {
   const Dims& d = s.dims;
   const WsLayout L(d);
-  const DwsLayout D(d);
+  const DwsLayout D(d, /*main_ln_rows=*/s.accum == nullptr);
   const Ptrs<T> P(s.p);
   const int64_t H = d.H, Hh = d.Hh, Nz = d.Nz, GW = d.g_width();
   const T fb = T(s.forget_bias);
   const AccumLayout A(d);
   at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> y, tmp, dhh(Hh), scale(8 * H), dd(8 * H), fill[4];
+    std::vector<T> y, tmp, dhh(Hh), scale(8 * H), dd(8 * H), fill[4], dy_row, dco_row;
     T* acc = s.accum ? static_cast<T*>(s.accum) + at::get_thread_num() * A.width : nullptr;
+    if (acc) {  // dy and dcout only feed this row's sums: scratch, not workspace rows
+      dy_row.resize(4 * H);
+      dco_row.resize(H);
+    }
     for (int64_t b = b0; b < b1; ++b) {
       const T* __restrict g = row_of<T>(s.g, b, GW);
       const T* __restrict gx = row_of<T>(s.gx, b, 4 * H);
@@ -298,11 +302,13 @@ void backward_rows(const BackwardStep& s) {
       T* dws = static_cast<T*>(s.dws) + b * D.width;
       T* __restrict dg = static_cast<T*>(s.dg) + b * GW;
       T* __restrict da = dws + D.da;
+      T* dy = acc ? dy_row.data() : dws + D.dy;
+      T* dco = acc ? dco_row.data() : dws + D.dcout;
       // Main cell.
       cell_backward(ws + L.n, P.lnw, P.lnb, P.lncw, P.lncb, ws + L.rstd, ws + L.cn, ws[L.crstd], row_of<T>(s.c, b, H),
                     row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm, H,
                     row_of<T>(s.dh_out, b, H), row_of<T>(s.dh_rec, b, H), row_of<T>(s.dc_out, b, H),
-                    static_cast<T*>(s.dc_carry) + b * H, dws + D.dcout, dws + D.dy, da, y, tmp, fill);
+                    static_cast<T*>(s.dc_carry) + b * H, dco, dy, da, y, tmp, fill);
       // Through the row scaling into W_h h_{t-1} ...
       const T* z = ws + L.z;
       scaling_vectors(P, d, z, acc ? 2 : 1, scale.data());
@@ -325,8 +331,7 @@ void backward_rows(const BackwardStep& s) {
       if (acc) {
         // This row's share of the weight gradients that reduce over rows, while its factors are in cache;
         // then da's slot takes da ⊙ d_x, the grad of W_x x_t that the post-loop GEMMs want.
-        const T *__restrict dy = dws + D.dy, *__restrict n = ws + L.n;
-        const T *__restrict dco = dws + D.dcout, *__restrict cn = ws + L.cn;
+        const T *__restrict n = ws + L.n, *__restrict cn = ws + L.cn;
         for (int64_t r = 0; r < 4 * H; ++r) acc[A.bias + r] += da[r];
         if (s.layer_norm) {
           for (int64_t r = 0; r < 4 * H; ++r) {
