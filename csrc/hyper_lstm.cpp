@@ -231,34 +231,29 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const auto dwsm = dws.view({M, D.width}), wsm = ws.view({M, L.width});
   const auto z3 = wsm.narrow(1, L.z, 12 * Nz).reshape({M, 3, 4, Nz});
   const auto hh_all = hhs.view({M, Hh});
-  // The rows' sums that the kernel accumulated (per thread), or the same sums as ATen reductions here.
-  const auto sums = in_kernel ? accum.sum(0) : at::Tensor();
-  const auto da = dwsm.narrow(1, D.da, 4 * H);  // in_kernel: already da ⊙ d_x
-  at::Tensor dgx = da;
-  if (!in_kernel) {
-    const auto w_scale = p[SCALE_WEIGHT].view({2, 4, H, Nz});
-    dgx = da * at::einsum("myn,yhn->myh", {z3.select(1, 1), w_scale.select(0, 1)}).reshape({M, 4 * H});
-  }
-
   std::vector<at::Tensor> grads(5 + NUM_PARAMS);
-  grads[0] = (dgx.mm(p[WEIGHT_IH]) + dah.mm(p[HYPER_WEIGHT_IH].narrow(1, 0, X))).view({T, B, X});
-  grads[1] = dh_rec;
-  grads[2] = dc;
-  grads[3] = dhh_rec;
-  grads[4] = dhc;
   at::Tensor* gp = grads.data() + 5;
-  gp[WEIGHT_IH] = dgx.t().mm(x2);
-  gp[WEIGHT_HH] = times_prev(dgh, h0, hs);
-  gp[HYPER_WEIGHT_IH] = at::cat({dah.t().mm(x2), times_prev(dah, h0, hs)}, 1);
-  gp[HYPER_WEIGHT_HH] = times_prev(dah, hh0, hhs);
-  gp[HYPER_BIAS] = dah.sum(0);
+  // The gradients that reduce elementwise over rows (bias, the 12 scaling weights, the main LN) and dgx,
+  // the grad of W_x x_t: the kernel summed them per thread and left dgx in da's slot, or ATen does it here.
+  const auto da = dwsm.narrow(1, D.da, 4 * H);
+  at::Tensor dgx;
   if (in_kernel) {
+    dgx = da;
+    const auto sums = accum.sum(0);
     gp[BIAS] = sums.narrow(0, A.bias, 4 * H).clone();  // clones: no two parameters' grads share storage
     // (3, 4, N_z, H) → the (2, 4H, N_z) and (4H, N_z) layouts of the weights
     const auto scale = sums.narrow(0, A.scale, 12 * Nz * H).view({3, 4, Nz, H}).transpose(2, 3);
     gp[SCALE_WEIGHT] = scale.narrow(0, 0, 2).reshape({2, 4 * H, Nz});
     gp[BIAS_SCALE_WEIGHT] = scale.select(0, 2).reshape({4 * H, Nz});
+    if (layer_norm) {
+      gp[LN_WEIGHT] = sums.narrow(0, A.ln_w, 4 * H).clone();
+      gp[LN_BIAS] = sums.narrow(0, A.ln_b, 4 * H).clone();
+      gp[LN_CELL_WEIGHT] = sums.narrow(0, A.lnc_w, H).clone();
+      gp[LN_CELL_BIAS] = sums.narrow(0, A.lnc_b, H).clone();
+    }
   } else {
+    const auto w_scale = p[SCALE_WEIGHT].view({2, 4, H, Nz});
+    dgx = da * at::einsum("myn,yhn->myh", {z3.select(1, 1), w_scale.select(0, 1)}).reshape({M, 4 * H});
     gp[BIAS] = da.sum(0);
     const auto dd_h = (da * g.view({M, GW}).narrow(1, 0, 4 * H)).view({M, 4, H});
     const auto dd_x = (da * gx.view({M, 4 * H})).view({M, 4, H});
@@ -267,24 +262,30 @@ std::vector<at::Tensor> hyper_lstm_backward(
                                   at::einsum("myh,myn->yhn", {dd_x, z3.select(1, 1)})})
                            .reshape({2, 4 * H, Nz});
     gp[BIAS_SCALE_WEIGHT] = at::einsum("myh,myn->yhn", {dd_b, z3.select(1, 2)}).reshape({4 * H, Nz});
-  }
-  const auto dz = dwsm.narrow(1, D.dz, 12 * Nz);
-  gp[Z_WEIGHT] = dz.narrow(1, 0, 8 * Nz).t().mm(hh_all);
-  gp[Z_BIAS] = dz.narrow(1, 0, 8 * Nz).sum(0);
-  gp[BIAS_Z_WEIGHT] = dz.narrow(1, 8 * Nz, 4 * Nz).t().mm(hh_all);
-  if (layer_norm) {
-    if (in_kernel) {
-      gp[LN_WEIGHT] = sums.narrow(0, A.ln_w, 4 * H).clone();
-      gp[LN_BIAS] = sums.narrow(0, A.ln_b, 4 * H).clone();
-      gp[LN_CELL_WEIGHT] = sums.narrow(0, A.lnc_w, H).clone();
-      gp[LN_CELL_BIAS] = sums.narrow(0, A.lnc_b, H).clone();
-    } else {
+    if (layer_norm) {
       const auto dy = dwsm.narrow(1, D.dy, 4 * H), dcout = dwsm.narrow(1, D.dcout, H);
       gp[LN_WEIGHT] = (dy * wsm.narrow(1, L.n, 4 * H)).sum(0);
       gp[LN_BIAS] = dy.sum(0);
       gp[LN_CELL_WEIGHT] = (dcout * wsm.narrow(1, L.cn, H)).sum(0);
       gp[LN_CELL_BIAS] = dcout.sum(0);
     }
+  }
+
+  grads[0] = (dgx.mm(p[WEIGHT_IH]) + dah.mm(p[HYPER_WEIGHT_IH].narrow(1, 0, X))).view({T, B, X});
+  grads[1] = dh_rec;
+  grads[2] = dc;
+  grads[3] = dhh_rec;
+  grads[4] = dhc;
+  gp[WEIGHT_IH] = dgx.t().mm(x2);
+  gp[WEIGHT_HH] = times_prev(dgh, h0, hs);
+  gp[HYPER_WEIGHT_IH] = at::cat({dah.t().mm(x2), times_prev(dah, h0, hs)}, 1);
+  gp[HYPER_WEIGHT_HH] = times_prev(dah, hh0, hhs);
+  gp[HYPER_BIAS] = dah.sum(0);
+  const auto dz = dwsm.narrow(1, D.dz, 12 * Nz);
+  gp[Z_WEIGHT] = dz.narrow(1, 0, 8 * Nz).t().mm(hh_all);
+  gp[Z_BIAS] = dz.narrow(1, 0, 8 * Nz).sum(0);
+  gp[BIAS_Z_WEIGHT] = dz.narrow(1, 8 * Nz, 4 * Nz).t().mm(hh_all);
+  if (layer_norm) {
     const auto dyh = dwsm.narrow(1, D.dyh, 4 * Hh), dhcout = dwsm.narrow(1, D.dhcout, Hh);
     gp[HYPER_LN_WEIGHT] = (dyh * wsm.narrow(1, L.hn, 4 * Hh)).sum(0);
     gp[HYPER_LN_BIAS] = dyh.sum(0);

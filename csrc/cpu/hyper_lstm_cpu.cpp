@@ -3,9 +3,9 @@
 // or all of that in reverse (backward). Rows are independent, so at::parallel_for splits the batch.
 //
 // Every inner loop runs along contiguous memory with no calls, so the compiler vectorises it: the
-// Ĥ→N_z and N_z→H projections are written as axpy's over transposed weights, and float32 sigmoid/tanh use
-// an inline exp (Cephes' polynomial, relative error ~2e-7) instead of libm. float64 keeps libm: it is the
-// precision the tests check gradients in, not a fast path.
+// Ĥ→N_z and N_z→H projections sum rows of transposed weights in registers (add_weighted_rows), and
+// float32 sigmoid/tanh use an inline exp (Cephes' polynomial, relative error ~2e-7) instead of libm.
+// float64 keeps libm: it is the precision the tests check gradients in, not a fast path.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -319,6 +319,8 @@ void backward_rows(const BackwardStep& s) {
         dd[r] = da[r] * g[r];
         dd[4 * H + r] = da[r] * gx[r];
       }
+      // With acc, the same dd_k^y also give this row's share of the scaling-weight gradients,
+      // Σ_rows z_k^y[m] · dd_k^y, added while they are in cache.
       T* dz = dws + D.dz;
       for (int k = 0; k < 3; ++k) {
         const T* ddk = k < 2 ? dd.data() + k * 4 * H : da;
@@ -326,11 +328,12 @@ void backward_rows(const BackwardStep& s) {
           for (int64_t m = 0; m < Nz; ++m) {
             const int64_t q = (k * 4 + y4) * Nz + m;
             dz[q] = dot(ddk + y4 * H, P.swt + q * H, H);
+            if (acc) axpy(acc + A.scale + q * H, z[q], ddk + y4 * H, H);
           }
       }
       if (acc) {
-        // This row's share of the weight gradients that reduce over rows, while its factors are in cache;
-        // then da's slot takes da ⊙ d_x, the grad of W_x x_t that the post-loop GEMMs want.
+        // The rest of this row's share of the row-reduced gradients (biases, main LN); then da's slot takes
+        // da ⊙ d_x, the grad of W_x x_t that the post-loop GEMMs want.
         const T *__restrict n = ws + L.n, *__restrict cn = ws + L.cn;
         for (int64_t r = 0; r < 4 * H; ++r) acc[A.bias + r] += da[r];
         if (s.layer_norm) {
@@ -342,14 +345,6 @@ void backward_rows(const BackwardStep& s) {
             acc[A.lnc_w + j] += dco[j] * cn[j];
             acc[A.lnc_b + j] += dco[j];
           }
-        }
-        for (int k = 0; k < 3; ++k) {
-          const T* ddk = k < 2 ? dd.data() + k * 4 * H : da;
-          for (int64_t y4 = 0; y4 < 4; ++y4)
-            for (int64_t m = 0; m < Nz; ++m) {
-              const int64_t q = (k * 4 + y4) * Nz + m;
-              axpy(acc + A.scale + q * H, z[q], ddk + y4 * H, H);
-            }
         }
         const T* __restrict sx = scale.data() + 4 * H;
         for (int64_t r = 0; r < 4 * H; ++r) da[r] *= sx[r];
