@@ -4,11 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define HF_HD __host__ __device__ __forceinline__
-#else
-#define HF_HD inline
-#endif
+#include "hd.h"
 
 namespace hyperfused {
 
@@ -32,6 +28,13 @@ struct WsLayout {
   HF_HD explicit WsLayout(const Dims& d)
       : n(0), cn(4 * d.H), z(5 * d.H), hn(5 * d.H + 12 * d.Nz), hcn(hn + 4 * d.Hh), rstd(hcn + d.Hh),
         crstd(rstd + 4), hrstd(crstd + 1), hcrstd(hrstd + 4), width(hcrstd + 1) {}
+  // The slots only layer norm fills (cn, hcn and the ten rstd values, which are contiguous). Without LN the
+  // forward zeroes them, so the saved workspace (an op output) is fully defined and the backward, which
+  // reads crstd by value, never reads memory nothing wrote.
+  HF_HD int64_t ln_only_count(const Dims& d) const { return d.H + d.Hh + 10; }
+  HF_HD int64_t ln_only_slot(const Dims& d, int64_t i) const {
+    return i < d.H ? cn + i : i < d.H + d.Hh ? hcn + (i - d.H) : rstd + (i - d.H - d.Hh);
+  }
 };
 
 // Per-row layout of the backward workspace (gradients the post-loop weight GEMMs reduce over T·B rows):
@@ -121,8 +124,10 @@ struct BackwardStep {
 
 void forward_step_cpu(const ForwardStep& s);
 void backward_step_cpu(const BackwardStep& s);
-void forward_step_cuda(const ForwardStep& s);
-void backward_step_cuda(const BackwardStep& s);
+// The CUDA launches return the launch's cudaError_t as an int (0: launched); the registration code checks
+// it, so that this header and the .cu stay free of CUDA and torch headers respectively.
+int forward_step_cuda(const ForwardStep& s);
+int backward_step_cuda(const BackwardStep& s);
 
 // Pointwise math shared by the CPU and CUDA kernels.
 template <typename T>

@@ -21,7 +21,7 @@ namespace {
 void* no_stream() { return nullptr; }
 const StepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &no_stream, true};
 // The CPU generates tiles with two BLAS GEMMs over all tiles, then the layout kernel.
-const TileKernels kCpuTileKernels{nullptr, &scatter_tiles_cpu, &gather_tiles_cpu, &no_stream};
+const TileKernels kCpuTileKernels{nullptr, &scatter_tiles_cpu, &gather_tiles_cpu, &no_stream, nullptr};
 
 }  // namespace
 

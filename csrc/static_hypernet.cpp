@@ -15,6 +15,9 @@
 namespace hyperfused {
 namespace {
 
+// Far above any conv kernel, and small enough that k·k·out_tile·in_tile stays far from overflowing int64.
+constexpr int64_t kMaxKernelSize = 1024;
+
 struct TileSizes {
   int64_t tiles, z_dim, hidden, in_tile, out_tile, kk;
 };
@@ -35,7 +38,8 @@ TileSizes check_inputs(const at::Tensor& z, const at::Tensor& w_in, const at::Te
               z.sizes());
   TORCH_CHECK(w_in.dim() == 3, "hyperfused::generate_kernels: 'w_in' must be (in_tile, hidden, z_dim), got ",
               w_in.sizes());
-  TORCH_CHECK(kernel_size > 0, "hyperfused::generate_kernels: 'kernel_size' must be positive");
+  TORCH_CHECK(kernel_size > 0 && kernel_size <= kMaxKernelSize, "hyperfused::generate_kernels: 'kernel_size' must be in [1, ",
+              kMaxKernelSize, "], got ", kernel_size);
   const int64_t kk = kernel_size * kernel_size;
   TileSizes s{z.size(0), z.size(1), w_in.size(1), w_in.size(0), w_out.size(0) / kk, kk};
   TORCH_CHECK(w_in.size(2) == s.z_dim, "hyperfused::generate_kernels: 'w_in' has shape ", w_in.sizes(),
@@ -61,13 +65,31 @@ TileSizes check_inputs(const at::Tensor& z, const at::Tensor& w_in, const at::Te
   return s;
 }
 
-// Every tile must land inside the buffer; a bad tile_meta would otherwise write out of bounds.
+// Every tile must land inside the buffer; a bad tile_meta would otherwise write out of bounds. A CPU tile_meta
+// is checked here, tile by tile, without ATen (no reductions, no .item()). A GPU tile_meta is not read back,
+// which would cost a host sync per call: there each kernel checks its own tile with the same function and
+// leaves a tile that falls outside untouched. The modules check their layout once, on the CPU copy that
+// they build it from (hyperfused.ops.tile_layout).
 void check_meta_bounds(const at::Tensor& meta, const TileSizes& s, int64_t numel) {
-  const auto off = meta.select(1, 0), stride = meta.select(1, 1);
-  const bool ok = (off.min().item<int64_t>() >= 0) && (stride.min().item<int64_t>() >= s.in_tile * s.kk) &&
-                  ((off + (s.out_tile - 1) * stride).max().item<int64_t>() + s.in_tile * s.kk <= numel);
-  TORCH_CHECK(ok, "hyperfused::generate_kernels: 'tile_meta' places tiles outside a buffer of ", numel,
-              " elements (or rows overlap: row strides must be >= in_tile*k*k = ", s.in_tile * s.kk, ")");
+  TORCH_CHECK(numel >= 0, "hyperfused::generate_kernels: 'numel' must be non-negative, got ", numel);
+  if (!meta.device().is_cpu()) return;
+  const int64_t* m = meta.data_ptr<int64_t>();
+  for (int64_t t = 0; t < s.tiles; ++t)
+    TORCH_CHECK(tile_in_bounds(m[2 * t], m[2 * t + 1], s.out_tile, s.in_tile * s.kk, numel),
+                "hyperfused::generate_kernels: 'tile_meta' row ", t, " (offset ", m[2 * t], ", row stride ",
+                m[2 * t + 1], ") places a tile outside a buffer of ", numel,
+                " elements (or its rows overlap: row strides must be >= in_tile*k*k = ", s.in_tile * s.kk, ")");
+}
+
+// The CUDA generation kernel keeps one tile's hidden layer in shared memory.
+void check_shared_memory(const TileKernels& k, const TileSizes& s, bool dbl) {
+  if (!k.max_shared_bytes) return;
+  const auto need = int64_t(generate_shared_bytes(s.z_dim, s.in_tile, s.hidden, dbl));
+  const int64_t have = k.max_shared_bytes();
+  TORCH_CHECK(need <= have, "hyperfused::generate_kernels: the CUDA kernel keeps one tile's embedding and hidden "
+              "layer (z_dim + in_tile*hidden = ", s.z_dim, " + ", s.in_tile, "*", s.hidden, " values) in shared memory: ",
+              need, " bytes, but this GPU allows ", have, " per block; use a smaller in_tile or hidden size, or "
+              "backend='triton'");
 }
 
 template <typename T>
@@ -115,15 +137,16 @@ at::Tensor generate_kernels(const TileKernels& k, const at::Tensor& z, const at:
   auto out = at::zeros({numel}, z.options());  // parts no tile covers stay zero
   const bool dbl = z.scalar_type() == at::kDouble;
   if (k.generate) {
+    check_shared_memory(k, s, dbl);
     TileGenArgs a{s.tiles, s.z_dim, s.hidden, s.in_tile, s.out_tile, s.kk, dbl, z.data_ptr(), w_in.data_ptr(),
                   b_in.data_ptr(), w_out.data_ptr(), b_out.data_ptr(), tile_meta.data_ptr<int64_t>(),
-                  out.data_ptr(), k.stream()};
+                  out.data_ptr(), numel, k.stream()};
     k.generate(a);
     return out;
   }
   auto tiled = at::addmm(b_out, hidden_layer(z, w_in, b_in).reshape({-1, s.hidden}), w_out.t()).contiguous();
   TileLayoutArgs a{s.tiles, s.in_tile, s.out_tile, s.kk, dbl, tile_meta.data_ptr<int64_t>(), out.data_ptr(),
-                   tiled.data_ptr(), k.stream()};
+                   tiled.data_ptr(), numel, k.stream()};
   k.scatter(a);
   return out;
 }
@@ -143,7 +166,7 @@ std::vector<at::Tensor> generate_kernels_backward(const TileKernels& k, const at
   const int64_t width = s.out_tile * s.kk;
   auto dk = at::empty({s.tiles, s.in_tile, width}, z.options());
   TileLayoutArgs a{s.tiles, s.in_tile, s.out_tile, s.kk, z.scalar_type() == at::kDouble,
-                   tile_meta.data_ptr<int64_t>(), grad.data_ptr(), dk.data_ptr(), k.stream()};
+                   tile_meta.data_ptr<int64_t>(), grad.data_ptr(), dk.data_ptr(), grad.numel(), k.stream()};
   k.gather(a);
   const auto A = hidden_layer(z, w_in, b_in);  // recomputed: cheaper than keeping it
   const auto dk2 = dk.view({-1, width});

@@ -14,6 +14,7 @@ struct TileKernels {
   void (*scatter)(const TileLayoutArgs&);
   void (*gather)(const TileLayoutArgs&);
   void* (*stream)();
+  int64_t (*max_shared_bytes)();  // the device's opt-in shared memory per block, for `generate`; or null
 };
 
 at::Tensor generate_kernels(const TileKernels& k, const at::Tensor& z, const at::Tensor& w_in, const at::Tensor& b_in,

@@ -53,7 +53,7 @@ def test_generate_refuses_layers_of_another_hypernet():
 # -- the fused generation op against the per-tile reference ----------------------------------------------
 
 from conftest import requires_extension, requires_gpu  # noqa: E402
-from helpers import randomize_  # noqa: E402
+from helpers import randomize_, seeded_weights  # noqa: E402
 
 
 def _layers(net, shapes, device="cpu", dtype=torch.float64):
@@ -67,7 +67,7 @@ def _generate_and_grads(net, layers, backend):
         p.grad = None
     kernels = net.generate(layers)
     gen = torch.Generator().manual_seed(7)
-    loss = sum((k * torch.randn(k.shape, generator=gen, dtype=k.dtype).to(k.device)).sum() for k in kernels)
+    loss = sum((k * seeded_weights(k, gen)).sum() for k in kernels)
     loss.backward()
     grads = [net.w_in.grad, net.b_in.grad, net.w_out.grad, net.b_out.grad] + [l.z.grad for l in layers]
     return kernels, grads
@@ -130,7 +130,7 @@ def test_generation_op_checks_its_inputs():
         op(torch.randn(1, 5, dtype=torch.float64), net.w_in, net.b_in, net.w_out, net.b_out, meta, numel, 3)
     with pytest.raises(RuntimeError, match=r"'b_out' has dtype Float, expected Double"):
         op(z, net.w_in, net.b_in, net.w_out, net.b_out.float(), meta, numel, 3)
-    with pytest.raises(RuntimeError, match=r"'tile_meta' places tiles outside a buffer of 10 elements"):
+    with pytest.raises(RuntimeError, match=r"'tile_meta' row 0 \(offset 0, row stride 18\) places a tile outside a buffer of 10 elements"):
         op(z, net.w_in, net.b_in, net.w_out, net.b_out, meta, 10, 3)
     with pytest.raises(RuntimeError, match=r"'tile_meta' must be a contiguous int64 tensor of shape \[1, 2\]"):
         op(z, net.w_in, net.b_in, net.w_out, net.b_out, meta.int(), numel, 3)

@@ -275,6 +275,8 @@ void forward_rows(const ForwardStep& s) {
       cell_forward(n, P.lnw, P.lnb, P.lncw, P.lncb, row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb,
                    s.layer_norm, H, static_cast<T*>(s.c) + b * H, static_cast<T*>(s.h) + b * H, ws + L.cn,
                    ws + L.crstd, y, ones);
+      if (!s.layer_norm)
+        for (int64_t i = 0; i < L.ln_only_count(d); ++i) ws[L.ln_only_slot(d, i)] = T(0);
     }
   });
 }

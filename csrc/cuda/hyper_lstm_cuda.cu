@@ -185,6 +185,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardStep s) {
     for (int k = 0; k < 4; ++k) normalize(n + k * H, H, ws + L.rstd + k, red);
   cell_forward(n, P.lnw, P.lnb, P.lncw, P.lncb, row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm,
                H, static_cast<T*>(s.c) + b * H, static_cast<T*>(s.h) + b * H, ws + L.cn, ws + L.crstd, red);
+  if (!s.layer_norm)
+    for (int64_t i = threadIdx.x; i < L.ln_only_count(d); i += blockDim.x) ws[L.ln_only_slot(d, i)] = T(0);
 }
 
 template <typename T>
@@ -241,22 +243,26 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardStep s) {
                 static_cast<T*>(s.dhc_carry) + b * Hh, dws + D.dhcout, dws + D.dyh, dg + 4 * H, red);
 }
 
-}  // namespace
-
-void forward_step_cuda(const ForwardStep& s) {
-  auto stream = static_cast<cudaStream_t>(s.stream);
-  if (s.kind == ScalarKind::Float64)
-    forward_kernel<double><<<dim3(s.dims.B), dim3(kThreads), 0, stream>>>(s);
-  else
-    forward_kernel<float><<<dim3(s.dims.B), dim3(kThreads), 0, stream>>>(s);
+template <typename T>
+int launch_forward(const ForwardStep& s) {
+  forward_kernel<T><<<dim3(s.dims.B), dim3(kThreads), 0, static_cast<cudaStream_t>(s.stream)>>>(s);
+  return int(cudaGetLastError());
 }
 
-void backward_step_cuda(const BackwardStep& s) {
-  auto stream = static_cast<cudaStream_t>(s.stream);
-  if (s.kind == ScalarKind::Float64)
-    backward_kernel<double><<<dim3(s.dims.B), dim3(kThreads), 0, stream>>>(s);
-  else
-    backward_kernel<float><<<dim3(s.dims.B), dim3(kThreads), 0, stream>>>(s);
+template <typename T>
+int launch_backward(const BackwardStep& s) {
+  backward_kernel<T><<<dim3(s.dims.B), dim3(kThreads), 0, static_cast<cudaStream_t>(s.stream)>>>(s);
+  return int(cudaGetLastError());
+}
+
+}  // namespace
+
+int forward_step_cuda(const ForwardStep& s) {
+  return s.kind == ScalarKind::Float64 ? launch_forward<double>(s) : launch_forward<float>(s);
+}
+
+int backward_step_cuda(const BackwardStep& s) {
+  return s.kind == ScalarKind::Float64 ? launch_backward<double>(s) : launch_backward<float>(s);
 }
 
 }  // namespace hyperfused

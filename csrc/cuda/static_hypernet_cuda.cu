@@ -16,6 +16,8 @@ __global__ void __launch_bounds__(kThreads) generate_kernel(TileGenArgs a) {
   T* z = reinterpret_cast<T*>(smem_raw);  // (z_dim)
   T* A = z + a.z_dim;                     // (in_tile, hidden)
   const int64_t t = blockIdx.x;
+  const int64_t stride = a.meta[2 * t + 1], row = a.in_tile * a.kk;
+  if (!tile_in_bounds(a.meta[2 * t], stride, a.out_tile, row, a.numel)) return;  // the host could not check
   const T* zt = static_cast<const T*>(a.z) + t * a.z_dim;
   for (int64_t n = threadIdx.x; n < a.z_dim; n += blockDim.x) z[n] = zt[n];
   __syncthreads();
@@ -31,7 +33,6 @@ __global__ void __launch_bounds__(kThreads) generate_kernel(TileGenArgs a) {
   const T* w_out = static_cast<const T*>(a.w_out);
   const T* b_out = static_cast<const T*>(a.b_out);
   T* out = static_cast<T*>(a.out) + a.meta[2 * t];
-  const int64_t stride = a.meta[2 * t + 1], row = a.in_tile * a.kk;
   // idx runs over (ob, ib, ab) so consecutive threads write consecutive addresses of one output row.
   for (int64_t idx = threadIdx.x; idx < a.out_tile * row; idx += blockDim.x) {
     const int64_t ob = idx / row, rem = idx % row, ib = rem / a.kk, ab = rem % a.kk;
@@ -47,37 +48,45 @@ __global__ void __launch_bounds__(kThreads) generate_kernel(TileGenArgs a) {
 template <typename T>
 __global__ void gather_kernel(TileLayoutArgs a) {
   const int64_t t = blockIdx.x, row = a.in_tile * a.kk, width = a.out_tile * a.kk;
-  const T* flat = static_cast<const T*>(a.flat) + a.meta[2 * t];
-  T* tiled = static_cast<T*>(a.tiled) + t * a.in_tile * width;
   const int64_t stride = a.meta[2 * t + 1];
+  T* tiled = static_cast<T*>(a.tiled) + t * a.in_tile * width;
+  if (!tile_in_bounds(a.meta[2 * t], stride, a.out_tile, row, a.numel)) {  // its gradient reads as zero
+    for (int64_t idx = threadIdx.x; idx < a.in_tile * width; idx += blockDim.x) tiled[idx] = T(0);
+    return;
+  }
+  const T* flat = static_cast<const T*>(a.flat) + a.meta[2 * t];
   for (int64_t idx = threadIdx.x; idx < a.out_tile * row; idx += blockDim.x) {
     const int64_t ob = idx / row, rem = idx % row, ib = rem / a.kk, ab = rem % a.kk;
     tiled[ib * width + ob * a.kk + ab] = flat[ob * stride + rem];
   }
 }
 
-}  // namespace
-
-void generate_tiles_cuda(const TileGenArgs& a) {
-  auto stream = static_cast<cudaStream_t>(a.stream);
-  const size_t elems = a.z_dim + a.in_tile * a.hidden;
-  if (a.is_double) {
-    const size_t smem = elems * sizeof(double);
-    if (smem > 48 * 1024) cudaFuncSetAttribute(generate_kernel<double>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    generate_kernel<double><<<dim3(a.tiles), dim3(kThreads), smem, stream>>>(a);
-  } else {
-    const size_t smem = elems * sizeof(float);
-    if (smem > 48 * 1024) cudaFuncSetAttribute(generate_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    generate_kernel<float><<<dim3(a.tiles), dim3(kThreads), smem, stream>>>(a);
+template <typename T>
+int launch_generate(const TileGenArgs& a) {
+  const size_t smem = generate_shared_bytes(a.z_dim, a.in_tile, a.hidden, a.is_double);
+  if (smem > 48 * 1024) {  // above the default, the kernel must opt in (the host checked the device's limit)
+    const cudaError_t err =
+        cudaFuncSetAttribute(generate_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return int(err);
   }
+  generate_kernel<T><<<dim3(a.tiles), dim3(kThreads), smem, static_cast<cudaStream_t>(a.stream)>>>(a);
+  return int(cudaGetLastError());
 }
 
-void gather_tiles_cuda(const TileLayoutArgs& a) {
-  auto stream = static_cast<cudaStream_t>(a.stream);
-  if (a.is_double)
-    gather_kernel<double><<<dim3(a.tiles), dim3(kThreads), 0, stream>>>(a);
-  else
-    gather_kernel<float><<<dim3(a.tiles), dim3(kThreads), 0, stream>>>(a);
+template <typename T>
+int launch_gather(const TileLayoutArgs& a) {
+  gather_kernel<T><<<dim3(a.tiles), dim3(kThreads), 0, static_cast<cudaStream_t>(a.stream)>>>(a);
+  return int(cudaGetLastError());
+}
+
+}  // namespace
+
+int generate_tiles_cuda(const TileGenArgs& a) {
+  return a.is_double ? launch_generate<double>(a) : launch_generate<float>(a);
+}
+
+int gather_tiles_cuda(const TileLayoutArgs& a) {
+  return a.is_double ? launch_gather<double>(a) : launch_gather<float>(a);
 }
 
 }  // namespace hyperfused
