@@ -24,10 +24,26 @@ def make_pair(backend: str, *args, dtype=torch.float64, **kwargs):
 
 
 def random_state(m: hyperfused.HyperLSTM, B: int, dtype=torch.float64, requires_grad=True):
+    """A random (h, c, ĥ, ĉ) on the module's device."""
     n = m.num_layers * m.num_directions
-    ts = [torch.randn(n, B, size, dtype=dtype, requires_grad=requires_grad)
+    device = next(m.parameters()).device
+    ts = [torch.randn(n, B, size, dtype=dtype, device=device, requires_grad=requires_grad)
           for size in (m.hidden_size, m.hidden_size, m.hyper_size, m.hyper_size)]
     return hyperfused.HyperLSTMState(*ts)
+
+
+def seeded_weights(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random weights of like's shape and dtype on like's device, drawn from a CPU generator so that every
+    device and backend sees the same numbers."""
+    return torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
+
+
+def forward_and_loss(m, x, state):
+    """Output and final state (h, c, ĥ, ĉ), and a fixed random linear functional of all of them."""
+    out, fin = m(x, state)
+    gen = torch.Generator().manual_seed(1234)
+    outs = [out, fin[0], fin[1], fin.hyper_h, fin.hyper_c]
+    return outs, sum((o * seeded_weights(o, gen)).sum() for o in outs)
 
 
 def run_and_grad(m, x, state):
@@ -35,10 +51,7 @@ def run_and_grad(m, x, state):
     under a random linear functional of every output."""
     x = x.detach().clone().requires_grad_()
     state = hyperfused.HyperLSTMState(*(t.detach().clone().requires_grad_() for t in state.tensors()))
-    out, fin = m(x, state)
-    gen = torch.Generator().manual_seed(1234)
-    outs = [out, fin[0], fin[1], fin.hyper_h, fin.hyper_c]
-    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)
+    outs, loss = forward_and_loss(m, x, state)
     m.zero_grad()
     loss.backward()
     grads = {"x": x.grad, "h0": state[0].grad, "c0": state[1].grad, "hh0": state.hyper_h.grad,

@@ -1,3 +1,6 @@
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
 
@@ -31,3 +34,9 @@ def layer_norm_backward(dout, xhat, gain, rstd, mask, n):
 
 def next_pow2(n: int, minimum: int = 16) -> int:
     return max(triton.next_power_of_2(int(n)), minimum)
+
+
+def on_device_of(t: torch.Tensor):
+    """Makes t's GPU the current device for the launches inside: Triton launches on the current device,
+    not on the tensors' (a model on cuda:1 would otherwise fault). A no-op for CPU tensors (interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

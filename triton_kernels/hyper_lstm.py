@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LN_EPS, layer_norm, layer_norm_backward, next_pow2, tanh
+from ._common import LN_EPS, layer_norm, layer_norm_backward, next_pow2, on_device_of, tanh
 
 
 def ws_layout(H, Hh, Nz):
@@ -85,9 +85,11 @@ def _cell_bwd(yi, yf, yg, yo, m, c, c_prev, cn, crstd, cw_ptr, cb_ptr, dh, dc_ca
 
 @triton.jit
 def _cell_bwd_row(yi, yf, yg, yo, dh, row, o, msk, n: tl.constexpr, c_ptr, c_prev_ptr, ws, OFF_CN: tl.constexpr,
-                  OFF_CRSTD: tl.constexpr, cw_ptr, cb_ptr, mask_ptr, dc_out_ptr, dc_carry_ptr, dcout_ptr, fb,
-                  BLOCK: tl.constexpr, LN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DC_OUT: tl.constexpr):
-    """_cell_bwd for one row of a cell of width n, reading its inputs and storing dcout and the new carry."""
+                  OFF_CRSTD: tl.constexpr, cw_ptr, cb_ptr, mask_ptr, dc_out_ptr, dc_next_ptr, dc_prev_ptr, dcout_ptr,
+                  fb, BLOCK: tl.constexpr, LN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DC_OUT: tl.constexpr):
+    """_cell_bwd for one row of a cell of width n, reading its inputs and storing dcout and the new carry.
+    The carry comes in through dc_next_ptr (grad of c_t via step t+1) and leaves through dc_prev_ptr (grad
+    of c_{t-1}): two buffers, since the load and the store map lanes differently and nothing orders them."""
     dc_out = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_DC_OUT:
         dc_out += _load(dc_out_ptr, row * n + o, msk)
@@ -99,9 +101,9 @@ def _cell_bwd_row(yi, yf, yg, yo, dh, row, o, msk, n: tl.constexpr, c_ptr, c_pre
         crstd = tl.load(ws + OFF_CRSTD)
     dyi, dyf, dyg, dyo, dco, dc_prev = _cell_bwd(
         yi, yf, yg, yo, m, _load(c_ptr, row * n + o, msk), _load(c_prev_ptr, row * n + o, msk),
-        _load(ws, OFF_CN + o, msk), crstd, cw_ptr, cb_ptr, dh, _load(dc_carry_ptr, row * n + o, msk), dc_out, fb,
+        _load(ws, OFF_CN + o, msk), crstd, cw_ptr, cb_ptr, dh, _load(dc_next_ptr, row * n + o, msk), dc_out, fb,
         o, msk, n, LN)
-    tl.store(dc_carry_ptr + row * n + o, dc_prev, mask=msk)
+    tl.store(dc_prev_ptr + row * n + o, dc_prev, mask=msk)
     tl.store(dcout_ptr + o, dco, mask=msk)
     return dyi, dyf, dyg, dyo
 
@@ -216,6 +218,11 @@ def hyper_lstm_fwd_step(g_ptr, ghh_ptr, gx_ptr, ghx_ptr, c_prev_ptr, hc_prev_ptr
                      H, ws + OFF_CN, ws + OFF_CRSTD, LN)
     tl.store(c_ptr + row * H + oH, c, mask=mH)
     tl.store(h_ptr + row * H + oH, h, mask=mH)
+    if not LN:  # the LN-only slots (WsLayout::ln_only_slot): zero, so the saved workspace is fully written
+        tl.store(ws + OFF_CN + oH, tl.zeros([BLOCK_H], dtype=tl.float32), mask=mH)
+        tl.store(ws + OFF_HCN + oh, tl.zeros([BLOCK_HH], dtype=tl.float32), mask=mh)
+        o16 = tl.arange(0, 16)
+        tl.store(ws + OFF_RSTD + o16, tl.zeros([16], dtype=tl.float32), mask=o16 < 10)
 
 
 @triton.jit
@@ -278,7 +285,7 @@ def _hyper_gate_bwd(k: tl.constexpr, row, dy, ws, dws, dg_ptr, hlnw_ptr, oh, mh,
 @triton.jit
 def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, ws_ptr, mask_ptr, hmask_ptr,
                         dh_out_ptr, dh_rec_ptr, dc_out_ptr, dhh_out_ptr, dhh_rec_ptr, dhc_out_ptr,
-                        dc_carry_ptr, dhc_carry_ptr, dg_ptr, dws_ptr,
+                        dc_next_ptr, dhc_next_ptr, dc_prev_ptr, dhc_prev_ptr, dg_ptr, dws_ptr,
                         zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
                         hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias,
                         H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, WS: tl.constexpr, DWS: tl.constexpr,
@@ -302,7 +309,8 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
     if HAS_REC:
         dh += _load(dh_rec_ptr, row * H + oH, mH)
     dyi, dyf, dyg, dyo = _cell_bwd_row(yi, yf, yg, yo, dh, row, oH, mH, H, c_ptr, c_prev_ptr, ws, OFF_CN, OFF_CRSTD,
-                                       lncw_ptr, lncb_ptr, mask_ptr, dc_out_ptr, dc_carry_ptr, dws + OFF_DCOUT,
+                                       lncw_ptr, lncb_ptr, mask_ptr, dc_out_ptr, dc_next_ptr, dc_prev_ptr,
+                                       dws + OFF_DCOUT,
                                        forget_bias, BLOCK_H, LN, HAS_MASK, HAS_DC_OUT)
     dhh = tl.zeros([BLOCK_HH], dtype=tl.float32)
     if HAS_DHH_OUT:
@@ -321,8 +329,8 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
     # Hyper cell.
     hi, hf, hg, ho = _gates(ws, OFF_HN, hlnw_ptr, hlnb_ptr, oh, mh, HH, LN)
     dhi, dhf, dhg, dho = _cell_bwd_row(hi, hf, hg, ho, dhh, row, oh, mh, HH, hc_ptr, hc_prev_ptr, ws, OFF_HCN,
-                                       OFF_HCRSTD, hlncw_ptr, hlncb_ptr, hmask_ptr, dhc_out_ptr, dhc_carry_ptr,
-                                       dws + OFF_DHCOUT, forget_bias, BLOCK_HH, LN, HAS_HMASK, HAS_DHC_OUT)
+                                       OFF_HCRSTD, hlncw_ptr, hlncb_ptr, hmask_ptr, dhc_out_ptr, dhc_next_ptr,
+                                       dhc_prev_ptr, dws + OFF_DHCOUT, forget_bias, BLOCK_HH, LN, HAS_HMASK, HAS_DHC_OUT)
     _hyper_gate_bwd(0, row, dhi, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
     _hyper_gate_bwd(1, row, dhf, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
     _hyper_gate_bwd(2, row, dhg, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
@@ -334,8 +342,32 @@ def _launch_config(H, Hh, Nz):
     return blocks, (8 if blocks["BLOCK_H"] >= 512 else 4)
 
 
+def forward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False):
+    """(constexprs, num_warps) that `forward` launches hyper_lstm_fwd_step with: the one definition, which the
+    compile-for-target check (benchmarks/gpu_resources.py) reads too."""
+    blocks, warps = _launch_config(H, Hh, Nz)
+    return dict(H=H, HH=Hh, NZ=Nz, WS=ws_width(H, Hh, Nz), LN=bool(layer_norm), HAS_MASK=bool(has_mask),
+                HAS_HMASK=bool(has_hmask), **blocks, **ws_layout(H, Hh, Nz)), warps
+
+
+def backward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_dh_out=True, has_rec=True,
+                    has_dc_out=False, has_dhh_out=False, has_dhc_out=False):
+    """(constexprs, num_warps) that `backward` launches hyper_lstm_bwd_step with."""
+    blocks, warps = _launch_config(H, Hh, Nz)
+    return dict(H=H, HH=Hh, NZ=Nz, WS=ws_width(H, Hh, Nz), DWS=dws_width(H, Hh, Nz), LN=bool(layer_norm),
+                HAS_MASK=bool(has_mask), HAS_HMASK=bool(has_hmask), HAS_DH_OUT=bool(has_dh_out),
+                HAS_REC=bool(has_rec), HAS_DC_OUT=bool(has_dc_out), HAS_DHH_OUT=bool(has_dhh_out),
+                HAS_DHC_OUT=bool(has_dhc_out), OFF_DCOUT=8 * H, OFF_DHCOUT=9 * H + 12 * Nz + 4 * Hh,
+                **blocks, **ws_layout(H, Hh, Nz)), warps
+
+
 def forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm: bool, forget_bias: float):
     """Whole-sequence forward of one layer/direction; returns (hs, cs, hhs, hcs, g, ws) like the C++ op."""
+    with on_device_of(x):
+        return _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias)
+
+
+def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias):
     (wih, whh, bias, hwih, hwhh, hbias, zw, zb, sw, bzw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw,
      hlncb) = params
     T, B, X = x.shape
@@ -347,7 +379,7 @@ def forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm: bool, for
     new = lambda *shape: x.new_empty(shape)  # noqa: E731
     hs, cs, hhs, hcs = new(T, B, H), new(T, B, H), new(T, B, Hh), new(T, B, Hh)
     g, ws, ghh = new(T, B, 4 * H + 4 * Hh), new(T, B, ws_width(H, Hh, Nz)), new(B, 4 * Hh)
-    blocks, warps = _launch_config(H, Hh, Nz)
+    consts, warps = forward_config(H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None)
     for t in range(T):
         h_prev, c_prev = (hs[t - 1], cs[t - 1]) if t else (h0, c0)
         hh_prev, hc_prev = (hhs[t - 1], hcs[t - 1]) if t else (hh0, hc0)
@@ -357,14 +389,20 @@ def forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm: bool, for
             g[t], ghh, gx[t], ghx[t], c_prev, hc_prev, mask[t] if mask is not None else ws,
             hyper_mask[t] if hyper_mask is not None else ws, hs[t], cs[t], hhs[t], hcs[t], ws[t],
             bias, zw, zb, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias),
-            H=H, HH=Hh, NZ=Nz, WS=ws.shape[2], LN=bool(layer_norm), HAS_MASK=mask is not None,
-            HAS_HMASK=hyper_mask is not None, num_warps=warps, **blocks, **ws_layout(H, Hh, Nz))
+            num_warps=warps, **consts)
     return hs, cs, hhs, hcs, g, ws
 
 
 def backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs,
              hcs, g, ws, layer_norm: bool, forget_bias: float):
     """Gradients [x, h0, c0, ĥ0, ĉ0, *params] of the whole sequence, like the C++ backward op."""
+    with on_device_of(x):
+        return _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs,
+                         cs, hhs, hcs, g, ws, layer_norm, forget_bias)
+
+
+def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs,
+              hcs, g, ws, layer_norm, forget_bias):
     (wih, whh, bias, hwih, hwhh, hbias, zw, zb, sw, bzw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw,
      hlncb) = params
     T, B, X = x.shape
@@ -377,23 +415,23 @@ def backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, 
     w_rec = torch.cat([whh, hwih[:, X:]], 0)
     new = lambda *shape: x.new_empty(shape)  # noqa: E731
     dg, dws = new(T, B, GW), new(T, B, dws_width(H, Hh, Nz))
-    dc, dhc = x.new_zeros(B, H), x.new_zeros(B, Hh)
+    dcs, dhcs = [x.new_zeros(B, H), new(B, H)], [x.new_zeros(B, Hh), new(B, Hh)]  # carries, in and out in turn
     dh_rec, dhh_rec = new(B, H), new(B, Hh)
-    blocks, warps = _launch_config(H, Hh, Nz)
-    for t in reversed(range(T)):
+    for i, t in enumerate(reversed(range(T))):
+        consts, warps = backward_config(H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None,
+                                        grad_hs is not None, t < T - 1, grad_cs is not None, grad_hhs is not None,
+                                        grad_hcs is not None)
         hyper_lstm_bwd_step[(B,)](
             g[t], gx[t], cs[t], cs[t - 1] if t else c0, hcs[t], hcs[t - 1] if t else hc0, ws[t],
             mask[t] if mask is not None else ws, hyper_mask[t] if hyper_mask is not None else ws,
             grad_hs[t] if grad_hs is not None else ws, dh_rec, grad_cs[t] if grad_cs is not None else ws,
             grad_hhs[t] if grad_hhs is not None else ws, dhh_rec, grad_hcs[t] if grad_hcs is not None else ws,
-            dc, dhc, dg[t], dws[t], zw, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb,
-            float(forget_bias), H=H, HH=Hh, NZ=Nz, WS=ws.shape[2], DWS=dws.shape[2], LN=bool(layer_norm),
-            HAS_MASK=mask is not None, HAS_HMASK=hyper_mask is not None, HAS_DH_OUT=grad_hs is not None,
-            HAS_REC=t < T - 1, HAS_DC_OUT=grad_cs is not None, HAS_DHH_OUT=grad_hhs is not None,
-            HAS_DHC_OUT=grad_hcs is not None, num_warps=warps, **blocks, **ws_layout(H, Hh, Nz),
-            OFF_DCOUT=8 * H, OFF_DHCOUT=9 * H + 12 * Nz + 4 * Hh)
+            dcs[i % 2], dhcs[i % 2], dcs[1 - i % 2], dhcs[1 - i % 2], dg[t], dws[t],
+            zw, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias),
+            num_warps=warps, **consts)
         torch.mm(dg[t], w_rec, out=dh_rec)
         torch.mm(dg[t, :, 4 * H:], hwhh, out=dhh_rec)
+    dc, dhc = dcs[T % 2], dhcs[T % 2]
     return weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh_rec, dc, dhh_rec, dhc,
                             layer_norm, (T, B, X, H, Hh, Nz))
 

@@ -9,11 +9,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import next_pow2, on_device_of
 
 
 @triton.jit
-def generate_tiles_kernel(z_ptr, w_in_ptr, b_in_ptr, w_out_ptr, b_out_ptr, meta_ptr, out_ptr,
+def _tile_in_bounds(off, stride, numel, OUT_TILE: tl.constexpr, ROW: tl.constexpr):
+    """csrc/static_hypernet_kernels.h's tile_in_bounds: the tile's rows lie inside the buffer and do not
+    overlap, checked without overflow. A tile that fails is not touched (the host does not read a GPU
+    tile_meta back: that would be a sync per call)."""
+    ok = (off >= 0) & (stride >= ROW) & (numel >= ROW) & (off <= numel - ROW)
+    if OUT_TILE > 1:
+        ok = ok & (stride <= (numel - ROW - off) // (OUT_TILE - 1))
+    return ok
+
+
+@triton.jit
+def generate_tiles_kernel(z_ptr, w_in_ptr, b_in_ptr, w_out_ptr, b_out_ptr, meta_ptr, out_ptr, numel,
                           ZD: tl.constexpr, HID: tl.constexpr, IN_TILE: tl.constexpr, OUT_KK: tl.constexpr,
                           KK: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr):
     t = tl.program_id(0)
@@ -27,6 +38,7 @@ def generate_tiles_kernel(z_ptr, w_in_ptr, b_in_ptr, w_out_ptr, b_out_ptr, meta_
     b_out = tl.load(b_out_ptr + oo, mask=mo, other=0.0).to(tl.float32)
     off = tl.load(meta_ptr + 2 * t)
     stride = tl.load(meta_ptr + 2 * t + 1)
+    mo = mo & _tile_in_bounds(off, stride, numel, OUT_KK // KK, IN_TILE * KK)
     # weight o = ob·k² + ab of input slice i goes to row ob, column i·k² + ab of the tile.
     dest = (oo // KK) * stride + oo % KK
     for i in range(IN_TILE):
@@ -38,7 +50,7 @@ def generate_tiles_kernel(z_ptr, w_in_ptr, b_in_ptr, w_out_ptr, b_out_ptr, meta_
 
 
 @triton.jit
-def gather_tiles_kernel(flat_ptr, meta_ptr, tiled_ptr, IN_TILE: tl.constexpr, OUT_KK: tl.constexpr,
+def gather_tiles_kernel(flat_ptr, meta_ptr, tiled_ptr, numel, IN_TILE: tl.constexpr, OUT_KK: tl.constexpr,
                         KK: tl.constexpr, BLOCK_O: tl.constexpr):
     t = tl.program_id(0)
     oo = tl.arange(0, BLOCK_O)
@@ -46,9 +58,15 @@ def gather_tiles_kernel(flat_ptr, meta_ptr, tiled_ptr, IN_TILE: tl.constexpr, OU
     off = tl.load(meta_ptr + 2 * t)
     stride = tl.load(meta_ptr + 2 * t + 1)
     src = (oo // KK) * stride + oo % KK
+    inside = mo & _tile_in_bounds(off, stride, numel, OUT_KK // KK, IN_TILE * KK)
     for i in range(IN_TILE):
-        v = tl.load(flat_ptr + off + src + i * KK, mask=mo, other=0.0)
+        v = tl.load(flat_ptr + off + src + i * KK, mask=inside, other=0.0)
         tl.store(tiled_ptr + (t * IN_TILE + i) * OUT_KK + oo, v, mask=mo)
+
+
+def generate_blocks(z_dim: int, hidden: int, out_kk: int) -> dict:
+    """The block sizes `generate` launches generate_tiles_kernel with."""
+    return dict(BLOCK_Z=next_pow2(z_dim, 4), BLOCK_D=next_pow2(hidden, 4), BLOCK_O=next_pow2(out_kk, 4))
 
 
 def generate(z, w_in, b_in, w_out, b_out, meta, numel: int, kernel_size: int):
@@ -56,9 +74,10 @@ def generate(z, w_in, b_in, w_out, b_out, meta, numel: int, kernel_size: int):
     in_tile, hidden, z_dim = w_in.shape
     kk = kernel_size * kernel_size
     out = z.new_zeros(numel)
-    generate_tiles_kernel[(z.shape[0],)](
-        z, w_in, b_in, w_out, b_out, meta, out, ZD=z_dim, HID=hidden, IN_TILE=in_tile, OUT_KK=w_out.shape[0],
-        KK=kk, BLOCK_Z=next_pow2(z_dim, 4), BLOCK_D=next_pow2(hidden, 4), BLOCK_O=next_pow2(w_out.shape[0], 4))
+    with on_device_of(z):
+        generate_tiles_kernel[(z.shape[0],)](
+            z, w_in, b_in, w_out, b_out, meta, out, numel, ZD=z_dim, HID=hidden, IN_TILE=in_tile,
+            OUT_KK=w_out.shape[0], KK=kk, **generate_blocks(z_dim, hidden, w_out.shape[0]))
     return out
 
 
@@ -68,8 +87,10 @@ def backward(grad, z, w_in, b_in, w_out, meta, kernel_size: int):
     kk = kernel_size * kernel_size
     tiles, out_kk = z.shape[0], w_out.shape[0]
     dk = z.new_empty(tiles, in_tile, out_kk)
-    gather_tiles_kernel[(tiles,)](grad.contiguous(), meta, dk, IN_TILE=in_tile, OUT_KK=out_kk, KK=kk,
-                                  BLOCK_O=next_pow2(out_kk, 4))
+    grad = grad.contiguous()
+    with on_device_of(z):
+        gather_tiles_kernel[(tiles,)](grad, meta, dk, grad.numel(), IN_TILE=in_tile, OUT_KK=out_kk, KK=kk,
+                                      BLOCK_O=next_pow2(out_kk, 4))
     a = torch.einsum("ihn,tn->tih", w_in, z) + b_in
     d_a = dk @ w_out
     return (torch.einsum("tih,ihn->tn", d_a, w_in), torch.einsum("tih,tn->ihn", d_a, z), d_a.sum(0),

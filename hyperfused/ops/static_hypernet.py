@@ -57,13 +57,20 @@ def generate_kernels(backend: str, z, w_in, b_in, w_out, b_out, meta, numel: int
     raise ValueError(f"backend: no fused kernel generation named {backend!r}")
 
 
-def register_generation_meta(op_name: str, backward_impl) -> None:
-    """Fake implementation and autograd for a generation op (the C++ and the Triton one share the schema);
-    backward_impl(grad, z, w_in, b_in, w_out, tile_meta, kernel_size) returns (dZ, dW_in, dB_in, dW_out, dB_out)."""
+def register_generation_meta(op_name: str, backward_op: str) -> None:
+    """Fake implementations and autograd for a generation op and its backward op (the C++ and the Triton
+    pairs share the schemas); the backward op returns (dZ, dW_in, dB_in, dW_out, dB_out)."""
 
     @torch.library.register_fake(op_name)
     def _(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size):
         return z.new_empty(numel)
+
+    @torch.library.register_fake(backward_op)
+    def _(grad, z, w_in, b_in, w_out, tile_meta, kernel_size):
+        return [torch.empty_like(z), torch.empty_like(w_in), torch.empty_like(b_in), torch.empty_like(w_out),
+                z.new_empty(w_out.shape[0])]
+
+    backward_impl = getattr(torch.ops.hyperfused, backward_op.split("::")[1])
 
     def setup_context(ctx, inputs, output):
         z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size = inputs
@@ -79,10 +86,4 @@ def register_generation_meta(op_name: str, backward_impl) -> None:
 
 
 if HAS_EXTENSION:
-
-    @torch.library.register_fake("hyperfused::generate_kernels_backward")
-    def _(grad, z, w_in, b_in, w_out, tile_meta, kernel_size):
-        return [torch.empty_like(z), torch.empty_like(w_in), torch.empty_like(b_in), torch.empty_like(w_out),
-                z.new_empty(w_out.shape[0])]
-
-    register_generation_meta("hyperfused::generate_kernels", torch.ops.hyperfused.generate_kernels_backward)
+    register_generation_meta("hyperfused::generate_kernels", "hyperfused::generate_kernels_backward")

@@ -68,4 +68,12 @@ if _kernels is not None:
                                 kernel_size: int) -> torch.Tensor:
         return _without_autocast(_static.generate)(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size)
 
-    register_generation_meta("hyperfused::generate_kernels_triton", _without_autocast(_static.backward))
+    # The backward is an op of its own (with a fake), so that torch.compile traces the autograd formula
+    # instead of running Triton launches on fake tensors.
+    @torch.library.custom_op("hyperfused::generate_kernels_triton_backward", mutates_args=())
+    def generate_kernels_triton_backward(grad: torch.Tensor, z: torch.Tensor, w_in: torch.Tensor,
+                                         b_in: torch.Tensor, w_out: torch.Tensor, tile_meta: torch.Tensor,
+                                         kernel_size: int) -> list[torch.Tensor]:
+        return list(_without_autocast(_static.backward)(grad, z, w_in, b_in, w_out, tile_meta, kernel_size))
+
+    register_generation_meta("hyperfused::generate_kernels_triton", "hyperfused::generate_kernels_triton_backward")

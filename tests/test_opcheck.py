@@ -1,0 +1,86 @@
+"""torch.library.opcheck on every hyperfused op, forward and backward: schema, fake (meta) implementation,
+autograd registration, and AOT dispatch with static and dynamic shapes. The Triton ops run on CPU tensors
+under the interpreter here, on the GPU where there is one."""
+import pytest
+import torch
+
+import hyperfused
+from conftest import HAS_GPU, requires_extension
+from helpers import randomize_
+
+HAS_TRITON = "triton" in hyperfused.available_backends()
+DEVICE = "cuda" if HAS_GPU else "cpu"
+ops = torch.ops.hyperfused
+
+# (op family, device): the C++ ops on the CPU (and the GPU where there is one), the Triton ops on DEVICE.
+LSTM_CASES = [("cpp", "cpu")] + ([("cpp", "cuda")] if HAS_GPU else []) + ([("triton", DEVICE)] if HAS_TRITON else [])
+
+
+def _skip_unless_built(family):
+    if not hyperfused.HAS_EXTENSION:
+        pytest.skip("hyperfused._C not built (run scripts/bootstrap.sh)")
+    if family == "triton" and not HAS_TRITON:
+        pytest.skip("Triton is not installed, or neither a GPU nor TRITON_INTERPRET=1 is present")
+
+
+def _lstm_args(device, layer_norm, masks, dtype):
+    T, B, X, H, Hh, Nz = 2, 2, 3, 5, 4, 2
+    m = randomize_(hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, layer_norm=layer_norm, dtype=dtype,
+                                        device=device))
+    params = [p.detach().clone().requires_grad_() for p in m.cells[0].flat_params()]
+    x = torch.randn(T, B, X, dtype=dtype, device=device, requires_grad=True)
+    state = [torch.randn(B, n, dtype=dtype, device=device, requires_grad=True) for n in (H, H, Hh, Hh)]
+    mask = hyper_mask = None
+    if masks:
+        mask = torch.bernoulli(torch.full((T, B, H), 0.7, dtype=dtype, device=device)) / 0.7
+        hyper_mask = torch.bernoulli(torch.full((T, B, Hh), 0.7, dtype=dtype, device=device)) / 0.7
+    return [x, *state, params, mask, hyper_mask, layer_norm, 1.0]
+
+
+@pytest.mark.parametrize("family, device", LSTM_CASES, ids=lambda v: v)
+@pytest.mark.parametrize("layer_norm, masks", [(True, False), (False, True)], ids=["ln", "noln-masks"])
+def test_opcheck_hyper_lstm(family, device, layer_norm, masks):
+    _skip_unless_built(family)
+    dtype = torch.float64 if family == "cpp" else torch.float32
+    fwd, bwd = (ops.hyper_lstm_forward, ops.hyper_lstm_backward) if family == "cpp" else \
+        (ops.hyper_lstm_triton_forward, ops.hyper_lstm_triton_backward)
+    args = _lstm_args(device, layer_norm, masks, dtype)
+    torch.library.opcheck(fwd, args)
+    with torch.no_grad():
+        outs = fwd(*args)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:5]]
+    params = [p.detach() for p in args[5]]
+    grads = [torch.randn_like(outs[i]) for i in range(4)]
+    torch.library.opcheck(bwd, [*grads, *detached, params, *args[6:8], *outs, layer_norm, 1.0])
+    # Gradients for only some outputs (the others None) are part of the schema too.
+    torch.library.opcheck(bwd, [grads[0], None, None, None, *detached, params, *args[6:8], *outs, layer_norm, 1.0])
+
+
+GEN_CASES = [("cpp", "cpu")] + ([("cpp", "cuda")] if HAS_GPU else []) + ([("triton", DEVICE)] if HAS_TRITON else [])
+
+
+@pytest.mark.parametrize("family, device", GEN_CASES, ids=lambda v: v)
+def test_opcheck_generate_kernels(family, device):
+    _skip_unless_built(family)
+    dtype = torch.float64 if family == "cpp" else torch.float32
+    net = randomize_(hyperfused.StaticHyperNetwork(3, 2, 3, 3, dtype=dtype, device=device))
+    meta, _, numel = hyperfused.ops.tile_layout([(6, 2), (3, 4)], 3, 2, 3)
+    meta = meta.to(device)
+    z = torch.randn(meta.shape[0], 3, dtype=dtype, device=device, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in (net.w_in, net.b_in, net.w_out, net.b_out)]
+    fwd, bwd = (ops.generate_kernels, ops.generate_kernels_backward) if family == "cpp" else \
+        (ops.generate_kernels_triton, ops.generate_kernels_triton_backward)
+    torch.library.opcheck(fwd, [z, *params, meta, numel, 3])
+    grad = torch.randn(numel, dtype=dtype, device=device)
+    torch.library.opcheck(bwd, [grad, z.detach(), *(p.detach() for p in params[:3]), meta, 3])
+
+
+@requires_extension
+def test_every_registered_op_is_covered():
+    """A new op without an opcheck here fails this test."""
+    covered = {"hyper_lstm_forward", "hyper_lstm_backward", "generate_kernels", "generate_kernels_backward",
+               "hyper_lstm_triton_forward", "hyper_lstm_triton_backward", "generate_kernels_triton",
+               "generate_kernels_triton_backward"}
+    registered = {name.split("::")[1].split(".")[0] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("hyperfused::")}
+    assert registered <= covered, registered - covered
