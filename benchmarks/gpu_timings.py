@@ -1,0 +1,106 @@
+"""GPU timings for the prepared GPU check: the fused CUDA and Triton HyperLSTM against cuDNN's nn.LSTM and
+the GEMMs-alone floor, at the paper's size with a large and a small batch, under both float32 matmul
+settings (TF32 on and off), with the launches and the host time per step.
+
+    python -m benchmarks.gpu_timings --json out.json [--configs 100,128,128,1000 100,8,128,1000 ...]
+
+The JSON file is rewritten after every config, so a run cut short by its time limit still returns what it
+measured. Each record names the precision settings it ran under (torch.backends.cuda.matmul.allow_tf32 and
+torch.backends.cudnn.allow_tf32): cuDNN's LSTM uses TF32 by default, PyTorch's matmuls do not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from .hyper_lstm import Config, make_rows
+from .timing import Samples, peak_memory_mb, timed
+
+DEFAULT_CONFIGS = ["100,128,128,1000", "100,8,128,1000", "100,128,128,1000,128,64"]
+
+
+def launches_and_host_time(row, device, T: int) -> dict:
+    """CUDA kernels launched per step and host (CPU) milliseconds per step of one forward+backward: the
+    per-step overhead that caps a small batch, whatever the kernels' speed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        row.fwd_bwd()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # Host time without the profiler: the calls return once their work is queued.
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    row.fwd_bwd()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return dict(kernels_per_step=len(kernels) / T, host_ms_per_step=host * 1e3 / T)
+
+
+def time_config(cfg: Config, device, repeats: int, tf32: bool) -> list[dict]:
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    rows = [r for r in make_rows(cfg, device, with_compile=False) if r.name != "reference"]
+    samples = {r.name: Samples() for r in rows}
+    for r in rows:
+        r.fwd_bwd()  # warm-up: Triton compiles, cuBLAS heuristics, the allocator
+    for _ in range(repeats):
+        for r in rows:  # interleaved
+            samples[r.name].values.append(timed(r.fwd_bwd, device))
+    lstm = samples[rows[0].name].median
+    out = []
+    for r in rows:
+        rec = dict(config=cfg.label(), T=cfg.T, B=cfg.B, X=cfg.X, H=cfg.H, Hh=cfg.Hh, Nz=cfg.Nz, row=r.name,
+                   matmul_allow_tf32=tf32, cudnn_allow_tf32=tf32, fwd_bwd_ms=samples[r.name].median * 1e3,
+                   fwd_bwd_iqr_ms=samples[r.name].iqr * 1e3, vs_cudnn=samples[r.name].median / lstm,
+                   peak_mem_mb=peak_memory_mb(r.fwd_bwd, device))
+        if r.name.startswith("hyperfused"):
+            rec.update(launches_and_host_time(r, device, cfg.T))
+        out.append(rec)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", required=True, metavar="FILE")
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="T,B,X,H[,Hh[,Nz]]")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--dry-run", action="store_true", help="parse, write an empty result and stop (no GPU needed)")
+    args = ap.parse_args(argv)
+    configs = [Config.parse(c) for c in args.configs]
+    meta = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
+                cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None)
+    result = dict(meta=meta, records=[])
+
+    def save():
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+    save()
+    if args.dry_run:
+        print(f"dry run: {len(configs)} configs parsed, wrote {args.json}")
+        return 0
+    if not torch.cuda.is_available():
+        print("gpu_timings: no CUDA device", file=sys.stderr)
+        return 1
+    device = torch.device("cuda")
+    for cfg in configs:
+        for tf32 in (False, True):
+            try:
+                recs = time_config(cfg, device, args.repeats, tf32)
+            except Exception as e:  # one failing row must not lose the rest of the run
+                recs = [dict(config=cfg.label(), matmul_allow_tf32=tf32, error=f"{type(e).__name__}: {e}")]
+            result["records"].extend(recs)
+            save()
+            for r in recs:
+                print(json.dumps(r), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""What only a GPU can show: the fused ops on a non-default stream, repeatable bit for bit, traced by
+torch.compile(fullgraph=True), captured in a CUDA graph and replayed, at the paper's sizes with and without
+layer norm and masks. Every test here needs a CUDA GPU."""
+import pytest
+import torch
+
+import hyperfused
+from conftest import HAS_GPU, requires_gpu
+from helpers import assert_same_run, make_pair, random_state, randomize_
+
+pytestmark = requires_gpu
+GPU_BACKENDS = [b for b in ("cuda", "triton") if b in hyperfused.available_backends()] if HAS_GPU else []
+TOL = dict(rtol=1e-3, atol=1e-4)
+
+
+def _model(backend, X=16, H=64, Hh=32, Nz=8, **kw):
+    return randomize_(hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, backend=backend, device="cuda", **kw))
+
+
+def _fwd_bwd(m, x):
+    m.zero_grad(set_to_none=True)
+    out, state = m(x)
+    (out.square().sum() + state.hyper_c.sum()).backward()
+    return [out.detach(), state[1].detach()] + [p.grad.clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("size", [(6, 8, 32, 1000, 128, 64), (4, 3, 7, 37, 20, 4), (5, 128, 128, 1000, 128, 16)],
+                         ids=lambda s: "T{}B{}X{}H{}Hh{}Nz{}".format(*s))
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+def test_matches_reference_at_paper_and_odd_sizes(backend, size, layer_norm):
+    T, B, X, H, Hh, Nz = size
+    ref, fast = make_pair(backend, X, H, hyper_size=Hh, hyper_embed=Nz, layer_norm=layer_norm, dtype=torch.float32)
+    ref, fast = ref.cuda(), fast.cuda()
+    assert_same_run(ref, fast, torch.randn(T, B, X, device="cuda"), random_state(ref, B, torch.float32), **TOL)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_masks_match_reference(backend):
+    ref, fast = make_pair(backend, 16, 1000, hyper_size=128, hyper_embed=64, recurrent_dropout=0.3,
+                          dtype=torch.float32)
+    ref, fast = ref.cuda(), fast.cuda()
+    x = torch.randn(4, 8, 16, device="cuda")
+    results = []
+    for m in (ref, fast):
+        torch.manual_seed(3)
+        results.append(_fwd_bwd(m, x))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_non_default_stream_and_bitwise_repeatable(backend):
+    m = _model(backend)
+    x = torch.randn(5, 4, 16, device="cuda")
+    first = _fwd_bwd(m, x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        second = _fwd_bwd(m, x)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    m = _model(backend)
+    x = torch.randn(5, 4, 16, device="cuda")
+
+    def run(x):
+        out, state = m(x)
+        return out.square().sum() + state.hyper_h.sum()
+
+    expected = run(x)
+    torch._dynamo.reset()
+    got = torch.compile(run, fullgraph=True)(x)
+    torch.testing.assert_close(got, expected, **TOL)
+    got.backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_of_forward_and_backward(backend):
+    m = _model(backend)
+    static_x = torch.randn(5, 4, 16, device="cuda")
+    eager = _fwd_bwd(m, static_x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph requires
+        for _ in range(2):
+            _fwd_bwd(m, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    m.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        out, state = m(static_x)
+        (out.square().sum() + state.hyper_c.sum()).backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager[0], **TOL)
+    for p, g in zip(m.parameters(), eager[2:]):
+        torch.testing.assert_close(p.grad, g, **TOL)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_of_kernel_generation(backend):
+    net = randomize_(hyperfused.StaticHyperNetwork(8, 4, 4, 3, backend=backend, device="cuda"))
+    convs = [hyperfused.HyperConv2d(8, 8, 3, hypernet=net, device="cuda"),
+             hyperfused.HyperConv2d(8, 4, 3, hypernet=net, device="cuda")]
+    eager = [k.clone() for k in net.generate(convs)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        net.generate(convs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        kernels = net.generate(convs)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(kernels, eager):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_double_backward_is_refused_clearly(backend):
+    m = _model(backend)
+    out, _ = m(torch.randn(3, 2, 16, device="cuda"))
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.grad(out.sum(), list(m.parameters()), create_graph=True)
