@@ -1,23 +1,120 @@
 #!/usr/bin/env bash
-# One run on a lent GPU machine (the device tool): builds hyperfused._C against that machine's torch, runs
-# the GPU tests, then the full benchmark; writes the logs, the table and the JSON under $OUT.
-# Sized for well under 8 minutes on an H200:
-#   device run: bash benchmarks/gpu_check.sh      (timeout_s=480)
+# The GPU check: one run on a fresh GPU machine gives one verdict. It builds hyperfused._C against that
+# machine's torch for the GPU that is there, refuses to go on without the CUDA backend, runs every GPU test
+# (no -x; each test with a timeout; Triton compiles in parallel), runs small cases of the CUDA and Triton
+# paths under compute-sanitizer, then times the fused backends against cuDNN and the GEMM floor with TF32 on
+# and off, and profiles where the time goes. Every step has its own time limit and its own line in
+# summary.txt; the exit status is non-zero if any step failed. Nothing goes to /dev/null.
+#
+#   device run: bash benchmarks/gpu_check.sh            (timeout_s=540; about 8 minutes on an H200)
+#   here:       bash benchmarks/gpu_check.sh --rehearse (no GPU: every step that can run without one)
+#
+# Writes at most 8 files to $OUT (the device tool brings back no more): env.txt, build.log, tests.log,
+# sanitizer.log, timings.json, timings.log, breakdown.txt, summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+REHEARSE=0
+[ "${1:-}" = "--rehearse" ] && REHEARSE=1
 OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1 HYPERFUSED_PORTABLE=1
+export PYTHONUNBUFFERED=1  # built on the machine it runs on: -march=native is right there
 unset TRITON_INTERPRET
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; git rev-parse --short HEAD 2>/dev/null;
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/env.txt" 2>&1
-echo "== build"; SECONDS=0
-if ! $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then tail -40 "$OUT/build.log"; exit 1; fi
-echo "built in ${SECONDS}s"
-echo "== GPU tests"
-timeout 200 $PY -m pytest -q -x -p no:cacheprovider tests/test_hyper_lstm_fused.py tests/test_hyper_lstm_triton.py \
-  tests/test_static_hypernet.py tests/test_autocast.py -k "cuda or triton or gpu" 2>&1 | tee "$OUT/tests.log" | tail -15
-echo "== benchmark"
-timeout 240 $PY -m benchmarks --full --compile first --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>/dev/null \
-  | tee "$OUT/bench.md"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+FAILED=0
+
+# step NAME LIMIT_S CMD...: runs CMD under a time limit, records PASS/FAIL/TIMEOUT with its duration.
+step() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS rc
+  echo "== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@"
+  rc=$?
+  local verdict=PASS
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict=TIMEOUT; elif [ $rc -ne 0 ]; then verdict="FAIL (exit $rc)"; fi
+  [ "$verdict" = PASS ] || FAILED=1
+  echo "$name: $verdict in $((SECONDS - t0))s" | tee -a "$SUMMARY"
+  return $rc
+}
+
+{ date -u +%FT%TZ; git rev-parse --short HEAD 2>&1; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1
+  echo "nvcc: $(command -v nvcc || echo none)"; nvcc --version 2>&1 | tail -2
+  echo "compute-sanitizer: $(command -v compute-sanitizer || echo none)"; nproc; } > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+# -- build: the CUDA compiler of the machine, else the nvidia-cuda-nvcc wheel (which needs libcudart.so) ----
+if [ -z "${CUDA_HOME:-}" ] && ! command -v nvcc > /dev/null; then
+  PIP_CUDA=$($PY -c "import sysconfig, os; print(os.path.join(sysconfig.get_paths()['purelib'], 'nvidia', 'cu13'))")
+  if [ -x "$PIP_CUDA/bin/nvcc" ]; then
+    export CUDA_HOME=$PIP_CUDA
+    [ -e "$CUDA_HOME/lib/libcudart.so" ] || ln -s libcudart.so.13 "$CUDA_HOME/lib/libcudart.so"
+  fi
+fi
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # the GPU that is here, else Ampere and Hopper
+  TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null || echo "8.0;9.0")
+fi
+export TORCH_CUDA_ARCH_LIST
+echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" >> "$OUT/env.txt"
+step build 240 bash -c "MAX_JOBS=\$(nproc) $PY setup.py build_ext --inplace > '$OUT/build.log' 2>&1" \
+  || { tail -40 "$OUT/build.log"; }
+if ! $PY -c "import hyperfused, sys; b = hyperfused.available_backends(); print('backends:', b); sys.exit('cuda' not in b)"; then
+  echo "cuda backend: FAIL (not in hyperfused.available_backends() after the build)" | tee -a "$SUMMARY"
+  exit 1
+fi
+
+# -- tests: every GPU test, each with a time limit, in parallel where pytest-xdist is installed ------------
+GPU_TESTS="tests/test_gpu_runtime.py tests/test_gpu_readiness.py tests/test_opcheck.py tests/test_hyper_lstm_fused.py"
+GPU_TESTS="$GPU_TESTS tests/test_hyper_lstm_triton.py tests/test_static_hypernet.py tests/test_autocast.py"
+PARALLEL=""
+$PY -c "import xdist" 2>/dev/null && PARALLEL="-n 8"
+TIMEOUT_OPT=""
+$PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=150"
+if [ $REHEARSE = 1 ]; then
+  step tests-collect 120 bash -c "$PY -m pytest -q --collect-only -p no:cacheprovider $GPU_TESTS > '$OUT/tests.log' 2>&1"
+else
+  # Sanitizer runs go alongside the tests (one GPU, small cases); their logs are joined into one file below.
+  SAN_DIR=$(mktemp -d)
+  if command -v compute-sanitizer > /dev/null; then
+    for tool in memcheck initcheck racecheck synccheck; do
+      for backend in cuda triton; do
+        ( timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 $PY -m benchmarks.gpu_smoke --backend "$backend" \
+            > "$SAN_DIR/$tool-$backend.log" 2>&1; echo "exit $?" >> "$SAN_DIR/$tool-$backend.log" ) &
+      done
+    done
+  fi
+  step tests 300 bash -c "$PY -m pytest -q -rs $PARALLEL $TIMEOUT_OPT -p no:cacheprovider $GPU_TESTS > '$OUT/tests.log' 2>&1"
+  tail -25 "$OUT/tests.log"
+  wait
+  : > "$OUT/sanitizer.log"
+  if command -v compute-sanitizer > /dev/null; then
+    for f in "$SAN_DIR"/*.log; do
+      name=$(basename "$f" .log); rc=$(tail -1 "$f")
+      { echo "===== $name: $rc"; tail -60 "$f"; } >> "$OUT/sanitizer.log"
+      case "$rc" in
+        "exit 0") echo "sanitizer $name: PASS" >> "$SUMMARY" ;;
+        "exit 99") echo "sanitizer $name: FAIL (errors found)" >> "$SUMMARY"; FAILED=1 ;;
+        *) echo "sanitizer $name: DID NOT RUN ($rc; see sanitizer.log: it refuses the device on some machines)" >> "$SUMMARY" ;;
+      esac
+    done
+  else
+    echo "compute-sanitizer not found" | tee -a "$OUT/sanitizer.log" "$SUMMARY"
+  fi
+fi
+
+# -- timings (JSON rewritten after each config) and the per-part breakdown ----------------------------------
+if [ $REHEARSE = 1 ]; then
+  step timings-dry-run 60 bash -c "$PY -m benchmarks.gpu_timings --dry-run --json '$OUT/timings.json' > '$OUT/timings.log' 2>&1"
+  step breakdown-help 60 bash -c "$PY -m benchmarks.breakdown --help > '$OUT/breakdown.txt' 2>&1"
+else
+  step timings 200 bash -c "$PY -m benchmarks.gpu_timings --repeats 5 --json '$OUT/timings.json' > '$OUT/timings.log' 2>&1"
+  tail -30 "$OUT/timings.log"
+  step breakdown 60 bash -c "$PY -m benchmarks.breakdown --config 100,128,128,1000 --backend cuda --device cuda --iters 3 > '$OUT/breakdown.txt' 2>&1"
+  cat "$OUT/breakdown.txt"
+fi
+
+echo "== summary"
+cat "$SUMMARY"
+[ $FAILED = 0 ] && echo "VERDICT: PASS" | tee -a "$SUMMARY" || echo "VERDICT: FAIL" | tee -a "$SUMMARY"
+exit $FAILED
