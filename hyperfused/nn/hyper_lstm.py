@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from ._args import flag, positive_int, probability, real
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
 from ..reference import PARAM_NAMES
 
@@ -42,9 +43,18 @@ class HyperLSTMState(tuple):
         return HyperLSTMState(*(t.to(*args, **kwargs) for t in self.tensors()))
 
 
+def _orthogonal_(w: torch.Tensor) -> None:
+    """nn.init.orthogonal_, drawn in float32 for half-precision weights: the QR it needs has no float16 or
+    bfloat16 kernel on the CPU (nn.LSTM constructs in those dtypes, so must we)."""
+    if w.dtype in (torch.float32, torch.float64):
+        nn.init.orthogonal_(w)
+    else:
+        w.copy_(nn.init.orthogonal_(torch.empty(w.shape, dtype=torch.float32, device=w.device)))
+
+
 def _orthogonal_blocks_(w: torch.Tensor, blocks: int) -> None:
     for chunk in w.chunk(blocks, 0):
-        nn.init.orthogonal_(chunk)
+        _orthogonal_(chunk)
 
 
 class HyperLSTMCell(nn.Module):
@@ -59,16 +69,11 @@ class HyperLSTMCell(nn.Module):
                  layer_norm: bool = True, forget_bias: float = 1.0, recurrent_dropout: float = 0.0,
                  bias: bool = True, backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("hyper_size", hyper_size),
-                            ("hyper_embed", hyper_embed)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if not 0.0 <= recurrent_dropout < 1.0:
-            raise ValueError(f"recurrent_dropout: expected a probability in [0, 1), got {recurrent_dropout}")
-        self.input_size, self.hidden_size = input_size, hidden_size
-        self.hyper_size, self.hyper_embed = hyper_size, hyper_embed
-        self.layer_norm, self.forget_bias, self.use_bias = bool(layer_norm), float(forget_bias), bool(bias)
-        self.recurrent_dropout = float(recurrent_dropout)
+        self.input_size, self.hidden_size = positive_int("input_size", input_size), positive_int("hidden_size", hidden_size)
+        self.hyper_size, self.hyper_embed = positive_int("hyper_size", hyper_size), positive_int("hyper_embed", hyper_embed)
+        self.layer_norm, self.use_bias = flag("layer_norm", layer_norm), flag("bias", bias)
+        self.forget_bias = real("forget_bias", forget_bias)
+        self.recurrent_dropout = probability("recurrent_dropout", recurrent_dropout)
         self.backend = _check_backend(backend)
         X, H, Hh, Nz = input_size, hidden_size, hyper_size, hyper_embed
         shapes = dict(weight_ih=(4 * H, X), weight_hh=(4 * H, H), bias=(4 * H,), hyper_weight_ih=(4 * Hh, X + H),
@@ -91,9 +96,9 @@ class HyperLSTMCell(nn.Module):
     def reset_parameters(self) -> None:
         """The paper's initialisation (DESIGN.md §1): every scaling vector d starts at 0.1."""
         Nz = self.hyper_embed
-        nn.init.orthogonal_(self.weight_ih)
+        _orthogonal_(self.weight_ih)
         _orthogonal_blocks_(self.weight_hh, 4)
-        nn.init.orthogonal_(self.hyper_weight_ih)
+        _orthogonal_(self.hyper_weight_ih)
         _orthogonal_blocks_(self.hyper_weight_hh, 4)
         self.hyper_bias.zero_()
         self.z_weight.zero_()
@@ -238,15 +243,14 @@ class HyperLSTM(nn.Module):
                  hyper_size: int = 128, hyper_embed: int = 16, layer_norm: bool = True, forget_bias: float = 1.0,
                  recurrent_dropout: float = 0.0, backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        if not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
-        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional = bool(bidirectional)
-        self.hyper_size, self.hyper_embed, self.layer_norm = hyper_size, hyper_embed, layer_norm
-        self.forget_bias, self.recurrent_dropout = forget_bias, recurrent_dropout
+        self.input_size, self.hidden_size = positive_int("input_size", input_size), positive_int("hidden_size", hidden_size)
+        self.num_layers = positive_int("num_layers", num_layers)
+        self.bias, self.batch_first = flag("bias", bias), flag("batch_first", batch_first)
+        self.dropout = probability("dropout", dropout, include_one=True)
+        self.bidirectional = flag("bidirectional", bidirectional)
+        self.hyper_size, self.hyper_embed = positive_int("hyper_size", hyper_size), positive_int("hyper_embed", hyper_embed)
+        self.layer_norm, self.forget_bias = flag("layer_norm", layer_norm), real("forget_bias", forget_bias)
+        self.recurrent_dropout = probability("recurrent_dropout", recurrent_dropout)
         self.backend = _check_backend(backend)
         D = 2 if bidirectional else 1
         self.cells = nn.ModuleList(

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import reference
+from ._args import non_negative_int, positive_int
 from ..ops import check_backend_name, generate_kernels, resolve_backend, tile_layout
 
 
@@ -22,11 +23,8 @@ class StaticHyperNetwork(nn.Module):
     def __init__(self, z_dim: int = 64, in_tile: int = 16, out_tile: int = 16, kernel_size: int = 3,
                  backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        for name, value in (("z_dim", z_dim), ("in_tile", in_tile), ("out_tile", out_tile),
-                            ("kernel_size", kernel_size)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        self.z_dim, self.in_tile, self.out_tile, self.kernel_size = z_dim, in_tile, out_tile, kernel_size
+        self.z_dim, self.in_tile = positive_int("z_dim", z_dim), positive_int("in_tile", in_tile)
+        self.out_tile, self.kernel_size = positive_int("out_tile", out_tile), positive_int("kernel_size", kernel_size)
         self.backend = check_backend_name(backend)
         self._layouts: dict = {}  # (layer shapes, device) -> tile placement, computed once
         hidden, k2 = z_dim, kernel_size * kernel_size
@@ -47,6 +45,10 @@ class StaticHyperNetwork(nn.Module):
 
     def generate(self, layers: Sequence["HyperConv2d"]) -> list[torch.Tensor]:
         """Every given layer's kernel (N_out, N_in, k, k), in order, from one fused call for all of them."""
+        if isinstance(layers, (HyperConv2d, torch.Tensor)) or not isinstance(layers, Sequence):
+            raise TypeError(f"layers: expected a sequence of HyperConv2d, got {type(layers).__name__}")
+        if len(layers) == 0:
+            return []
         for i, layer in enumerate(layers):
             if not isinstance(layer, HyperConv2d):
                 raise TypeError(f"layers[{i}]: expected a HyperConv2d, got {type(layer).__name__}")
@@ -84,6 +86,8 @@ class HyperConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  hypernet: StaticHyperNetwork | None = None, device=None, dtype=None):
         super().__init__()
+        kernel_size = positive_int("kernel_size", kernel_size)
+        self.stride, self.padding = positive_int("stride", stride), non_negative_int("padding", padding)
         if hypernet is None:
             hypernet = StaticHyperNetwork(kernel_size=kernel_size, device=device, dtype=dtype)
         if not isinstance(hypernet, StaticHyperNetwork):
@@ -92,11 +96,10 @@ class HyperConv2d(nn.Module):
             raise ValueError(f"kernel_size: expected {hypernet.kernel_size} (the hypernet's), got {kernel_size}")
         for name, value, tile in (("in_channels", in_channels, hypernet.in_tile),
                                   ("out_channels", out_channels, hypernet.out_tile)):
-            if not isinstance(value, int) or value <= 0 or value % tile:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % tile:
                 raise ValueError(f"{name}: expected a positive multiple of the hypernet's tile size {tile}, "
                                  f"got {value!r}")
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self.stride, self.padding = stride, padding
         self.hypernet = hypernet
         n_tiles = (out_channels // hypernet.out_tile) * (in_channels // hypernet.in_tile)
         ref = hypernet.w_in

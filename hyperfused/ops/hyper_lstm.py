@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import reference
+from . import _checks
 from .._extension import HAS_EXTENSION
 from ._autograd import refuse_double_backward
 
@@ -45,19 +46,28 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
     raise ValueError(f"backend: no HyperLSTM implementation named {backend!r}")
 
 
+def check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs,
+                        cs, hhs, hcs, g, ws) -> None:
+    """What the backward op checks (the forward's inputs, its saved outputs and the incoming gradients)."""
+    sizes = _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask)
+    _checks.lstm_saved(x, sizes, hs, cs, hhs, hcs, g, ws, workspace_width(*sizes[3:]))
+    _checks.lstm_grads(x, sizes, (grad_hs, grad_cs, grad_hhs, grad_hcs))
+
+
 def register_lstm_meta(forward_op: str, backward_op: str) -> None:
     """Fake implementations and the autograd formula for a forward/backward op pair with the schemas of
     hyperfused::hyper_lstm_forward/_backward (the C++ ops and the Triton ones share them)."""
 
     @torch.library.register_fake(forward_op)
     def _(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias):
-        T, B, _ = x.shape
-        H, Hh, Nz = h0.shape[1], hh0.shape[1], params[8].shape[2]
+        T, B, _, H, Hh, Nz = _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask)
         return (x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, Hh), x.new_empty(T, B, Hh),
                 x.new_empty(T, B, 4 * H + 4 * Hh), x.new_empty(T, B, workspace_width(H, Hh, Nz)))
 
     @torch.library.register_fake(backward_op)
-    def _(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, *rest):
+    def _(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, *saved):
+        check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
+                            *saved[:6])
         return [torch.empty_like(t) for t in (x, h0, c0, hh0, hc0, *params)]
 
     backward_impl = getattr(torch.ops.hyperfused, backward_op.split("::")[1])

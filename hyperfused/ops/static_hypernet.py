@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from .._extension import HAS_EXTENSION
+from . import _checks
 from ._autograd import refuse_double_backward
 
 
@@ -57,16 +58,30 @@ def generate_kernels(backend: str, z, w_in, b_in, w_out, b_out, meta, numel: int
     raise ValueError(f"backend: no fused kernel generation named {backend!r}")
 
 
+def check_generation_args(z, w_in, b_in, w_out, b_out, tile_meta, numel: int, kernel_size: int) -> None:
+    _checks.generation_sizes(z, w_in, b_in, w_out, b_out, tile_meta, kernel_size)
+    torch._check(numel >= 0, lambda: f"hyperfused::generate_kernels: 'numel' must be non-negative, got {numel}")
+
+
+def check_generation_backward_args(grad, z, w_in, b_in, w_out, tile_meta, kernel_size: int) -> None:
+    _checks.generation_sizes(z, w_in, b_in, w_out, None, tile_meta, kernel_size)
+    torch._check(grad.dim() == 1 and grad.dtype == z.dtype and grad.device == z.device,
+                 lambda: f"hyperfused::generate_kernels_backward: 'grad' must be a flat {z.dtype} tensor on "
+                         f"{z.device}")
+
+
 def register_generation_meta(op_name: str, backward_op: str) -> None:
     """Fake implementations and autograd for a generation op and its backward op (the C++ and the Triton
     pairs share the schemas); the backward op returns (dZ, dW_in, dB_in, dW_out, dB_out)."""
 
     @torch.library.register_fake(op_name)
     def _(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size):
+        check_generation_args(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size)
         return z.new_empty(numel)
 
     @torch.library.register_fake(backward_op)
     def _(grad, z, w_in, b_in, w_out, tile_meta, kernel_size):
+        check_generation_backward_args(grad, z, w_in, b_in, w_out, tile_meta, kernel_size)
         return [torch.empty_like(z), torch.empty_like(w_in), torch.empty_like(b_in), torch.empty_like(w_out),
                 z.new_empty(w_out.shape[0])]
 

@@ -11,8 +11,9 @@ from typing import Optional
 
 import torch
 
-from .hyper_lstm import register_lstm_meta
-from .static_hypernet import register_generation_meta
+from ._checks import lstm_sizes
+from .hyper_lstm import check_backward_args, register_lstm_meta
+from .static_hypernet import check_generation_args, check_generation_backward_args, register_generation_meta
 
 try:
     import triton  # noqa: F401
@@ -46,6 +47,7 @@ if _kernels is not None:
                        params: list[torch.Tensor], mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
                        layer_norm: bool, forget_bias: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, op="hyperfused::hyper_lstm_triton")
         return _without_autocast(_kernels.forward)(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm,
                                                    forget_bias)
 
@@ -56,6 +58,8 @@ if _kernels is not None:
                         params: list[torch.Tensor], mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
                         hs: torch.Tensor, cs: torch.Tensor, hhs: torch.Tensor, hcs: torch.Tensor, g: torch.Tensor,
                         ws: torch.Tensor, layer_norm: bool, forget_bias: float) -> list[torch.Tensor]:
+        check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs,
+                            cs, hhs, hcs, g, ws)
         return _without_autocast(_kernels.backward)(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0,
                                                     params, mask, hyper_mask, hs, cs, hhs, hcs, g, ws, layer_norm,
                                                     forget_bias)
@@ -66,6 +70,7 @@ if _kernels is not None:
     def generate_kernels_triton(z: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
                                 b_out: torch.Tensor, tile_meta: torch.Tensor, numel: int,
                                 kernel_size: int) -> torch.Tensor:
+        check_generation_args(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size)
         return _without_autocast(_static.generate)(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size)
 
     # The backward is an op of its own (with a fake), so that torch.compile traces the autograd formula
@@ -74,6 +79,7 @@ if _kernels is not None:
     def generate_kernels_triton_backward(grad: torch.Tensor, z: torch.Tensor, w_in: torch.Tensor,
                                          b_in: torch.Tensor, w_out: torch.Tensor, tile_meta: torch.Tensor,
                                          kernel_size: int) -> list[torch.Tensor]:
+        check_generation_backward_args(grad, z, w_in, b_in, w_out, tile_meta, kernel_size)
         return list(_without_autocast(_static.backward)(grad, z, w_in, b_in, w_out, tile_meta, kernel_size))
 
     register_generation_meta("hyperfused::generate_kernels_triton", "hyperfused::generate_kernels_triton_backward")

@@ -1,0 +1,97 @@
+"""Argument checks of the ops, in Python, with the messages of the C++ ones (csrc/hyper_lstm.cpp,
+csrc/static_hypernet.cpp). The fake implementations run them, so torch.compile reports a wrong shape at
+trace time with the real message, and the Triton ops run them before any launch (their kernels would
+otherwise read out of bounds). torch._check works on symbolic shapes as well as on plain ints."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..reference import PARAM_NAMES
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _check_arg(op: str, t, name: str, shape: Sequence, x: torch.Tensor, x_name: str = "x") -> None:
+    torch._check(isinstance(t, torch.Tensor), lambda: f"{op}: '{name}' must be a Tensor, got {type(t).__name__}")
+    torch._check(t.device == x.device, lambda: f"{op}: '{name}' is on {t.device} but '{x_name}' is on {x.device}")
+    torch._check(t.dtype == x.dtype,
+                 lambda: f"{op}: '{name}' has dtype {t.dtype}, expected {x.dtype} (the dtype of '{x_name}')")
+    torch._check(t.dim() == len(shape) and all(a == b for a, b in zip(t.shape, shape)),
+                 lambda: f"{op}: '{name}' has shape {list(t.shape)}, expected {list(shape)}")
+
+
+def lstm_sizes(x, h0, c0, hh0, hc0, params, mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
+               op: str = "hyperfused::hyper_lstm"):
+    """Checks the forward op's inputs as csrc/hyper_lstm.cpp does; returns (T, B, X, H, Ĥ, N_z)."""
+    torch._check(x.dim() == 3, lambda: f"{op}: 'x' must have shape (T, B, input_size), got {list(x.shape)}")
+    torch._check(x.dtype in _FLOATS, lambda: f"{op}: 'x' must be float32 or float64, got {x.dtype}")
+    torch._check(len(params) == len(PARAM_NAMES),
+                 lambda: f"{op}: 'params' must hold {len(PARAM_NAMES)} tensors, got {len(params)}")
+    torch._check(h0.dim() == 2 and hh0.dim() == 2,
+                 lambda: f"{op}: 'h0' and 'hh0' must be 2-D (B, ·), got {list(h0.shape)} and {list(hh0.shape)}")
+    torch._check(params[8].dim() == 3, lambda: f"{op}: 'scale_weight' must be (2, 4H, N_z), got {list(params[8].shape)}")
+    T, B, X = x.shape
+    H, Hh, Nz = h0.shape[1], hh0.shape[1], params[8].shape[2]
+    torch._check(T > 0 and B > 0 and X > 0, lambda: f"{op}: 'x' must be non-empty, got shape {list(x.shape)}")
+    torch._check(H > 0 and Hh > 0 and Nz > 0, lambda: f"{op}: sizes must be positive")
+    for name, t, n in (("h0", h0, H), ("c0", c0, H), ("hh0", hh0, Hh), ("hc0", hc0, Hh)):
+        _check_arg(op, t, name, (B, n), x)
+    shapes = [(4 * H, X), (4 * H, H), (4 * H,), (4 * Hh, X + H), (4 * Hh, Hh), (4 * Hh,), (8 * Nz, Hh), (8 * Nz,),
+              (2, 4 * H, Nz), (4 * Nz, Hh), (4 * H, Nz), (4 * H,), (4 * H,), (H,), (H,), (4 * Hh,), (4 * Hh,), (Hh,),
+              (Hh,)]
+    for name, t, shape in zip(PARAM_NAMES, params, shapes):
+        _check_arg(op, t, name, shape, x)
+    if mask is not None:
+        _check_arg(op, mask, "mask", (T, B, H), x)
+    if hyper_mask is not None:
+        _check_arg(op, hyper_mask, "hyper_mask", (T, B, Hh), x)
+    return T, B, X, H, Hh, Nz
+
+
+def lstm_saved(x, sizes, hs, cs, hhs, hcs, g, ws, ws_width: int, op: str = "hyperfused::hyper_lstm") -> None:
+    """The backward op's saved forward outputs."""
+    T, B, X, H, Hh, Nz = sizes
+    for name, t, shape in (("hs", hs, (T, B, H)), ("cs", cs, (T, B, H)), ("hhs", hhs, (T, B, Hh)),
+                           ("hcs", hcs, (T, B, Hh)), ("g", g, (T, B, 4 * H + 4 * Hh)), ("ws", ws, (T, B, ws_width))):
+        _check_arg(op, t, name, shape, x)
+
+
+def lstm_grads(x, sizes, grads, op: str = "hyperfused::hyper_lstm") -> None:
+    T, B, X, H, Hh, Nz = sizes
+    for name, t, n in zip(("grad_hs", "grad_cs", "grad_hhs", "grad_hcs"), grads, (H, H, Hh, Hh)):
+        if t is not None:
+            _check_arg(op, t, name, (T, B, n), x)
+
+
+MAX_KERNEL_SIZE = 1024  # csrc/static_hypernet.cpp's kMaxKernelSize
+
+
+def generation_sizes(z, w_in, b_in, w_out, b_out, tile_meta, kernel_size: int,
+                     op: str = "hyperfused::generate_kernels"):
+    """Checks the generation op's inputs as csrc/static_hypernet.cpp does (the tile bounds aside, which need
+    the tile_meta's values); returns (tiles, z_dim, hidden, in_tile, out_tile·k²)."""
+    torch._check(z.dtype in _FLOATS, lambda: f"{op}: 'z' must be float32 or float64, got {z.dtype}")
+    torch._check(z.dim() == 2 and z.shape[0] > 0, lambda: f"{op}: 'z' must be (tiles, z_dim), got {list(z.shape)}")
+    torch._check(w_in.dim() == 3, lambda: f"{op}: 'w_in' must be (in_tile, hidden, z_dim), got {list(w_in.shape)}")
+    torch._check(0 < kernel_size <= MAX_KERNEL_SIZE,
+                 lambda: f"{op}: 'kernel_size' must be in [1, {MAX_KERNEL_SIZE}], got {kernel_size}")
+    kk = kernel_size * kernel_size
+    tiles, z_dim = z.shape
+    in_tile, hidden = w_in.shape[0], w_in.shape[1]
+    torch._check(w_in.shape[2] == z_dim, lambda: f"{op}: 'w_in' has shape {list(w_in.shape)}, expected "
+                                                 f"(in_tile, hidden, {z_dim}) to match z_dim of 'z'")
+    _check_arg(op, b_in, "b_in", (in_tile, hidden), z, "z")
+    torch._check(w_out.dim() == 2 and w_out.shape[0] > 0 and w_out.shape[0] % kk == 0 and w_out.shape[1] == hidden,
+                 lambda: f"{op}: 'w_out' has shape {list(w_out.shape)}, expected (out_tile*{kk}, {hidden})")
+    for name, t in (("w_in", w_in), ("w_out", w_out)):
+        _check_arg(op, t, name, tuple(t.shape), z, "z")
+    if b_out is not None:
+        _check_arg(op, b_out, "b_out", (w_out.shape[0],), z, "z")
+    torch._check(tile_meta.dtype == torch.int64 and tuple(tile_meta.shape) == (tiles, 2),
+                 lambda: f"{op}: 'tile_meta' must be a contiguous int64 tensor of shape [{tiles}, 2], got "
+                         f"{tile_meta.dtype} {list(tile_meta.shape)}")
+    torch._check(tile_meta.device == z.device,
+                 lambda: f"{op}: 'tile_meta' is on {tile_meta.device} but 'z' is on {z.device}")
+    return tiles, z_dim, hidden, in_tile, w_out.shape[0]
