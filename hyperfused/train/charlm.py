@@ -4,9 +4,10 @@
     torchrun --nproc_per_node=2 -m hyperfused.train charlm --steps 100      # data-parallel (gloo / nccl)
 
 Truncated BPTT carries the whole state (main and hyper) across batches. Checkpoints (--checkpoint PATH,
-every --checkpoint-every steps) are written atomically and hold the model, the optimiser, the RNG states,
-the carried state and the data position, so that --resume reaches exactly the parameters of a run that
-was never interrupted.
+every --checkpoint-every steps and at the end) are written atomically with a checksum
+(hyperfused.train.checkpoint) and hold the model, the optimiser, the RNG states, the carried state and the
+data position, so that --resume reaches exactly the parameters of a run that was never interrupted. A run
+whose loss or weights become non-finite stops with an error before it writes another checkpoint.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from ..models import LayerNormLSTM
 from ..nn import HyperLSTM, HyperLSTMState
+from . import checkpoint as checkpoint_io
 from .data import MissingDataError, load_ptb_chars
 
 MODELS = ("lstm", "ln-lstm", "hyperlstm", "ln-hyperlstm")
@@ -77,10 +79,38 @@ def evaluate(model, data: torch.Tensor, seq_len: int) -> float:
     return total / count / math.log(2)
 
 
-def _save_atomic(obj, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # readers see the old checkpoint or the new one, never half of one
+# Options that fix the model or the data layout: a resumed run must use the checkpoint's. Every other option
+# applies from the resumed step on (--lr included: it overrides the learning rate in the optimiser state).
+RESUME_MUST_MATCH = ("model", "hidden", "hyper_size", "hyper_embed", "embed", "layers", "seq_len", "batch_size",
+                     "train_limit")
+
+
+def _check_resume_args(path: str, stored: dict, args) -> list[str]:
+    """Refuses options that would break exact resumption; returns notes on the other options that changed."""
+    wrong = [f"--{k.replace('_', '-')} {stored.get(k)!r} (this run: {getattr(args, k)!r})"
+             for k in RESUME_MUST_MATCH if stored.get(k) != getattr(args, k)]
+    if wrong:
+        raise SystemExit(f"error: {path} was written with {', '.join(wrong)}; these options fix the model and the "
+                         "data layout and must match to resume")
+    ignore = {"resume", "checkpoint", "quiet", "log", "save_final", "steps", "epochs"}
+    return [f"note: resuming with --{k.replace('_', '-')} {v!r} (the checkpoint has {stored.get(k)!r}): applied from "
+            f"step {{step}} on" for k, v in sorted(vars(args).items())
+            if k not in ignore and k not in RESUME_MUST_MATCH and k in stored and stored[k] != v]
+
+
+def _check_finite(model, loss_bpc: float, step: int, args, weights: bool = False) -> None:
+    """Stops a diverged run with a non-zero exit before it writes anything, so the last good checkpoint stays.
+    The loss is checked every step; the weights (one reduction, one sync) before each checkpoint."""
+    bad = None if math.isfinite(loss_bpc) else "the loss"
+    if bad is None and weights:
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()])
+        if not finite.all():
+            names = [n for n, _ in model.named_parameters()]
+            bad = f"parameter {names[int((~finite).nonzero()[0])]}"
+    if bad is not None:
+        kept = f"; the last good checkpoint {args.checkpoint} is kept" if args.checkpoint else ""
+        raise SystemExit(f"error: training diverged at step {step}: {bad} is not finite{kept}. Try a lower --lr "
+                         "or a --clip")
 
 
 def parse_args(argv=None):
@@ -108,7 +138,10 @@ def parse_args(argv=None):
     ap.add_argument("--eval-every", type=int, default=0, help="validation bpc every N steps (0: at the end)")
     ap.add_argument("--checkpoint", default=None, help="checkpoint path")
     ap.add_argument("--checkpoint-every", type=int, default=0)
-    ap.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from --checkpoint; --model, --hidden, --hyper-size, --hyper-embed, --embed, --layers, "
+                         "--seq-len, --batch-size and --train-limit must match it (they fix the model and the data "
+                         "layout); other options, --lr included, apply from the resumed step on")
     ap.add_argument("--log", default=None, help="learning curve: .csv or .json")
     ap.add_argument("--save-final", default=None, help="final state_dict path; '{rank}' is replaced per process")
     ap.add_argument("--quiet", action="store_true")
@@ -157,13 +190,23 @@ def train(args):
     if args.resume:
         if not args.checkpoint or not os.path.exists(args.checkpoint):
             raise SystemExit(f"error: --resume needs an existing --checkpoint, got {args.checkpoint!r}")
-        ck = torch.load(args.checkpoint, map_location=device, weights_only=False)
+        try:
+            ck = checkpoint_io.load(args.checkpoint, map_location=device)
+        except checkpoint_io.CheckpointError as e:
+            raise SystemExit(f"error: {e}")
+        if not isinstance(ck, dict) or not {"step", "model", "optimizer", "ranks", "history", "args"} <= ck.keys():
+            raise SystemExit(f"error: {args.checkpoint} is not a charlm training checkpoint")
+        notes = _check_resume_args(args.checkpoint, ck["args"], args)
         if len(ck["ranks"]) != world:
             raise SystemExit(f"error: {args.checkpoint} was written by {len(ck['ranks'])} process(es); resume it "
                              f"with the same number (this run has {world})")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        for group in opt.param_groups:
+            group["lr"] = args.lr
         step, history = ck["step"], ck["history"]
+        for note in notes if not quiet else []:
+            print(note.format(step=step))
         mine = ck["ranks"][rank]
         torch.set_rng_state(mine["rng"])
         if device.type == "cuda" and mine["cuda_rng"] is not None:
@@ -174,6 +217,7 @@ def train(args):
             state = HyperLSTMState(*state) if len(state) == 4 else tuple(state)
 
     def checkpoint():
+        _check_finite(model, 0.0, step, args, weights=True)
         s = None if state is None else list(state.tensors() if isinstance(state, HyperLSTMState) else state)
         mine = dict(rng=torch.get_rng_state(), state=s,
                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
@@ -184,8 +228,8 @@ def train(args):
                                               [t.cpu() for t in v] if isinstance(v, list) else v)
                                            for k, v in mine.items()})
         if rank == 0:
-            _save_atomic(dict(step=step, model=model.state_dict(), optimizer=opt.state_dict(), ranks=ranks,
-                              history=history, args=vars(args)), args.checkpoint)
+            checkpoint_io.save(dict(step=step, model=model.state_dict(), optimizer=opt.state_dict(), ranks=ranks,
+                                    history=history, args=vars(args)), args.checkpoint)
 
     bar = tqdm(total=steps, initial=step, desc=f"charlm {args.model}", disable=quiet)
     running = None
@@ -206,6 +250,7 @@ def train(args):
         opt.step()
         step += 1
         bpc = loss.item() / math.log(2)
+        _check_finite(model, bpc, step, args)
         running = bpc if running is None else 0.98 * running + 0.02 * bpc
         record = dict(step=step, train_bpc=bpc)
         if args.eval_every and step % args.eval_every == 0 and rank == 0:
@@ -216,6 +261,8 @@ def train(args):
         if args.checkpoint and args.checkpoint_every and step % args.checkpoint_every == 0:
             checkpoint()
     bar.close()
+    if args.checkpoint and step > 0 and not (args.checkpoint_every and step % args.checkpoint_every == 0):
+        checkpoint()  # the end of the run, between periodic checkpoints
 
     result = dict(model=args.model, steps=step, world_size=world,
                   parameters=sum(p.numel() for p in model.parameters()),
