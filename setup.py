@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _pip_cuda_home():
-    """The CUDA toolkit that the nvidia-cuda-nvcc wheel installs, if present (see docs/BUILDING)."""
+    """The CUDA toolkit that the nvidia-cuda-nvcc wheel installs, if present (see docs/building.md)."""
     candidate = os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu13")
     return candidate if os.path.exists(os.path.join(candidate, "bin", "nvcc")) else None
 

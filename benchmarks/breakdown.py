@@ -1,4 +1,4 @@
-"""Where a fused HyperLSTM forward+backward spends its time, by part of the performance model (DESIGN.md §3):
+"""Where a fused HyperLSTM forward+backward spends its time, by part of the performance model (docs/design.md §5):
 
     python -m benchmarks.breakdown                          # T=100, B=32, X=128, H=256, Ĥ=128, N_z=16
     python -m benchmarks.breakdown --config 100,32,128,1000 --backend cpu --iters 5
@@ -12,6 +12,7 @@ to every op call.
 from __future__ import annotations
 
 import argparse
+import os
 from collections import defaultdict
 
 import torch
@@ -51,6 +52,10 @@ def breakdown(cfg: Config, backend: str, device: torch.device, iters: int):
     for _ in range(2):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if not torch.cuda.is_available():
+        # A CUDA build of torch on a machine without a GPU: the profiler library logs a failed GPU probe and its
+        # start/stop markers at every use. Only devices that exist are profiled; say nothing about the others.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(iters):
             step()

@@ -1,6 +1,7 @@
 """hyperfused: fast, faithful HyperNetworks (Ha, Dai & Le 2016) for PyTorch."""
 from ._extension import HAS_EXTENSION
 from .nn import HyperConv2d, HyperLSTM, HyperLSTMCell, HyperLSTMState, StaticHyperNetwork
+from . import models  # noqa: F401  (hyperfused.models.HyperMNISTNet after `import hyperfused`)
 from .ops import available_backends
 
 __version__ = "0.1.0"

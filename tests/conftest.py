@@ -21,3 +21,30 @@ requires_extension = pytest.mark.skipif(not hyperfused.HAS_EXTENSION,
 def _seed(request):
     """Fresh but reproducible random inputs per test (seed derived from the test id)."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+HAS_TRITON = "triton" in hyperfused.available_backends()
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed, or neither a GPU nor "
+                                                            "TRITON_INTERPRET=1 is present")
+_BACKEND_MARKS = {"cpu": [requires_extension], "cuda": [requires_extension, requires_gpu], "triton": [requires_triton]}
+
+
+def backend_params(*names):
+    """pytest.param per fused backend, skipped where it cannot run (cuda: no GPU; triton: no Triton)."""
+    return [pytest.param(name, marks=_BACKEND_MARKS[name], id=name) for name in names]
+
+
+def backend_cases(cases, case_id=None):
+    """pytest.params of (backend, *values) tuples, with each backend's skip marks; case_id(values) names the rest."""
+    name = case_id or (lambda values: "-".join(str(v).replace("torch.", "") for v in values))
+    return [pytest.param(*case, marks=_BACKEND_MARKS[case[0]], id=f"{case[0]}-{name(case[1:])}") for case in cases]
+
+
+def device_for(backend: str) -> str:
+    """Where a backend's tensors live in this test run: Triton on the GPU if there is one, else under the
+    interpreter on the CPU."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_GPU) else "cpu"
+
+
+def size_id(size) -> str:
+    return "T{}B{}X{}H{}Hh{}Nz{}".format(*size)

@@ -29,7 +29,7 @@ def test_gradcheck_reference_hyper_lstm(layer_norm, bias):
 
 
 def test_identity_with_unit_scaling_is_nn_lstm():
-    """d ≡ 1, b = b_0 and no layer norm make the main cell exactly torch.nn.LSTM (DESIGN.md §1)."""
+    """d ≡ 1, b = b_0 and no layer norm make the main cell exactly torch.nn.LSTM (docs/design.md §1)."""
     X, H, Nz = 4, 6, 3
     lstm = torch.nn.LSTM(X, H, num_layers=2, bidirectional=True, dtype=torch.float64)
     m = hyperfused.HyperLSTM.from_lstm(lstm, layer_norm=False, hyper_size=5, hyper_embed=Nz, backend="reference")

@@ -52,7 +52,7 @@ def test_generate_refuses_layers_of_another_hypernet():
 
 # -- the fused generation op against the per-tile reference ----------------------------------------------
 
-from conftest import requires_extension, requires_gpu  # noqa: E402
+from conftest import HAS_GPU, backend_cases, device_for, requires_extension  # noqa: E402
 from helpers import randomize_, seeded_weights  # noqa: E402
 
 
@@ -81,15 +81,22 @@ FUSED_CASES = [  # (z_dim, in_tile, out_tile, kernel_size, layer tile grids (row
 ]
 
 
-@requires_extension
-@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"z{c[0]}-in{c[1]}-out{c[2]}-k{c[3]}")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_fused_cpu_generation_matches_reference(case, dtype):
+# float64 on the C++ backends; the Triton backend computes in float32 and refuses float64. The interpreter
+# (Triton without a GPU) runs the small cases only: it takes milliseconds per program and loop step.
+GENERATION_RUNS = backend_cases(
+    [(b, d, c) for b in ("cpu", "cuda") for d in (torch.float64, torch.float32) for c in FUSED_CASES] +
+    [("triton", torch.float32, c) for c in (FUSED_CASES if HAS_GPU else FUSED_CASES[:1] + FUSED_CASES[2:])],
+    case_id=lambda v: "{}-z{}-in{}-out{}-k{}".format(str(v[0])[6:], *v[1][:4]))
+
+
+@pytest.mark.parametrize("backend, dtype, case", GENERATION_RUNS)
+def test_fused_generation_matches_reference(backend, dtype, case):
     z_dim, in_tile, out_tile, k, grids = case
-    net = randomize_(hyperfused.StaticHyperNetwork(z_dim, in_tile, out_tile, k, dtype=dtype))
-    layers = _layers(net, grids, dtype=dtype)
+    device = device_for(backend)
+    net = randomize_(hyperfused.StaticHyperNetwork(z_dim, in_tile, out_tile, k, dtype=dtype)).to(device)
+    layers = _layers(net, grids, device=device, dtype=dtype)
     ref_k, ref_g = _generate_and_grads(net, layers, "reference")
-    got_k, got_g = _generate_and_grads(net, layers, "cpu")
+    got_k, got_g = _generate_and_grads(net, layers, backend)
     for a, b in zip(got_k + got_g, ref_k + ref_g):
         # float32: gradients sum over many tiles in a different order, so the error scales with their size.
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-6 * b.abs().max().item())
@@ -134,32 +141,6 @@ def test_generation_op_checks_its_inputs():
         op(z, net.w_in, net.b_in, net.w_out, net.b_out, meta, 10, 3)
     with pytest.raises(RuntimeError, match=r"'tile_meta' must be a contiguous int64 tensor of shape \[1, 2\]"):
         op(z, net.w_in, net.b_in, net.w_out, net.b_out, meta.int(), numel, 3)
-
-
-@pytest.mark.skipif("triton" not in hyperfused.available_backends(),
-                    reason="Triton is not installed, or neither a GPU nor TRITON_INTERPRET=1 is present")
-@pytest.mark.parametrize("case", FUSED_CASES[:1] + FUSED_CASES[2:], ids=lambda c: f"z{c[0]}-in{c[1]}-out{c[2]}-k{c[3]}")
-def test_triton_generation_matches_reference(case):
-    z_dim, in_tile, out_tile, k, grids = case
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under the Triton interpreter
-    net = randomize_(hyperfused.StaticHyperNetwork(z_dim, in_tile, out_tile, k, dtype=torch.float32)).to(device)
-    layers = _layers(net, grids, device=device, dtype=torch.float32)
-    ref_k, ref_g = _generate_and_grads(net, layers, "reference")
-    got_k, got_g = _generate_and_grads(net, layers, "triton")
-    for a, b in zip(got_k + got_g, ref_k + ref_g):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6 * b.abs().max().item())
-
-
-@requires_gpu
-@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"z{c[0]}-in{c[1]}-out{c[2]}-k{c[3]}")
-def test_fused_cuda_generation_matches_reference(case):
-    z_dim, in_tile, out_tile, k, grids = case
-    net = randomize_(hyperfused.StaticHyperNetwork(z_dim, in_tile, out_tile, k, dtype=torch.float64)).cuda()
-    layers = _layers(net, grids, device="cuda")
-    ref_k, ref_g = _generate_and_grads(net, layers, "reference")
-    got_k, got_g = _generate_and_grads(net, layers, "cuda")
-    for a, b in zip(got_k + got_g, ref_k + ref_g):
-        torch.testing.assert_close(a, b)
 
 
 def test_dtype_mismatch_between_layer_and_hypernet():

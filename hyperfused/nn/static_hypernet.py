@@ -14,7 +14,7 @@ from ..ops import check_backend_name, generate_kernels, resolve_backend, tile_la
 
 
 class StaticHyperNetwork(nn.Module):
-    """The two-layer hypernetwork shared by every :class:`HyperConv2d` it serves (DESIGN.md §2).
+    """The two-layer hypernetwork shared by every :class:`HyperConv2d` it serves (docs/design.md §2).
 
     Maps a tile embedding z (``z_dim``) to a kernel tile (out_tile, in_tile, k, k) through a hidden layer
     of size ``z_dim``: a_i = W_i z + B_i, K_i = W_out a_i + B_out.

@@ -27,6 +27,13 @@ except ImportError as e:  # pragma: no cover - depends on the install
     IMPORT_ERROR = f"triton could not be imported ({e})"
 
 
+def float32_only(t: torch.Tensor, name: str, op: str) -> None:
+    """The Triton kernels compute in float32: a float64 model would be silently rounded, so it is refused."""
+    torch._check(t.dtype != torch.float64,
+                 lambda: f"{op}: backend='triton' computes in float32 and takes no float64 tensors (got '{name}' of "
+                         "dtype torch.float64); use backend='cpu', 'cuda' or 'reference' for float64")
+
+
 def _without_autocast(fn):
     """Runs fn with autocast off: the Triton drivers size their buffers by the inputs' dtype and call torch
     GEMMs whose outputs the kernels read; under autocast those would come back in bfloat16/float16. As for
@@ -47,6 +54,7 @@ if _kernels is not None:
                        params: list[torch.Tensor], mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
                        layer_norm: bool, forget_bias: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        float32_only(x, "x", "hyperfused::hyper_lstm_triton")
         lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, op="hyperfused::hyper_lstm_triton")
         return _without_autocast(_kernels.forward)(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm,
                                                    forget_bias)
@@ -70,6 +78,7 @@ if _kernels is not None:
     def generate_kernels_triton(z: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
                                 b_out: torch.Tensor, tile_meta: torch.Tensor, numel: int,
                                 kernel_size: int) -> torch.Tensor:
+        float32_only(z, "z", "hyperfused::generate_kernels_triton")
         check_generation_args(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size)
         return _without_autocast(_static.generate)(z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size)
 

@@ -2,7 +2,7 @@
 
 This is the oracle every fused kernel is tested against, so it is slow on purpose: every gate and every
 one of the twelve embedding/scaling projection pairs is computed on its own, exactly as
-``shared/DESIGN.md`` §1 writes it. It imports torch only.
+``docs/design.md`` §1 writes it. It imports torch only.
 
 Conventions shared with every backend (they define the parameter layout the kernels read):
 

