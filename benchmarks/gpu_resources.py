@@ -5,7 +5,7 @@ resource figures: registers, spills, shared memory, threads per block, and the o
                                        [--backends triton cuda]
 
 Triton kernels: triton.compile for GPUTarget("cuda", 80|90), with the exact constexprs and num_warps the
-launchers choose (triton_kernels.*.forward_config/backward_config/generate_blocks), then ptxas -v from
+launchers choose (hyperfused.triton_kernels.*: forward_config, backward_config, generate_blocks), then ptxas -v from
 Triton's NVIDIA backend. CUDA kernels: nvcc -cubin -Xptxas -v on each .cu (they include no torch headers).
 A configuration fails when it does not compile or when it cannot launch on its GPU (threads per block,
 registers per block, shared memory per block); spills are reported, not failed. Exit status 1 on a failure.
@@ -145,7 +145,9 @@ def _signature(fn, constexprs):
 
 def _triton_launch(kernel, size):
     """The kernel object, its constexprs and num_warps, exactly as the launchers choose them."""
-    from triton_kernels import hyper_lstm, static_hypernet
+    from hyperfused._triton_kernels import load
+    load()
+    from hyperfused.triton_kernels import hyper_lstm, static_hypernet
     if kernel == "hyper_lstm_fwd_step":
         consts, warps = hyper_lstm.forward_config(size["H"], size["Hh"], size["Nz"], layer_norm=True)
         return hyper_lstm.hyper_lstm_fwd_step, consts, warps
@@ -290,7 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="only the paper size and the odd size")
     ap.add_argument("--backends", nargs="+", default=["triton", "cuda"], choices=("triton", "cuda"))
     args = ap.parse_args(argv)
-    if "triton_kernels" not in sys.modules:
+    if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     records = collect(args.arch, args.quick, args.jobs, args.backends)
     print(table(records))

@@ -143,7 +143,7 @@ def test_triton_generation_leaves_a_tile_outside_the_buffer_untouched():
 def test_triton_launches_on_the_tensors_device():
     """Triton launches on the current device; the drivers make the tensors' device current, as the C++ ops'
     DeviceGuard does. On fake tensors of cuda:1 the guard names device 1."""
-    from triton_kernels._common import on_device_of
+    from hyperfused.triton_kernels._common import on_device_of
     assert not hasattr(on_device_of(torch.zeros(1)), "idx")  # CPU tensors: no guard
     with FakeTensorMode():
         t = torch.empty(2, device="cuda:1")

@@ -18,8 +18,11 @@ from .static_hypernet import check_generation_args, check_generation_backward_ar
 try:
     import triton  # noqa: F401
 
-    from triton_kernels import hyper_lstm as _kernels
-    from triton_kernels import static_hypernet as _static
+    from .._triton_kernels import load as _load_kernels
+
+    _load_kernels()
+    from hyperfused.triton_kernels import hyper_lstm as _kernels
+    from hyperfused.triton_kernels import static_hypernet as _static
 
     IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the install
