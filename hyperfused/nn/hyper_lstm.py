@@ -38,6 +38,11 @@ class HyperLSTMState(tuple):
         """The same state cut from the graph (truncated BPTT)."""
         return HyperLSTMState(*(t.detach() for t in self.tensors()))
 
+    def index_select(self, dim: int, index: torch.Tensor) -> "HyperLSTMState":
+        """Every tensor's rows selected along `dim` (the batch is dim 1, or 0 for HyperLSTMCell's states):
+        beam search reorders the main and the hyper state together."""
+        return HyperLSTMState(*(t.index_select(dim, index) for t in self.tensors()))
+
     def to(self, *args, **kwargs) -> "HyperLSTMState":
         """Every tensor moved/cast like Tensor.to."""
         return HyperLSTMState(*(t.to(*args, **kwargs) for t in self.tensors()))
@@ -65,10 +70,11 @@ class HyperLSTMCell(nn.Module):
     (b_0 and the hyper-bias path are fixed at zero); with ``layer_norm=False`` there is no layer norm.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, hyper_embed: int = 16,
-                 layer_norm: bool = True, forget_bias: float = 1.0, recurrent_dropout: float = 0.0,
-                 bias: bool = True, backend: str = "auto", device=None, dtype=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 hyper_size: int = 128, hyper_embed: int = 16, layer_norm: bool = True, forget_bias: float = 1.0,
+                 recurrent_dropout: float = 0.0, carry_hyper_state: bool = True, backend: str = "auto"):
         super().__init__()
+        self._carry = _HyperCarry() if flag("carry_hyper_state", carry_hyper_state) else None
         self.input_size, self.hidden_size = positive_int("input_size", input_size), positive_int("hidden_size", hidden_size)
         self.hyper_size, self.hyper_embed = positive_int("hyper_size", hyper_size), positive_int("hyper_embed", hyper_embed)
         self.layer_norm, self.use_bias = flag("layer_norm", layer_norm), flag("bias", bias)
@@ -135,10 +141,13 @@ class HyperLSTMCell(nn.Module):
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         B = x.shape[0]
-        state = _initial_state(hx, 1, B, self.hidden_size, self.hyper_size, batched, self.weight_ih, stacked=False)
+        state = _initial_state(hx, 1, B, self.hidden_size, self.hyper_size, batched, self.weight_ih, stacked=False,
+                               carry=self._carry)
         state = [s[0] for s in state]
         backend = resolve_backend(self.backend, x.device)
         h, c, hh, hc = (s[0] for s in self.run(backend, x.unsqueeze(0), state))
+        if self._carry is not None:
+            self._carry.remember(*(t.unsqueeze(0) for t in (h, c, hh, hc)))
         if not batched:
             h, c, hh, hc = (s.squeeze(0) for s in (h, c, hh, hc))
         return HyperLSTMState(h, c, hh, hc)
@@ -169,8 +178,49 @@ def _check_tensor(name: str, t, ref: torch.Tensor, ndims: tuple, features: int) 
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the module's device), got {t.device}")
 
 
+class _HyperCarry:
+    """The hyper state of the last call, for callers that pass back only (h, c).
+
+    Training loops written for nn.LSTM rebuild the returned state as a plain tuple (PyTorch's word-language-
+    model example detaches it with ``tuple(repackage_hidden(v) for v in h)``; nn.LSTMCell loops unpack
+    ``h, c = cell(x, (h, c))``), which drops ĥ and ĉ. So each call remembers its final (h, c, ĥ, ĉ),
+    detached, and a later call given a plain (h_0, c_0) takes ĥ_0, ĉ_0 from the rows of that memory whose
+    (h, c) equal its own rows exactly: a detached or cloned state continues, a batch reordered or selected
+    with index_select (beam search) takes the matching rows, and a row found nowhere — a fresh zero state
+    in particular — starts a fresh (zero) hyper state. Exact equality of whole (h, c) rows does not happen
+    by chance. Off with ``carry_hyper_state=False``; a HyperLSTMState passed back is always used as it is;
+    under torch.compile nothing is remembered (pass the HyperLSTMState there).
+    """
+
+    def __init__(self):
+        self.last = None
+
+    def remember(self, h, c, hh, hc) -> None:
+        if not torch.compiler.is_compiling():
+            self.last = tuple(t.detach() for t in (h, c, hh, hc))
+
+    def lookup(self, h0: torch.Tensor, c0: torch.Tensor):
+        """(ĥ_0, ĉ_0) for stacked (n, B, ·) h0, c0, or None when no row matches."""
+        if self.last is None or torch.compiler.is_compiling():
+            return None
+        h, c, hh, hc = self.last
+        if h.device != h0.device or h.dtype != h0.dtype or h.shape[0] != h0.shape[0] or h.shape[2] != h0.shape[2]:
+            return None
+        if h.shape == h0.shape and torch.equal(h, h0) and torch.equal(c, c0):
+            return hh, hc
+        keys = torch.cat([h0, c0], -1).transpose(0, 1).reshape(h0.shape[1], -1)
+        known = torch.cat([h, c], -1).transpose(0, 1).reshape(h.shape[1], -1)
+        same = (keys[:, None, :] == known[None, :, :]).all(-1)  # (B, B_last)
+        found = same.any(1) & keys.ne(0).any(1)  # an all-zero row is a fresh state
+        if not bool(found.any()):
+            return None
+        rows = same.to(torch.uint8).argmax(1)
+        keep = found.to(hh.dtype)[None, :, None]
+        return hh[:, rows] * keep, hc[:, rows] * keep
+
+
 def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, ref: torch.Tensor,
-                   stacked: bool = True):
+                   stacked: bool = True, carry: Optional[_HyperCarry] = None):
     """(h0, c0, ĥ0, ĉ0), each (num_states, B, ·), from hx = None | (h0, c0) | HyperLSTMState.
 
     The user's tensors are (num_states, B, ·) — or (B, ·) without `stacked`, as nn.LSTMCell takes them —
@@ -201,7 +251,8 @@ def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, 
         t = t if batched else t.unsqueeze(-2)
         out.append(t if stacked else t.unsqueeze(0))
     if hyper is None:
-        out += [zeros(Hh), zeros(Hh)]
+        found = carry.lookup(out[0], out[1]) if carry is not None else None
+        out += list(found) if found is not None else [zeros(Hh), zeros(Hh)]
     return tuple(out)
 
 
@@ -239,10 +290,15 @@ class HyperLSTM(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 hyper_size: int = 128, hyper_embed: int = 16, layer_norm: bool = True, forget_bias: float = 1.0,
-                 recurrent_dropout: float = 0.0, backend: str = "auto", device=None, dtype=None):
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, hyper_size: int = 128, hyper_embed: int = 16, layer_norm: bool = True,
+                 forget_bias: float = 1.0, recurrent_dropout: float = 0.0, carry_hyper_state: bool = True,
+                 backend: str = "auto"):
         super().__init__()
+        if isinstance(proj_size, bool) or proj_size != 0:
+            raise ValueError(f"proj_size: HyperLSTM has no output projection; expected 0 (nn.LSTM's default), got "
+                             f"{proj_size!r}. The hyper-specific options (hyper_size, ...) are keyword-only")
+        self._carry = _HyperCarry() if flag("carry_hyper_state", carry_hyper_state) else None
         self.input_size, self.hidden_size = positive_int("input_size", input_size), positive_int("hidden_size", hidden_size)
         self.num_layers = positive_int("num_layers", num_layers)
         self.bias, self.batch_first = flag("bias", bias), flag("batch_first", batch_first)
@@ -254,8 +310,10 @@ class HyperLSTM(nn.Module):
         self.backend = _check_backend(backend)
         D = 2 if bidirectional else 1
         self.cells = nn.ModuleList(
-            HyperLSTMCell(input_size if layer == 0 else D * hidden_size, hidden_size, hyper_size, hyper_embed,
-                          layer_norm, forget_bias, recurrent_dropout, bias, backend, device=device, dtype=dtype)
+            HyperLSTMCell(input_size if layer == 0 else D * hidden_size, hidden_size, bias, device, dtype,
+                          hyper_size=hyper_size, hyper_embed=hyper_embed, layer_norm=layer_norm,
+                          forget_bias=forget_bias, recurrent_dropout=recurrent_dropout, carry_hyper_state=False,
+                          backend=backend)
             for layer in range(num_layers) for _ in range(D))
 
     proj_size = 0  # nn.LSTM's attribute, for code that reads it; projections are not supported
@@ -285,7 +343,7 @@ class HyperLSTM(nn.Module):
             x = x if batched else x.unsqueeze(1)
         T, B, _ = x.shape
         L, D = self.num_layers, self.num_directions
-        state = _initial_state(hx, L * D, B, self.hidden_size, self.hyper_size, batched, ref)
+        state = _initial_state(hx, L * D, B, self.hidden_size, self.hyper_size, batched, ref, carry=self._carry)
         backend = resolve_backend(self.backend, x.device)
         rev = _reverse_index(T, lengths, x.device) if D == 2 else None
         finals = []
@@ -302,6 +360,8 @@ class HyperLSTM(nn.Module):
             if self.dropout > 0 and self.training and layer < L - 1:
                 layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
         h_n, c_n, hh_n, hc_n = (torch.stack(s) for s in zip(*finals))
+        if self._carry is not None:
+            self._carry.remember(h_n, c_n, hh_n, hc_n)
         out = layer_input
         if packed:
             out = _repack(out, input)

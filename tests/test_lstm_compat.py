@@ -1,0 +1,115 @@
+"""Code written for torch.nn.LSTM / nn.LSTMCell works with HyperLSTM / HyperLSTMCell: training loops that
+rebuild the state as a plain tuple keep the hyper state, the constructor's positional arguments mean what
+they mean for nn.LSTM."""
+import pytest
+import torch
+
+import hyperfused
+from helpers import randomize_
+
+
+def repackage_hidden(h):
+    """As PyTorch's word-language-model example writes it: the returned state rebuilt as plain tuples."""
+    if isinstance(h, torch.Tensor):
+        return h.detach()
+    return tuple(repackage_hidden(v) for v in h)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return randomize_(hyperfused.HyperLSTM(5, 12, num_layers=2, hyper_size=6, hyper_embed=3, **kw), scale=0.3)
+
+
+def _losses(model, batches, loop):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses, hidden = [], None
+    for x, y in batches:
+        if loop == "repackage":  # nn.LSTM's idiom: zeros first, then the detached plain tuple
+            hidden = (torch.zeros(2, 3, 12), torch.zeros(2, 3, 12)) if hidden is None else repackage_hidden(hidden)
+        out, hidden = model(x, hidden)
+        if loop == "state":  # the HyperLSTMState, detached
+            hidden = hidden.detach()
+        loss = (out - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if hyperfused.HAS_EXTENSION else []))
+def test_repackage_hidden_loop_gives_the_same_losses_as_the_state_loop(backend):
+    batches = [(torch.randn(4, 3, 5), torch.randn(4, 3, 12)) for _ in range(5)]
+    with_state = _losses(_model(backend=backend), batches, "state")
+    with_tuple = _losses(_model(backend=backend), batches, "repackage")
+    assert with_tuple == with_state
+    without_carry = _losses(_model(backend=backend, carry_hyper_state=False), batches, "repackage")
+    assert without_carry[0] == with_state[0] and without_carry[1:] != with_state[1:]  # the hyper state restarted
+
+
+def _continue(m, x2, hx):
+    return m(x2, hx)[0]
+
+
+@pytest.mark.parametrize("make_hx", [
+    lambda s: (s[0], s[1]),
+    lambda s: (s[0].detach(), s[1].detach()),
+    lambda s: (s[0].clone(), s[1].clone()),
+    lambda s: tuple(repackage_hidden(v) for v in s),
+], ids=["tuple", "detach", "clone", "repackage_hidden"])
+def test_a_plain_tuple_of_the_returned_state_continues_the_sequence(make_hx):
+    m = _model()
+    x1, x2 = torch.randn(3, 4, 5), torch.randn(2, 4, 5)
+    _, state = m(x1)
+    expected = m(x2, state)[0]  # the HyperLSTMState
+    _, state = m(x1)
+    torch.testing.assert_close(_continue(m, x2, make_hx(state)), expected, rtol=0, atol=0)
+
+
+def test_beam_search_reordering_with_index_select_takes_the_matching_rows():
+    m = _model()
+    x1, x2 = torch.randn(3, 4, 5), torch.randn(2, 3, 5)
+    _, state = m(x1)
+    beams = torch.tensor([2, 0, 2])
+    expected = m(x2, state.index_select(1, beams))[0]
+    _, state = m(x1)
+    h, c = state
+    torch.testing.assert_close(m(x2, (h.index_select(1, beams), c.index_select(1, beams)))[0], expected, rtol=0, atol=0)
+
+
+def test_a_fresh_zero_state_is_a_fresh_hyper_state():
+    m = _model()
+    x = torch.randn(3, 4, 5)
+    first = m(x)[0]
+    m(torch.randn(2, 4, 5))
+    zeros = (torch.zeros(2, 4, 12), torch.zeros(2, 4, 12))
+    torch.testing.assert_close(m(x, zeros)[0], first, rtol=0, atol=0)
+    other = (torch.randn(2, 4, 12), torch.randn(2, 4, 12))  # no row of the last state: fresh hyper state
+    explicit = hyperfused.HyperLSTMState(*other, torch.zeros(2, 4, 6), torch.zeros(2, 4, 6))
+    torch.testing.assert_close(m(x, other)[0], m(x, explicit)[0], rtol=0, atol=0)
+
+
+def test_lstm_cell_loop_keeps_the_hyper_state():
+    """h, c = cell(x, (h, c)), as with nn.LSTMCell, gives what passing the HyperLSTMState gives."""
+    torch.manual_seed(0)
+    cell = randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2), scale=0.3)
+    xs = torch.randn(4, 3, 5)
+    state = None
+    for x in xs:
+        state = cell(x, state)
+    h = c = None
+    for x in xs:
+        h, c = cell(x, None if h is None else (h, c))
+    torch.testing.assert_close(h, state[0], rtol=0, atol=0)
+
+
+def test_nn_lstm_positional_arguments_mean_the_same():
+    """nn.LSTM's 8th positional argument is proj_size; the hyper options are keyword-only."""
+    m = hyperfused.HyperLSTM(4, 6, 2, True, True, 0.0, True, 0)
+    assert (m.num_layers, m.bias, m.batch_first, m.bidirectional) == (2, True, True, True)
+    with pytest.raises(ValueError, match=r"proj_size: HyperLSTM has no output projection; expected 0"):
+        hyperfused.HyperLSTM(4, 6, 1, True, False, 0.0, False, 128)
+    with pytest.raises(TypeError):
+        hyperfused.HyperLSTM(4, 6, 1, True, False, 0.0, False, 0, None, None, 128)  # hyper_size is keyword-only
+    cell = hyperfused.HyperLSTMCell(4, 6, False)  # nn.LSTMCell(input_size, hidden_size, bias)
+    assert not cell.use_bias
