@@ -113,3 +113,54 @@ def test_nn_lstm_positional_arguments_mean_the_same():
         hyperfused.HyperLSTM(4, 6, 1, True, False, 0.0, False, 0, None, None, 128)  # hyper_size is keyword-only
     cell = hyperfused.HyperLSTMCell(4, 6, False)  # nn.LSTMCell(input_size, hidden_size, bias)
     assert not cell.use_bias
+
+
+def test_main_parameters_have_nn_lstms_names_and_nothing_is_saved_twice():
+    m = hyperfused.HyperLSTM(4, 6, 2, bidirectional=True, hyper_size=5, hyper_embed=2)
+    lstm = torch.nn.LSTM(4, 6, 2, bidirectional=True)
+    ours = dict(m.named_parameters())
+    for name, p in lstm.named_parameters():
+        assert ours[name].shape == p.shape, name
+    sd = m.state_dict()
+    assert len({t.data_ptr() for t in sd.values()}) == len(sd)  # every entry its own tensor
+    assert set(dict(m.named_parameters())) <= set(sd)
+    assert [[t.shape for t in layer] for layer in m.all_weights] == [[t.shape for t in layer] for layer in lstm.all_weights]
+
+
+def test_initialising_by_name_as_for_nn_lstm_reaches_the_layers():
+    m = hyperfused.HyperLSTM(4, 6, 2, hyper_size=5, hyper_embed=2)
+    for name, p in m.named_parameters():
+        if name.startswith("weight_hh"):
+            torch.nn.init.constant_(p, 0.25)
+        elif name.startswith("bias_"):
+            torch.nn.init.constant_(p, 0.5)
+    for cell in m.cells:  # what the layers compute with
+        assert torch.all(cell.weight_hh == 0.25) and torch.all(cell.flat_params()[2] == 1.0)  # b_0 = b_ih + b_hh
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_lstm_and_to_lstm_are_inverse(bias):
+    lstm = torch.nn.LSTM(4, 6, 2, bias=bias, bidirectional=True)
+    m = hyperfused.HyperLSTM.from_lstm(lstm, hyper_size=5, hyper_embed=2)
+    back = m.to_lstm()
+    for (name, a), (_, b) in zip(lstm.named_parameters(), back.named_parameters()):
+        assert torch.equal(a, b), name
+    assert (back.num_layers, back.bias, back.bidirectional) == (2, bias, True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dicts_of_the_earlier_layout_still_load(bias):
+    """Before: layers were submodules 'cells.{k}.{name}' with one 'bias' (b_0)."""
+    m = _model(bias=bias, bidirectional=True)
+    old = {}
+    for k, cell in enumerate(m.cells):
+        for name, t in cell.state_dict().items():
+            if name == "bias_hh":
+                continue
+            old[f"cells.{k}.{'bias' if name == 'bias_ih' else name}"] = t + (cell.bias_hh if name == "bias_ih" else 0)
+        if not bias:
+            old[f"cells.{k}.bias"] = torch.zeros(48)
+    fresh = hyperfused.HyperLSTM(5, 12, num_layers=2, bidirectional=True, hyper_size=6, hyper_embed=3, bias=bias)
+    fresh.load_state_dict(old)
+    x = torch.randn(3, 2, 5)
+    torch.testing.assert_close(fresh(x)[0], m(x)[0])

@@ -67,7 +67,7 @@ def test_initialisation_follows_the_paper():
     for block in cell.weight_hh.detach().chunk(4, 0):  # each gate block of W_h is orthogonal
         torch.testing.assert_close(block @ block.T, torch.eye(8), atol=1e-5, rtol=0)
     assert torch.all(cell.z_weight == 0) and torch.all(cell.z_bias == 1)
-    assert torch.all(cell.bias_scale_weight == 0) and torch.all(cell.bias == 0)
+    assert torch.all(cell.bias_scale_weight == 0) and torch.all(cell.bias_ih == 0) and torch.all(cell.bias_hh == 0)
     assert 0 < cell.bias_z_weight.std() < 0.05
     assert torch.all(cell.ln_weight == 1) and torch.all(cell.ln_bias == 0)
 

@@ -11,7 +11,31 @@ from ._args import flag, positive_int, probability, real
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
 from ..reference import PARAM_NAMES
 
-_BIAS_PARAMS = ("bias", "bias_z_weight", "bias_scale_weight")
+_BIAS_PARAMS = ("bias_z_weight", "bias_scale_weight")
+# A cell's parameters and constant buffers, by name: PARAM_NAMES with b_0 as nn.LSTMCell's bias_ih + bias_hh.
+CELL_PARAM_NAMES = PARAM_NAMES[:2] + ("bias_ih", "bias_hh") + PARAM_NAMES[3:]
+
+
+def _upgrade_bias(state_dict, old_key: str, new_prefix: str, suffix: str, has_bias: bool) -> None:
+    """State dicts written before b_0 became nn.LSTM's bias_ih + bias_hh hold one 'bias': it becomes bias_ih
+    and bias_hh zero (dropped for a model without bias, where it was a zero constant)."""
+    old = state_dict.pop(old_key, None)
+    if old is not None and has_bias and new_prefix + "bias_ih" + suffix not in state_dict:
+        state_dict[new_prefix + "bias_ih" + suffix] = old
+        state_dict[new_prefix + "bias_hh" + suffix] = torch.zeros_like(old)
+
+
+def _upgrade_cell_state_dict(module, state_dict, prefix, *args):
+    _upgrade_bias(state_dict, prefix + "bias", prefix, "", module.use_bias)
+
+
+def _upgrade_lstm_state_dict(module, state_dict, prefix, *args):
+    """State dicts written when a HyperLSTM kept its layers as submodules ('cells.{k}.{name}')."""
+    for k in range(len(module._cells)):
+        old, sfx = f"{prefix}cells.{k}.", module._suffix(k)
+        _upgrade_bias(state_dict, old + "bias", prefix, sfx, module.bias)
+        for key in [key for key in state_dict if key.startswith(old)]:
+            state_dict[prefix + key[len(old):] + sfx] = state_dict.pop(key)
 _LN_PARAMS = tuple(n for n in PARAM_NAMES if "ln_" in n)
 
 
@@ -65,9 +89,11 @@ def _orthogonal_blocks_(w: torch.Tensor, blocks: int) -> None:
 class HyperLSTMCell(nn.Module):
     """One HyperLSTM step, like nn.LSTMCell: ``h_1, c_1 = cell(x, (h_0, c_0))``.
 
-    It also holds the parameters of one layer and direction of :class:`HyperLSTM`; their layout is
-    documented in :mod:`hyperfused.reference.hyper_lstm`. With ``bias=False`` the main cell has no bias
-    (b_0 and the hyper-bias path are fixed at zero); with ``layer_norm=False`` there is no layer norm.
+    The main cell's parameters have nn.LSTMCell's names and shapes: ``weight_ih`` (4H, X), ``weight_hh``
+    (4H, H), ``bias_ih`` and ``bias_hh`` (4H); the paper's b_0 is their sum, as nn.LSTMCell adds its two
+    biases. The hyper parameters are documented in :mod:`hyperfused.reference.hyper_lstm`. With
+    ``bias=False`` there is no bias (b_0 and the hyper-bias path are zero); with ``layer_norm=False`` no
+    layer norm. The hyper options are keyword-only.
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
@@ -82,20 +108,25 @@ class HyperLSTMCell(nn.Module):
         self.recurrent_dropout = probability("recurrent_dropout", recurrent_dropout)
         self.backend = _check_backend(backend)
         X, H, Hh, Nz = input_size, hidden_size, hyper_size, hyper_embed
-        shapes = dict(weight_ih=(4 * H, X), weight_hh=(4 * H, H), bias=(4 * H,), hyper_weight_ih=(4 * Hh, X + H),
+        shapes = dict(weight_ih=(4 * H, X), weight_hh=(4 * H, H), bias_ih=(4 * H,), bias_hh=(4 * H,),
+                      hyper_weight_ih=(4 * Hh, X + H),
                       hyper_weight_hh=(4 * Hh, Hh), hyper_bias=(4 * Hh,), z_weight=(8 * Nz, Hh), z_bias=(8 * Nz,),
                       scale_weight=(2, 4 * H, Nz), bias_z_weight=(4 * Nz, Hh), bias_scale_weight=(4 * H, Nz),
                       ln_weight=(4 * H,), ln_bias=(4 * H,), ln_cell_weight=(H,), ln_cell_bias=(H,),
                       hyper_ln_weight=(4 * Hh,), hyper_ln_bias=(4 * Hh,), hyper_ln_cell_weight=(Hh,),
                       hyper_ln_cell_bias=(Hh,))
         factory = dict(device=device, dtype=dtype)
-        for name in PARAM_NAMES:
+        for name in CELL_PARAM_NAMES:
+            if name in ("bias_ih", "bias_hh") and not self.use_bias:
+                self.register_parameter(name, None)  # as nn.LSTMCell(bias=False)
+                continue
             t = torch.empty(shapes[name], **factory)
             fixed = (not self.use_bias and name in _BIAS_PARAMS) or (not self.layer_norm and name in _LN_PARAMS)
             if fixed:  # constants the kernels still read; reset_parameters gives the LN ones their unit gains
                 self.register_buffer(name, t.zero_())
             else:
                 self.register_parameter(name, nn.Parameter(t))
+        self._register_load_state_dict_pre_hook(_upgrade_cell_state_dict, with_module=True)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -113,13 +144,19 @@ class HyperLSTMCell(nn.Module):
         for name in _LN_PARAMS:
             getattr(self, name).fill_(1.0 if name.endswith("weight") else 0.0)
         if self.use_bias:
-            self.bias.zero_()
+            self.bias_ih.zero_()
+            self.bias_hh.zero_()
             nn.init.normal_(self.bias_z_weight, std=0.01)
             self.bias_scale_weight.zero_()
 
     def flat_params(self) -> list[torch.Tensor]:
-        """The tensors in the order the ops take them (hyperfused.reference.PARAM_NAMES)."""
-        return [getattr(self, name) for name in PARAM_NAMES]
+        """The tensors in the order the ops take them (hyperfused.reference.PARAM_NAMES): b_0 is
+        bias_ih + bias_hh (zeros without bias)."""
+        if self.use_bias:
+            b0 = self.bias_ih + self.bias_hh
+        else:
+            b0 = self.weight_ih.new_zeros(4 * self.hidden_size)
+        return [b0 if name == "bias" else getattr(self, name) for name in PARAM_NAMES]
 
     def recurrent_masks(self, T: int, B: int, like: torch.Tensor):
         """Recurrent-dropout multipliers on φ(g) for the main and hyper cells, from torch's RNG."""
@@ -309,14 +346,50 @@ class HyperLSTM(nn.Module):
         self.recurrent_dropout = probability("recurrent_dropout", recurrent_dropout)
         self.backend = _check_backend(backend)
         D = 2 if bidirectional else 1
-        self.cells = nn.ModuleList(
-            HyperLSTMCell(input_size if layer == 0 else D * hidden_size, hidden_size, bias, device, dtype,
-                          hyper_size=hyper_size, hyper_embed=hyper_embed, layer_norm=layer_norm,
-                          forget_bias=forget_bias, recurrent_dropout=recurrent_dropout, carry_hyper_state=False,
-                          backend=backend)
-            for layer in range(num_layers) for _ in range(D))
+        cells = [HyperLSTMCell(input_size if layer == 0 else D * hidden_size, hidden_size, bias, device, dtype,
+                               hyper_size=hyper_size, hyper_embed=hyper_embed, layer_norm=layer_norm,
+                               forget_bias=forget_bias, recurrent_dropout=recurrent_dropout, carry_hyper_state=False,
+                               backend=backend)
+                 for layer in range(num_layers) for _ in range(D)]
+        # The parameters belong to this module under nn.LSTM's flat names (weight_ih_l0, bias_hh_l1_reverse,
+        # ..., and hyper_weight_ih_l0, z_weight_l0, ... beside them); each layer's HyperLSTMCell reads the same
+        # tensors but is not a submodule, so nothing is listed or saved twice.
+        for k, cell in enumerate(cells):
+            for name, t in [*cell._parameters.items(), *cell._buffers.items()]:
+                if t is None:
+                    continue
+                if isinstance(t, nn.Parameter):
+                    self.register_parameter(name + self._suffix(k), t)
+                else:
+                    self.register_buffer(name + self._suffix(k), t)
+        object.__setattr__(self, "_cells", cells)
+        self._register_load_state_dict_pre_hook(_upgrade_lstm_state_dict, with_module=True)
 
     proj_size = 0  # nn.LSTM's attribute, for code that reads it; projections are not supported
+
+    def _suffix(self, k: int) -> str:
+        """nn.LSTM's name suffix of layer-direction k: _l{layer}, and _reverse for the backward direction."""
+        return f"_l{k // self.num_directions}" + ("_reverse" if k % self.num_directions else "")
+
+    @property
+    def cells(self) -> list:
+        """One HyperLSTMCell per layer and direction (layer-major), holding this module's tensors: the one-step
+        form of each layer, and what the fused ops are given."""
+        for k, cell in enumerate(self._cells):  # follow .to(), load_state_dict(assign=True), train()/eval()
+            sfx = self._suffix(k)
+            for table in (cell._parameters, cell._buffers):
+                for name, t in table.items():
+                    if t is not None:
+                        table[name] = getattr(self, name + sfx)
+            cell.training = self.training
+        return self._cells
+
+    @property
+    def all_weights(self) -> list:
+        """[[weight_ih, weight_hh, bias_ih, bias_hh]] per layer and direction, as nn.LSTM.all_weights (the main
+        cell's; without bias, the two weights)."""
+        names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ())
+        return [[getattr(self, n + self._suffix(k)) for n in names] for k in range(len(self._cells))]
 
     @property
     def num_directions(self) -> int:
@@ -330,7 +403,8 @@ class HyperLSTM(nn.Module):
             cell.reset_parameters()
 
     def forward(self, input: Union[torch.Tensor, PackedSequence], hx=None):
-        ref = self.cells[0].weight_ih
+        cells = self.cells
+        ref = cells[0].weight_ih
         packed = isinstance(input, PackedSequence)
         if packed:
             _check_tensor("input", input.data, ref, (2,), self.input_size)
@@ -353,7 +427,7 @@ class HyperLSTM(nn.Module):
             for direction in range(D):
                 k = layer * D + direction
                 xi = layer_input if direction == 0 else _time_gather(layer_input, rev)
-                seqs = self.cells[k].run(backend, xi, [s[k] for s in state])
+                seqs = cells[k].run(backend, xi, [s[k] for s in state])
                 finals.append([_last_step(s, lengths) for s in seqs])
                 outs.append(seqs[0] if direction == 0 else _time_gather(seqs[0], rev))
             layer_input = torch.cat(outs, -1) if D == 2 else outs[0]
@@ -389,15 +463,22 @@ class HyperLSTM(nn.Module):
         m = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first, lstm.dropout,
                 lstm.bidirectional, device=ref.device, dtype=ref.dtype, **kwargs)
         with torch.no_grad():
-            for layer in range(lstm.num_layers):
-                for direction in range(m.num_directions):
-                    sfx = f"_l{layer}" + ("_reverse" if direction else "")
-                    cell = m.cells[layer * m.num_directions + direction]
-                    cell.weight_ih.copy_(getattr(lstm, "weight_ih" + sfx))
-                    cell.weight_hh.copy_(getattr(lstm, "weight_hh" + sfx))
-                    if lstm.bias:
-                        cell.bias.copy_(getattr(lstm, "bias_ih" + sfx) + getattr(lstm, "bias_hh" + sfx))
+            for ours, theirs in zip(m.all_weights, lstm.all_weights):
+                for a, b in zip(ours, theirs):
+                    a.copy_(b)
         return m
+
+    def to_lstm(self) -> nn.LSTM:
+        """The torch.nn.LSTM with this model's main weights and biases (the inverse of from_lstm): the hyper
+        network and the layer norms have no counterpart there and are left behind."""
+        ref = self._cells[0].weight_ih
+        lstm = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first, self.dropout,
+                       self.bidirectional, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for ours, theirs in zip(self.all_weights, lstm.all_weights):
+                for a, b in zip(ours, theirs):
+                    b.copy_(a)
+        return lstm
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
