@@ -104,7 +104,7 @@ def main(argv=None):
     ap.add_argument("--compile", choices=("first", "all", "none"), default="first",
                     help="configs that get the torch.compile'd reference row (compiling costs ~1 min each)")
     ap.add_argument("--backends", default=None, help="comma-separated fused backends to include (default: all)")
-    ap.add_argument("--sections", default="lstm,static", help="comma-separated: lstm, static")
+    ap.add_argument("--sections", default="lstm,static,decode", help="comma-separated: lstm, static, decode")
     ap.add_argument("--wrn", default="40,2", metavar="DEPTH,WIDEN", help="HyperWRN for the static section")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     ap.add_argument("--plot", default=None, metavar="PATH", help="write a PNG bar chart (matplotlib)")
@@ -119,7 +119,7 @@ def main(argv=None):
     sections = set(args.sections.split(","))
     meta = dict(date=datetime.date.today().isoformat(), machine=machine(), device=str(device),
                 torch=torch.__version__, commit=commit(), quick=quick)
-    out = dict(meta=meta, lstm=[], static=[])
+    out = dict(meta=meta, lstm=[], static=[], decode=[])
     print(f"hyperfused benchmarks — {meta['date']}, {meta['machine']}, torch {meta['torch']}, commit {meta['commit']}")
     if "lstm" in sections:
         out["lstm"] = run_lstm_section(configs, device, repeats, warmup, compile_on,
@@ -132,6 +132,11 @@ def main(argv=None):
         out["static"] = run_static_section(device, quick, repeats, warmup, depth, widen)
         if out["static"]:
             print(report.static_markdown(out["static"]))
+    if "decode" in sections:
+        from .decode import decode_markdown, run_decode_section
+
+        out["decode"] = run_decode_section(device, repeats)
+        print(decode_markdown(out["decode"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -27,6 +27,9 @@ def test_benchmark_suite_smoke(tmp_path, capfd):
     assert "per-tile loop (reference)" in static and any(r.startswith("hyperfused") for r in static)
     assert all(r["ms"] > 0 for r in data["static"])
     assert png.stat().st_size > 10_000
+    decode = {r["row"] for r in data["decode"]}
+    assert "nn.LSTMCell" in decode and "HyperLSTMCell reference" in decode
+    assert all(r["us_per_step"] > 0 for r in data["decode"])
     captured = capfd.readouterr()
     printed = captured.out
     assert "| implementation | fwd ms | fwd+bwd ms |" in printed and "time vs nn.LSTM" in printed

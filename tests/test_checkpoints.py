@@ -190,3 +190,21 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint_and_an_exact_resume(t
     a, b = torch.load(straight), torch.load(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@needs_ptb
+def test_sample_prints_characters_from_a_trained_checkpoint(tmp_path, capsys):
+    ck = str(tmp_path / "ck.pt")
+    _train("--steps", "3", "--checkpoint", ck)
+    base = TINY + ["--checkpoint", ck, "--sample", "40", "--prompt", "the ", "--temperature", "0.8"]
+    charlm.main(base)
+    first = capsys.readouterr().out.rstrip("\n")
+    assert first.startswith("the ") and len(first) == 44
+    charlm.main(base)
+    assert capsys.readouterr().out.rstrip("\n") == first  # --seed fixes the draw
+    charlm.main(base[:-1] + ["0.3"] + ["--seed", "7"])
+    assert capsys.readouterr().out.rstrip("\n") != first
+    with pytest.raises(SystemExit, match=r"--temperature: expected a positive number"):
+        charlm.main(base[:-1] + ["0"])
+    with pytest.raises(SystemExit, match=r"--prompt: expected non-empty text of Penn Treebank characters; \['§'\]"):
+        charlm.main(TINY + ["--checkpoint", ck, "--sample", "5", "--prompt", "§"])

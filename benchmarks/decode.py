@@ -1,0 +1,59 @@
+"""Decode section: one step of a cell, as sampling a character at a time from a char-LM runs it (no gradient,
+batch 1 and a small beam), HyperLSTMCell on each backend beside nn.LSTMCell."""
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+import hyperfused
+
+from .timing import Samples, timed
+
+# (batch, input size, hidden size): a char-LM's sampling step, and a beam of 8.
+DECODE_CONFIGS = [(1, 128, 256), (8, 128, 256)]
+
+
+def _rows(B, X, H, device):
+    torch.manual_seed(0)
+    x = torch.randn(B, X, device=device)
+    lstm = torch.nn.LSTMCell(X, H, device=device)
+    rows = [("nn.LSTMCell", lambda: lstm(x))]
+    for backend in hyperfused.ops.backends_for(device):
+        if backend == "triton" and device.type != "cuda":
+            continue  # the interpreter is for tests, not timings
+        cell = hyperfused.HyperLSTMCell(X, H, device=device, hyper_size=128, hyper_embed=16, backend=backend)
+        state = cell(x)  # steps continue from a state, as when sampling
+        rows.append((f"HyperLSTMCell {backend}", lambda cell=cell, state=state: cell(x, state)))
+    return rows
+
+
+@torch.no_grad()
+def run_decode_section(device: torch.device, repeats: int) -> list[dict]:
+    results = []
+    todo = [(cfg, _rows(*cfg, device)) for cfg in DECODE_CONFIGS]
+    bar = tqdm(total=sum(len(r) for _, r in todo) * repeats, desc="decode steps", unit="run", file=sys.stderr)
+    for (B, X, H), rows in todo:
+        samples = {name: Samples() for name, _ in rows}
+        for name, fn in rows:
+            fn()  # warm-up
+        for _ in range(repeats):
+            for name, fn in rows:  # interleaved; 20 steps per timed call, for a readable clock
+                samples[name].values.append(timed(lambda fn=fn: [fn() for _ in range(20)], device) / 20)
+                bar.update()
+        base = samples["nn.LSTMCell"].median
+        for name, _ in rows:
+            results.append(dict(B=B, X=X, H=H, row=name, us_per_step=samples[name].median * 1e6,
+                                iqr_us=samples[name].iqr * 1e6, vs_lstm_cell=samples[name].median / base))
+    bar.close()
+    return results
+
+
+def decode_markdown(results) -> str:
+    lines = ["", "### Decode: one step of a cell without gradients (Ĥ = 128, N_z = 16)", "",
+             "| B, X, H | implementation | µs per step | time vs nn.LSTMCell |", "|---|---|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['B']}, {r['X']}, {r['H']} | {r['row']} | {r['us_per_step']:.0f} ± {r['iqr_us']:.0f} | "
+                     f"{r['vs_lstm_cell']:.2f}× |")
+    return "\n".join(lines)
