@@ -4,7 +4,14 @@
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <string>
+#include <tuple>
 
 namespace hyperfused {
 namespace {
@@ -27,8 +34,49 @@ const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
 
 StepGemm::StepGemm(const at::Tensor& w) : w_(w) {
   // userEnabledMkldnn: torch.backends.mkldnn.enabled, which a user may turn off to rule oneDNN out
-  if (w.is_cpu() && w.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && onednn_linear())
+  if (w.is_cpu() && w.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && onednn_linear() &&
+      forced() != Library::Mm)
     w_nk_ = w.t().contiguous();
+}
+
+// HYPERFUSED_STEP_GEMM=onednn|mm forces a library (the tests run both); anything else, or nothing, measures.
+StepGemm::Library StepGemm::forced() {
+  const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
+  if (v && std::string(v) == "onednn") return Library::OneDnn;
+  if (v && std::string(v) == "mm") return Library::Mm;
+  return Library::Measure;
+}
+
+void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const {
+  if (lib == Library::Mm) {
+    at::mm_out(out, a, w_);
+    return;
+  }
+  out.copy_(onednn_linear()->call(a, w_nk_, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
+                                  std::nullopt));
+}
+
+// Which library is faster for this GEMM shape differs from CPU to CPU (oneDNN's kernels won by 1.5x on an AMD
+// EPYC where MKL took a generic path; MKL won on an Intel Xeon with AMX), so it is measured, once per shape
+// and process: the best of a few runs of each, on the call's own operands.
+StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
+  const Library force = forced();
+  if (force != Library::Measure) return force;
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, Library> chosen;
+  const auto key = std::make_tuple(a.size(0), w_.size(0), w_.size(1));
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto it = chosen.find(key);
+  if (it != chosen.end()) return it->second;
+  double best[2] = {1e30, 1e30};
+  for (int round = 0; round < 16; ++round)
+    for (int lib = 0; lib < 2; ++lib) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run_with(lib ? Library::Mm : Library::OneDnn, out, a);
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (round > 0) best[lib] = std::min(best[lib], dt);  // round 0 warms both up
+    }
+  return chosen[key] = best[1] < best[0] ? Library::Mm : Library::OneDnn;
 }
 
 void StepGemm::run(at::Tensor& out, const at::Tensor& a) const {
@@ -36,8 +84,8 @@ void StepGemm::run(at::Tensor& out, const at::Tensor& a) const {
     at::mm_out(out, a, w_);
     return;
   }
-  out.copy_(onednn_linear()->call(a, w_nk_, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
-                                  std::nullopt));
+  if (lib_ == Library::Measure) lib_ = choose(out, a);
+  run_with(lib_, out, a);
 }
 
 }  // namespace hyperfused

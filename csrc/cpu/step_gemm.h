@@ -1,9 +1,9 @@
 // out = a · w for a recurrent weight w used on every step of the time loop, with few rows in a (the batch).
 // On the CPU in float32 this runs oneDNN's matmul (torch's mkldnn::_linear_pointwise op, which caches the
-// primitive per shape), the library behind nn.LSTM on the CPU: for these short-and-wide GEMMs it is up to
-// 1.5x faster than MKL's sgemm on the machines we measured (T=100, B=32, H=1000: fwd+bwd 1.08-1.12 s vs
-// 1.15-1.36 s). Elsewhere (CUDA, float64, a torch built without oneDNN or with torch.backends.mkldnn
-// disabled) it is at::mm_out.
+// primitive per shape; the library behind nn.LSTM on the CPU) or MKL's sgemm (at::mm_out), whichever is
+// faster on this machine for this shape: measured once per shape and process. Neither wins everywhere (oneDNN
+// by up to 1.5x on an AMD EPYC, MKL on an Intel Xeon). Elsewhere (CUDA, float64, a torch built without
+// oneDNN or with torch.backends.mkldnn disabled) it is at::mm_out.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -17,7 +17,13 @@ class StepGemm {
   void run(at::Tensor& out, const at::Tensor& a) const;
 
  private:
-  at::Tensor w_, w_nk_;  // w_nk_ = wᵀ contiguous, defined when oneDNN runs the product
+  enum class Library { Measure, OneDnn, Mm };
+  static Library forced();
+  Library choose(at::Tensor& out, const at::Tensor& a) const;
+  void run_with(Library lib, at::Tensor& out, const at::Tensor& a) const;
+
+  at::Tensor w_, w_nk_;  // w_nk_ = wᵀ contiguous, defined when oneDNN may run the product
+  mutable Library lib_ = Library::Measure;  // chosen at the first run
 };
 
 }  // namespace hyperfused
