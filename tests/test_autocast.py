@@ -5,15 +5,11 @@ import pytest
 import torch
 
 import hyperfused
-from conftest import HAS_GPU
+from conftest import HAS_GPU, backend_params, device_for
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
 LOW = torch.float16 if HAS_GPU else torch.bfloat16
-BACKENDS = [b for b in ("cpu", "cuda", "triton") if b in hyperfused.available_backends()]
-
-
-def _devices_for(backend):
-    return "cpu" if backend == "cpu" else DEVICE
+BACKENDS = backend_params("cpu", "cuda", "triton")
 
 
 def _lstm_run(m, x):
@@ -25,13 +21,11 @@ def _lstm_run(m, x):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hyper_lstm_under_autocast_matches_float32(backend):
-    if backend == "cuda" and not HAS_GPU:
-        pytest.skip("no CUDA GPU on this machine; CUDA tests need one")
-    device = _devices_for(backend)
+    device = device_for(backend)
     m = hyperfused.HyperLSTM(6, 24, hyper_size=12, hyper_embed=4, backend=backend, device=device)
     x = torch.randn(3, 2, 6, device=device)
     plain = _lstm_run(m, x)
-    with torch.autocast(device, dtype=LOW):
+    with torch.autocast(device, dtype=LOW if device == DEVICE else torch.bfloat16):
         mixed = _lstm_run(m, x)
     for a, b in zip(mixed, plain):
         assert a.dtype == torch.float32
@@ -40,9 +34,7 @@ def test_hyper_lstm_under_autocast_matches_float32(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernel_generation_under_autocast_matches_float32(backend):
-    if backend == "cuda" and not HAS_GPU:
-        pytest.skip("no CUDA GPU on this machine; CUDA tests need one")
-    device = _devices_for(backend)
+    device = device_for(backend)
     net = hyperfused.StaticHyperNetwork(z_dim=8, in_tile=4, out_tile=4, kernel_size=3, backend=backend).to(device)
     convs = [hyperfused.HyperConv2d(8, 8, 3, hypernet=net), hyperfused.HyperConv2d(8, 4, 3, hypernet=net)]
     convs = [c.to(device) for c in convs]
@@ -54,7 +46,7 @@ def test_kernel_generation_under_autocast_matches_float32(backend):
         return list(kernels) + [p.grad.clone() for p in net.parameters()]
 
     plain = run()
-    with torch.autocast(device, dtype=LOW):
+    with torch.autocast(device, dtype=LOW if device == DEVICE else torch.bfloat16):
         mixed = run()
     for a, b in zip(mixed, plain):
         torch.testing.assert_close(a, b)

