@@ -1,4 +1,4 @@
-// Whole-model kernel generation: every tile of every generated layer in one call (DESIGN.md §2).
+// Whole-model kernel generation: every tile of every generated layer in one call (docs/design.md §2).
 //   A[t, i, :] = W_i z_t + B_i                       (tiles, in_tile, hidden)
 //   K[t, i, :] = W_out A[t, i, :] + B_out            (tiles, in_tile, out_tile·k·k)
 //   kernels[layer][o, c, :, :]  <-  K[t, i, ...]     layout change straight into the conv weights
