@@ -17,6 +17,9 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <cstdlib>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <string>
 
 namespace hyperfused {
@@ -80,14 +83,54 @@ Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
   return s;
 }
 
-// Owns the transposed weight copies that StepParams points into.
+// Owns the transposed weight copies that StepParams points into, and the forward's recurrent weight
+// [W_h ; Ŵ_x[:, X:]] (4H+4Ĥ, H) as one contiguous block.
 struct Transposed {
-  at::Tensor z_weight_t, scale_weight_t;
+  at::Tensor z_weight_t, scale_weight_t, w_rec;
   Transposed(at::TensorList p, const Sizes& s)
       : z_weight_t(at::cat({p[Z_WEIGHT], p[BIAS_Z_WEIGHT]}, 0).t().contiguous()),
         scale_weight_t(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0)
-                           .view({3, 4, s.H, s.Nz}).transpose(2, 3).contiguous()) {}
+                           .view({3, 4, s.H, s.Nz}).transpose(2, 3).contiguous()),
+        w_rec(at::cat({p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H)}, 0)) {}
 };
+
+// Preparing those copies costs megabytes of memory traffic per call at the paper's size, more than a
+// decode step's arithmetic (B = 1, T = 1). When no gradient flows to the weights (inference: the Python
+// wrapper passes detached parameters then), they are kept across calls, keyed by the source tensors'
+// storage and version counter (an in-place update invalidates them); the entry holds the sources, so their
+// memory cannot be reused under the same key while it lives. A small LRU list: models hold one entry per
+// layer and direction.
+std::shared_ptr<const Transposed> prepared(at::TensorList p, const Sizes& s, void* stream) {
+  const int sources[] = {WEIGHT_HH, HYPER_WEIGHT_IH, Z_WEIGHT, BIAS_Z_WEIGHT, SCALE_WEIGHT, BIAS_SCALE_WEIGHT};
+  bool cacheable = true;
+  for (int i : sources) cacheable = cacheable && !p[i].requires_grad() && !p[i].is_inference();
+  if (!cacheable) return std::make_shared<const Transposed>(p, s);
+  std::vector<int64_t> key = {s.X, s.H, s.Hh, s.Nz, int64_t(p[0].scalar_type()), int64_t(p[0].device().type()),
+                              int64_t(p[0].device().index()), reinterpret_cast<int64_t>(stream)};
+  for (int i : sources) {
+    key.push_back(reinterpret_cast<int64_t>(p[i].data_ptr()));
+    key.push_back(int64_t(p[i]._version()));
+  }
+  struct Entry {
+    std::vector<int64_t> key;
+    std::vector<at::Tensor> sources;
+    std::shared_ptr<const Transposed> value;
+  };
+  static std::mutex mutex;
+  static std::list<Entry> cache;  // most recent first
+  constexpr size_t kEntries = 8;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = cache.begin(); it != cache.end(); ++it)
+    if (it->key == key) {
+      cache.splice(cache.begin(), cache, it);
+      return cache.front().value;
+    }
+  Entry e{key, {}, std::make_shared<const Transposed>(p, s)};
+  for (int i : sources) e.sources.push_back(p[i]);
+  cache.push_front(std::move(e));
+  if (cache.size() > kEntries) cache.pop_back();
+  return cache.front().value;
+}
 
 StepParams step_params(at::TensorList p, const Transposed& tr) {
   return StepParams{p[BIAS].data_ptr(),           p[Z_WEIGHT].data_ptr(),         p[Z_BIAS].data_ptr(),
@@ -139,7 +182,8 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const auto x2 = x.reshape({T * B, X});
   const auto gx = at::mm(x2, p[WEIGHT_IH].t()).view({T, B, 4 * H});
   const auto ghx = at::addmm(p[HYPER_BIAS], x2, p[HYPER_WEIGHT_IH].narrow(1, 0, X).t()).view({T, B, 4 * Hh});
-  const auto w_rec = at::cat({p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, X, H)}, 0).t();  // (H, 4H+4Ĥ)
+  const auto tr = prepared(p, s, k.stream());
+  const auto w_rec = tr->w_rec.t();  // (H, 4H+4Ĥ)
   const auto w_hyper = p[HYPER_WEIGHT_HH].t();
   const auto opts = x.options();
   auto hs = at::empty({T, B, H}, opts), cs = at::empty({T, B, H}, opts);
@@ -147,8 +191,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   auto g = at::empty({T, B, dims.g_width()}, opts);
   auto ws = at::empty({T, B, WsLayout(dims).width}, opts);
   auto ghh = at::empty({B, 4 * Hh}, opts);
-  const Transposed tr(p, s);
-  const StepParams sp = step_params(p, tr);
+  const StepParams sp = step_params(p, *tr);
   const StepGemm rec(w_rec), hyper(w_hyper);
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor h_prev = t ? hs.select(0, t - 1) : h0;
@@ -197,7 +240,6 @@ std::vector<at::Tensor> hyper_lstm_backward(
 
   const auto x2 = x.reshape({M, X});
   const auto gx = at::mm(x2, p[WEIGHT_IH].t()).view({T, B, 4 * H});  // recomputed rather than stored
-  const auto w_rec = at::cat({p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, X, H)}, 0);  // (4H+4Ĥ, H)
   const auto opts = x.options();
   auto dg = at::empty({T, B, GW}, opts);
   auto dws = at::empty({T, B, D.width}, opts);
@@ -205,7 +247,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   auto dh_rec = at::empty({B, H}, opts), dhh_rec = at::empty({B, Hh}, opts);
   const Transposed tr(p, s);
   const StepParams sp = step_params(p, tr);
-  const StepGemm rec(w_rec), hyper(p[HYPER_WEIGHT_HH]);
+  const StepGemm rec(tr.w_rec), hyper(p[HYPER_WEIGHT_HH]);  // (4H+4Ĥ, H), (4Ĥ, Ĥ): the transposed products
   const AccumLayout A(dims);
   auto accum = in_kernel ? at::zeros({int64_t(at::get_num_threads()), A.width}, opts) : at::Tensor();
   for (int64_t t = T - 1; t >= 0; --t) {

@@ -164,3 +164,29 @@ def test_state_dicts_of_the_earlier_layout_still_load(bias):
     fresh.load_state_dict(old)
     x = torch.randn(3, 2, 5)
     torch.testing.assert_close(fresh(x)[0], m(x)[0])
+
+
+@pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
+def test_decoding_without_gradients_reuses_prepared_weights_until_they_change():
+    """Without gradients the op keeps its prepared weight copies across calls; an in-place change of a
+    weight (an optimiser step, a load_state_dict) must be seen by the next step."""
+    torch.manual_seed(0)
+    cell = randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2, backend="cpu"), scale=0.3)
+    ref = hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2, backend="reference")
+    ref.load_state_dict(cell.state_dict())
+    xs = torch.randn(6, 3, 5)
+    state = ref_state = None
+    with torch.no_grad():
+        for t, x in enumerate(xs):
+            if t == 3:
+                for m in (cell, ref):  # in place, as an optimiser does
+                    m.weight_hh.add_(0.5)
+                    m.hyper_weight_ih.mul_(-1.0)
+                    m.scale_weight.add_(0.01)
+            state, ref_state = cell(x, state), ref(x, ref_state)
+            torch.testing.assert_close(state.hyper_h, ref_state.hyper_h, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(state[0], ref_state[0], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        cell.load_state_dict(randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2)).state_dict())
+        ref.load_state_dict(cell.state_dict())
+        torch.testing.assert_close(cell(xs[0], state)[0], ref(xs[0], ref_state)[0], rtol=1e-5, atol=1e-6)

@@ -39,6 +39,10 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
             return tuple(o.to(dtype) for o in outs)
         op = torch.ops.hyperfused.hyper_lstm_triton_forward if backend == "triton" else \
             torch.ops.hyperfused.hyper_lstm_forward
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, h0, c0, hh0, hc0, *params)):
+            # No gradient will be asked for: detached weights let the op keep its prepared copies of them
+            # across calls (csrc/hyper_lstm.cpp, `prepared`), which is most of a decode step's cost.
+            params = [p.detach() for p in params]
         outs = op(
             x.contiguous(), h0.contiguous(), c0.contiguous(), hh0.contiguous(), hc0.contiguous(),
             [p.contiguous() for p in params], mask, hyper_mask, layer_norm, float(forget_bias))
