@@ -53,7 +53,8 @@ void check_arg(const at::Tensor& t, const char* name, std::vector<int64_t> shape
 
 Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0,
                    const at::Tensor& hc0, at::TensorList p, const std::optional<at::Tensor>& mask,
-                   const std::optional<at::Tensor>& hyper_mask) {
+                   const std::optional<at::Tensor>& hyper_mask, const std::optional<at::Tensor>& zoneout_mask,
+                   const std::optional<at::Tensor>& hyper_zoneout_mask) {
   TORCH_CHECK(x.dim() == 3, "hyperfused::hyper_lstm: 'x' must have shape (T, B, input_size), got ", x.sizes());
   TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 0,
               "hyperfused::hyper_lstm: 'x' must be non-empty, got shape ", x.sizes());
@@ -80,6 +81,8 @@ Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
   for (int i = 0; i < NUM_PARAMS; ++i) check_arg(p[i], kParamNames[i], shapes[i], x);
   if (mask) check_arg(*mask, "mask", {s.T, B, H}, x);
   if (hyper_mask) check_arg(*hyper_mask, "hyper_mask", {s.T, B, Hh}, x);
+  if (zoneout_mask) check_arg(*zoneout_mask, "zoneout_mask", {s.T, B, H}, x);
+  if (hyper_zoneout_mask) check_arg(*hyper_zoneout_mask, "hyper_zoneout_mask", {s.T, B, Hh}, x);
   return s;
 }
 
@@ -173,8 +176,9 @@ bool sums_in_kernel(const StepKernels& k) {
 ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                               const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList p,
                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask,
-                              bool layer_norm, double forget_bias) {
-  const Sizes s = check_inputs(x, h0, c0, hh0, hc0, p, mask, hyper_mask);
+                              bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
+                              const std::optional<at::Tensor>& hyper_zoneout_mask) {
+  const Sizes s = check_inputs(x, h0, c0, hh0, hc0, p, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask);
   const c10::DeviceGuard guard(x.device());
   const NoAutocast no_autocast;
   const Dims dims = s.dims();
@@ -202,7 +206,8 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
     ForwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
                    g_t.data_ptr(), ghh.data_ptr(), gx.select(0, t).data_ptr(), ghx.select(0, t).data_ptr(),
                    (t ? cs.select(0, t - 1) : c0).data_ptr(), (t ? hcs.select(0, t - 1) : hc0).data_ptr(),
-                   ptr_or_null(mask, t), ptr_or_null(hyper_mask, t),
+                   ptr_or_null(mask, t), ptr_or_null(hyper_mask, t), ptr_or_null(zoneout_mask, t),
+                   ptr_or_null(hyper_zoneout_mask, t), h_prev.data_ptr(), hh_prev.data_ptr(),
                    hs.select(0, t).data_ptr(), cs.select(0, t).data_ptr(), hhs.select(0, t).data_ptr(),
                    hcs.select(0, t).data_ptr(), ws.select(0, t).data_ptr(), k.stream()};
     k.forward(st);
@@ -216,8 +221,9 @@ std::vector<at::Tensor> hyper_lstm_backward(
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList p,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask, const at::Tensor& hs,
     const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
-    bool layer_norm, double forget_bias) {
-  const Sizes s = check_inputs(x, h0, c0, hh0, hc0, p, mask, hyper_mask);
+    bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
+    const std::optional<at::Tensor>& hyper_zoneout_mask) {
+  const Sizes s = check_inputs(x, h0, c0, hh0, hc0, p, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask);
   const c10::DeviceGuard guard(x.device());
   const NoAutocast no_autocast;
   const Dims dims = s.dims();
@@ -245,6 +251,11 @@ std::vector<at::Tensor> hyper_lstm_backward(
   auto dws = at::empty({T, B, D.width}, opts);
   auto dc = at::zeros({B, H}, opts), dhc = at::zeros({B, Hh}, opts);
   auto dh_rec = at::empty({B, H}, opts), dhh_rec = at::empty({B, Hh}, opts);
+  // With zoneout the kernel leaves the share of dh_t that skips the cell here; it joins dh_{t-1} after the GEMM.
+  const bool zone = zoneout_mask.has_value() && zoneout_mask->defined();
+  const bool hzone = hyper_zoneout_mask.has_value() && hyper_zoneout_mask->defined();
+  auto dh_zone = zone ? at::empty({B, H}, opts) : at::Tensor();
+  auto dhh_zone = hzone ? at::empty({B, Hh}, opts) : at::Tensor();
   const Transposed tr(p, s);
   const StepParams sp = step_params(p, tr);
   const StepGemm rec(tr.w_rec), hyper(p[HYPER_WEIGHT_HH]);  // (4H+4Ĥ, H), (4Ĥ, Ĥ): the transposed products
@@ -256,15 +267,19 @@ std::vector<at::Tensor> hyper_lstm_backward(
                     g.select(0, t).data_ptr(), gx.select(0, t).data_ptr(), cs.select(0, t).data_ptr(),
                     (t ? cs.select(0, t - 1) : c0).data_ptr(), hcs.select(0, t).data_ptr(),
                     (t ? hcs.select(0, t - 1) : hc0).data_ptr(), ws.select(0, t).data_ptr(),
-                    ptr_or_null(mask, t), ptr_or_null(hyper_mask, t),
+                    ptr_or_null(mask, t), ptr_or_null(hyper_mask, t), ptr_or_null(zoneout_mask, t),
+                    ptr_or_null(hyper_zoneout_mask, t),
                     ptr_or_null(grad_hs, t), last ? nullptr : dh_rec.data_ptr(), ptr_or_null(grad_cs, t),
                     ptr_or_null(grad_hhs, t), last ? nullptr : dhh_rec.data_ptr(), ptr_or_null(grad_hcs, t),
-                    dc.data_ptr(), dhc.data_ptr(), dg.select(0, t).data_ptr(), dws.select(0, t).data_ptr(),
+                    dc.data_ptr(), dhc.data_ptr(), zone ? dh_zone.data_ptr() : nullptr,
+                    hzone ? dhh_zone.data_ptr() : nullptr, dg.select(0, t).data_ptr(), dws.select(0, t).data_ptr(),
                     in_kernel ? accum.data_ptr() : nullptr, k.stream()};
     k.backward(st);
     const auto dg_t = dg.select(0, t);
     rec.run(dh_rec, dg_t);
     hyper.run(dhh_rec, dg_t.narrow(1, 4 * H, 4 * Hh));
+    if (zone) dh_rec.add_(dh_zone);
+    if (hzone) dhh_rec.add_(dhh_zone);
   }
 
   // Weight gradients: each a reduction over all T·B rows.

@@ -24,7 +24,8 @@ using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                               const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList params,
                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask,
-                              bool layer_norm, double forget_bias);
+                              bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
+                              const std::optional<at::Tensor>& hyper_zoneout_mask);
 
 std::vector<at::Tensor> hyper_lstm_backward(
     const StepKernels& k, const std::optional<at::Tensor>& grad_hs, const std::optional<at::Tensor>& grad_cs,
@@ -32,14 +33,17 @@ std::vector<at::Tensor> hyper_lstm_backward(
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList params,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask, const at::Tensor& hs,
     const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
-    bool layer_norm, double forget_bias);
+    bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
+    const std::optional<at::Tensor>& hyper_zoneout_mask);
 
 // The op entry points for one device: a registration file binds forward_on<kItsKernels> to a dispatch key.
 template <const StepKernels& K>
 ForwardOut forward_on(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0,
                       const at::Tensor& hc0, at::TensorList params, const std::optional<at::Tensor>& mask,
-                      const std::optional<at::Tensor>& hyper_mask, bool layer_norm, double forget_bias) {
-  return hyper_lstm_forward(K, x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias);
+                      const std::optional<at::Tensor>& hyper_mask, bool layer_norm, double forget_bias,
+                      const std::optional<at::Tensor>& zoneout_mask, const std::optional<at::Tensor>& hyper_zoneout_mask) {
+  return hyper_lstm_forward(K, x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
+                            hyper_zoneout_mask);
 }
 
 template <const StepKernels& K>
@@ -49,9 +53,10 @@ std::vector<at::Tensor> backward_on(
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList params,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask, const at::Tensor& hs,
     const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
-    bool layer_norm, double forget_bias) {
+    bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
+    const std::optional<at::Tensor>& hyper_zoneout_mask) {
   return hyper_lstm_backward(K, grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
-                             hs, cs, hhs, hcs, g, ws, layer_norm, forget_bias);
+                             hs, cs, hhs, hcs, g, ws, layer_norm, forget_bias, zoneout_mask, hyper_zoneout_mask);
 }
 
 }  // namespace hyperfused

@@ -88,6 +88,10 @@ struct ForwardStep {
   const void* hc_prev;  // (B, Hh)
   const void* mask;     // (B, H) or null: recurrent-dropout multiplier on φ(g)
   const void* hmask;    // (B, Hh) or null
+  const void* zmask;    // (B, H) or null: zoneout on h, 1 = take the new value (h = h_prev + zm ⊙ (h̃ - h_prev))
+  const void* hzmask;   // (B, Hh) or null: zoneout on ĥ (the embeddings read the zoned ĥ_t)
+  const void* h_prev;   // (B, H)  read only with zmask
+  const void* hh_prev;  // (B, Hh) read only with hzmask
   void *h, *c, *hh, *hc;  // (B, ·) outputs of this step
   void* ws;               // (B, WsLayout.width)
   void* stream;           // cudaStream_t on CUDA, unused on CPU
@@ -108,6 +112,8 @@ struct BackwardStep {
   const void* ws;       // saved forward workspace of this step
   const void* mask;     // or null
   const void* hmask;    // or null
+  const void* zmask;    // or null (see ForwardStep)
+  const void* hzmask;   // or null
   const void* dh_out;   // (B, H)  grad of h_t from the op's output, or null
   const void* dh_rec;   // (B, H)  grad of h_t through step t+1, or null
   const void* dc_out;   // (B, H)  or null
@@ -116,6 +122,8 @@ struct BackwardStep {
   const void* dhc_out;  // (B, Hh) or null
   void* dc_carry;       // (B, H)  in: grad of c_t through step t+1; out: grad of c_{t-1}
   void* dhc_carry;      // (B, Hh) likewise for ĉ
+  void* dh_zone;        // (B, H)  out with zmask: (1 - zm) ⊙ dh_t, the grad h_{t-1} gets past the cell
+  void* dhh_zone;       // (B, Hh) out with hzmask: likewise for ĥ_{t-1}
   void* dg;             // (B, 4H+4Hh) out: [grad of W_h h_{t-1} | grad of hyper pre-activation]
   void* dws;            // (B, DwsLayout.width) out; with accum, its da slot holds da ⊙ d_x instead
   void* accum;          // null, or (threads, AccumLayout.width): thread i adds its rows' sums to row i
@@ -133,6 +141,20 @@ int backward_step_cuda(const BackwardStep& s);
 template <typename T>
 HF_HD T sigmoid_(T x) {
   return T(1) / (T(1) + exp(-x));
+}
+
+// Zoneout, one unit: the new value where keep_new = 1, the previous where 0 (or the expectation at eval).
+template <typename T>
+HF_HD T zoneout_(T new_value, T prev, T keep_new) {
+  return prev + keep_new * (new_value - prev);
+}
+
+// Zoneout's backward, one unit: dh_t splits into the cell's share (returned) and the share that passes
+// straight to h_{t-1} (stored in *zone).
+template <typename T>
+HF_HD T zoneout_backward_(T dh, T keep_new, T* zone) {
+  *zone = (T(1) - keep_new) * dh;
+  return keep_new * dh;
 }
 
 }  // namespace hyperfused

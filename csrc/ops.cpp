@@ -28,12 +28,13 @@ const TileKernels kCpuTileKernels{nullptr, &scatter_tiles_cpu, &gather_tiles_cpu
 TORCH_LIBRARY(hyperfused, m) {
   m.def(
       "hyper_lstm_forward(Tensor x, Tensor h0, Tensor c0, Tensor hh0, Tensor hc0, Tensor[] params, Tensor? mask, "
-      "Tensor? hyper_mask, bool layer_norm, float forget_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? hyper_mask, bool layer_norm, float forget_bias, Tensor? zoneout_mask=None, "
+      "Tensor? hyper_zoneout_mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "hyper_lstm_backward(Tensor? grad_hs, Tensor? grad_cs, Tensor? grad_hhs, Tensor? grad_hcs, Tensor x, "
       "Tensor h0, Tensor c0, Tensor hh0, Tensor hc0, Tensor[] params, Tensor? mask, Tensor? hyper_mask, "
-      "Tensor hs, Tensor cs, Tensor hhs, Tensor hcs, Tensor g, Tensor ws, bool layer_norm, float forget_bias) "
-      "-> Tensor[]");
+      "Tensor hs, Tensor cs, Tensor hhs, Tensor hcs, Tensor g, Tensor ws, bool layer_norm, float forget_bias, "
+      "Tensor? zoneout_mask=None, Tensor? hyper_zoneout_mask=None) -> Tensor[]");
   m.def(
       "generate_kernels(Tensor z, Tensor w_in, Tensor b_in, Tensor w_out, Tensor b_out, Tensor tile_meta, "
       "int numel, int kernel_size) -> Tensor");

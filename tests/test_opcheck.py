@@ -30,15 +30,17 @@ def _lstm_args(device, layer_norm, masks, dtype):
     params = [p.detach().clone().requires_grad_() for p in m.cells[0].flat_params()]
     x = torch.randn(T, B, X, dtype=dtype, device=device, requires_grad=True)
     state = [torch.randn(B, n, dtype=dtype, device=device, requires_grad=True) for n in (H, H, Hh, Hh)]
-    mask = hyper_mask = None
-    if masks:
+    mask = hyper_mask = zoneout = hyper_zoneout = None
+    if masks:  # recurrent dropout and zoneout
         mask = torch.bernoulli(torch.full((T, B, H), 0.7, dtype=dtype, device=device)) / 0.7
         hyper_mask = torch.bernoulli(torch.full((T, B, Hh), 0.7, dtype=dtype, device=device)) / 0.7
-    return [x, *state, params, mask, hyper_mask, layer_norm, 1.0]
+        zoneout = torch.bernoulli(torch.full((T, B, H), 0.6, dtype=dtype, device=device))
+        hyper_zoneout = torch.full((T, B, Hh), 0.8, dtype=dtype, device=device)
+    return [x, *state, params, mask, hyper_mask, layer_norm, 1.0, zoneout, hyper_zoneout]
 
 
 @pytest.mark.parametrize("family, device", LSTM_CASES, ids=lambda v: v)
-@pytest.mark.parametrize("layer_norm, masks", [(True, False), (False, True)], ids=["ln", "noln-masks"])
+@pytest.mark.parametrize("layer_norm, masks", [(True, False), (False, True)], ids=["ln", "noln-dropout-zoneout"])
 def test_opcheck_hyper_lstm(family, device, layer_norm, masks):
     _skip_unless_built(family)
     dtype = torch.float64 if family == "cpp" else torch.float32
@@ -51,9 +53,11 @@ def test_opcheck_hyper_lstm(family, device, layer_norm, masks):
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:5]]
     params = [p.detach() for p in args[5]]
     grads = [torch.randn_like(outs[i]) for i in range(4)]
-    torch.library.opcheck(bwd, [*grads, *detached, params, *args[6:8], *outs, layer_norm, 1.0])
+    zone = args[10:12]
+    torch.library.opcheck(bwd, [*grads, *detached, params, *args[6:8], *outs, layer_norm, 1.0, *zone])
     # Gradients for only some outputs (the others None) are part of the schema too.
-    torch.library.opcheck(bwd, [grads[0], None, None, None, *detached, params, *args[6:8], *outs, layer_norm, 1.0])
+    torch.library.opcheck(bwd, [grads[0], None, None, None, *detached, params, *args[6:8], *outs, layer_norm, 1.0,
+                                *zone])
 
 
 GEN_CASES = [("cpp", "cpu")] + ([("cpp", "cuda")] if HAS_GPU else []) + ([("triton", DEVICE)] if HAS_TRITON else [])

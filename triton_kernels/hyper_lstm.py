@@ -176,6 +176,7 @@ def _feature_ranges(H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, BLOCK_H
 
 @triton.jit
 def hyper_lstm_fwd_step(g_ptr, ghh_ptr, gx_ptr, ghx_ptr, c_prev_ptr, hc_prev_ptr, mask_ptr, hmask_ptr,
+                        h_prev_ptr, hh_prev_ptr, zmask_ptr, hzmask_ptr,
                         h_ptr, c_ptr, hh_ptr, hc_ptr, ws_ptr,
                         bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
                         hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias,
@@ -184,7 +185,8 @@ def hyper_lstm_fwd_step(g_ptr, ghh_ptr, gx_ptr, ghx_ptr, c_prev_ptr, hc_prev_ptr
                         OFF_HCN: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_CRSTD: tl.constexpr, OFF_HRSTD: tl.constexpr,
                         OFF_HCRSTD: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr, BLOCK_Z: tl.constexpr,
-                        LN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_HMASK: tl.constexpr):
+                        LN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_HMASK: tl.constexpr,
+                        HAS_ZONE: tl.constexpr, HAS_HZONE: tl.constexpr):
     row = tl.program_id(0)
     ws = ws_ptr + row * WS
     oH, mH, oh, mh, oz, mz = _feature_ranges(H, HH, NZ, BLOCK_H, BLOCK_HH, BLOCK_Z)
@@ -199,6 +201,9 @@ def hyper_lstm_fwd_step(g_ptr, ghh_ptr, gx_ptr, ghx_ptr, c_prev_ptr, hc_prev_ptr
         hm = _load(hmask_ptr, row * HH + oh, mh)
     hc, hh = _cell_fwd(yi, yf, yg, yo, _load(hc_prev_ptr, row * HH + oh, mh), hm, forget_bias, hlncw_ptr, hlncb_ptr,
                        oh, mh, HH, ws + OFF_HCN, ws + OFF_HCRSTD, LN)
+    if HAS_HZONE:  # zoneout: the embeddings below read the zoned ĥ_t
+        hh_prev = _load(hh_prev_ptr, row * HH + oh, mh)
+        hh = hh_prev + _load(hzmask_ptr, row * HH + oh, mh) * (hh - hh_prev)
     tl.store(hc_ptr + row * HH + oh, hc, mask=mh)
     tl.store(hh_ptr + row * HH + oh, hh, mask=mh)
 
@@ -216,6 +221,9 @@ def hyper_lstm_fwd_step(g_ptr, ghh_ptr, gx_ptr, ghx_ptr, c_prev_ptr, hc_prev_ptr
         m = _load(mask_ptr, row * H + oH, mH)
     c, h = _cell_fwd(yi, yf, yg, yo, _load(c_prev_ptr, row * H + oH, mH), m, forget_bias, lncw_ptr, lncb_ptr, oH, mH,
                      H, ws + OFF_CN, ws + OFF_CRSTD, LN)
+    if HAS_ZONE:
+        h_prev = _load(h_prev_ptr, row * H + oH, mH)
+        h = h_prev + _load(zmask_ptr, row * H + oH, mH) * (h - h_prev)
     tl.store(c_ptr + row * H + oH, c, mask=mH)
     tl.store(h_ptr + row * H + oH, h, mask=mH)
     if not LN:  # the LN-only slots (WsLayout::ln_only_slot): zero, so the saved workspace is fully written
@@ -286,6 +294,7 @@ def _hyper_gate_bwd(k: tl.constexpr, row, dy, ws, dws, dg_ptr, hlnw_ptr, oh, mh,
 def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, ws_ptr, mask_ptr, hmask_ptr,
                         dh_out_ptr, dh_rec_ptr, dc_out_ptr, dhh_out_ptr, dhh_rec_ptr, dhc_out_ptr,
                         dc_next_ptr, dhc_next_ptr, dc_prev_ptr, dhc_prev_ptr, dg_ptr, dws_ptr,
+                        zmask_ptr, hzmask_ptr, dh_zone_ptr, dhh_zone_ptr,
                         zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
                         hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias,
                         H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, WS: tl.constexpr, DWS: tl.constexpr,
@@ -295,7 +304,7 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
                         BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr, BLOCK_Z: tl.constexpr, LN: tl.constexpr,
                         HAS_MASK: tl.constexpr, HAS_HMASK: tl.constexpr, HAS_DH_OUT: tl.constexpr,
                         HAS_REC: tl.constexpr, HAS_DC_OUT: tl.constexpr, HAS_DHH_OUT: tl.constexpr,
-                        HAS_DHC_OUT: tl.constexpr):
+                        HAS_DHC_OUT: tl.constexpr, HAS_ZONE: tl.constexpr, HAS_HZONE: tl.constexpr):
     row = tl.program_id(0)
     ws = ws_ptr + row * WS
     dws = dws_ptr + row * DWS
@@ -308,6 +317,10 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
         dh += _load(dh_out_ptr, row * H + oH, mH)
     if HAS_REC:
         dh += _load(dh_rec_ptr, row * H + oH, mH)
+    if HAS_ZONE:  # the share of dh_t that skips the cell goes straight to h_{t-1}
+        zm = _load(zmask_ptr, row * H + oH, mH)
+        tl.store(dh_zone_ptr + row * H + oH, (1.0 - zm) * dh, mask=mH)
+        dh = zm * dh
     dyi, dyf, dyg, dyo = _cell_bwd_row(yi, yf, yg, yo, dh, row, oH, mH, H, c_ptr, c_prev_ptr, ws, OFF_CN, OFF_CRSTD,
                                        lncw_ptr, lncb_ptr, mask_ptr, dc_out_ptr, dc_next_ptr, dc_prev_ptr,
                                        dws + OFF_DCOUT,
@@ -327,6 +340,10 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
                           oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
 
     # Hyper cell.
+    if HAS_HZONE:
+        hzm = _load(hzmask_ptr, row * HH + oh, mh)
+        tl.store(dhh_zone_ptr + row * HH + oh, (1.0 - hzm) * dhh, mask=mh)
+        dhh = hzm * dhh
     hi, hf, hg, ho = _gates(ws, OFF_HN, hlnw_ptr, hlnb_ptr, oh, mh, HH, LN)
     dhi, dhf, dhg, dho = _cell_bwd_row(hi, hf, hg, ho, dhh, row, oh, mh, HH, hc_ptr, hc_prev_ptr, ws, OFF_HCN,
                                        OFF_HCRSTD, hlncw_ptr, hlncb_ptr, hmask_ptr, dhc_out_ptr, dhc_next_ptr,
@@ -342,32 +359,35 @@ def _launch_config(H, Hh, Nz):
     return blocks, (8 if blocks["BLOCK_H"] >= 512 else 4)
 
 
-def forward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False):
+def forward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_zone=False, has_hzone=False):
     """(constexprs, num_warps) that `forward` launches hyper_lstm_fwd_step with: the one definition, which the
     compile-for-target check (benchmarks/gpu_resources.py) reads too."""
     blocks, warps = _launch_config(H, Hh, Nz)
     return dict(H=H, HH=Hh, NZ=Nz, WS=ws_width(H, Hh, Nz), LN=bool(layer_norm), HAS_MASK=bool(has_mask),
-                HAS_HMASK=bool(has_hmask), **blocks, **ws_layout(H, Hh, Nz)), warps
+                HAS_HMASK=bool(has_hmask), HAS_ZONE=bool(has_zone), HAS_HZONE=bool(has_hzone), **blocks,
+                **ws_layout(H, Hh, Nz)), warps
 
 
 def backward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_dh_out=True, has_rec=True,
-                    has_dc_out=False, has_dhh_out=False, has_dhc_out=False):
+                    has_dc_out=False, has_dhh_out=False, has_dhc_out=False, has_zone=False, has_hzone=False):
     """(constexprs, num_warps) that `backward` launches hyper_lstm_bwd_step with."""
     blocks, warps = _launch_config(H, Hh, Nz)
     return dict(H=H, HH=Hh, NZ=Nz, WS=ws_width(H, Hh, Nz), DWS=dws_width(H, Hh, Nz), LN=bool(layer_norm),
                 HAS_MASK=bool(has_mask), HAS_HMASK=bool(has_hmask), HAS_DH_OUT=bool(has_dh_out),
                 HAS_REC=bool(has_rec), HAS_DC_OUT=bool(has_dc_out), HAS_DHH_OUT=bool(has_dhh_out),
-                HAS_DHC_OUT=bool(has_dhc_out), OFF_DCOUT=8 * H, OFF_DHCOUT=9 * H + 12 * Nz + 4 * Hh,
-                **blocks, **ws_layout(H, Hh, Nz)), warps
+                HAS_DHC_OUT=bool(has_dhc_out), HAS_ZONE=bool(has_zone), HAS_HZONE=bool(has_hzone),
+                OFF_DCOUT=8 * H, OFF_DHCOUT=9 * H + 12 * Nz + 4 * Hh, **blocks, **ws_layout(H, Hh, Nz)), warps
 
 
-def forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm: bool, forget_bias: float):
+def forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm: bool, forget_bias: float, zoneout_mask=None,
+            hyper_zoneout_mask=None):
     """Whole-sequence forward of one layer/direction; returns (hs, cs, hhs, hcs, g, ws) like the C++ op."""
     with on_device_of(x):
-        return _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias)
+        return _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
+                        hyper_zoneout_mask)
 
 
-def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias):
+def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zm, hzm):
     (wih, whh, bias, hwih, hwhh, hbias, zw, zb, sw, bzw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw,
      hlncb) = params
     T, B, X = x.shape
@@ -379,7 +399,8 @@ def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_b
     new = lambda *shape: x.new_empty(shape)  # noqa: E731
     hs, cs, hhs, hcs = new(T, B, H), new(T, B, H), new(T, B, Hh), new(T, B, Hh)
     g, ws, ghh = new(T, B, 4 * H + 4 * Hh), new(T, B, ws_width(H, Hh, Nz)), new(B, 4 * Hh)
-    consts, warps = forward_config(H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None)
+    consts, warps = forward_config(H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None, zm is not None,
+                                   hzm is not None)
     for t in range(T):
         h_prev, c_prev = (hs[t - 1], cs[t - 1]) if t else (h0, c0)
         hh_prev, hc_prev = (hhs[t - 1], hcs[t - 1]) if t else (hh0, hc0)
@@ -387,22 +408,23 @@ def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_b
         torch.mm(hh_prev, hwhh.T, out=ghh)
         hyper_lstm_fwd_step[(B,)](
             g[t], ghh, gx[t], ghx[t], c_prev, hc_prev, mask[t] if mask is not None else ws,
-            hyper_mask[t] if hyper_mask is not None else ws, hs[t], cs[t], hhs[t], hcs[t], ws[t],
+            hyper_mask[t] if hyper_mask is not None else ws, h_prev, hh_prev, zm[t] if zm is not None else ws,
+            hzm[t] if hzm is not None else ws, hs[t], cs[t], hhs[t], hcs[t], ws[t],
             bias, zw, zb, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias),
             num_warps=warps, **consts)
     return hs, cs, hhs, hcs, g, ws
 
 
 def backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs,
-             hcs, g, ws, layer_norm: bool, forget_bias: float):
+             hcs, g, ws, layer_norm: bool, forget_bias: float, zoneout_mask=None, hyper_zoneout_mask=None):
     """Gradients [x, h0, c0, ĥ0, ĉ0, *params] of the whole sequence, like the C++ backward op."""
     with on_device_of(x):
         return _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs,
-                         cs, hhs, hcs, g, ws, layer_norm, forget_bias)
+                         cs, hhs, hcs, g, ws, layer_norm, forget_bias, zoneout_mask, hyper_zoneout_mask)
 
 
 def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs,
-              hcs, g, ws, layer_norm, forget_bias):
+              hcs, g, ws, layer_norm, forget_bias, zm, hzm):
     (wih, whh, bias, hwih, hwhh, hbias, zw, zb, sw, bzw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw,
      hlncb) = params
     T, B, X = x.shape
@@ -417,20 +439,27 @@ def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params,
     dg, dws = new(T, B, GW), new(T, B, dws_width(H, Hh, Nz))
     dcs, dhcs = [x.new_zeros(B, H), new(B, H)], [x.new_zeros(B, Hh), new(B, Hh)]  # carries, in and out in turn
     dh_rec, dhh_rec = new(B, H), new(B, Hh)
+    # With zoneout the kernel leaves the share of dh_t that skips the cell here; it joins dh_{t-1} after the GEMM.
+    dh_zone, dhh_zone = new(B, H), new(B, Hh)
     for i, t in enumerate(reversed(range(T))):
         consts, warps = backward_config(H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None,
                                         grad_hs is not None, t < T - 1, grad_cs is not None, grad_hhs is not None,
-                                        grad_hcs is not None)
+                                        grad_hcs is not None, zm is not None, hzm is not None)
         hyper_lstm_bwd_step[(B,)](
             g[t], gx[t], cs[t], cs[t - 1] if t else c0, hcs[t], hcs[t - 1] if t else hc0, ws[t],
             mask[t] if mask is not None else ws, hyper_mask[t] if hyper_mask is not None else ws,
             grad_hs[t] if grad_hs is not None else ws, dh_rec, grad_cs[t] if grad_cs is not None else ws,
             grad_hhs[t] if grad_hhs is not None else ws, dhh_rec, grad_hcs[t] if grad_hcs is not None else ws,
             dcs[i % 2], dhcs[i % 2], dcs[1 - i % 2], dhcs[1 - i % 2], dg[t], dws[t],
+            zm[t] if zm is not None else ws, hzm[t] if hzm is not None else ws, dh_zone, dhh_zone,
             zw, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias),
             num_warps=warps, **consts)
         torch.mm(dg[t], w_rec, out=dh_rec)
         torch.mm(dg[t, :, 4 * H:], hwhh, out=dhh_rec)
+        if zm is not None:
+            dh_rec += dh_zone
+        if hzm is not None:
+            dhh_rec += dhh_zone
     dc, dhc = dcs[T % 2], dhcs[T % 2]
     return weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh_rec, dc, dhh_rec, dhc,
                             layer_norm, (T, B, X, H, Hh, Nz))

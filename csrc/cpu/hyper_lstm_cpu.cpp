@@ -135,7 +135,7 @@ template <typename T>
 void cell_forward(const T* gates, const T* g_gain, const T* g_bias, const T* c_gain, const T* c_bias,
                   const T* __restrict c_prev, const T* __restrict mask, T forget_bias, bool ln, int64_t n,
                   T* __restrict c, T* __restrict h, T* __restrict cn, T* crstd, std::vector<T>& y,
-                  std::vector<T>& ones) {
+                  std::vector<T>& ones, const T* __restrict zoneout = nullptr, const T* __restrict h_prev = nullptr) {
   y.resize(4 * n);
   apply_affine(gates, g_gain, g_bias, ln, 4 * n, y.data());
   const T *yi = y.data(), *yf = yi + n, *yg = yf + n, *yo = yg + n;
@@ -153,6 +153,8 @@ void cell_forward(const T* gates, const T* g_gain, const T* g_bias, const T* c_g
     cout = co;
   }
   for (int64_t j = 0; j < n; ++j) h[j] = sigm(yo[j]) * tanh_(cout[j]);
+  if (zoneout)
+    for (int64_t j = 0; j < n; ++j) h[j] = zoneout_(h[j], h_prev[j], zoneout[j]);
 }
 
 // Reverse of cell_forward. Produces dy (grad of the affine gate outputs), da (grad of the gate
@@ -163,7 +165,7 @@ void cell_backward(const T* gates, const T* g_gain, const T* g_bias, const T* c_
                    const T* __restrict mask, T forget_bias, bool ln, int64_t n, const T* __restrict dh_a,
                    const T* __restrict dh_b, const T* __restrict dc_out, T* __restrict dc_carry,
                    T* __restrict dcout, T* __restrict dy, T* __restrict da, std::vector<T>& y, std::vector<T>& tmp,
-                   std::vector<T> (&fill)[4]) {
+                   std::vector<T> (&fill)[4], const T* __restrict zoneout = nullptr, T* __restrict dh_zone = nullptr) {
   y.resize(4 * n);
   tmp.resize(n);
   const T* __restrict m = or_constant(mask, fill[0], T(1), n);
@@ -178,7 +180,7 @@ void cell_backward(const T* gates, const T* g_gain, const T* g_bias, const T* c_
   else
     std::copy(c, c + n, co);
   for (int64_t j = 0; j < n; ++j) {
-    const T dh = dha[j] + dhb[j];
+    const T dh = zoneout ? zoneout_backward_(dha[j] + dhb[j], zoneout[j], dh_zone + j) : dha[j] + dhb[j];
     const T tc = tanh_(co[j]);
     const T so = sigm(yo[j]);
     dy[3 * n + j] = dh * tc * so * (T(1) - so);
@@ -261,7 +263,8 @@ void forward_rows(const ForwardStep& s) {
       for (int64_t j = 0; j < 4 * Hh; ++j) hn[j] = ghx[j] + gh[j] + ghh[j];
       if (s.layer_norm) normalize_blocks(hn, 4, Hh, ws + L.hrstd);
       cell_forward(hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb,
-                   s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd, y, ones);
+                   s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd, y, ones,
+                   row_of<T>(s.hzmask, b, Hh), row_of<T>(s.hh_prev, b, Hh));
       // Embeddings from the updated ĥ_t, then the scaling vectors d_h, d_x, d_b.
       T* z = ws + L.z;
       embeddings(P, d, hh, z);
@@ -274,7 +277,7 @@ void forward_rows(const ForwardStep& s) {
       if (s.layer_norm) normalize_blocks(n, 4, H, ws + L.rstd);
       cell_forward(n, P.lnw, P.lnb, P.lncw, P.lncb, row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb,
                    s.layer_norm, H, static_cast<T*>(s.c) + b * H, static_cast<T*>(s.h) + b * H, ws + L.cn,
-                   ws + L.crstd, y, ones);
+                   ws + L.crstd, y, ones, row_of<T>(s.zmask, b, H), row_of<T>(s.h_prev, b, H));
       if (!s.layer_norm)
         for (int64_t i = 0; i < L.ln_only_count(d); ++i) ws[L.ln_only_slot(d, i)] = T(0);
     }
@@ -310,7 +313,8 @@ void backward_rows(const BackwardStep& s) {
       cell_backward(ws + L.n, P.lnw, P.lnb, P.lncw, P.lncb, ws + L.rstd, ws + L.cn, ws[L.crstd], row_of<T>(s.c, b, H),
                     row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm, H,
                     row_of<T>(s.dh_out, b, H), row_of<T>(s.dh_rec, b, H), row_of<T>(s.dc_out, b, H),
-                    static_cast<T*>(s.dc_carry) + b * H, dco, dy, da, y, tmp, fill);
+                    static_cast<T*>(s.dc_carry) + b * H, dco, dy, da, y, tmp, fill, row_of<T>(s.zmask, b, H),
+                    s.dh_zone ? static_cast<T*>(s.dh_zone) + b * H : nullptr);
       // Through the row scaling into W_h h_{t-1} ...
       const T* z = ws + L.z;
       scaling_vectors(P, d, z, acc ? 2 : 1, scale.data());
@@ -360,7 +364,8 @@ void backward_rows(const BackwardStep& s) {
       cell_backward(ws + L.hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, ws + L.hrstd, ws + L.hcn, ws[L.hcrstd],
                     row_of<T>(s.hc, b, Hh), row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb, s.layer_norm,
                     Hh, static_cast<const T*>(dhh.data()), static_cast<const T*>(nullptr), row_of<T>(s.dhc_out, b, Hh),
-                    static_cast<T*>(s.dhc_carry) + b * Hh, dws + D.dhcout, dws + D.dyh, dg + 4 * H, y, tmp, fill);
+                    static_cast<T*>(s.dhc_carry) + b * Hh, dws + D.dhcout, dws + D.dyh, dg + 4 * H, y, tmp, fill,
+                    row_of<T>(s.hzmask, b, Hh), s.dhh_zone ? static_cast<T*>(s.dhh_zone) + b * Hh : nullptr);
     }
   });
 }

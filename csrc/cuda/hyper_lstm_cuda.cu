@@ -58,7 +58,8 @@ __device__ void layer_norm_backward(const T* dout, const T* xhat, const T* gain,
 
 template <typename T>
 __device__ void cell_forward(const T* gates, const T* gg, const T* gb, const T* cg, const T* cb, const T* c_prev,
-                             const T* mask, T fb, bool ln, int64_t n, T* c, T* h, T* cn, T* crstd, T* red) {
+                             const T* mask, T fb, bool ln, int64_t n, T* c, T* h, T* cn, T* crstd, T* red,
+                             const T* zoneout, const T* h_prev) {
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     T ga = tanh(affine(gates, gg, gb, 2 * n + j, ln));
     if (mask) ga *= mask[j];
@@ -69,7 +70,8 @@ __device__ void cell_forward(const T* gates, const T* gg, const T* gb, const T* 
   if (ln) normalize(cn, n, crstd, red);
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const T co = ln ? cn[j] * cg[j] + cb[j] : c[j];
-    h[j] = sigmoid_(affine(gates, gg, gb, 3 * n + j, ln)) * tanh(co);
+    const T h_new = sigmoid_(affine(gates, gg, gb, 3 * n + j, ln)) * tanh(co);
+    h[j] = zoneout ? zoneout_(h_new, h_prev[j], zoneout[j]) : h_new;
   }
   __syncthreads();
 }
@@ -78,9 +80,10 @@ template <typename T>
 __device__ void cell_backward(const T* gates, const T* gg, const T* gb, const T* cg, const T* cb, const T* rstd,
                               const T* cn, T crstd, const T* c, const T* c_prev, const T* mask, T fb, bool ln,
                               int64_t n, const T* dh_a, const T* dh_b, const T* dc_out, T* dc_carry, T* dcout,
-                              T* dy, T* da, T* red) {
+                              T* dy, T* da, T* red, const T* zoneout, T* dh_zone) {
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const T dh = (dh_a ? dh_a[j] : T(0)) + (dh_b ? dh_b[j] : T(0));
+    const T dh_in = (dh_a ? dh_a[j] : T(0)) + (dh_b ? dh_b[j] : T(0));
+    const T dh = zoneout ? zoneout_backward_(dh_in, zoneout[j], dh_zone + j) : dh_in;
     const T tc = tanh(ln ? cn[j] * cg[j] + cb[j] : c[j]);
     const T so = sigmoid_(affine(gates, gg, gb, 3 * n + j, ln));
     dy[3 * n + j] = dh * tc * so * (T(1) - so);
@@ -165,7 +168,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardStep s) {
   if (s.layer_norm)
     for (int k = 0; k < 4; ++k) normalize(hn + k * Hh, Hh, ws + L.hrstd + k, red);
   cell_forward(hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb,
-               s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd, red);
+               s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd, red,
+               row_of<T>(s.hzmask, b, Hh), row_of<T>(s.hh_prev, b, Hh));
 
   // z = [z_bias ; 0] + [z_weight ; bias_z_weight] ĥ_t, read through the transpose for coalescing.
   T* z = ws + L.z;
@@ -184,7 +188,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardStep s) {
   if (s.layer_norm)
     for (int k = 0; k < 4; ++k) normalize(n + k * H, H, ws + L.rstd + k, red);
   cell_forward(n, P.lnw, P.lnb, P.lncw, P.lncb, row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm,
-               H, static_cast<T*>(s.c) + b * H, static_cast<T*>(s.h) + b * H, ws + L.cn, ws + L.crstd, red);
+               H, static_cast<T*>(s.c) + b * H, static_cast<T*>(s.h) + b * H, ws + L.cn, ws + L.crstd, red,
+               row_of<T>(s.zmask, b, H), row_of<T>(s.h_prev, b, H));
   if (!s.layer_norm)
     for (int64_t i = threadIdx.x; i < L.ln_only_count(d); i += blockDim.x) ws[L.ln_only_slot(d, i)] = T(0);
 }
@@ -208,7 +213,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardStep s) {
   cell_backward(ws + L.n, P.lnw, P.lnb, P.lncw, P.lncb, ws + L.rstd, ws + L.cn, ws[L.crstd], row_of<T>(s.c, b, H),
                 row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm, H, row_of<T>(s.dh_out, b, H),
                 row_of<T>(s.dh_rec, b, H), row_of<T>(s.dc_out, b, H), static_cast<T*>(s.dc_carry) + b * H,
-                dws + D.dcout, dws + D.dy, da, red);
+                dws + D.dcout, dws + D.dy, da, red, row_of<T>(s.zmask, b, H),
+                s.dh_zone ? static_cast<T*>(s.dh_zone) + b * H : nullptr);
 
   const T* z = ws + L.z;
   for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x) dg[r] = da[r] * P.scale(0, r, z, d);
@@ -240,7 +246,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardStep s) {
   cell_backward(ws + L.hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, ws + L.hrstd, ws + L.hcn, ws[L.hcrstd],
                 row_of<T>(s.hc, b, Hh), row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb, s.layer_norm, Hh,
                 static_cast<const T*>(dhh), static_cast<const T*>(nullptr), row_of<T>(s.dhc_out, b, Hh),
-                static_cast<T*>(s.dhc_carry) + b * Hh, dws + D.dhcout, dws + D.dyh, dg + 4 * H, red);
+                static_cast<T*>(s.dhc_carry) + b * Hh, dws + D.dhcout, dws + D.dyh, dg + 4 * H, red,
+                row_of<T>(s.hzmask, b, Hh), s.dhh_zone ? static_cast<T*>(s.dhh_zone) + b * Hh : nullptr);
 }
 
 template <typename T>

@@ -98,9 +98,11 @@ class HyperLSTMCell(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
                  hyper_size: int = 128, hyper_embed: int = 16, layer_norm: bool = True, forget_bias: float = 1.0,
-                 recurrent_dropout: float = 0.0, carry_hyper_state: bool = True, backend: str = "auto"):
+                 recurrent_dropout: float = 0.0, zoneout: float = 0.0, hyper_zoneout: float = 0.0,
+                 carry_hyper_state: bool = True, backend: str = "auto"):
         super().__init__()
         self._carry = _HyperCarry() if flag("carry_hyper_state", carry_hyper_state) else None
+        self.zoneout, self.hyper_zoneout = probability("zoneout", zoneout), probability("hyper_zoneout", hyper_zoneout)
         self.input_size, self.hidden_size = positive_int("input_size", input_size), positive_int("hidden_size", hidden_size)
         self.hyper_size, self.hyper_embed = positive_int("hyper_size", hyper_size), positive_int("hyper_embed", hyper_embed)
         self.layer_norm, self.use_bias = flag("layer_norm", layer_norm), flag("bias", bias)
@@ -167,11 +169,25 @@ class HyperLSTMCell(nn.Module):
         hyper = torch.empty(T, B, self.hyper_size, device=like.device, dtype=like.dtype).bernoulli_(keep) / keep
         return main, hyper
 
+    def zoneout_masks(self, T: int, B: int, like: torch.Tensor):
+        """Zoneout on h and ĥ (Krueger et al. 2016, as haste applies it): 1 where a unit takes its new value.
+        Training draws Bernoulli(1 - p) from torch's RNG; evaluation uses the expectation, 1 - p everywhere."""
+        masks = []
+        for p, n in ((self.zoneout, self.hidden_size), (self.hyper_zoneout, self.hyper_size)):
+            if p == 0.0:
+                masks.append(None)
+            elif self.training:
+                masks.append(torch.empty(T, B, n, device=like.device, dtype=like.dtype).bernoulli_(1.0 - p))
+            else:
+                masks.append(torch.full((T, B, n), 1.0 - p, device=like.device, dtype=like.dtype))
+        return masks
+
     def run(self, backend: str, x: torch.Tensor, state):
         """The whole sequence x (T, B, X) from state (h, c, ĥ, ĉ); returns per-step (h, c, ĥ, ĉ)."""
         mask, hyper_mask = self.recurrent_masks(x.shape[0], x.shape[1], x)
+        zoneout_mask, hyper_zoneout_mask = self.zoneout_masks(x.shape[0], x.shape[1], x)
         return hyper_lstm_layer(backend, x, *state, self.flat_params(), self.layer_norm, self.forget_bias, mask,
-                                hyper_mask)
+                                hyper_mask, zoneout_mask, hyper_zoneout_mask)
 
     def forward(self, input: torch.Tensor, hx=None) -> HyperLSTMState:
         _check_tensor("input", input, self.weight_ih, (1, 2), self.input_size)
@@ -329,8 +345,8 @@ class HyperLSTM(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None, *, hyper_size: int = 128, hyper_embed: int = 16, layer_norm: bool = True,
-                 forget_bias: float = 1.0, recurrent_dropout: float = 0.0, carry_hyper_state: bool = True,
-                 backend: str = "auto"):
+                 forget_bias: float = 1.0, recurrent_dropout: float = 0.0, zoneout: float = 0.0,
+                 hyper_zoneout: float = 0.0, carry_hyper_state: bool = True, backend: str = "auto"):
         super().__init__()
         if isinstance(proj_size, bool) or proj_size != 0:
             raise ValueError(f"proj_size: HyperLSTM has no output projection; expected 0 (nn.LSTM's default), got "
@@ -344,12 +360,13 @@ class HyperLSTM(nn.Module):
         self.hyper_size, self.hyper_embed = positive_int("hyper_size", hyper_size), positive_int("hyper_embed", hyper_embed)
         self.layer_norm, self.forget_bias = flag("layer_norm", layer_norm), real("forget_bias", forget_bias)
         self.recurrent_dropout = probability("recurrent_dropout", recurrent_dropout)
+        self.zoneout, self.hyper_zoneout = probability("zoneout", zoneout), probability("hyper_zoneout", hyper_zoneout)
         self.backend = _check_backend(backend)
         D = 2 if bidirectional else 1
         cells = [HyperLSTMCell(input_size if layer == 0 else D * hidden_size, hidden_size, bias, device, dtype,
                                hyper_size=hyper_size, hyper_embed=hyper_embed, layer_norm=layer_norm,
-                               forget_bias=forget_bias, recurrent_dropout=recurrent_dropout, carry_hyper_state=False,
-                               backend=backend)
+                               forget_bias=forget_bias, recurrent_dropout=recurrent_dropout, zoneout=zoneout,
+                               hyper_zoneout=hyper_zoneout, carry_hyper_state=False, backend=backend)
                  for layer in range(num_layers) for _ in range(D)]
         # The parameters belong to this module under nn.LSTM's flat names (weight_ih_l0, bias_hh_l1_reverse,
         # ..., and hyper_weight_ih_l0, z_weight_l0, ... beside them); each layer's HyperLSTMCell reads the same

@@ -23,6 +23,7 @@ def _check_arg(op: str, t, name: str, shape: Sequence, x: torch.Tensor, x_name: 
 
 
 def lstm_sizes(x, h0, c0, hh0, hc0, params, mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
+               zoneout_mask: Optional[torch.Tensor] = None, hyper_zoneout_mask: Optional[torch.Tensor] = None,
                op: str = "hyperfused::hyper_lstm"):
     """Checks the forward op's inputs as csrc/hyper_lstm.cpp does; returns (T, B, X, H, Ĥ, N_z)."""
     torch._check(x.dim() == 3, lambda: f"{op}: 'x' must have shape (T, B, input_size), got {list(x.shape)}")
@@ -45,8 +46,10 @@ def lstm_sizes(x, h0, c0, hh0, hc0, params, mask: Optional[torch.Tensor], hyper_
         _check_arg(op, t, name, shape, x)
     if mask is not None:
         _check_arg(op, mask, "mask", (T, B, H), x)
-    if hyper_mask is not None:
-        _check_arg(op, hyper_mask, "hyper_mask", (T, B, Hh), x)
+    for name, m, n in (("hyper_mask", hyper_mask, Hh), ("zoneout_mask", zoneout_mask, H),
+                       ("hyper_zoneout_mask", hyper_zoneout_mask, Hh)):
+        if m is not None:
+            _check_arg(op, m, name, (T, B, n), x)
     return T, B, X, H, Hh, Nz
 
 

@@ -25,17 +25,20 @@ def workspace_width(H: int, Hh: int, Nz: int) -> int:
 
 def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.Tensor], layer_norm: bool,
                      forget_bias: float, mask: Optional[torch.Tensor] = None,
-                     hyper_mask: Optional[torch.Tensor] = None):
-    """Runs x (T, B, X) from (h0, c0, ĥ0, ĉ0); returns the per-step (h, c, ĥ, ĉ), each (T, B, ·)."""
+                     hyper_mask: Optional[torch.Tensor] = None, zoneout_mask: Optional[torch.Tensor] = None,
+                     hyper_zoneout_mask: Optional[torch.Tensor] = None):
+    """Runs x (T, B, X) from (h0, c0, ĥ0, ĉ0); returns the per-step (h, c, ĥ, ĉ), each (T, B, ·). The masks
+    (T, B, ·) are recurrent dropout's multipliers on φ(g) and zoneout's (1 = take the new h)."""
+    masks = (mask, hyper_mask, zoneout_mask, hyper_zoneout_mask)
     if backend == "reference":
         return reference.hyper_lstm_sequence(x, h0, c0, hh0, hc0, reference.HyperLSTMParams(*params), layer_norm,
-                                             forget_bias, mask, hyper_mask)
+                                             forget_bias, *masks)
     if backend in ("cpu", "cuda", "triton"):
         dtype = x.dtype
         if dtype not in _FLOAT_DTYPES:  # half/bfloat16: compute and accumulate in float32
             cast = lambda t: None if t is None else t.float()  # noqa: E731
             outs = hyper_lstm_layer(backend, *map(cast, (x, h0, c0, hh0, hc0)), [p.float() for p in params],
-                                    layer_norm, forget_bias, cast(mask), cast(hyper_mask))
+                                    layer_norm, forget_bias, *map(cast, masks))
             return tuple(o.to(dtype) for o in outs)
         op = torch.ops.hyperfused.hyper_lstm_triton_forward if backend == "triton" else \
             torch.ops.hyperfused.hyper_lstm_forward
@@ -45,15 +48,16 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
             params = [p.detach() for p in params]
         outs = op(
             x.contiguous(), h0.contiguous(), c0.contiguous(), hh0.contiguous(), hc0.contiguous(),
-            [p.contiguous() for p in params], mask, hyper_mask, layer_norm, float(forget_bias))
+            [p.contiguous() for p in params], mask, hyper_mask, layer_norm, float(forget_bias), zoneout_mask,
+            hyper_zoneout_mask)
         return tuple(outs[:4])
     raise ValueError(f"backend: no HyperLSTM implementation named {backend!r}")
 
 
 def check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs,
-                        cs, hhs, hcs, g, ws) -> None:
+                        cs, hhs, hcs, g, ws, zoneout_mask=None, hyper_zoneout_mask=None) -> None:
     """What the backward op checks (the forward's inputs, its saved outputs and the incoming gradients)."""
-    sizes = _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask)
+    sizes = _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask)
     _checks.lstm_saved(x, sizes, hs, cs, hhs, hcs, g, ws, workspace_width(*sizes[3:]))
     _checks.lstm_grads(x, sizes, (grad_hs, grad_cs, grad_hhs, grad_hcs))
 
@@ -63,31 +67,35 @@ def register_lstm_meta(forward_op: str, backward_op: str) -> None:
     hyperfused::hyper_lstm_forward/_backward (the C++ ops and the Triton ones share them)."""
 
     @torch.library.register_fake(forward_op)
-    def _(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias):
-        T, B, _, H, Hh, Nz = _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask)
+    def _(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask=None,
+          hyper_zoneout_mask=None):
+        T, B, _, H, Hh, Nz = _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask,
+                                                hyper_zoneout_mask)
         return (x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, Hh), x.new_empty(T, B, Hh),
                 x.new_empty(T, B, 4 * H + 4 * Hh), x.new_empty(T, B, workspace_width(H, Hh, Nz)))
 
     @torch.library.register_fake(backward_op)
-    def _(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, *saved):
+    def _(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs, hcs, g,
+          ws, layer_norm, forget_bias, zoneout_mask=None, hyper_zoneout_mask=None):
         check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
-                            *saved[:6])
+                            hs, cs, hhs, hcs, g, ws, zoneout_mask, hyper_zoneout_mask)
         return [torch.empty_like(t) for t in (x, h0, c0, hh0, hc0, *params)]
 
     backward_impl = getattr(torch.ops.hyperfused, backward_op.split("::")[1])
 
     def setup_context(ctx, inputs, output):
-        x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias = inputs
+        x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, *zone = inputs
+        zone = (zone + [None, None])[:2]  # the zoneout masks have defaults
         ctx.set_materialize_grads(False)  # unused outputs (g, ws, often cs) need no zero-filled gradients
         ctx.layer_norm, ctx.forget_bias = layer_norm, forget_bias
-        ctx.save_for_backward(x, h0, c0, hh0, hc0, mask, hyper_mask, *output, *params)
+        ctx.save_for_backward(x, h0, c0, hh0, hc0, mask, hyper_mask, *zone, *output, *params)
 
     def backward(ctx, grad_hs, grad_cs, grad_hhs, grad_hcs, _grad_g, _grad_ws):
         refuse_double_backward("the fused HyperLSTM")
-        x, h0, c0, hh0, hc0, mask, hyper_mask, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
+        x, h0, c0, hh0, hc0, mask, hyper_mask, zm, hzm, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
         grads = backward_impl(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
-                              hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias)
-        return (*grads[:5], list(grads[5:]), None, None, None, None)
+                              hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias, zm, hzm)
+        return (*grads[:5], list(grads[5:]), None, None, None, None, None, None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 

@@ -55,12 +55,14 @@ if _kernels is not None:
     @torch.library.custom_op("hyperfused::hyper_lstm_triton_forward", mutates_args=())
     def triton_forward(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, hh0: torch.Tensor, hc0: torch.Tensor,
                        params: list[torch.Tensor], mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
-                       layer_norm: bool, forget_bias: float
+                       layer_norm: bool, forget_bias: float, zoneout_mask: Optional[torch.Tensor] = None,
+                       hyper_zoneout_mask: Optional[torch.Tensor] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         float32_only(x, "x", "hyperfused::hyper_lstm_triton")
-        lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, op="hyperfused::hyper_lstm_triton")
+        lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask,
+                   op="hyperfused::hyper_lstm_triton")
         return _without_autocast(_kernels.forward)(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm,
-                                                   forget_bias)
+                                                   forget_bias, zoneout_mask, hyper_zoneout_mask)
 
     @torch.library.custom_op("hyperfused::hyper_lstm_triton_backward", mutates_args=())
     def triton_backward(grad_hs: Optional[torch.Tensor], grad_cs: Optional[torch.Tensor],
@@ -68,12 +70,14 @@ if _kernels is not None:
                         h0: torch.Tensor, c0: torch.Tensor, hh0: torch.Tensor, hc0: torch.Tensor,
                         params: list[torch.Tensor], mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
                         hs: torch.Tensor, cs: torch.Tensor, hhs: torch.Tensor, hcs: torch.Tensor, g: torch.Tensor,
-                        ws: torch.Tensor, layer_norm: bool, forget_bias: float) -> list[torch.Tensor]:
+                        ws: torch.Tensor, layer_norm: bool, forget_bias: float,
+                        zoneout_mask: Optional[torch.Tensor] = None,
+                        hyper_zoneout_mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs,
-                            cs, hhs, hcs, g, ws)
+                            cs, hhs, hcs, g, ws, zoneout_mask, hyper_zoneout_mask)
         return _without_autocast(_kernels.backward)(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0,
                                                     params, mask, hyper_mask, hs, cs, hhs, hcs, g, ws, layer_norm,
-                                                    forget_bias)
+                                                    forget_bias, zoneout_mask, hyper_zoneout_mask)
 
     register_lstm_meta("hyperfused::hyper_lstm_triton_forward", "hyperfused::hyper_lstm_triton_backward")
 

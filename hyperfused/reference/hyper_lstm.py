@@ -117,11 +117,21 @@ def scaling_vectors(hh, p: HyperLSTMParams):
     return d
 
 
-def hyper_lstm_step(x, state, p: HyperLSTMParams, layer_norm_on=True, forget_bias=1.0, mask=None, hyper_mask=None):
-    """One time step. ``state = (h, c, ĥ, ĉ)``; returns the new state in the same order."""
+def zoneout(new, prev, keep_new):
+    """Zoneout (Krueger et al. 2016) as haste applies it to h: ``keep_new`` is 1 where a unit takes its new
+    value and 0 where it keeps the previous one (training: Bernoulli(1 - p) draws), or 1 - p everywhere
+    (evaluation: the expectation)."""
+    return new if keep_new is None else prev + keep_new * (new - prev)
+
+
+def hyper_lstm_step(x, state, p: HyperLSTMParams, layer_norm_on=True, forget_bias=1.0, mask=None, hyper_mask=None,
+                    zoneout_mask=None, hyper_zoneout_mask=None):
+    """One time step. ``state = (h, c, ĥ, ĉ)``; returns the new state in the same order. The zoneout masks
+    act on h and ĥ (the embeddings read the zoned ĥ_t)."""
     h_prev, c_prev, hh_prev, hc_prev = state
     H = h_prev.shape[-1]
     hh, hc = hyper_cell_step(x, h_prev, hh_prev, hc_prev, p, layer_norm_on, forget_bias, hyper_mask)
+    hh = zoneout(hh, hh_prev, hyper_zoneout_mask)
     d = scaling_vectors(hh, p)
     pre = {}
     for k, y in enumerate(GATES):
@@ -129,19 +139,22 @@ def hyper_lstm_step(x, state, p: HyperLSTMParams, layer_norm_on=True, forget_bia
         a = d["h", y] * (h_prev @ _gate(p.weight_hh.T, k, H)) + d["x", y] * (x @ _gate(p.weight_ih.T, k, H)) + d["b", y]
         pre[y] = layer_norm(a, _gate(p.ln_weight, k, H), _gate(p.ln_bias, k, H)) if layer_norm_on else a
     h, c = _lstm_update(pre, c_prev, (p.ln_cell_weight, p.ln_cell_bias), forget_bias, layer_norm_on, mask)
-    return h, c, hh, hc
+    return zoneout(h, h_prev, zoneout_mask), c, hh, hc
 
 
 def hyper_lstm_sequence(x, h0, c0, hh0, hc0, p: HyperLSTMParams, layer_norm_on=True, forget_bias=1.0,
-                        mask: Optional[torch.Tensor] = None, hyper_mask: Optional[torch.Tensor] = None):
+                        mask: Optional[torch.Tensor] = None, hyper_mask: Optional[torch.Tensor] = None,
+                        zoneout_mask: Optional[torch.Tensor] = None, hyper_zoneout_mask: Optional[torch.Tensor] = None):
     """Runs x of shape (T, B, X) from the given state; returns the stacked (h, c, ĥ, ĉ) of every step.
 
-    ``mask``/``hyper_mask`` (T, B, H)/(T, B, Hh) are recurrent-dropout multipliers (already scaled by 1/keep).
+    ``mask``/``hyper_mask`` (T, B, H)/(T, B, Hh) are recurrent-dropout multipliers (already scaled by 1/keep);
+    ``zoneout_mask``/``hyper_zoneout_mask`` of the same shapes are zoneout's (see `zoneout`).
     """
     state = (h0, c0, hh0, hc0)
     outs = []
+    at = lambda m, t: None if m is None else m[t]  # noqa: E731
     for t in range(x.shape[0]):
-        state = hyper_lstm_step(x[t], state, p, layer_norm_on, forget_bias,
-                                None if mask is None else mask[t], None if hyper_mask is None else hyper_mask[t])
+        state = hyper_lstm_step(x[t], state, p, layer_norm_on, forget_bias, at(mask, t), at(hyper_mask, t),
+                                at(zoneout_mask, t), at(hyper_zoneout_mask, t))
         outs.append(state)
     return tuple(torch.stack(s) for s in zip(*outs))
