@@ -190,3 +190,27 @@ def test_decoding_without_gradients_reuses_prepared_weights_until_they_change():
         cell.load_state_dict(randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2)).state_dict())
         ref.load_state_dict(cell.state_dict())
         torch.testing.assert_close(cell(xs[0], state)[0], ref(xs[0], ref_state)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
+def test_decode_path_gives_what_the_general_path_gives(monkeypatch):
+    """Stepping with the returned state under no_grad takes the decode path; it computes the same numbers."""
+    torch.manual_seed(0)
+    cell = randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2, backend="cpu"), scale=0.3)
+    xs = torch.randn(4, 3, 5)
+    general = [cell(xs[0])]
+    for x in xs[1:]:  # gradients on: the general path
+        general.append(cell(x, general[-1]))
+    calls = []
+    real = hyperfused.HyperLSTMCell._decode_step
+    monkeypatch.setattr(hyperfused.HyperLSTMCell, "_decode_step", lambda self, *a: calls.append(1) or real(self, *a))
+    with torch.no_grad():
+        decoded = [cell(xs[0])]
+        for x in xs[1:]:
+            decoded.append(cell(x, decoded[-1]))
+        for d, g in zip(decoded, general):
+            for a, b in zip(d.tensors(), g.tensors()):
+                assert torch.equal(a, b)
+        assert len(calls) == len(xs) - 1
+        with pytest.raises(ValueError, match=r"hx.hyper_c: expected a \(3, 6\) torch.float32 tensor"):
+            cell(xs[0], hyperfused.HyperLSTMState(*decoded[-1].tensors()[:3], torch.zeros(3, 5)))

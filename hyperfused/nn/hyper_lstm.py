@@ -191,6 +191,8 @@ class HyperLSTMCell(nn.Module):
 
     def forward(self, input: torch.Tensor, hx=None) -> HyperLSTMState:
         _check_tensor("input", input, self.weight_ih, (1, 2), self.input_size)
+        if self._decodes(input, hx):
+            return self._decode_step(input, hx)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         B = x.shape[0]
@@ -203,6 +205,44 @@ class HyperLSTMCell(nn.Module):
             self._carry.remember(*(t.unsqueeze(0) for t in (h, c, hh, hc)))
         if not batched:
             h, c, hh, hc = (s.squeeze(0) for s in (h, c, hh, hc))
+        return HyperLSTMState(h, c, hh, hc)
+
+    # -- decoding: one step at a time without gradients ----------------------------------------------------------
+    # Sampling from a trained model steps the cell with the state it returned, under no_grad. Most of such a
+    # step's cost was bookkeeping around a small amount of arithmetic, so this path does only what that case
+    # needs: the prepared weight list is reused while no parameter changed (version counters and storage), and
+    # the fused op is called below autograd (nothing to record).
+
+    def _decodes(self, input, hx) -> bool:
+        return (not torch.is_grad_enabled() and isinstance(hx, HyperLSTMState) and input.dim() == 2
+                and self.backend != "reference" and not torch.compiler.is_compiling()
+                and not (self.training and (self.recurrent_dropout or self.zoneout or self.hyper_zoneout))
+                and not (self.zoneout or self.hyper_zoneout)
+                and resolve_backend(self.backend, input.device) in ("cpu", "cuda"))
+
+    def _decode_params(self) -> list:
+        tensors = [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
+        key = tuple((t._version, t.data_ptr()) for t in tensors)
+        cached = self.__dict__.get("_decode_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, [p.detach().contiguous() for p in self.flat_params()])
+            self.__dict__["_decode_cache"] = cached
+        return cached[1]
+
+    def _decode_step(self, x: torch.Tensor, hx: "HyperLSTMState") -> "HyperLSTMState":
+        B = x.shape[0]
+        for name, t, n in (("hx[0] (h_0)", hx[0], self.hidden_size), ("hx[1] (c_0)", hx[1], self.hidden_size),
+                           ("hx.hyper_h", hx.hyper_h, self.hyper_size), ("hx.hyper_c", hx.hyper_c, self.hyper_size)):
+            if tuple(t.shape) != (B, n) or t.dtype != x.dtype or t.device != x.device:
+                raise ValueError(f"{name}: expected a ({B}, {n}) {x.dtype} tensor on {x.device}, got "
+                                 f"{tuple(t.shape)} {t.dtype} on {t.device}")
+        with torch._C._AutoDispatchBelowAutograd():
+            outs = torch.ops.hyperfused.hyper_lstm_forward(
+                x.unsqueeze(0).contiguous(), *(t.contiguous() for t in hx.tensors()), self._decode_params(), None,
+                None, self.layer_norm, self.forget_bias)
+        h, c, hh, hc = outs[0][0], outs[1][0], outs[2][0], outs[3][0]
+        if self._carry is not None:
+            self._carry.remember(*(t.unsqueeze(0) for t in (h, c, hh, hc)))
         return HyperLSTMState(h, c, hh, hc)
 
     def extra_repr(self) -> str:
