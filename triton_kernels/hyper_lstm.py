@@ -440,7 +440,8 @@ def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params,
     dcs, dhcs = [x.new_zeros(B, H), new(B, H)], [x.new_zeros(B, Hh), new(B, Hh)]  # carries, in and out in turn
     dh_rec, dhh_rec = new(B, H), new(B, Hh)
     # With zoneout the kernel leaves the share of dh_t that skips the cell here; it joins dh_{t-1} after the GEMM.
-    dh_zone, dhh_zone = new(B, H), new(B, Hh)
+    dh_zone = new(B, H) if zm is not None else ws
+    dhh_zone = new(B, Hh) if hzm is not None else ws
     for i, t in enumerate(reversed(range(T))):
         consts, warps = backward_config(H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None,
                                         grad_hs is not None, t < T - 1, grad_cs is not None, grad_hhs is not None,

@@ -214,10 +214,10 @@ class HyperLSTMCell(nn.Module):
     # the fused op is called below autograd (nothing to record).
 
     def _decodes(self, input, hx) -> bool:
+        # Zoneout needs masks even in evaluation, recurrent dropout in training: the general path draws them.
         return (not torch.is_grad_enabled() and isinstance(hx, HyperLSTMState) and input.dim() == 2
-                and self.backend != "reference" and not torch.compiler.is_compiling()
-                and not (self.training and (self.recurrent_dropout or self.zoneout or self.hyper_zoneout))
-                and not (self.zoneout or self.hyper_zoneout)
+                and not torch.compiler.is_compiling() and not (self.zoneout or self.hyper_zoneout)
+                and not (self.training and self.recurrent_dropout)
                 and resolve_backend(self.backend, input.device) in ("cpu", "cuda"))
 
     def _decode_params(self) -> list:
@@ -233,9 +233,7 @@ class HyperLSTMCell(nn.Module):
         B = x.shape[0]
         for name, t, n in (("hx[0] (h_0)", hx[0], self.hidden_size), ("hx[1] (c_0)", hx[1], self.hidden_size),
                            ("hx.hyper_h", hx.hyper_h, self.hyper_size), ("hx.hyper_c", hx.hyper_c, self.hyper_size)):
-            if tuple(t.shape) != (B, n) or t.dtype != x.dtype or t.device != x.device:
-                raise ValueError(f"{name}: expected a ({B}, {n}) {x.dtype} tensor on {x.device}, got "
-                                 f"{tuple(t.shape)} {t.dtype} on {t.device}")
+            _check_state(name, t, (B, n), self.weight_ih)
         with torch._C._AutoDispatchBelowAutograd():
             outs = torch.ops.hyperfused.hyper_lstm_forward(
                 x.unsqueeze(0).contiguous(), *(t.contiguous() for t in hx.tensors()), self._decode_params(), None,
@@ -312,6 +310,18 @@ class _HyperCarry:
         return hh[:, rows] * keep, hc[:, rows] * keep
 
 
+def _check_state(name: str, t, expected: tuple, ref: torch.Tensor) -> None:
+    """One tensor of a state passed in: its type, shape, and the module's dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {expected}, got {type(t).__name__}")
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the module's), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the module's device), got {t.device}")
+
+
 def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, ref: torch.Tensor,
                    stacked: bool = True, carry: Optional[_HyperCarry] = None):
     """(h0, c0, ĥ0, ĉ0), each (num_states, B, ·), from hx = None | (h0, c0) | HyperLSTMState.
@@ -332,15 +342,7 @@ def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, 
         named += [("hx.hyper_h", hyper[0], Hh), ("hx.hyper_c", hyper[1], Hh)]
     out = []
     for name, t, n in named:
-        expected = ((num_states,) if stacked else ()) + ((B, n) if batched else (n,))
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor of shape {expected}, got {type(t).__name__}")
-        if tuple(t.shape) != expected:
-            raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name}: expected dtype {ref.dtype} (the module's), got {t.dtype}")
-        if t.device != ref.device:
-            raise ValueError(f"{name}: expected a tensor on {ref.device} (the module's device), got {t.device}")
+        _check_state(name, t, ((num_states,) if stacked else ()) + ((B, n) if batched else (n,)), ref)
         t = t if batched else t.unsqueeze(-2)
         out.append(t if stacked else t.unsqueeze(0))
     if hyper is None:

@@ -44,9 +44,7 @@ def lstm_sizes(x, h0, c0, hh0, hc0, params, mask: Optional[torch.Tensor], hyper_
               (Hh,)]
     for name, t, shape in zip(PARAM_NAMES, params, shapes):
         _check_arg(op, t, name, shape, x)
-    if mask is not None:
-        _check_arg(op, mask, "mask", (T, B, H), x)
-    for name, m, n in (("hyper_mask", hyper_mask, Hh), ("zoneout_mask", zoneout_mask, H),
+    for name, m, n in (("mask", mask, H), ("hyper_mask", hyper_mask, Hh), ("zoneout_mask", zoneout_mask, H),
                        ("hyper_zoneout_mask", hyper_zoneout_mask, Hh)):
         if m is not None:
             _check_arg(op, m, name, (T, B, n), x)

@@ -99,15 +99,20 @@ def _check_resume_args(path: str, stored: dict, args) -> list[str]:
             if k not in ignore and k not in RESUME_MUST_MATCH and k in stored and stored[k] != v]
 
 
-def _check_finite(model, loss_bpc: float, step: int, args, weights: bool = False) -> None:
-    """Stops a diverged run with a non-zero exit before it writes anything, so the last good checkpoint stays.
-    The loss is checked every step; the weights (one reduction, one sync) before each checkpoint."""
-    bad = None if math.isfinite(loss_bpc) else "the loss"
-    if bad is None and weights:
+def _first_non_finite(model, loss_bpc: float = 0.0, weights: bool = False):
+    """What went non-finite: the loss (checked every step), else with `weights` a parameter (one reduction and
+    one sync, before each checkpoint); None when all is finite."""
+    if not math.isfinite(loss_bpc):
+        return "the loss"
+    if weights:
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()])
         if not finite.all():
-            names = [n for n, _ in model.named_parameters()]
-            bad = f"parameter {names[int((~finite).nonzero()[0])]}"
+            return f"parameter {[n for n, _ in model.named_parameters()][int((~finite).nonzero()[0])]}"
+    return None
+
+
+def _stop_if_diverged(bad, step: int, args) -> None:
+    """Stops a diverged run with a non-zero exit before it writes anything, so the last good checkpoint stays."""
     if bad is not None:
         kept = f"; the last good checkpoint {args.checkpoint} is kept" if args.checkpoint else ""
         raise SystemExit(f"error: training diverged at step {step}: {bad} is not finite{kept}. Try a lower --lr "
@@ -222,7 +227,7 @@ def train(args):
             state = HyperLSTMState(*state) if len(state) == 4 else tuple(state)
 
     def checkpoint():
-        _check_finite(model, 0.0, step, args, weights=True)
+        _stop_if_diverged(_first_non_finite(model, weights=True), step, args)
         s = None if state is None else list(state.tensors() if isinstance(state, HyperLSTMState) else state)
         mine = dict(rng=torch.get_rng_state(), state=s,
                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
@@ -255,7 +260,7 @@ def train(args):
         opt.step()
         step += 1
         bpc = loss.item() / math.log(2)
-        _check_finite(model, bpc, step, args)
+        _stop_if_diverged(_first_non_finite(model, bpc), step, args)
         running = bpc if running is None else 0.98 * running + 0.02 * bpc
         record = dict(step=step, train_bpc=bpc)
         if args.eval_every and step % args.eval_every == 0 and rank == 0:
