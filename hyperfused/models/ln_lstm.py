@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from ..reference import layer_norm
+from ..reference.hyper_lstm import LN_EPS
 
 
 class LayerNormLSTM(nn.Module):
@@ -42,15 +43,18 @@ class LayerNormLSTM(nn.Module):
             pre_x = x @ cell.weight_ih.T + cell.bias
             keep = 1.0 - self.recurrent_dropout
             outs = []
+            gains, biases = cell.ln_weight.view(4, H), cell.ln_bias.view(4, H)
             for t in range(T):
-                a = pre_x[t] + h @ cell.weight_hh.T
-                i, f, g, o = (layer_norm(v, w, b) for v, w, b in
-                              zip(a.chunk(4, -1), cell.ln_weight.chunk(4), cell.ln_bias.chunk(4)))
+                # The four gates' layer norms in one call on a (B, 4, H) view: the same math as four calls
+                # (biased variance, ε = LN_EPS), a quarter of the autograd nodes per step.
+                a = (pre_x[t] + h @ cell.weight_hh.T).view(B, 4, H)
+                i, f, g, o = (F.layer_norm(a, (H,), eps=LN_EPS) * gains + biases).unbind(1)
                 g = torch.tanh(g)
                 if self.training and self.recurrent_dropout > 0:
                     g = g * torch.empty_like(g).bernoulli_(keep) / keep
                 c = torch.sigmoid(f + self.forget_bias) * c + torch.sigmoid(i) * g
-                h = torch.sigmoid(o) * torch.tanh(layer_norm(c, cell.ln_cell_weight, cell.ln_cell_bias))
+                ln_c = F.layer_norm(c, (H,), cell.ln_cell_weight, cell.ln_cell_bias, LN_EPS)
+                h = torch.sigmoid(o) * torch.tanh(ln_c)
                 outs.append(h)
             x = torch.stack(outs)
             hs.append(h)

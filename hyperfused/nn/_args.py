@@ -30,6 +30,13 @@ def real(name: str, value) -> float:
     return float(value)
 
 
+def finite_real(name: str, value) -> float:
+    x = real(name, value)
+    if x in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return x
+
+
 def probability(name: str, value, include_one: bool = False) -> float:
     p = real(name, value)
     if not (0.0 <= p <= 1.0 if include_one else 0.0 <= p < 1.0):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from ._args import flag, positive_int, probability, real
+from ._args import finite_real, flag, positive_int, probability, real
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
 from ..reference import PARAM_NAMES
 
@@ -93,15 +93,18 @@ class HyperLSTMCell(nn.Module):
     (4H, H), ``bias_ih`` and ``bias_hh`` (4H); the paper's b_0 is their sum, as nn.LSTMCell adds its two
     biases. The hyper parameters are documented in :mod:`hyperfused.reference.hyper_lstm`. With
     ``bias=False`` there is no bias (b_0 and the hyper-bias path are zero); with ``layer_norm=False`` no
-    layer norm. The hyper options are keyword-only.
+    layer norm. ``scale_init`` is where every scaling vector d starts: the paper's 0.1 by default (its
+    recurrent-batch-norm trick); 1.0 starts the main cell as a plain (LN-)LSTM. The hyper options are
+    keyword-only.
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
                  hyper_size: int = 128, hyper_embed: int = 16, layer_norm: bool = True, forget_bias: float = 1.0,
                  recurrent_dropout: float = 0.0, zoneout: float = 0.0, hyper_zoneout: float = 0.0,
-                 carry_hyper_state: bool = True, backend: str = "auto"):
+                 carry_hyper_state: bool = True, scale_init: float = 0.1, backend: str = "auto"):
         super().__init__()
         self._carry = _HyperCarry() if flag("carry_hyper_state", carry_hyper_state) else None
+        self.scale_init = finite_real("scale_init", scale_init)
         self.zoneout, self.hyper_zoneout = probability("zoneout", zoneout), probability("hyper_zoneout", hyper_zoneout)
         self.input_size, self.hidden_size = positive_int("input_size", input_size), positive_int("hidden_size", hidden_size)
         self.hyper_size, self.hyper_embed = positive_int("hyper_size", hyper_size), positive_int("hyper_embed", hyper_embed)
@@ -133,7 +136,8 @@ class HyperLSTMCell(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The paper's initialisation (docs/design.md §1): every scaling vector d starts at 0.1."""
+        """The paper's initialisation (docs/design.md §1): every scaling vector d starts at ``scale_init``
+        (the paper's 0.1 by default)."""
         Nz = self.hyper_embed
         _orthogonal_(self.weight_ih)
         _orthogonal_blocks_(self.weight_hh, 4)
@@ -142,7 +146,7 @@ class HyperLSTMCell(nn.Module):
         self.hyper_bias.zero_()
         self.z_weight.zero_()
         self.z_bias.fill_(1.0)
-        self.scale_weight.fill_(0.1 / Nz)
+        self.scale_weight.fill_(self.scale_init / Nz)
         for name in _LN_PARAMS:
             getattr(self, name).fill_(1.0 if name.endswith("weight") else 0.0)
         if self.use_bias:
@@ -388,7 +392,8 @@ class HyperLSTM(nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None, *, hyper_size: int = 128, hyper_embed: int = 16, layer_norm: bool = True,
                  forget_bias: float = 1.0, recurrent_dropout: float = 0.0, zoneout: float = 0.0,
-                 hyper_zoneout: float = 0.0, carry_hyper_state: bool = True, backend: str = "auto"):
+                 hyper_zoneout: float = 0.0, carry_hyper_state: bool = True, scale_init: float = 0.1,
+                 backend: str = "auto"):
         super().__init__()
         if isinstance(proj_size, bool) or proj_size != 0:
             raise ValueError(f"proj_size: HyperLSTM has no output projection; expected 0 (nn.LSTM's default), got "
@@ -403,12 +408,14 @@ class HyperLSTM(nn.Module):
         self.layer_norm, self.forget_bias = flag("layer_norm", layer_norm), real("forget_bias", forget_bias)
         self.recurrent_dropout = probability("recurrent_dropout", recurrent_dropout)
         self.zoneout, self.hyper_zoneout = probability("zoneout", zoneout), probability("hyper_zoneout", hyper_zoneout)
+        self.scale_init = finite_real("scale_init", scale_init)
         self.backend = _check_backend(backend)
         D = 2 if bidirectional else 1
         cells = [HyperLSTMCell(input_size if layer == 0 else D * hidden_size, hidden_size, bias, device, dtype,
                                hyper_size=hyper_size, hyper_embed=hyper_embed, layer_norm=layer_norm,
                                forget_bias=forget_bias, recurrent_dropout=recurrent_dropout, zoneout=zoneout,
-                               hyper_zoneout=hyper_zoneout, carry_hyper_state=False, backend=backend)
+                               hyper_zoneout=hyper_zoneout, carry_hyper_state=False, scale_init=scale_init,
+                               backend=backend)
                  for layer in range(num_layers) for _ in range(D)]
         # The parameters belong to this module under nn.LSTM's flat names (weight_ih_l0, bias_hh_l1_reverse,
         # ..., and hyper_weight_ih_l0, z_weight_l0, ... beside them); each layer's HyperLSTMCell reads the same

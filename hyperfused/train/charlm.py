@@ -1,6 +1,7 @@
 """Character-level Penn Treebank language model (the paper's Sec. 4.2): embedding → (Hyper)LSTM → softmax.
 
     python -m hyperfused.train charlm --model ln-hyperlstm --hidden 256 --hyper-size 64 --steps 2000
+    python -m hyperfused.train charlm --preset paper --model hyperlstm   # the paper's Table 2 configuration
     python -m hyperfused.train charlm --sample 200 --checkpoint ck.pt --temperature 0.8   # generate text
     torchrun --nproc_per_node=2 -m hyperfused.train charlm --steps 100      # data-parallel (gloo / nccl)
 
@@ -9,6 +10,11 @@ every --checkpoint-every steps and at the end) are written atomically with a che
 (hyperfused.train.checkpoint) and hold the model, the optimiser, the RNG states, the carried state and the
 data position, so that --resume reaches exactly the parameters of a run that was never interrupted. A run
 whose loss or weights become non-finite stops with an error before it writes another checkpoint.
+
+--log FILE.csv (or .json) records the learning curve: train bpc every step, valid bpc every --eval-every
+steps, wall time; `python -m hyperfused.train plot` draws several runs' curves and tabulates them. With
+--patience N a run stops once N validations in a row have not improved on the best, and the final valid
+and test bpc are those of the best validated parameters.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import csv
 import json
 import math
 import os
+import time
 
 import torch
 from torch import nn
@@ -30,10 +37,20 @@ from .data import MissingDataError, load_ptb_chars
 
 MODELS = ("lstm", "ln-lstm", "hyperlstm", "ln-hyperlstm")
 
+# The paper's character-level Penn Treebank configuration (Ha, Dai & Le 2016, Sec. 4.2 and Appendix A.3.1):
+# H = 1000 main units, Ĥ = 128 hyper units, embedding size N_z = 4 (16 for "large embeddings"); Adam at a
+# learning rate of 0.001, gradient clipping at 1.0, minibatches of 128 sequences of 100 characters; recurrent
+# dropout with keep probability 0.9, and dropout on the input and output layers (no separate rate is given:
+# the same 0.1 is assumed). The paper trains until validation stops improving and does not state its rule:
+# validation once per epoch (~400 steps) and a patience of 5 validations are this project's choice.
+PAPER = dict(hidden=1000, hyper_size=128, hyper_embed=4, batch_size=128, seq_len=100, lr=1e-3, clip=1.0,
+             recurrent_dropout=0.1, dropout=0.1, epochs=100.0, eval_every=400, patience=5)
+PRESETS = {"paper": PAPER, "paper-large-embedding": dict(PAPER, hyper_embed=16)}
+
 
 class CharLM(nn.Module):
     def __init__(self, model: str, vocab: int, embed: int, hidden: int, layers: int, hyper_size: int,
-                 hyper_embed: int, dropout: float, recurrent_dropout: float, backend: str):
+                 hyper_embed: int, dropout: float, recurrent_dropout: float, backend: str, scale_init: float = 0.1):
         super().__init__()
         self.embed = nn.Embedding(vocab, embed)
         if model == "lstm":
@@ -43,12 +60,12 @@ class CharLM(nn.Module):
         else:
             self.rnn = HyperLSTM(embed, hidden, layers, hyper_size=hyper_size, hyper_embed=hyper_embed,
                                  layer_norm=model == "ln-hyperlstm", recurrent_dropout=recurrent_dropout,
-                                 backend=backend)
+                                 scale_init=scale_init, backend=backend)
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(hidden, vocab)
 
     def forward(self, ids, state=None):
-        h, state = self.rnn(self.embed(ids), state)
+        h, state = self.rnn(self.drop(self.embed(ids)), state)
         return self.out(self.drop(h)), state
 
 
@@ -93,7 +110,7 @@ def _check_resume_args(path: str, stored: dict, args) -> list[str]:
     if wrong:
         raise SystemExit(f"error: {path} was written with {', '.join(wrong)}; these options fix the model and the "
                          "data layout and must match to resume")
-    ignore = {"resume", "checkpoint", "quiet", "log", "save_final", "steps", "epochs"}
+    ignore = {"resume", "checkpoint", "quiet", "log", "save_final", "steps", "epochs", "preset", "scale_init"}
     return [f"note: resuming with --{k.replace('_', '-')} {v!r} (the checkpoint has {stored.get(k)!r}): applied from "
             f"step {{step}} on" for k, v in sorted(vars(args).items())
             if k not in ignore and k not in RESUME_MUST_MATCH and k in stored and stored[k] != v]
@@ -120,8 +137,23 @@ def _stop_if_diverged(bad, step: int, args) -> None:
 
 
 def parse_args(argv=None):
+    ap = _parser()
+    preset = ap.parse_known_args(argv)[0].preset
+    if preset is not None:
+        ap.set_defaults(**PRESETS[preset])  # options given on the command line still win
+    args = ap.parse_args(argv)
+    if args.patience is not None and (args.patience < 1 or args.eval_every < 1):
+        raise SystemExit(f"error: --patience: expected a positive number of validations with --eval-every > 0, got "
+                         f"--patience {args.patience} --eval-every {args.eval_every}")
+    return args
+
+
+def _parser():
     ap = argparse.ArgumentParser(prog="python -m hyperfused.train charlm", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="the paper's configuration (H=1000, Ĥ=128, N_z=4 or 16, batch 128 × 100, Adam 1e-3, clip 1, "
+                         "dropout 0.1, validation-based stopping); other options override it")
     ap.add_argument("--model", choices=MODELS, default="ln-hyperlstm")
     ap.add_argument("--hidden", type=int, default=1000)
     ap.add_argument("--hyper-size", type=int, default=128)
@@ -132,7 +164,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=128, help="streams per process")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--dropout", type=float, default=0.0, help="dropout on the RNN output")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout on the RNN's input and output")
     ap.add_argument("--recurrent-dropout", type=float, default=0.1, help="1 - keep probability (paper: keep 0.9)")
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps in total (default: --epochs)")
     ap.add_argument("--epochs", type=float, default=1.0)
@@ -142,6 +174,10 @@ def parse_args(argv=None):
     ap.add_argument("--train-limit", type=int, default=None, help="use the first N training characters")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N characters")
     ap.add_argument("--eval-every", type=int, default=0, help="validation bpc every N steps (0: at the end)")
+    ap.add_argument("--patience", type=int, default=None,
+                    help="stop after N validations without a new best; report the best validated parameters")
+    ap.add_argument("--scale-init", type=float, default=0.1,
+                    help="hyper models: where every scaling vector d starts (paper: 0.1; 1.0 starts as a plain LSTM)")
     ap.add_argument("--checkpoint", default=None, help="checkpoint path")
     ap.add_argument("--checkpoint-every", type=int, default=0)
     ap.add_argument("--resume", action="store_true",
@@ -155,7 +191,7 @@ def parse_args(argv=None):
                     help="instead of training: print N characters generated by the model in --checkpoint")
     ap.add_argument("--temperature", type=float, default=1.0, help="with --sample: softmax temperature (> 0)")
     ap.add_argument("--prompt", default="the ", help="with --sample: the text the generated characters continue")
-    return ap.parse_args(argv)
+    return ap
 
 
 def train(args):
@@ -171,6 +207,8 @@ def train(args):
             torch.cuda.set_device(device)
     else:
         rank, world = 0, 1
+    if distributed and args.patience is not None:
+        raise SystemExit("error: --patience needs a single process (only rank 0 validates)")
     quiet = args.quiet or rank != 0
 
     train_text, valid_text, test_text = load_ptb_chars()
@@ -189,7 +227,7 @@ def train(args):
 
     torch.manual_seed(args.seed)
     model = CharLM(args.model, len(vocab), args.embed, args.hidden, args.layers, args.hyper_size, args.hyper_embed,
-                   args.dropout, args.recurrent_dropout, args.backend).to(device)
+                   args.dropout, args.recurrent_dropout, args.backend, args.scale_init).to(device)
     torch.manual_seed(args.seed + 1000 * rank)  # dropout masks differ between ranks
     net = model
     if distributed:
@@ -197,6 +235,7 @@ def train(args):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
 
     step, state, history = 0, None, []
+    best = None  # with --patience: dict(valid_bpc, step, model) of the best validated parameters
     if args.resume:
         if not args.checkpoint or not os.path.exists(args.checkpoint):
             raise SystemExit(f"error: --resume needs an existing --checkpoint, got {args.checkpoint!r}")
@@ -214,7 +253,7 @@ def train(args):
         opt.load_state_dict(ck["optimizer"])
         for group in opt.param_groups:
             group["lr"] = args.lr
-        step, history = ck["step"], ck["history"]
+        step, history, best = ck["step"], ck["history"], ck.get("best")
         for note in notes if not quiet else []:
             print(note.format(step=step))
         mine = ck["ranks"][rank]
@@ -239,12 +278,13 @@ def train(args):
                                            for k, v in mine.items()})
         if rank == 0:
             checkpoint_io.save(dict(step=step, model=model.state_dict(), optimizer=opt.state_dict(), ranks=ranks,
-                                    history=history, args=vars(args)), args.checkpoint)
+                                    history=history, args=vars(args), best=best), args.checkpoint)
 
     bar = tqdm(total=steps, initial=step, desc=f"charlm {args.model}", disable=quiet)
     running = None
+    clock = time.perf_counter() - (history[-1].get("elapsed_s", 0.0) if history else 0.0)
     model.train()
-    while step < steps:
+    while step < steps and not _out_of_patience(history, best, args.patience):
         j = step % chunks
         if j == 0:
             state = None  # a new pass over the data starts from a zero state
@@ -265,6 +305,10 @@ def train(args):
         record = dict(step=step, train_bpc=bpc)
         if args.eval_every and step % args.eval_every == 0 and rank == 0:
             record["valid_bpc"] = evaluate(model, _eval_data(valid_text, encode, args, device), args.seq_len)
+            if args.patience is not None and (best is None or record["valid_bpc"] < best["valid_bpc"]):
+                best = dict(valid_bpc=record["valid_bpc"], step=step,
+                            model={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+        record["elapsed_s"] = time.perf_counter() - clock
         history.append(record)
         bar.set_postfix(bpc=f"{running:.3f}", **({"valid": f"{record['valid_bpc']:.3f}"} if "valid_bpc" in record else {}))
         bar.update()
@@ -274,7 +318,12 @@ def train(args):
     if args.checkpoint and step > 0 and not (args.checkpoint_every and step % args.checkpoint_every == 0):
         checkpoint()  # the end of the run, between periodic checkpoints
 
-    result = dict(model=args.model, steps=step, world_size=world,
+    if best is not None and best["step"] != step:
+        model.load_state_dict(best["model"])  # the final numbers are those of the best validated parameters
+    result = dict(model=args.model, steps=step, world_size=world, best_step=best["step"] if best else None,
+                  seed=args.seed, scale_init=args.scale_init, lr=args.lr, hidden=args.hidden,
+                  hyper_size=args.hyper_size, hyper_embed=args.hyper_embed, batch_size=args.batch_size,
+                  seq_len=args.seq_len, elapsed_s=history[-1]["elapsed_s"] if history else 0.0,
                   parameters=sum(p.numel() for p in model.parameters()),
                   train_bpc_last=history[-1]["train_bpc"] if history else None,
                   train_bpc_last50=sum(h["train_bpc"] for h in history[-50:]) / len(history[-50:]) if history else None)
@@ -290,6 +339,13 @@ def train(args):
     return result, history
 
 
+def _out_of_patience(history, best, patience) -> bool:
+    """True once `patience` validations in a row came after the best one without beating it."""
+    if patience is None or best is None:
+        return False
+    return sum(1 for h in history if "valid_bpc" in h and h["step"] > best["step"]) >= patience
+
+
 def _eval_data(text, encode, args, device):
     if args.eval_limit:
         text = text[:args.eval_limit]
@@ -299,7 +355,7 @@ def _eval_data(text, encode, args, device):
 def _write_log(path, history, result):
     if path.endswith(".csv"):
         with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "train_bpc", "valid_bpc"])
+            w = csv.DictWriter(f, fieldnames=["step", "train_bpc", "valid_bpc", "elapsed_s"])
             w.writeheader()
             w.writerows(history)
     else:
