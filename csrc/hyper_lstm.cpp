@@ -8,6 +8,8 @@
 // Memory kept for backward, per time step and batch row (elements of the op's dtype):
 //   h, c (2H) + ĥ, ĉ (2Ĥ) [the op's outputs] + g (4H + 4Ĥ) + ws (5H + 12N_z + 5Ĥ + 10)
 //   = 11H + 11Ĥ + 12N_z + 10;  e.g. H=1000, Ĥ=128, N_z=16: 12,610 floats ≈ 50 KB.
+// With save_for_backward=false (inference) g and ws are one step's scratch, reused: 2H + 2Ĥ per step and row,
+// and the op returns them empty (0, B, ·).
 #include "hyper_lstm.h"
 #include "cpu/step_gemm.h"
 #include "no_autocast.h"
@@ -177,7 +179,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
                               const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList p,
                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask,
                               bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
-                              const std::optional<at::Tensor>& hyper_zoneout_mask) {
+                              const std::optional<at::Tensor>& hyper_zoneout_mask, bool save_for_backward) {
   const Sizes s = check_inputs(x, h0, c0, hh0, hc0, p, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask);
   const c10::DeviceGuard guard(x.device());
   const NoAutocast no_autocast;
@@ -192,15 +194,16 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const auto opts = x.options();
   auto hs = at::empty({T, B, H}, opts), cs = at::empty({T, B, H}, opts);
   auto hhs = at::empty({T, B, Hh}, opts), hcs = at::empty({T, B, Hh}, opts);
-  auto g = at::empty({T, B, dims.g_width()}, opts);
-  auto ws = at::empty({T, B, WsLayout(dims).width}, opts);
+  const int64_t kept = save_for_backward ? T : 1;  // steps of g and ws held at once
+  auto g = at::empty({kept, B, dims.g_width()}, opts);
+  auto ws = at::empty({kept, B, WsLayout(dims).width}, opts);
   auto ghh = at::empty({B, 4 * Hh}, opts);
   const StepParams sp = step_params(p, *tr);
   const StepGemm rec(w_rec), hyper(w_hyper);
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor h_prev = t ? hs.select(0, t - 1) : h0;
     const at::Tensor hh_prev = t ? hhs.select(0, t - 1) : hh0;
-    auto g_t = g.select(0, t);
+    auto g_t = g.select(0, t % kept), ws_t = ws.select(0, t % kept);
     rec.run(g_t, h_prev);
     hyper.run(ghh, hh_prev);
     ForwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
@@ -209,9 +212,10 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
                    ptr_or_null(mask, t), ptr_or_null(hyper_mask, t), ptr_or_null(zoneout_mask, t),
                    ptr_or_null(hyper_zoneout_mask, t), h_prev.data_ptr(), hh_prev.data_ptr(),
                    hs.select(0, t).data_ptr(), cs.select(0, t).data_ptr(), hhs.select(0, t).data_ptr(),
-                   hcs.select(0, t).data_ptr(), ws.select(0, t).data_ptr(), k.stream()};
+                   hcs.select(0, t).data_ptr(), ws_t.data_ptr(), k.stream()};
     k.forward(st);
   }
+  if (!save_for_backward) return {hs, cs, hhs, hcs, at::empty({0, B, g.size(2)}, opts), at::empty({0, B, ws.size(2)}, opts)};
   return {hs, cs, hhs, hcs, g, ws};
 }
 

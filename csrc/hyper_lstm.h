@@ -25,7 +25,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
                               const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList params,
                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask,
                               bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
-                              const std::optional<at::Tensor>& hyper_zoneout_mask);
+                              const std::optional<at::Tensor>& hyper_zoneout_mask, bool save_for_backward);
 
 std::vector<at::Tensor> hyper_lstm_backward(
     const StepKernels& k, const std::optional<at::Tensor>& grad_hs, const std::optional<at::Tensor>& grad_cs,
@@ -41,9 +41,10 @@ template <const StepKernels& K>
 ForwardOut forward_on(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0,
                       const at::Tensor& hc0, at::TensorList params, const std::optional<at::Tensor>& mask,
                       const std::optional<at::Tensor>& hyper_mask, bool layer_norm, double forget_bias,
-                      const std::optional<at::Tensor>& zoneout_mask, const std::optional<at::Tensor>& hyper_zoneout_mask) {
+                      const std::optional<at::Tensor>& zoneout_mask, const std::optional<at::Tensor>& hyper_zoneout_mask,
+                      bool save_for_backward) {
   return hyper_lstm_forward(K, x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
-                            hyper_zoneout_mask);
+                            hyper_zoneout_mask, save_for_backward);
 }
 
 template <const StepKernels& K>

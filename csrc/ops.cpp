@@ -29,7 +29,8 @@ TORCH_LIBRARY(hyperfused, m) {
   m.def(
       "hyper_lstm_forward(Tensor x, Tensor h0, Tensor c0, Tensor hh0, Tensor hc0, Tensor[] params, Tensor? mask, "
       "Tensor? hyper_mask, bool layer_norm, float forget_bias, Tensor? zoneout_mask=None, "
-      "Tensor? hyper_zoneout_mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? hyper_zoneout_mask=None, bool save_for_backward=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
   m.def(
       "hyper_lstm_backward(Tensor? grad_hs, Tensor? grad_cs, Tensor? grad_hhs, Tensor? grad_hcs, Tensor x, "
       "Tensor h0, Tensor c0, Tensor hh0, Tensor hc0, Tensor[] params, Tensor? mask, Tensor? hyper_mask, "

@@ -248,3 +248,69 @@ def test_cuda_multilayer_bidirectional_with_dropout():
         torch.manual_seed(0)
         outs.append(m(x)[0])
     torch.testing.assert_close(outs[1], outs[0], **F64)
+
+
+INFERENCE_RUNS = backend_cases([("cpu", (5, 3, 7, 37, 20, 4)), ("cuda", (5, 3, 7, 37, 20, 4)),
+                                ("triton", (3, 2, 5, 24, 12, 4))], case_id=lambda v: size_id(v[0]))
+
+
+def _op_for(backend):
+    ops = torch.ops.hyperfused
+    return ops.hyper_lstm_triton_forward if backend == "triton" else ops.hyper_lstm_forward
+
+
+@pytest.mark.parametrize("backend, size", INFERENCE_RUNS)
+@pytest.mark.parametrize("masks", [False, True], ids=["nomask", "masks"])
+def test_inference_forward_saves_nothing_and_computes_the_same(backend, size, masks):
+    """save_for_backward=False: g and ws come back empty (one step's scratch is reused instead of T steps'),
+    and every output equals the training forward's bit for bit."""
+    T, B, X, H, Hh, Nz = size
+    device = device_for(backend)
+    m = randomize_(hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, device=device))
+    params = [p.detach() for p in m.cells[0].flat_params()]
+    x = torch.randn(T, B, X, device=device)
+    state = [torch.randn(B, n, device=device) for n in (H, H, Hh, Hh)]
+    masks = [torch.bernoulli(torch.full((T, B, n), 0.7, device=device)) for n in (H, Hh, H, Hh)] if masks \
+        else [None] * 4
+    args = [x, *state, params, masks[0], masks[1], True, 1.0, masks[2], masks[3]]
+    train = _op_for(backend)(*args)
+    infer = _op_for(backend)(*args, save_for_backward=False)
+    assert train[4].shape == (T, B, 4 * H + 4 * Hh) and infer[4].shape == (0, B, 4 * H + 4 * Hh)
+    assert infer[5].shape == (0, B, train[5].shape[2])
+    for a, b in zip(train[:4], infer[:4]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", [p for p in ("cpu", "triton")])
+def test_module_saves_for_backward_only_when_a_gradient_can_be_asked_for(backend, monkeypatch):
+    if backend not in hyperfused.available_backends():
+        pytest.skip(f"the {backend} backend is not available here")
+    name = "hyper_lstm_triton_forward" if backend == "triton" else "hyper_lstm_forward"
+    real, seen = getattr(torch.ops.hyperfused, name), []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("save_for_backward", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.ops.hyperfused, name, spy)
+    m = hyperfused.HyperLSTM(3, 8, hyper_size=4, hyper_embed=2, backend=backend)
+    x = torch.randn(2, 1, 3)
+    m(x)                                   # parameters require grad: saved
+    with torch.no_grad():
+        m(x)                               # no_grad: nothing saved
+    with torch.inference_mode():
+        m(x)
+    m.requires_grad_(False)
+    m(x)                                   # nothing requires grad
+    m(x.requires_grad_())                  # the input does
+    assert seen == [True, False, False, False, True]
+
+
+def test_differentiating_an_inference_forward_is_a_clear_error():
+    x = torch.randn(2, 1, 3, requires_grad=True)
+    m = randomize_(hyperfused.HyperLSTM(3, 8, hyper_size=4, hyper_embed=2))
+    state = [torch.zeros(1, n) for n in (8, 8, 4, 4)]
+    outs = torch.ops.hyperfused.hyper_lstm_forward(x, *state, m.cells[0].flat_params(), None, None, True, 1.0,
+                                                   save_for_backward=False)
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        outs[0].sum().backward()

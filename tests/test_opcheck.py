@@ -58,6 +58,10 @@ def test_opcheck_hyper_lstm(family, device, layer_norm, masks):
     # Gradients for only some outputs (the others None) are part of the schema too.
     torch.library.opcheck(bwd, [grads[0], None, None, None, *detached, params, *args[6:8], *outs, layer_norm, 1.0,
                                 *zone])
+    # Inference: nothing saved for a backward (g and ws come back empty).
+    inference = [*detached, params, *args[6:]]
+    torch.library.opcheck(fwd, inference, {"save_for_backward": False},
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 GEN_CASES = [("cpp", "cpu")] + ([("cpp", "cuda")] if HAS_GPU else []) + ([("triton", DEVICE)] if HAS_TRITON else [])

@@ -380,14 +380,15 @@ def backward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_
 
 
 def forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm: bool, forget_bias: float, zoneout_mask=None,
-            hyper_zoneout_mask=None):
-    """Whole-sequence forward of one layer/direction; returns (hs, cs, hhs, hcs, g, ws) like the C++ op."""
+            hyper_zoneout_mask=None, save_for_backward: bool = True):
+    """Whole-sequence forward of one layer/direction; returns (hs, cs, hhs, hcs, g, ws) like the C++ op (g and
+    ws empty, (0, B, ·), without save_for_backward: one step's scratch is reused then)."""
     with on_device_of(x):
         return _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
-                        hyper_zoneout_mask)
+                        hyper_zoneout_mask, save_for_backward)
 
 
-def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zm, hzm):
+def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zm, hzm, save):
     (wih, whh, bias, hwih, hwhh, hbias, zw, zb, sw, bzw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw,
      hlncb) = params
     T, B, X = x.shape
@@ -398,20 +399,24 @@ def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_b
     w_rec = torch.cat([whh, hwih[:, X:]], 0).T
     new = lambda *shape: x.new_empty(shape)  # noqa: E731
     hs, cs, hhs, hcs = new(T, B, H), new(T, B, H), new(T, B, Hh), new(T, B, Hh)
-    g, ws, ghh = new(T, B, 4 * H + 4 * Hh), new(T, B, ws_width(H, Hh, Nz)), new(B, 4 * Hh)
+    kept = T if save else 1  # steps of g and ws held at once
+    g, ws, ghh = new(kept, B, 4 * H + 4 * Hh), new(kept, B, ws_width(H, Hh, Nz)), new(B, 4 * Hh)
     consts, warps = forward_config(H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None, zm is not None,
                                    hzm is not None)
     for t in range(T):
         h_prev, c_prev = (hs[t - 1], cs[t - 1]) if t else (h0, c0)
         hh_prev, hc_prev = (hhs[t - 1], hcs[t - 1]) if t else (hh0, hc0)
-        torch.mm(h_prev, w_rec, out=g[t])
+        g_t, ws_t = g[t % kept], ws[t % kept]
+        torch.mm(h_prev, w_rec, out=g_t)
         torch.mm(hh_prev, hwhh.T, out=ghh)
         hyper_lstm_fwd_step[(B,)](
-            g[t], ghh, gx[t], ghx[t], c_prev, hc_prev, mask[t] if mask is not None else ws,
+            g_t, ghh, gx[t], ghx[t], c_prev, hc_prev, mask[t] if mask is not None else ws,
             hyper_mask[t] if hyper_mask is not None else ws, h_prev, hh_prev, zm[t] if zm is not None else ws,
-            hzm[t] if hzm is not None else ws, hs[t], cs[t], hhs[t], hcs[t], ws[t],
+            hzm[t] if hzm is not None else ws, hs[t], cs[t], hhs[t], hcs[t], ws_t,
             bias, zw, zb, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias),
             num_warps=warps, **consts)
+    if not save:
+        return hs, cs, hhs, hcs, new(0, B, g.shape[2]), new(0, B, ws.shape[2])
     return hs, cs, hhs, hcs, g, ws
 
 

@@ -241,7 +241,7 @@ class HyperLSTMCell(nn.Module):
         with torch._C._AutoDispatchBelowAutograd():
             outs = torch.ops.hyperfused.hyper_lstm_forward(
                 x.unsqueeze(0).contiguous(), *(t.contiguous() for t in hx.tensors()), self._decode_params(), None,
-                None, self.layer_norm, self.forget_bias)
+                None, self.layer_norm, self.forget_bias, save_for_backward=False)
         h, c, hh, hc = outs[0][0], outs[1][0], outs[2][0], outs[3][0]
         if self._carry is not None:
             self._carry.remember(*(t.unsqueeze(0) for t in (h, c, hh, hc)))

@@ -42,14 +42,16 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
             return tuple(o.to(dtype) for o in outs)
         op = torch.ops.hyperfused.hyper_lstm_triton_forward if backend == "triton" else \
             torch.ops.hyperfused.hyper_lstm_forward
-        if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, h0, c0, hh0, hc0, *params)):
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, hh0, hc0, *params))
+        if not training:
             # No gradient will be asked for: detached weights let the op keep its prepared copies of them
-            # across calls (csrc/hyper_lstm.cpp, `prepared`), which is most of a decode step's cost.
+            # across calls (csrc/hyper_lstm.cpp, `prepared`), which is most of a decode step's cost; and
+            # nothing is saved for a backward (g and ws become one step's scratch).
             params = [p.detach() for p in params]
         outs = op(
             x.contiguous(), h0.contiguous(), c0.contiguous(), hh0.contiguous(), hc0.contiguous(),
             [p.contiguous() for p in params], mask, hyper_mask, layer_norm, float(forget_bias), zoneout_mask,
-            hyper_zoneout_mask)
+            hyper_zoneout_mask, save_for_backward=training)
         return tuple(outs[:4])
     raise ValueError(f"backend: no HyperLSTM implementation named {backend!r}")
 
@@ -68,11 +70,12 @@ def register_lstm_meta(forward_op: str, backward_op: str) -> None:
 
     @torch.library.register_fake(forward_op)
     def _(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask=None,
-          hyper_zoneout_mask=None):
+          hyper_zoneout_mask=None, save_for_backward=True):
         T, B, _, H, Hh, Nz = _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask,
                                                 hyper_zoneout_mask)
+        kept = T if save_for_backward else 0
         return (x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, Hh), x.new_empty(T, B, Hh),
-                x.new_empty(T, B, 4 * H + 4 * Hh), x.new_empty(T, B, workspace_width(H, Hh, Nz)))
+                x.new_empty(kept, B, 4 * H + 4 * Hh), x.new_empty(kept, B, workspace_width(H, Hh, Nz)))
 
     @torch.library.register_fake(backward_op)
     def _(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs, hcs, g,
@@ -84,18 +87,22 @@ def register_lstm_meta(forward_op: str, backward_op: str) -> None:
     backward_impl = getattr(torch.ops.hyperfused, backward_op.split("::")[1])
 
     def setup_context(ctx, inputs, output):
-        x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, *zone = inputs
-        zone = (zone + [None, None])[:2]  # the zoneout masks have defaults
+        x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, *rest = inputs
+        zone = (rest + [None, None])[:2]  # the zoneout masks have defaults
+        ctx.saved = rest[2] if len(rest) > 2 else True
         ctx.set_materialize_grads(False)  # unused outputs (g, ws, often cs) need no zero-filled gradients
         ctx.layer_norm, ctx.forget_bias = layer_norm, forget_bias
         ctx.save_for_backward(x, h0, c0, hh0, hc0, mask, hyper_mask, *zone, *output, *params)
 
     def backward(ctx, grad_hs, grad_cs, grad_hhs, grad_hcs, _grad_g, _grad_ws):
         refuse_double_backward("the fused HyperLSTM")
+        if not ctx.saved:
+            raise RuntimeError(f"{forward_op}: the forward ran with save_for_backward=False and kept nothing for a "
+                               "backward; call it with save_for_backward=True to differentiate it")
         x, h0, c0, hh0, hc0, mask, hyper_mask, zm, hzm, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
         grads = backward_impl(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
                               hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias, zm, hzm)
-        return (*grads[:5], list(grads[5:]), None, None, None, None, None, None)
+        return (*grads[:5], list(grads[5:]), None, None, None, None, None, None, None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 

@@ -56,13 +56,13 @@ if _kernels is not None:
     def triton_forward(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, hh0: torch.Tensor, hc0: torch.Tensor,
                        params: list[torch.Tensor], mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
                        layer_norm: bool, forget_bias: float, zoneout_mask: Optional[torch.Tensor] = None,
-                       hyper_zoneout_mask: Optional[torch.Tensor] = None
+                       hyper_zoneout_mask: Optional[torch.Tensor] = None, save_for_backward: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         float32_only(x, "x", "hyperfused::hyper_lstm_triton")
         lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask,
                    op="hyperfused::hyper_lstm_triton")
         return _without_autocast(_kernels.forward)(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm,
-                                                   forget_bias, zoneout_mask, hyper_zoneout_mask)
+                                                   forget_bias, zoneout_mask, hyper_zoneout_mask, save_for_backward)
 
     @torch.library.custom_op("hyperfused::hyper_lstm_triton_backward", mutates_args=())
     def triton_backward(grad_hs: Optional[torch.Tensor], grad_cs: Optional[torch.Tensor],
