@@ -219,6 +219,16 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   return {hs, cs, hhs, hcs, g, ws};
 }
 
+StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                        const at::Tensor& hh, const at::Tensor& hc, at::TensorList p, bool layer_norm,
+                        double forget_bias) {
+  TORCH_CHECK(x.dim() == 2, "hyperfused::hyper_lstm_step: 'x' must have shape (B, input_size), got ", x.sizes());
+  const auto out = hyper_lstm_forward(k, x.unsqueeze(0), h, c, hh, hc, p, std::nullopt, std::nullopt, layer_norm,
+                                      forget_bias, std::nullopt, std::nullopt, /*save_for_backward=*/false);
+  return {std::get<0>(out).squeeze(0), std::get<1>(out).squeeze(0), std::get<2>(out).squeeze(0),
+          std::get<3>(out).squeeze(0)};
+}
+
 std::vector<at::Tensor> hyper_lstm_backward(
     const StepKernels& k, const std::optional<at::Tensor>& grad_hs_in, const std::optional<at::Tensor>& grad_cs_in,
     const std::optional<at::Tensor>& grad_hhs_in, const std::optional<at::Tensor>& grad_hcs_in, const at::Tensor& x,

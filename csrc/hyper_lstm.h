@@ -27,6 +27,13 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
                               bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
                               const std::optional<at::Tensor>& hyper_zoneout_mask, bool save_for_backward);
 
+// One step without gradients (decoding): x (B, X) and the state h, c (B, H), ĥ, ĉ (B, Ĥ) give the next state,
+// four (B, ·) tensors. The forward above with T = 1 and nothing saved, minus the caller's reshaping.
+using StepOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                        const at::Tensor& hh, const at::Tensor& hc, at::TensorList params, bool layer_norm,
+                        double forget_bias);
+
 std::vector<at::Tensor> hyper_lstm_backward(
     const StepKernels& k, const std::optional<at::Tensor>& grad_hs, const std::optional<at::Tensor>& grad_cs,
     const std::optional<at::Tensor>& grad_hhs, const std::optional<at::Tensor>& grad_hcs, const at::Tensor& x,
@@ -45,6 +52,12 @@ ForwardOut forward_on(const at::Tensor& x, const at::Tensor& h0, const at::Tenso
                       bool save_for_backward) {
   return hyper_lstm_forward(K, x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
                             hyper_zoneout_mask, save_for_backward);
+}
+
+template <const StepKernels& K>
+StepOut step_on(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const at::Tensor& hh,
+                const at::Tensor& hc, at::TensorList params, bool layer_norm, double forget_bias) {
+  return hyper_lstm_step(K, x, h, c, hh, hc, params, layer_norm, forget_bias);
 }
 
 template <const StepKernels& K>

@@ -37,6 +37,9 @@ TORCH_LIBRARY(hyperfused, m) {
       "Tensor hs, Tensor cs, Tensor hhs, Tensor hcs, Tensor g, Tensor ws, bool layer_norm, float forget_bias, "
       "Tensor? zoneout_mask=None, Tensor? hyper_zoneout_mask=None) -> Tensor[]");
   m.def(
+      "hyper_lstm_step(Tensor x, Tensor h, Tensor c, Tensor hh, Tensor hc, Tensor[] params, bool layer_norm, "
+      "float forget_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "generate_kernels(Tensor z, Tensor w_in, Tensor b_in, Tensor w_out, Tensor b_out, Tensor tile_meta, "
       "int numel, int kernel_size) -> Tensor");
   m.def(
@@ -47,6 +50,7 @@ TORCH_LIBRARY(hyperfused, m) {
 TORCH_LIBRARY_IMPL(hyperfused, CPU, m) {
   m.impl("hyper_lstm_forward", &forward_on<kCpuKernels>);
   m.impl("hyper_lstm_backward", &backward_on<kCpuKernels>);
+  m.impl("hyper_lstm_step", &step_on<kCpuKernels>);
   m.impl("generate_kernels", &generate_kernels_on<kCpuTileKernels>);
   m.impl("generate_kernels_backward", &generate_kernels_backward_on<kCpuTileKernels>);
 }

@@ -83,10 +83,29 @@ def test_opcheck_generate_kernels(family, device):
     torch.library.opcheck(bwd, [grad, z.detach(), *(p.detach() for p in params[:3]), meta, 3])
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_GPU else []))
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+def test_opcheck_hyper_lstm_step(device, layer_norm):
+    """The decoding step: opcheck, and bit for bit the sequence op's T = 1 forward."""
+    _skip_unless_built("cpp")
+    args = _lstm_args(device, layer_norm, False, torch.float64)
+    step = [args[0][0].detach(), *(a.detach() for a in args[1:5]), [p.detach() for p in args[5]], layer_norm, 1.0]
+    torch.library.opcheck(ops.hyper_lstm_step, step)
+    seq = ops.hyper_lstm_forward(step[0][None], *step[1:6], None, None, layer_norm, 1.0)
+    for a, b in zip(ops.hyper_lstm_step(*step), seq[:4]):
+        assert torch.equal(a, b[0])
+    x = step[0].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="has no backward"):
+        ops.hyper_lstm_step(x, *step[1:])[0].sum().backward()
+    with pytest.raises(RuntimeError, match=r"'x' must have shape \(B, input_size\)"):
+        ops.hyper_lstm_step(step[0][None], *step[1:])
+
+
 @requires_extension
 def test_every_registered_op_is_covered():
     """A new op without an opcheck here fails this test."""
-    covered = {"hyper_lstm_forward", "hyper_lstm_backward", "generate_kernels", "generate_kernels_backward",
+    covered = {"hyper_lstm_forward", "hyper_lstm_backward", "hyper_lstm_step", "generate_kernels",
+               "generate_kernels_backward",
                "hyper_lstm_triton_forward", "hyper_lstm_triton_backward", "generate_kernels_triton",
                "generate_kernels_triton_backward"}
     registered = {name.split("::")[1].split(".")[0] for name in torch._C._dispatch_get_all_op_names()

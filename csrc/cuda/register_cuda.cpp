@@ -39,6 +39,7 @@ const TileKernels kCudaTileKernels{&generate_tiles, nullptr, &gather_tiles, &cur
 
 TORCH_LIBRARY_IMPL(hyperfused, CUDA, m) {
   m.impl("hyper_lstm_forward", &forward_on<kCudaKernels>);
+  m.impl("hyper_lstm_step", &step_on<kCudaKernels>);
   m.impl("hyper_lstm_backward", &backward_on<kCudaKernels>);
   m.impl("generate_kernels", &generate_kernels_on<kCudaTileKernels>);
   m.impl("generate_kernels_backward", &generate_kernels_backward_on<kCudaTileKernels>);

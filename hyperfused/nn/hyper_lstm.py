@@ -206,7 +206,7 @@ class HyperLSTMCell(nn.Module):
         backend = resolve_backend(self.backend, x.device)
         h, c, hh, hc = (s[0] for s in self.run(backend, x.unsqueeze(0), state))
         if self._carry is not None:
-            self._carry.remember(*(t.unsqueeze(0) for t in (h, c, hh, hc)))
+            self._carry.remember(h, c, hh, hc)
         if not batched:
             h, c, hh, hc = (s.squeeze(0) for s in (h, c, hh, hc))
         return HyperLSTMState(h, c, hh, hc)
@@ -215,14 +215,22 @@ class HyperLSTMCell(nn.Module):
     # Sampling from a trained model steps the cell with the state it returned, under no_grad. Most of such a
     # step's cost was bookkeeping around a small amount of arithmetic, so this path does only what that case
     # needs: the prepared weight list is reused while no parameter changed (version counters and storage), and
-    # the fused op is called below autograd (nothing to record).
+    # the single-step op (hyperfused::hyper_lstm_step: (B, ·) in and out, nothing saved) is called below
+    # autograd (nothing to record).
 
     def _decodes(self, input, hx) -> bool:
         # Zoneout needs masks even in evaluation, recurrent dropout in training: the general path draws them.
         return (not torch.is_grad_enabled() and isinstance(hx, HyperLSTMState) and input.dim() == 2
                 and not torch.compiler.is_compiling() and not (self.zoneout or self.hyper_zoneout)
-                and not (self.training and self.recurrent_dropout)
-                and resolve_backend(self.backend, input.device) in ("cpu", "cuda"))
+                and not (self.training and self.recurrent_dropout) and self._fused_backend(input.device))
+
+    def _fused_backend(self, device: torch.device) -> bool:
+        """Whether the backend resolves to the C++ ops on `device` (remembered per device and backend)."""
+        key = (self.backend, device)
+        known = self.__dict__.setdefault("_fused_on", {})
+        if key not in known:
+            known[key] = resolve_backend(self.backend, device) in ("cpu", "cuda")
+        return known[key]
 
     def _decode_params(self) -> list:
         tensors = [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
@@ -239,12 +247,11 @@ class HyperLSTMCell(nn.Module):
                            ("hx.hyper_h", hx.hyper_h, self.hyper_size), ("hx.hyper_c", hx.hyper_c, self.hyper_size)):
             _check_state(name, t, (B, n), self.weight_ih)
         with torch._C._AutoDispatchBelowAutograd():
-            outs = torch.ops.hyperfused.hyper_lstm_forward(
-                x.unsqueeze(0).contiguous(), *(t.contiguous() for t in hx.tensors()), self._decode_params(), None,
-                None, self.layer_norm, self.forget_bias, save_for_backward=False)
-        h, c, hh, hc = outs[0][0], outs[1][0], outs[2][0], outs[3][0]
+            h, c, hh, hc = torch.ops.hyperfused.hyper_lstm_step(
+                x.contiguous(), *(t.contiguous() for t in hx.tensors()), self._decode_params(), self.layer_norm,
+                self.forget_bias)
         if self._carry is not None:
-            self._carry.remember(*(t.unsqueeze(0) for t in (h, c, hh, hc)))
+            self._carry.remember(h, c, hh, hc)
         return HyperLSTMState(h, c, hh, hc)
 
     def extra_repr(self) -> str:
@@ -291,14 +298,15 @@ class _HyperCarry:
         self.last = None
 
     def remember(self, h, c, hh, hc) -> None:
+        """Keeps the state a call returned: stacked (n, B, ·), or a cell's (B, ·) (stacked when looked up)."""
         if not torch.compiler.is_compiling():
-            self.last = tuple(t.detach() for t in (h, c, hh, hc))
+            self.last = tuple(t.detach() if t.requires_grad else t for t in (h, c, hh, hc))
 
     def lookup(self, h0: torch.Tensor, c0: torch.Tensor):
         """(ĥ_0, ĉ_0) for stacked (n, B, ·) h0, c0, or None when no row matches."""
         if self.last is None or torch.compiler.is_compiling():
             return None
-        h, c, hh, hc = self.last
+        h, c, hh, hc = self.last if self.last[0].dim() == 3 else (t.unsqueeze(0) for t in self.last)
         if h.device != h0.device or h.dtype != h0.dtype or h.shape[0] != h0.shape[0] or h.shape[2] != h0.shape[2]:
             return None
         if h.shape == h0.shape and torch.equal(h, h0) and torch.equal(c, c0):

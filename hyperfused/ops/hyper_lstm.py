@@ -107,5 +107,23 @@ def register_lstm_meta(forward_op: str, backward_op: str) -> None:
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
 
+def register_step_meta(op: str) -> None:
+    """The fake of the single-step op (decoding), and an autograd formula that says it has none."""
+
+    @torch.library.register_fake(op)
+    def _(x, h, c, hh, hc, params, layer_norm, forget_bias):
+        torch._check(x.dim() == 2, lambda: f"hyperfused::hyper_lstm_step: 'x' must have shape (B, input_size), got "
+                                           f"{list(x.shape)}")
+        _, B, _, H, Hh, _ = _checks.lstm_sizes(x.unsqueeze(0), h, c, hh, hc, params, None, None)
+        return x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op} is the inference step (decoding) and has no backward; to train, run the sequence "
+                           "op (HyperLSTM / HyperLSTMCell with gradients enabled do)")
+
+    torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)
+
+
 if HAS_EXTENSION:
     register_lstm_meta("hyperfused::hyper_lstm_forward", "hyperfused::hyper_lstm_backward")
+    register_step_meta("hyperfused::hyper_lstm_step")
