@@ -2,12 +2,14 @@
 
     python -m benchmarks.breakdown                          # T=100, B=32, X=128, H=256, Ĥ=128, N_z=16
     python -m benchmarks.breakdown --config 100,32,128,1000 --backend cpu --iters 5
+    python -m benchmarks.breakdown --traffic --config 100,128,128,1000    # bytes and FLOPs per step (model)
 
 torch.profiler's self times (op time on the calling thread on the CPU, kernel time on CUDA) per iteration,
 sorted into: the per-step recurrent GEMMs, the GEMMs over all T·B rows (input projections, weight
 gradients), the fused step kernels with the time loop around them (the ops' own time), the post-loop
 elementwise reductions, and the rest. A guide for optimising, not a benchmark: the profiler adds overhead
-to every op call.
+to every op call. --traffic prints instead the per-step bytes, FLOPs and launches of each step kernel and
+GEMM, computed from the launch shapes (benchmarks/traffic.py), without running anything.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 import hyperfused
 
 from .hyper_lstm import Config
+from .traffic import traffic_markdown
 
 _GEMMS = ("aten::mm", "aten::addmm", "aten::matmul", "mkldnn::_linear_pointwise")
 _POST_LOOP = ("aten::mul", "aten::sum", "aten::bmm", "aten::einsum", "aten::copy_", "aten::cat", "aten::stack")
@@ -80,8 +83,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--top", type=int, default=12, help="also list this many ops by self time")
+    ap.add_argument("--traffic", action="store_true", help="print the per-step traffic model instead of profiling")
     args = ap.parse_args(argv)
     cfg, device = Config.parse(args.config), torch.device(args.device)
+    if args.traffic:
+        print(traffic_markdown(cfg.T, cfg.B, cfg.X, cfg.H, cfg.Hh, cfg.Nz))
+        return
     backend = hyperfused.ops.resolve_backend(args.backend, device)
     parts, ops = breakdown(cfg, backend, device, args.iters)
     total = sum(parts.values())

@@ -53,3 +53,22 @@ def test_breakdown_runs_and_accounts_for_the_time(capfd):
     if "cpu" in hyperfused.available_backends():
         parts, _ = breakdown(Config.parse("3,2,4,8,4,2"), "cpu", torch.device("cpu"), iters=1)
         assert parts["fused step kernels + time loop"] > 0 and parts["GEMMs over all T·B rows"] > 0
+
+
+def test_traffic_model_counts_the_weights_once_per_row(capsys):
+    """The step kernels read every weight a row needs once per row: B times the one-row bytes, and the
+    'weights read once' line removes exactly the repeats."""
+    from benchmarks import traffic
+    from benchmarks.breakdown import main as breakdown_main
+    X, H, Hh, Nz = 16, 40, 12, 4
+    one = traffic.forward_step(1, X, H, Hh, Nz)[2]
+    eight = traffic.forward_step(8, X, H, Hh, Nz)[2]
+    row_weights = (12 * Nz * Hh + 8 * Nz + 12 * Nz * H + 4 * H + 2 * 4 * H + 2 * H + 2 * 4 * Hh + 2 * Hh) * 4
+    assert one.weights == row_weights and eight.weights == 8 * row_weights
+    costs = traffic.forward_step(8, X, H, Hh, Nz)
+    assert traffic.weights_once(costs, 8) == sum(c.read for c in costs) - 7 * row_weights
+    assert traffic.weights_once(traffic.forward_step(1, X, H, Hh, Nz), 1) == sum(
+        c.read for c in traffic.forward_step(1, X, H, Hh, Nz))
+    breakdown_main(["--traffic", "--config", "10,8,16,40,12,4"])
+    out = capsys.readouterr().out
+    assert "fused forward step" in out and "fused backward step" in out and "weights read once" in out

@@ -1,0 +1,92 @@
+"""Per-step memory traffic and arithmetic of the fused HyperLSTM step as built, computed from its launch shapes.
+
+    python -m benchmarks.breakdown --traffic --config 100,128,128,1000     # T, B, X, H (Ĥ=128, N_z=16)
+
+A model, not a measurement: each kernel's bytes are what its code reads and writes from global memory (every
+read counted, as if nothing stayed in cache, which is what an L2 sees when B blocks run at once), its FLOPs
+the multiply-adds in its loops. The step kernels are those of csrc/cuda/hyper_lstm_cuda.cu (the Triton
+kernels have the same structure): one thread block per batch row, so the weights a row needs are read B
+times per step, and some loops run serially over a whole dimension in one thread. The "weights once" line
+is what the same step reads if every weight is read once per step, the target of a batch-parallel design.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+F32 = 4  # bytes per element
+
+
+@dataclass
+class KernelCost:
+    name: str
+    launches: int       # per step
+    read: float         # bytes from global memory per step
+    written: float
+    flops: float
+    weights: float      # of `read`: bytes of parameters
+    serial: str = ""    # the longest loop one thread runs alone, and how many threads run it
+
+
+def _gemm(name, m, k, n) -> KernelCost:
+    w = k * n * F32
+    return KernelCost(name, 1, (m * k) * F32 + w, m * n * F32, 2.0 * m * k * n, w)
+
+
+def forward_step(B, X, H, Hh, Nz, layer_norm=True) -> list[KernelCost]:
+    """One forward step: the two recurrent GEMMs and the fused step kernel (grid = B blocks)."""
+    ln = (2 * 4 * H + 2 * H + 2 * 4 * Hh + 2 * Hh) if layer_norm else 0  # LN gains and biases
+    # Per row: z weights (12 N_z × Ĥ) and z_bias, the 12 scaling weights (12 N_z × H), b_0, the LN parameters.
+    weights_row = (12 * Nz * Hh + 8 * Nz + 12 * Nz * H + 4 * H + ln) * F32
+    data_row = (4 * H + 4 * Hh) + 4 * Hh + 4 * Hh + 4 * H + H + Hh  # g, ĝ_h, ĝ_x, g_x, c_{t-1}, ĉ_{t-1}
+    ws = 5 * H + 12 * Nz + 5 * Hh + 10
+    out_row = 2 * H + 2 * Hh + ws
+    flops_row = 2 * 12 * Nz * Hh + 2 * 12 * Nz * H + 40 * (H + Hh)  # z, the 12 d vectors, gates + LN (≈)
+    step = KernelCost("fused forward step (1 block per row)", 1, B * (weights_row + data_row * F32),
+                      B * out_row * F32, B * flops_row, B * weights_row,
+                      f"z: Ĥ={Hh} per thread, {12 * Nz} threads of 256 busy")
+    return [_gemm("GEMM h·[W_h; Ŵ_h]", B, H, 4 * H + 4 * Hh), _gemm("GEMM ĥ·Ŵ_ĥ", B, Hh, 4 * Hh), step]
+
+
+def backward_step(B, X, H, Hh, Nz, layer_norm=True) -> list[KernelCost]:
+    """One backward step: the fused step kernel and the two GEMMs for dh_{t-1}, dĥ_{t-1}."""
+    ln = (2 * 4 * H + 2 * H + 2 * 4 * Hh + 2 * Hh) if layer_norm else 0
+    # Per row: d_h for dg (4 N_z H), all 12 scaling weights for dz (12 N_z H), the z weights for dĥ (12 N_z Ĥ).
+    weights_row = (4 * Nz * H + 12 * Nz * H + 12 * Nz * Hh + ln) * F32
+    ws = 5 * H + 12 * Nz + 5 * Hh + 10
+    data_row = ws + (4 * H + 4 * Hh) + 4 * H + 2 * H + 2 * Hh + 2 * H + 2 * Hh  # ws, g, g_x, c's, incoming grads
+    # dz's loop reads g and g_x once per (kind, gate, m): 12 N_z passes over H values each.
+    data_row += 3 * Nz * 4 * H
+    dws = 4 * H + 4 * H + H + 12 * Nz + 4 * Hh + Hh  # da, dy, dcout, dz, dyh, dhcout (DwsLayout, approx.)
+    out_row = (4 * H + 4 * Hh) + dws + H + Hh
+    flops_row = 2 * 4 * Nz * H + 2 * 12 * Nz * H + 2 * 12 * Nz * Hh + 50 * (H + Hh)
+    step = KernelCost("fused backward step (1 block per row)", 1, B * (weights_row + data_row * F32),
+                      B * out_row * F32, B * flops_row, B * weights_row,
+                      f"dz: H={H} per thread, {12 * Nz} threads of 256 busy")
+    return [step, _gemm("GEMM dg·[W_h; Ŵ_h]ᵀ", B, 4 * H + 4 * Hh, H), _gemm("GEMM dâ·Ŵ_ĥᵀ", B, 4 * Hh, Hh)]
+
+
+def weights_once(costs: list[KernelCost], B: int) -> float:
+    """Bytes of the step if each step kernel read its weights once, not once per row."""
+    return sum(c.read - (c.weights * (B - 1) / B if "1 block per row" in c.name else 0.0) for c in costs)
+
+
+def traffic_markdown(T, B, X, H, Hh, Nz, layer_norm=True) -> str:
+    lines = [f"### Per-step traffic of the step as built (model, T={T}, B={B}, X={X}, H={H}, Ĥ={Hh}, N_z={Nz}, "
+             "float32)", "",
+             "| pass | kernel | launches | MB read | of which weights | MB written | GFLOP | longest serial loop |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, costs in (("forward", forward_step(B, X, H, Hh, Nz, layer_norm)),
+                        ("backward", backward_step(B, X, H, Hh, Nz, layer_norm))):
+        for c in costs:
+            lines.append(f"| {name} | {c.name} | {c.launches} | {c.read / 1e6:.1f} | {c.weights / 1e6:.1f} | "
+                         f"{c.written / 1e6:.1f} | {c.flops / 1e9:.3f} | {c.serial} |")
+        total = sum(c.read for c in costs)
+        lines.append(f"| {name} | **per step** | {sum(c.launches for c in costs)} | {total / 1e6:.1f} | "
+                     f"{sum(c.weights for c in costs) / 1e6:.1f} | {sum(c.written for c in costs) / 1e6:.1f} | "
+                     f"{sum(c.flops for c in costs) / 1e9:.3f} | weights read once: {weights_once(costs, B) / 1e6:.1f}"
+                     " MB read |")
+    lines += ["", "Bytes are global-memory reads and writes as the kernels' loops issue them; the step kernels read "
+              "the 12 scaling projections once per batch row. Host work per step (C++ driver): two GEMM calls, one "
+              "kernel launch and about a dozen tensor views; the Triton driver slices in Python and launches with "
+              "~60 arguments."]
+    return "\n".join(lines)
