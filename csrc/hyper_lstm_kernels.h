@@ -143,6 +143,51 @@ HF_HD T sigmoid_(T x) {
   return T(1) / (T(1) + exp(-x));
 }
 
+// The LSTM cell, one unit, written once for the CPU and CUDA kernels. `A` supplies the activations (A::sig,
+// A::tanh: each device has its own fast versions); y = (y_i, y_f, y_g, y_o) are the gate values after the
+// layer norm's gain and bias (or the raw pre-activations without LN); `keep` is recurrent dropout's
+// multiplier on φ(g).
+
+// LN's epsilon, as in the reference TensorFlow cell (hyperfused/reference/hyper_lstm.py: LN_EPS).
+constexpr double kLnEps = 1e-3;
+
+// c_t = σ(y_f + forget_bias) c_{t-1} + σ(y_i) (φ(y_g) · keep)
+template <class A, typename T>
+HF_HD T cell_state(T yi, T yf, T yg, T keep, T c_prev, T forget_bias) {
+  return A::sig(yf + forget_bias) * c_prev + A::sig(yi) * (A::tanh(yg) * keep);
+}
+
+// h_t = σ(y_o) φ(c_out), c_out being LN_c(c_t) with its gain and bias, or c_t without LN
+template <class A, typename T>
+HF_HD T cell_output(T yo, T c_out) {
+  return A::sig(yo) * A::tanh(c_out);
+}
+
+// Reverse of cell_output: the grads of y_o and of c_out from dh.
+template <class A, typename T>
+HF_HD void cell_output_backward(T dh, T yo, T c_out, T* dyo, T* dc_out) {
+  const T tc = A::tanh(c_out), so = A::sig(yo);
+  *dyo = dh * tc * so * (T(1) - so);
+  *dc_out = dh * so * (T(1) - tc * tc);
+}
+
+// Reverse of cell_state: from dc, the whole grad of c_t, the grads of y_i, y_f, y_g; returns that of c_{t-1}.
+template <class A, typename T>
+HF_HD T cell_state_backward(T dc, T yi, T yf, T yg, T keep, T c_prev, T forget_bias, T* dyi, T* dyf, T* dyg) {
+  const T si = A::sig(yi), sf = A::sig(yf + forget_bias), tg = A::tanh(yg);
+  *dyi = dc * tg * keep * si * (T(1) - si);
+  *dyf = dc * c_prev * sf * (T(1) - sf);
+  *dyg = dc * si * keep * (T(1) - tg * tg);
+  return dc * sf;
+}
+
+// Layer norm's backward, one element: the grad of its input from dout (the grad of gain·x̂ + bias), given the
+// row's means of dout·gain (mean_d) and of dout·gain·x̂ (mean_dx) and the row's 1/sqrt(var + ε).
+template <typename T>
+HF_HD T layer_norm_backward_at(T dout, T gain, T xhat, T rstd, T mean_d, T mean_dx) {
+  return rstd * (dout * gain - mean_d - xhat * mean_dx);
+}
+
 // Zoneout, one unit: the new value where keep_new = 1, the previous where 0 (or the expectation at eval).
 template <typename T>
 HF_HD T zoneout_(T new_value, T prev, T keep_new) {

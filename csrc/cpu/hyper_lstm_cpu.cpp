@@ -18,8 +18,6 @@
 namespace hyperfused {
 namespace {
 
-constexpr double kLnEps = 1e-3;
-
 inline float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float fx = x * 1.44269504088896341f;
@@ -43,6 +41,14 @@ inline float sigm(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 inline float tanh_(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
 inline double sigm(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 inline double tanh_(double x) { return std::tanh(x); }
+
+// The activations the shared cell math (hyper_lstm_kernels.h) uses here.
+struct Act {
+  template <typename T>
+  static T sig(T x) { return sigm(x); }
+  template <typename T>
+  static T tanh(T x) { return tanh_(x); }
+};
 
 // y[i] += a * x[i]
 template <typename T>
@@ -117,7 +123,7 @@ void layer_norm_backward(const T* __restrict dout, const T* __restrict xhat, con
                          int64_t n, T* __restrict dx) {
   const T mean_d = lane_sum<T>(n, [&](int64_t j) { return dout[j] * gain[j]; }) / T(n);
   const T mean_dx = lane_sum<T>(n, [&](int64_t j) { return dout[j] * gain[j] * xhat[j]; }) / T(n);
-  for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dout[j] * gain[j] - mean_d - xhat[j] * mean_dx);
+  for (int64_t j = 0; j < n; ++j) dx[j] = layer_norm_backward_at(dout[j], gain[j], xhat[j], rstd, mean_d, mean_dx);
 }
 
 // Gate values after LN's gain and bias (or the raw pre-activations without LN), 4n of them.
@@ -140,10 +146,7 @@ void cell_forward(const T* gates, const T* g_gain, const T* g_bias, const T* c_g
   apply_affine(gates, g_gain, g_bias, ln, 4 * n, y.data());
   const T *yi = y.data(), *yf = yi + n, *yg = yf + n, *yo = yg + n;
   const T* __restrict m = or_constant(mask, ones, T(1), n);
-  for (int64_t j = 0; j < n; ++j) {
-    const T ga = tanh_(yg[j]) * m[j];
-    c[j] = sigm(yf[j] + forget_bias) * c_prev[j] + sigm(yi[j]) * ga;
-  }
+  for (int64_t j = 0; j < n; ++j) c[j] = cell_state<Act>(yi[j], yf[j], yg[j], m[j], c_prev[j], forget_bias);
   const T* cout = c;
   if (ln) {
     std::copy(c, c + n, cn);
@@ -152,7 +155,7 @@ void cell_forward(const T* gates, const T* g_gain, const T* g_bias, const T* c_g
     for (int64_t j = 0; j < n; ++j) co[j] = cn[j] * c_gain[j] + c_bias[j];
     cout = co;
   }
-  for (int64_t j = 0; j < n; ++j) h[j] = sigm(yo[j]) * tanh_(cout[j]);
+  for (int64_t j = 0; j < n; ++j) h[j] = cell_output<Act>(yo[j], cout[j]);
   if (zoneout)
     for (int64_t j = 0; j < n; ++j) h[j] = zoneout_(h[j], h_prev[j], zoneout[j]);
 }
@@ -181,10 +184,7 @@ void cell_backward(const T* gates, const T* g_gain, const T* g_bias, const T* c_
     std::copy(c, c + n, co);
   for (int64_t j = 0; j < n; ++j) {
     const T dh = zoneout ? zoneout_backward_(dha[j] + dhb[j], zoneout[j], dh_zone + j) : dha[j] + dhb[j];
-    const T tc = tanh_(co[j]);
-    const T so = sigm(yo[j]);
-    dy[3 * n + j] = dh * tc * so * (T(1) - so);
-    dcout[j] = dh * so * (T(1) - tc * tc);
+    cell_output_backward<Act>(dh, yo[j], co[j], &dy[3 * n + j], &dcout[j]);
   }
   T* dc_ln = tmp.data();
   if (ln)
@@ -193,13 +193,8 @@ void cell_backward(const T* gates, const T* g_gain, const T* g_bias, const T* c_
     std::copy(dcout, dcout + n, dc_ln);
   for (int64_t j = 0; j < n; ++j) {
     const T dc = dc_carry[j] + dc_ln[j] + dco[j];
-    const T si = sigm(yi[j]);
-    const T sf = sigm(yf[j] + forget_bias);
-    const T tg = tanh_(yg[j]);
-    dy[j] = dc * tg * m[j] * si * (T(1) - si);
-    dy[n + j] = dc * c_prev[j] * sf * (T(1) - sf);
-    dy[2 * n + j] = dc * si * m[j] * (T(1) - tg * tg);
-    dc_carry[j] = dc * sf;
+    dc_carry[j] = cell_state_backward<Act>(dc, yi[j], yf[j], yg[j], m[j], c_prev[j], forget_bias, &dy[j],
+                                           &dy[n + j], &dy[2 * n + j]);
   }
   for (int64_t k = 0; k < 4; ++k) {
     if (ln)

@@ -10,7 +10,14 @@ namespace hyperfused {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr double kLnEps = 1e-3;
+
+// The activations the shared cell math (hyper_lstm_kernels.h) uses here.
+struct Act {
+  template <typename T>
+  static HF_HD T sig(T x) { return sigmoid_(x); }
+  template <typename T>
+  static HF_HD T tanh(T x) { return ::tanh(x); }
+};
 
 template <typename T>
 __device__ T block_sum(T v, T* red) {
@@ -52,7 +59,8 @@ __device__ void layer_norm_backward(const T* dout, const T* xhat, const T* gain,
   }
   const T mean_d = block_sum(a, red) / T(n);
   const T mean_dx = block_sum(b, red) / T(n);
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dx[j] = rstd * (dout[j] * gain[j] - mean_d - xhat[j] * mean_dx);
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+    dx[j] = layer_norm_backward_at(dout[j], gain[j], xhat[j], rstd, mean_d, mean_dx);
   __syncthreads();
 }
 
@@ -61,16 +69,15 @@ __device__ void cell_forward(const T* gates, const T* gg, const T* gb, const T* 
                              const T* mask, T fb, bool ln, int64_t n, T* c, T* h, T* cn, T* crstd, T* red,
                              const T* zoneout, const T* h_prev) {
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    T ga = tanh(affine(gates, gg, gb, 2 * n + j, ln));
-    if (mask) ga *= mask[j];
-    c[j] = sigmoid_(affine(gates, gg, gb, n + j, ln) + fb) * c_prev[j] + sigmoid_(affine(gates, gg, gb, j, ln)) * ga;
+    c[j] = cell_state<Act>(affine(gates, gg, gb, j, ln), affine(gates, gg, gb, n + j, ln),
+                           affine(gates, gg, gb, 2 * n + j, ln), mask ? mask[j] : T(1), c_prev[j], fb);
     if (ln) cn[j] = c[j];
   }
   __syncthreads();
   if (ln) normalize(cn, n, crstd, red);
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const T co = ln ? cn[j] * cg[j] + cb[j] : c[j];
-    const T h_new = sigmoid_(affine(gates, gg, gb, 3 * n + j, ln)) * tanh(co);
+    const T h_new = cell_output<Act>(affine(gates, gg, gb, 3 * n + j, ln), co);
     h[j] = zoneout ? zoneout_(h_new, h_prev[j], zoneout[j]) : h_new;
   }
   __syncthreads();
@@ -84,10 +91,8 @@ __device__ void cell_backward(const T* gates, const T* gg, const T* gb, const T*
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const T dh_in = (dh_a ? dh_a[j] : T(0)) + (dh_b ? dh_b[j] : T(0));
     const T dh = zoneout ? zoneout_backward_(dh_in, zoneout[j], dh_zone + j) : dh_in;
-    const T tc = tanh(ln ? cn[j] * cg[j] + cb[j] : c[j]);
-    const T so = sigmoid_(affine(gates, gg, gb, 3 * n + j, ln));
-    dy[3 * n + j] = dh * tc * so * (T(1) - so);
-    dcout[j] = dh * so * (T(1) - tc * tc);
+    cell_output_backward<Act>(dh, affine(gates, gg, gb, 3 * n + j, ln), ln ? cn[j] * cg[j] + cb[j] : c[j],
+                              &dy[3 * n + j], &dcout[j]);
   }
   __syncthreads();
   // dc via LN_c backward; da's slot for gate i is free until the gate LN below, so it holds dc_ln.
@@ -96,14 +101,9 @@ __device__ void cell_backward(const T* gates, const T* gg, const T* gb, const T*
     layer_norm_backward(dcout, cn, cg, crstd, n, dc_ln, red);
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const T dc = dc_carry[j] + (ln ? dc_ln[j] : dcout[j]) + (dc_out ? dc_out[j] : T(0));
-    const T si = sigmoid_(affine(gates, gg, gb, j, ln));
-    const T sf = sigmoid_(affine(gates, gg, gb, n + j, ln) + fb);
-    const T tg = tanh(affine(gates, gg, gb, 2 * n + j, ln));
-    const T m = mask ? mask[j] : T(1);
-    dy[j] = dc * tg * m * si * (T(1) - si);
-    dy[n + j] = dc * c_prev[j] * sf * (T(1) - sf);
-    dy[2 * n + j] = dc * si * m * (T(1) - tg * tg);
-    dc_carry[j] = dc * sf;
+    dc_carry[j] = cell_state_backward<Act>(dc, affine(gates, gg, gb, j, ln), affine(gates, gg, gb, n + j, ln),
+                                           affine(gates, gg, gb, 2 * n + j, ln), mask ? mask[j] : T(1), c_prev[j],
+                                           fb, &dy[j], &dy[n + j], &dy[2 * n + j]);
   }
   __syncthreads();
   for (int k = 0; k < 4; ++k) {
