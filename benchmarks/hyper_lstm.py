@@ -2,6 +2,8 @@
 every fused backend, timed side by side on one config."""
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -154,4 +156,22 @@ def make_rows(cfg: Config, device: torch.device, with_compile: bool, backends: O
         m = hyperfused.HyperLSTM(cfg.X, cfg.H, backend=backend, **kw)
         m.load_state_dict(ref.state_dict())
         rows.append(Row(f"hyperfused {backend}", lambda x, m=m: m(x)[0], m.parameters(), x))
+        if backend == "cuda":  # the GEMM-shaped forward step is CUDA's default; the one-kernel step beside it
+            rows.append(Row("hyperfused cuda, one-kernel step", _with_step_design("fused", lambda x, m=m: m(x)[0]),
+                            m.parameters(), x))
     return rows
+
+
+def _with_step_design(design: str, forward):
+    """forward with HYPERFUSED_STEP_DESIGN=design during the call (the C++ driver reads it at every call)."""
+    def run(x):
+        old = os.environ.get("HYPERFUSED_STEP_DESIGN")
+        os.environ["HYPERFUSED_STEP_DESIGN"] = design
+        try:
+            return forward(x)
+        finally:
+            if old is None:
+                del os.environ["HYPERFUSED_STEP_DESIGN"]
+            else:
+                os.environ["HYPERFUSED_STEP_DESIGN"] = old
+    return run

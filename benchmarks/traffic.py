@@ -1,4 +1,4 @@
-"""Per-step memory traffic and arithmetic of the fused HyperLSTM step as built, computed from its launch shapes.
+"""Per-step memory traffic and arithmetic of the fused HyperLSTM step designs, computed from their launch shapes.
 
     python -m benchmarks.breakdown --traffic --config 100,128,128,1000     # T, B, X, H (Ĥ=128, N_z=16)
 
@@ -8,6 +8,8 @@ the multiply-adds in its loops. The step kernels are those of csrc/cuda/hyper_ls
 kernels have the same structure): one thread block per batch row, so the weights a row needs are read B
 times per step, and some loops run serially over a whole dimension in one thread. The "weights once" line
 is what the same step reads if every weight is read once per step, the target of a batch-parallel design.
+The GEMM-shaped forward (StepPhase in csrc/hyper_lstm_kernels.h; CUDA's default) computes z and the 12
+scaling vectors as two GEMMs between a hyper-cell and a main-cell kernel, so the projections are read once.
 """
 from __future__ import annotations
 
@@ -47,6 +49,21 @@ def forward_step(B, X, H, Hh, Nz, layer_norm=True) -> list[KernelCost]:
     return [_gemm("GEMM h·[W_h; Ŵ_h]", B, H, 4 * H + 4 * Hh), _gemm("GEMM ĥ·Ŵ_ĥ", B, Hh, 4 * Hh), step]
 
 
+def forward_step_gemm(B, X, H, Hh, Nz, layer_norm=True) -> list[KernelCost]:
+    """The GEMM-shaped forward step: the recurrent GEMMs, the hyper-cell kernel, z and d as GEMMs, the
+    main-cell kernel (grid = B blocks each)."""
+    hln = (2 * 4 * Hh + 2 * Hh) if layer_norm else 0
+    mln = (2 * 4 * H + 2 * H) if layer_norm else 0
+    hyper = KernelCost("hyper cell (1 block per row)", 1, B * (hln + 4 * Hh * 3 + Hh) * F32,
+                       B * (2 * Hh + 5 * Hh + 5) * F32, B * 40.0 * Hh, B * hln * F32)
+    z = _gemm("GEMM z = ĥ·Zᵀ (+ z bias)", B, Hh, 12 * Nz)
+    d = KernelCost("batched GEMM d = z·W_z (12 gates × kinds)", 1, (12 * B * Nz + 12 * Nz * H) * F32,
+                   12 * B * H * F32, 2.0 * 12 * B * Nz * H, 12 * Nz * H * F32)
+    main = KernelCost("main cell (1 block per row)", 1, B * ((4 * H + mln) + (4 * H + 4 * H + 12 * H + H)) * F32,
+                      B * (2 * H + 5 * H + 5) * F32, B * 40.0 * H, B * (4 * H + mln) * F32)
+    return forward_step(B, X, H, Hh, Nz, layer_norm)[:2] + [hyper, z, d, main]
+
+
 def backward_step(B, X, H, Hh, Nz, layer_norm=True) -> list[KernelCost]:
     """One backward step: the fused step kernel and the two GEMMs for dh_{t-1}, dĥ_{t-1}."""
     ln = (2 * 4 * H + 2 * H + 2 * 4 * Hh + 2 * Hh) if layer_norm else 0
@@ -71,11 +88,12 @@ def weights_once(costs: list[KernelCost], B: int) -> float:
 
 
 def traffic_markdown(T, B, X, H, Hh, Nz, layer_norm=True) -> str:
-    lines = [f"### Per-step traffic of the step as built (model, T={T}, B={B}, X={X}, H={H}, Ĥ={Hh}, N_z={Nz}, "
+    lines = [f"### Per-step traffic of the step designs (model, T={T}, B={B}, X={X}, H={H}, Ĥ={Hh}, N_z={Nz}, "
              "float32)", "",
              "| pass | kernel | launches | MB read | of which weights | MB written | GFLOP | longest serial loop |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
-    for name, costs in (("forward", forward_step(B, X, H, Hh, Nz, layer_norm)),
+    for name, costs in (("forward, one kernel", forward_step(B, X, H, Hh, Nz, layer_norm)),
+                        ("forward, GEMM-shaped", forward_step_gemm(B, X, H, Hh, Nz, layer_norm)),
                         ("backward", backward_step(B, X, H, Hh, Nz, layer_norm))):
         for c in costs:
             lines.append(f"| {name} | {c.name} | {c.launches} | {c.read / 1e6:.1f} | {c.weights / 1e6:.1f} | "
@@ -85,8 +103,9 @@ def traffic_markdown(T, B, X, H, Hh, Nz, layer_norm=True) -> str:
                      f"{sum(c.weights for c in costs) / 1e6:.1f} | {sum(c.written for c in costs) / 1e6:.1f} | "
                      f"{sum(c.flops for c in costs) / 1e9:.3f} | weights read once: {weights_once(costs, B) / 1e6:.1f}"
                      " MB read |")
-    lines += ["", "Bytes are global-memory reads and writes as the kernels' loops issue them; the step kernels read "
-              "the 12 scaling projections once per batch row. Host work per step (C++ driver): two GEMM calls, one "
-              "kernel launch and about a dozen tensor views; the Triton driver slices in Python and launches with "
-              "~60 arguments."]
+    lines += ["", "Bytes are global-memory reads and writes as the kernels' loops issue them. The one-kernel step reads "
+              "the 12 scaling projections once per batch row; the GEMM-shaped forward reads them once per step, "
+              "with three more launches. Host work per step (C++ driver): the GEMM calls, the kernel launches and "
+              "about a dozen tensor views; the Triton driver (one kernel per row) slices in Python and launches "
+              "with ~60 arguments."]
     return "\n".join(lines)

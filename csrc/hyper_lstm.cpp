@@ -91,12 +91,13 @@ Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
 // Owns the transposed weight copies that StepParams points into, and the forward's recurrent weight
 // [W_h ; Ŵ_x[:, X:]] (4H+4Ĥ, H) as one contiguous block.
 struct Transposed {
-  at::Tensor z_weight_t, scale_weight_t, w_rec;
+  at::Tensor z_weight_t, scale_weight_t, w_rec, z_bias_full;  // z_bias_full: [z_bias ; 0] (12N_z)
   Transposed(at::TensorList p, const Sizes& s)
       : z_weight_t(at::cat({p[Z_WEIGHT], p[BIAS_Z_WEIGHT]}, 0).t().contiguous()),
         scale_weight_t(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0)
                            .view({3, 4, s.H, s.Nz}).transpose(2, 3).contiguous()),
-        w_rec(at::cat({p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H)}, 0)) {}
+        w_rec(at::cat({p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H)}, 0)),
+        z_bias_full(at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())})) {}
 };
 
 // Preparing those copies costs megabytes of memory traffic per call at the paper's size, more than a
@@ -106,7 +107,7 @@ struct Transposed {
 // memory cannot be reused under the same key while it lives. A small LRU list: models hold one entry per
 // layer and direction.
 std::shared_ptr<const Transposed> prepared(at::TensorList p, const Sizes& s, void* stream) {
-  const int sources[] = {WEIGHT_HH, HYPER_WEIGHT_IH, Z_WEIGHT, BIAS_Z_WEIGHT, SCALE_WEIGHT, BIAS_SCALE_WEIGHT};
+  const int sources[] = {WEIGHT_HH, HYPER_WEIGHT_IH, Z_WEIGHT, Z_BIAS, BIAS_Z_WEIGHT, SCALE_WEIGHT, BIAS_SCALE_WEIGHT};
   bool cacheable = true;
   for (int i : sources) cacheable = cacheable && !p[i].requires_grad() && !p[i].is_inference();
   if (!cacheable) return std::make_shared<const Transposed>(p, s);
@@ -168,6 +169,13 @@ at::Tensor times_prev(const at::Tensor& dA, const at::Tensor& v0, const at::Tens
 
 // Whether the backward kernel sums the per-row weight gradients itself. HYPERFUSED_ATEN_REDUCTIONS=1 makes
 // the CPU leave them to ATen as CUDA does, so that the tests can check that path without a GPU.
+bool gemm_shaped(const StepKernels& k) {
+  const char* v = std::getenv("HYPERFUSED_STEP_DESIGN");
+  if (v && std::string(v) == "gemm") return true;
+  if (v && std::string(v) == "fused") return false;
+  return k.gemm_shaped_forward;
+}
+
 bool sums_in_kernel(const StepKernels& k) {
   const char* v = std::getenv("HYPERFUSED_ATEN_REDUCTIONS");
   return k.accumulates && !(v && *v && std::string(v) != "0");
@@ -200,6 +208,11 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   auto ghh = at::empty({B, 4 * Hh}, opts);
   const StepParams sp = step_params(p, *tr);
   const StepGemm rec(w_rec), hyper(w_hyper);
+  const bool split = gemm_shaped(k);
+  const int64_t Nz = s.Nz;
+  // The GEMM-shaped step's scaling vectors, (12, B, H), and the projections as GEMM operands.
+  auto d_all = split ? at::empty({12, B, H}, opts) : at::Tensor();
+  const auto swt = tr->scale_weight_t.view({12, Nz, H});
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor h_prev = t ? hs.select(0, t - 1) : h0;
     const at::Tensor hh_prev = t ? hhs.select(0, t - 1) : hh0;
@@ -213,6 +226,19 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
                    ptr_or_null(hyper_zoneout_mask, t), h_prev.data_ptr(), hh_prev.data_ptr(),
                    hs.select(0, t).data_ptr(), cs.select(0, t).data_ptr(), hhs.select(0, t).data_ptr(),
                    hcs.select(0, t).data_ptr(), ws_t.data_ptr(), k.stream()};
+    if (!split) {
+      k.forward(st);
+      continue;
+    }
+    st.phase = StepPhase::Hyper;
+    k.forward(st);
+    // z (B, 12N_z), written into the workspace's z slot (the backward reads it there), then d = z·W_kz per
+    // (kind, gate): each weight read once for all B rows.
+    auto z = ws_t.narrow(1, WsLayout(dims).z, 12 * Nz);
+    at::addmm_out(z, tr->z_bias_full, hhs.select(0, t), tr->z_weight_t);
+    at::bmm_out(d_all, z.view({B, 12, Nz}).transpose(0, 1), swt);
+    st.phase = StepPhase::Main;
+    st.scale = d_all.data_ptr();
     k.forward(st);
   }
   if (!save_for_backward) return {hs, cs, hhs, hcs, at::empty({0, B, g.size(2)}, opts), at::empty({0, B, ws.size(2)}, opts)};

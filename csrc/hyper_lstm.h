@@ -17,6 +17,10 @@ struct StepKernels {
   void (*backward)(const BackwardStep&);
   void* (*stream)();  // current stream for the kernels, or null
   bool accumulates;   // the backward kernel can sum into BackwardStep::accum (AccumLayout)
+  // The forward's default step design: the whole step in one kernel launch (false), or the GEMM-shaped step
+  // (StepPhase: hyper cell, z and d as GEMMs that read each weight once per step, main cell). The environment
+  // variable HYPERFUSED_STEP_DESIGN=fused|gemm overrides it (the tests run both on the CPU).
+  bool gemm_shaped_forward;
 };
 
 using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

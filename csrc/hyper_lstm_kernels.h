@@ -74,6 +74,13 @@ struct StepParams {
   const void* scale_weight_t;  // (3, 4, Nz, H)   W_kz^y transposed, kinds (h, x, b)
 };
 
+// What one launch of the forward step kernel does. Whole: everything for its rows (one pass per row). The
+// GEMM-shaped step splits it around two GEMMs that read each projection weight once per step instead of
+// once per row: Hyper (the hyper cell: ĥ_t, ĉ_t and their workspace slots), then z = [z_bias;0] + ĥ_t Zᵀ
+// (B × Ĥ × 12N_z) and the 12 scaling vectors d (a batched B × N_z × H GEMM) in the driver, then Main (the
+// row scaling with the given d, the per-gate LN and the cell update).
+enum class StepPhase { Whole, Hyper, Main };
+
 struct ForwardStep {
   Dims dims;
   ScalarKind kind;
@@ -95,6 +102,8 @@ struct ForwardStep {
   void *h, *c, *hh, *hc;  // (B, ·) outputs of this step
   void* ws;               // (B, WsLayout.width)
   void* stream;           // cudaStream_t on CUDA, unused on CPU
+  StepPhase phase = StepPhase::Whole;
+  const void* scale = nullptr;  // Main: (12, B, H) d for (kind h/x/b, gate i/f/g/o), kind-major
 };
 
 struct BackwardStep {

@@ -19,7 +19,8 @@ namespace hyperfused {
 namespace {
 
 void* no_stream() { return nullptr; }
-const StepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &no_stream, true};
+// One pass per batch row reads the projections from cache on the CPU: the whole step in one kernel.
+const StepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &no_stream, true, false};
 // The CPU generates tiles with two BLAS GEMMs over all tiles, then the layout kernel.
 const TileKernels kCpuTileKernels{nullptr, &scatter_tiles_cpu, &gather_tiles_cpu, &no_stream, nullptr};
 

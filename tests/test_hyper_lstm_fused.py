@@ -68,6 +68,28 @@ def test_cpu_weight_gradient_sums_either_way(aten, layer_norm, dtype, monkeypatc
     assert bool(backward_einsums) == aten
 
 
+@pytest.mark.parametrize("backend, design, dtype", backend_cases(
+    [(b, design, dtype) for b in ("cpu", "cuda") for design in ("fused", "gemm")
+     for dtype in (torch.float64, torch.float32)]))
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+def test_step_designs_match_the_reference(backend, design, dtype, layer_norm, monkeypatch):
+    """The forward step as one kernel (the CPU's default), or GEMM-shaped (CUDA's default: the hyper cell,
+    then z and the 12 scaling vectors as two GEMMs that read each weight once for all rows, then the main
+    cell): HYPERFUSED_STEP_DESIGN picks it, and both agree with the reference, zoneout included."""
+    T, B, X, H, Hh, Nz = 4, 5, 6, 37, 20, 4
+    device = device_for(backend)
+    ref, fast = make_pair(backend, X, H, hyper_size=Hh, hyper_embed=Nz, layer_norm=layer_norm, dtype=dtype,
+                          zoneout=0.2, hyper_zoneout=0.1)
+    ref, fast = ref.to(device).eval(), fast.to(device).eval()  # zoneout's expectation: deterministic masks
+    monkeypatch.setenv("HYPERFUSED_STEP_DESIGN", design)
+    x = torch.randn(T, B, X, dtype=dtype, device=device)
+    tol = F64 if dtype == torch.float64 else GPU_F32 if device == "cuda" else F32
+    assert_same_run(ref, fast, x, random_state(ref, B, dtype), **tol)
+    with torch.profiler.profile() as prof:
+        fast(x)
+    assert len([e for e in prof.events() if e.name == "aten::bmm"]) == (T if design == "gemm" else 0)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch is built without oneDNN")
 @pytest.mark.parametrize("library, mkldnn, onednn_runs", [("onednn", True, True), ("mm", True, False),
                                                           ("onednn", False, False), ("", True, None)],

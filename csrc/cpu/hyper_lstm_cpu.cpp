@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -244,31 +245,47 @@ void forward_rows(const ForwardStep& s) {
   const Ptrs<T> P(s.p);
   const int64_t H = d.H, Hh = d.Hh, GW = d.g_width();
   const T fb = T(s.forget_bias);
+  const bool hyper = s.phase != StepPhase::Main, main = s.phase != StepPhase::Hyper;
   at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> scale(12 * H), y, ones;
     for (int64_t b = b0; b < b1; ++b) {
       const T* g = row_of<T>(s.g, b, GW);
       T* ws = static_cast<T*>(s.ws) + b * L.width;
       T* hh = static_cast<T*>(s.hh) + b * Hh;
-      // Hyper LN-LSTM on [x_t ; h_{t-1}].
-      T* __restrict hn = ws + L.hn;
-      const T* __restrict ghh = row_of<T>(s.ghh, b, 4 * Hh);
-      const T* __restrict ghx = row_of<T>(s.ghx, b, 4 * Hh);
-      const T* __restrict gh = g + 4 * H;
-      for (int64_t j = 0; j < 4 * Hh; ++j) hn[j] = ghx[j] + gh[j] + ghh[j];
-      if (s.layer_norm) normalize_blocks(hn, 4, Hh, ws + L.hrstd);
-      cell_forward(hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb,
-                   s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd, y, ones,
-                   row_of<T>(s.hzmask, b, Hh), row_of<T>(s.hh_prev, b, Hh));
-      // Embeddings from the updated ĥ_t, then the scaling vectors d_h, d_x, d_b.
-      T* z = ws + L.z;
-      embeddings(P, d, hh, z);
-      scaling_vectors(P, d, z, 3, scale.data());
+      if (hyper) {  // Hyper LN-LSTM on [x_t ; h_{t-1}].
+        T* __restrict hn = ws + L.hn;
+        const T* __restrict ghh = row_of<T>(s.ghh, b, 4 * Hh);
+        const T* __restrict ghx = row_of<T>(s.ghx, b, 4 * Hh);
+        const T* __restrict gh = g + 4 * H;
+        for (int64_t j = 0; j < 4 * Hh; ++j) hn[j] = ghx[j] + gh[j] + ghh[j];
+        if (s.layer_norm) normalize_blocks(hn, 4, Hh, ws + L.hrstd);
+        cell_forward(hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh),
+                     fb, s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd, y, ones,
+                     row_of<T>(s.hzmask, b, Hh), row_of<T>(s.hh_prev, b, Hh));
+      }
+      if (!main) continue;
+      // The scaling vectors d_h, d_x, d_b of this row, gate y at dk[kind] + y·gate: computed here from the
+      // embeddings of the updated ĥ_t, or given as (12, B, H) by the GEMM-shaped step.
+      std::array<const T*, 3> dk{};
+      int64_t gate = H;
+      if (s.phase == StepPhase::Whole) {
+        T* z = ws + L.z;
+        embeddings(P, d, hh, z);
+        scaling_vectors(P, d, z, 3, scale.data());
+        for (int k = 0; k < 3; ++k) dk[k] = scale.data() + k * 4 * H;
+      } else {
+        gate = d.B * H;
+        for (int k = 0; k < 3; ++k) dk[k] = static_cast<const T*>(s.scale) + k * 4 * gate + b * H;
+      }
       // Row-scaled pre-activation d_h ⊙ (W_h h) + d_x ⊙ (W_x x) + b_0 + d_b.
       T* __restrict n = ws + L.n;
       const T* __restrict gx = row_of<T>(s.gx, b, 4 * H);
-      const T *__restrict dh = scale.data(), *__restrict dx = dh + 4 * H, *__restrict db = dx + 4 * H;
-      for (int64_t r = 0; r < 4 * H; ++r) n[r] = dh[r] * g[r] + dx[r] * gx[r] + P.bias[r] + db[r];
+      for (int64_t y4 = 0; y4 < 4; ++y4) {
+        const T *__restrict dh = dk[0] + y4 * gate, *__restrict dx = dk[1] + y4 * gate,
+                *__restrict db = dk[2] + y4 * gate;
+        const int64_t o = y4 * H;
+        for (int64_t r = 0; r < H; ++r) n[o + r] = dh[r] * g[o + r] + dx[r] * gx[o + r] + P.bias[o + r] + db[r];
+      }
       if (s.layer_norm) normalize_blocks(n, 4, H, ws + L.rstd);
       cell_forward(n, P.lnw, P.lnb, P.lncw, P.lncb, row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb,
                    s.layer_norm, H, static_cast<T*>(s.c) + b * H, static_cast<T*>(s.h) + b * H, ws + L.cn,

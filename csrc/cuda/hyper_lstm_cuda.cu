@@ -160,30 +160,41 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardStep s) {
   T* ws = static_cast<T*>(s.ws) + b * L.width;
   T* hh = static_cast<T*>(s.hh) + b * Hh;
 
-  T* hn = ws + L.hn;
-  const T* ghh = row_of<T>(s.ghh, b, 4 * Hh);
-  const T* ghx = row_of<T>(s.ghx, b, 4 * Hh);
-  for (int64_t j = threadIdx.x; j < 4 * Hh; j += blockDim.x) hn[j] = ghx[j] + g[4 * H + j] + ghh[j];
-  __syncthreads();
-  if (s.layer_norm)
-    for (int k = 0; k < 4; ++k) normalize(hn + k * Hh, Hh, ws + L.hrstd + k, red);
-  cell_forward(hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb,
-               s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd, red,
-               row_of<T>(s.hzmask, b, Hh), row_of<T>(s.hh_prev, b, Hh));
-
-  // z = [z_bias ; 0] + [z_weight ; bias_z_weight] ĥ_t, read through the transpose for coalescing.
-  T* z = ws + L.z;
-  for (int64_t k = threadIdx.x; k < 12 * Nz; k += blockDim.x) {
-    T acc = k < 8 * Nz ? P.zb[k] : T(0);
-    for (int64_t j = 0; j < Hh; ++j) acc += P.zwt[j * 12 * Nz + k] * hh[j];
-    z[k] = acc;
+  if (s.phase != StepPhase::Main) {
+    T* hn = ws + L.hn;
+    const T* ghh = row_of<T>(s.ghh, b, 4 * Hh);
+    const T* ghx = row_of<T>(s.ghx, b, 4 * Hh);
+    for (int64_t j = threadIdx.x; j < 4 * Hh; j += blockDim.x) hn[j] = ghx[j] + g[4 * H + j] + ghh[j];
+    __syncthreads();
+    if (s.layer_norm)
+      for (int k = 0; k < 4; ++k) normalize(hn + k * Hh, Hh, ws + L.hrstd + k, red);
+    cell_forward(hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb,
+                 s.layer_norm, Hh, static_cast<T*>(s.hc) + b * Hh, hh, ws + L.hcn, ws + L.hcrstd, red,
+                 row_of<T>(s.hzmask, b, Hh), row_of<T>(s.hh_prev, b, Hh));
   }
-  __syncthreads();
+  if (s.phase == StepPhase::Hyper) return;
 
   T* n = ws + L.n;
   const T* gx = row_of<T>(s.gx, b, 4 * H);
-  for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x)
-    n[r] = P.scale(0, r, z, d) * g[r] + P.scale(1, r, z, d) * gx[r] + P.bias[r] + P.scale(2, r, z, d);
+  if (s.phase == StepPhase::Whole) {
+    // z = [z_bias ; 0] + [z_weight ; bias_z_weight] ĥ_t, read through the transpose for coalescing.
+    T* z = ws + L.z;
+    for (int64_t k = threadIdx.x; k < 12 * Nz; k += blockDim.x) {
+      T acc = k < 8 * Nz ? P.zb[k] : T(0);
+      for (int64_t j = 0; j < Hh; ++j) acc += P.zwt[j * 12 * Nz + k] * hh[j];
+      z[k] = acc;
+    }
+    __syncthreads();
+    for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x)
+      n[r] = P.scale(0, r, z, d) * g[r] + P.scale(1, r, z, d) * gx[r] + P.bias[r] + P.scale(2, r, z, d);
+  } else {  // d given, (12, B, H): gate y of kind k at ((k·4 + y)·B + b)·H
+    const T* given = static_cast<const T*>(s.scale) + b * H;
+    const int64_t kind = 4 * d.B * H;
+    for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x) {
+      const int64_t at = (r / H) * d.B * H + r % H;
+      n[r] = given[at] * g[r] + given[kind + at] * gx[r] + P.bias[r] + given[2 * kind + at];
+    }
+  }
   __syncthreads();
   if (s.layer_norm)
     for (int k = 0; k < 4; ++k) normalize(n + k * H, H, ws + L.rstd + k, red);

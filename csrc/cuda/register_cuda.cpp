@@ -32,7 +32,8 @@ int64_t max_shared_bytes() {
   return value;
 }
 
-const StepKernels kCudaKernels{&forward_step, &backward_step, &current_stream, false};
+// One block per row would read the 12 projections from L2 once per row: the GEMM-shaped step reads them once.
+const StepKernels kCudaKernels{&forward_step, &backward_step, &current_stream, false, true};
 const TileKernels kCudaTileKernels{&generate_tiles, nullptr, &gather_tiles, &current_stream, &max_shared_bytes};
 
 }  // namespace
