@@ -8,8 +8,9 @@ the multiply-adds in its loops. The step kernels are those of csrc/cuda/hyper_ls
 kernels have the same structure): one thread block per batch row, so the weights a row needs are read B
 times per step, and some loops run serially over a whole dimension in one thread. The "weights once" line
 is what the same step reads if every weight is read once per step, the target of a batch-parallel design.
-The GEMM-shaped forward (StepPhase in csrc/hyper_lstm_kernels.h; CUDA's default) computes z and the 12
-scaling vectors as two GEMMs between a hyper-cell and a main-cell kernel, so the projections are read once.
+The GEMM-shaped step (StepPhase in csrc/hyper_lstm_kernels.h; CUDA's default) computes z and the 12 scaling
+vectors (forward), d_h, dz and dĥ's share (backward) as GEMMs between a main-cell and a hyper-cell kernel, so
+the projections are read once per step and no thread loops over H alone.
 """
 from __future__ import annotations
 
@@ -82,6 +83,25 @@ def backward_step(B, X, H, Hh, Nz, layer_norm=True) -> list[KernelCost]:
     return [step, _gemm("GEMM dg·[W_h; Ŵ_h]ᵀ", B, 4 * H + 4 * Hh, H), _gemm("GEMM dâ·Ŵ_ĥᵀ", B, 4 * Hh, Hh)]
 
 
+def backward_step_gemm(B, X, H, Hh, Nz, layer_norm=True) -> list[KernelCost]:
+    """The GEMM-shaped backward step: d_h as a batched GEMM, the main-cell kernel (dg, dd out), dz = dd·W_z
+    (batched), dĥ's share dz·Z, the hyper-cell kernel, and the two GEMMs for dh_{t-1}, dĥ_{t-1}."""
+    hln = (2 * 4 * Hh + 2 * Hh) if layer_norm else 0
+    mln = (2 * 4 * H + 2 * H) if layer_norm else 0
+    ws = 5 * H + 12 * Nz + 5 * Hh + 10
+    dh = KernelCost("batched GEMM d_h = z_h·W_hz", 1, (4 * B * Nz + 4 * Nz * H) * F32, 4 * B * H * F32,
+                    2.0 * 4 * B * Nz * H, 4 * Nz * H * F32)
+    main = KernelCost("main cell backward (1 block per row)", 1,
+                      B * (mln + ws + (4 * H) * 3 + 4 * H + 6 * H) * F32,   # LN params, ws, g, g_x, d_h, states/grads
+                      B * (4 * H + 12 * H + 9 * H + H) * F32, B * 50.0 * H, B * mln * F32)
+    dz = KernelCost("batched GEMM dz = dd·W_z", 1, (12 * B * H + 12 * H * Nz) * F32, 12 * B * Nz * F32 * 2,
+                    2.0 * 12 * B * H * Nz, 12 * H * Nz * F32)
+    dhh = _gemm("GEMM dĥ += dz·Z", B, 12 * Nz, Hh)
+    hyper = KernelCost("hyper cell backward (1 block per row)", 1, B * (hln + ws // 4 + 12 * Hh) * F32,
+                       B * (8 * Hh) * F32, B * 50.0 * Hh, B * hln * F32)
+    return [dh, main, dz, dhh, hyper] + backward_step(B, X, H, Hh, Nz, layer_norm)[1:]
+
+
 def weights_once(costs: list[KernelCost], B: int) -> float:
     """Bytes of the step if each step kernel read its weights once, not once per row."""
     return sum(c.read - (c.weights * (B - 1) / B if "1 block per row" in c.name else 0.0) for c in costs)
@@ -94,7 +114,8 @@ def traffic_markdown(T, B, X, H, Hh, Nz, layer_norm=True) -> str:
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, costs in (("forward, one kernel", forward_step(B, X, H, Hh, Nz, layer_norm)),
                         ("forward, GEMM-shaped", forward_step_gemm(B, X, H, Hh, Nz, layer_norm)),
-                        ("backward", backward_step(B, X, H, Hh, Nz, layer_norm))):
+                        ("backward, one kernel", backward_step(B, X, H, Hh, Nz, layer_norm)),
+                        ("backward, GEMM-shaped", backward_step_gemm(B, X, H, Hh, Nz, layer_norm))):
         for c in costs:
             lines.append(f"| {name} | {c.name} | {c.launches} | {c.read / 1e6:.1f} | {c.weights / 1e6:.1f} | "
                          f"{c.written / 1e6:.1f} | {c.flops / 1e9:.3f} | {c.serial} |")
@@ -104,8 +125,8 @@ def traffic_markdown(T, B, X, H, Hh, Nz, layer_norm=True) -> str:
                      f"{sum(c.flops for c in costs) / 1e9:.3f} | weights read once: {weights_once(costs, B) / 1e6:.1f}"
                      " MB read |")
     lines += ["", "Bytes are global-memory reads and writes as the kernels' loops issue them. The one-kernel step reads "
-              "the 12 scaling projections once per batch row; the GEMM-shaped forward reads them once per step, "
-              "with three more launches. Host work per step (C++ driver): the GEMM calls, the kernel launches and "
+              "the 12 scaling projections once per batch row; the GEMM-shaped step reads them once per step, "
+              "with three (forward) or four (backward) more launches. Host work per step (C++ driver): the GEMM calls, the kernel launches and "
               "about a dozen tensor views; the Triton driver (one kernel per row) slices in Python and launches "
               "with ~60 arguments."]
     return "\n".join(lines)

@@ -91,13 +91,15 @@ Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
 // Owns the transposed weight copies that StepParams points into, and the forward's recurrent weight
 // [W_h ; Ŵ_x[:, X:]] (4H+4Ĥ, H) as one contiguous block.
 struct Transposed {
-  at::Tensor z_weight_t, scale_weight_t, w_rec, z_bias_full;  // z_bias_full: [z_bias ; 0] (12N_z)
+  // z_bias_full: [z_bias ; 0] (12N_z); scale_rows: [scale_weight ; bias_scale_weight] as (12, H, N_z)
+  at::Tensor z_weight_t, scale_weight_t, w_rec, z_bias_full, scale_rows;
   Transposed(at::TensorList p, const Sizes& s)
       : z_weight_t(at::cat({p[Z_WEIGHT], p[BIAS_Z_WEIGHT]}, 0).t().contiguous()),
         scale_weight_t(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0)
                            .view({3, 4, s.H, s.Nz}).transpose(2, 3).contiguous()),
         w_rec(at::cat({p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H)}, 0)),
-        z_bias_full(at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())})) {}
+        z_bias_full(at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())})),
+        scale_rows(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0).view({12, s.H, s.Nz})) {}
 };
 
 // Preparing those copies costs megabytes of memory traffic per call at the paper's size, more than a
@@ -268,7 +270,8 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const NoAutocast no_autocast;
   const Dims dims = s.dims();
   const WsLayout L(dims);
-  const bool in_kernel = sums_in_kernel(k);
+  const bool split = gemm_shaped(k);
+  const bool in_kernel = sums_in_kernel(k) && !split;
   const DwsLayout D(dims, /*main_ln_rows=*/!in_kernel);
   const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, M = T * B, GW = dims.g_width();
   check_arg(hs, "hs", {T, B, H}, x);
@@ -301,6 +304,12 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const StepGemm rec(tr.w_rec), hyper(p[HYPER_WEIGHT_HH]);  // (4H+4Ĥ, H), (4Ĥ, Ĥ): the transposed products
   const AccumLayout A(dims);
   auto accum = in_kernel ? at::zeros({int64_t(at::get_num_threads()), A.width}, opts) : at::Tensor();
+  // The GEMM-shaped step's buffers: d_h (4, B, H), dd (12, B, H), dz (12, B, N_z), dz·Z (B, Ĥ).
+  auto dh_all = split ? at::empty({4, B, H}, opts) : at::Tensor();
+  auto dd_all = split ? at::empty({12, B, H}, opts) : at::Tensor();
+  auto dz_all = split ? at::empty({12, B, Nz}, opts) : at::Tensor();
+  auto dhh_extra = split ? at::empty({B, Hh}, opts) : at::Tensor();
+  const auto swt_h = tr.scale_weight_t.view({12, Nz, H}).narrow(0, 0, 4);
   for (int64_t t = T - 1; t >= 0; --t) {
     const bool last = t == T - 1;
     BackwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
@@ -314,6 +323,22 @@ std::vector<at::Tensor> hyper_lstm_backward(
                     dc.data_ptr(), dhc.data_ptr(), zone ? dh_zone.data_ptr() : nullptr,
                     hzone ? dhh_zone.data_ptr() : nullptr, dg.select(0, t).data_ptr(), dws.select(0, t).data_ptr(),
                     in_kernel ? accum.data_ptr() : nullptr, k.stream()};
+    if (split) {
+      // d_h from the saved z (kind h), then the main cell; dz = dd·W_z for all rows at once, into the backward
+      // workspace; dĥ's share dz·Z; then the hyper cell.
+      const auto ws_t = ws.select(0, t);
+      at::bmm_out(dh_all, ws_t.narrow(1, L.z, 4 * Nz).view({B, 4, Nz}).transpose(0, 1), swt_h);
+      st.phase = StepPhase::Main;
+      st.scale = dh_all.data_ptr();
+      st.dd = dd_all.data_ptr();
+      k.backward(st);
+      at::bmm_out(dz_all, dd_all, tr.scale_rows);
+      auto dz_t = dws.select(0, t).narrow(1, D.dz, 12 * Nz);
+      dz_t.view({B, 12, Nz}).copy_(dz_all.transpose(0, 1));
+      at::mm_out(dhh_extra, dz_t, tr.z_weight_t.t());
+      st.phase = StepPhase::Hyper;
+      st.dhh_extra = dhh_extra.data_ptr();
+    }
     k.backward(st);
     const auto dg_t = dg.select(0, t);
     rec.run(dh_rec, dg_t);

@@ -74,11 +74,14 @@ struct StepParams {
   const void* scale_weight_t;  // (3, 4, Nz, H)   W_kz^y transposed, kinds (h, x, b)
 };
 
-// What one launch of the forward step kernel does. Whole: everything for its rows (one pass per row). The
-// GEMM-shaped step splits it around two GEMMs that read each projection weight once per step instead of
-// once per row: Hyper (the hyper cell: ĥ_t, ĉ_t and their workspace slots), then z = [z_bias;0] + ĥ_t Zᵀ
+// What one launch of a step kernel does. Whole: everything for its rows (one pass per row). The GEMM-shaped
+// step splits it around GEMMs that read each projection weight once per step instead of once per row.
+// Forward: Hyper (the hyper cell: ĥ_t, ĉ_t and their workspace slots), then z = [z_bias;0] + ĥ_t Zᵀ
 // (B × Ĥ × 12N_z) and the 12 scaling vectors d (a batched B × N_z × H GEMM) in the driver, then Main (the
-// row scaling with the given d, the per-gate LN and the cell update).
+// row scaling with the given d, the per-gate LN and the cell update). Backward: Main (the main cell's
+// backward, dg = da ⊙ d_h with d_h given, and dd = [da ⊙ W_h h | da ⊙ W_x x | da] out), then dz = dd·W_z
+// (batched) and dĥ += dz·Z in the driver, then Hyper (the hyper cell's backward). The backward's
+// weight-gradient sums are then left to the post-loop reductions (no accum).
 enum class StepPhase { Whole, Hyper, Main };
 
 struct ForwardStep {
@@ -137,6 +140,10 @@ struct BackwardStep {
   void* dws;            // (B, DwsLayout.width) out; with accum, its da slot holds da ⊙ d_x instead
   void* accum;          // null, or (threads, AccumLayout.width): thread i adds its rows' sums to row i
   void* stream;
+  StepPhase phase = StepPhase::Whole;
+  const void* scale = nullptr;      // Main: (4, B, H) d_h per gate
+  void* dd = nullptr;               // Main, out: (12, B, H) [da ⊙ W_h h | da ⊙ W_x x | da], kind-major
+  const void* dhh_extra = nullptr;  // Hyper: (B, Hh) the embeddings' share of dĥ_t, dz·Z
 };
 
 void forward_step_cpu(const ForwardStep& s);

@@ -305,6 +305,7 @@ void backward_rows(const BackwardStep& s) {
   const int64_t H = d.H, Hh = d.Hh, Nz = d.Nz, GW = d.g_width();
   const T fb = T(s.forget_bias);
   const AccumLayout A(d);
+  const bool hyper = s.phase != StepPhase::Main, main = s.phase != StepPhase::Hyper;
   at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> y, tmp, dhh(Hh), scale(8 * H), dd(8 * H), fill[4], dy_row, dco_row;
     T* acc = s.accum ? static_cast<T*>(s.accum) + at::get_thread_num() * A.width : nullptr;
@@ -321,58 +322,84 @@ void backward_rows(const BackwardStep& s) {
       T* __restrict da = dws + D.da;
       T* dy = acc ? dy_row.data() : dws + D.dy;
       T* dco = acc ? dco_row.data() : dws + D.dcout;
-      // Main cell.
-      cell_backward(ws + L.n, P.lnw, P.lnb, P.lncw, P.lncb, ws + L.rstd, ws + L.cn, ws[L.crstd], row_of<T>(s.c, b, H),
-                    row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm, H,
-                    row_of<T>(s.dh_out, b, H), row_of<T>(s.dh_rec, b, H), row_of<T>(s.dc_out, b, H),
-                    static_cast<T*>(s.dc_carry) + b * H, dco, dy, da, y, tmp, fill, row_of<T>(s.zmask, b, H),
-                    s.dh_zone ? static_cast<T*>(s.dh_zone) + b * H : nullptr);
-      // Through the row scaling into W_h h_{t-1} ...
-      const T* z = ws + L.z;
-      scaling_vectors(P, d, z, acc ? 2 : 1, scale.data());
-      for (int64_t r = 0; r < 4 * H; ++r) dg[r] = da[r] * scale[r];
-      // ... and into the embeddings: dz[k, y, m] = Σ_r dd_k[yH + r] · W_kz^y[r, m], one dot product along
-      // the contiguous rows of the transposed weights per entry (dd_h = da ⊙ W_h h, dd_x = da ⊙ W_x x, dd_b = da).
-      for (int64_t r = 0; r < 4 * H; ++r) {
-        dd[r] = da[r] * g[r];
-        dd[4 * H + r] = da[r] * gx[r];
-      }
-      // With acc, the same dd_k^y also give this row's share of the scaling-weight gradients,
-      // Σ_rows z_k^y[m] · dd_k^y, added while they are in cache.
       T* dz = dws + D.dz;
-      for (int k = 0; k < 3; ++k) {
-        const T* ddk = k < 2 ? dd.data() + k * 4 * H : da;
-        for (int64_t y4 = 0; y4 < 4; ++y4)
-          for (int64_t m = 0; m < Nz; ++m) {
-            const int64_t q = (k * 4 + y4) * Nz + m;
-            dz[q] = dot(ddk + y4 * H, P.swt + q * H, H);
-            if (acc) axpy(acc + A.scale + q * H, z[q], ddk + y4 * H, H);
-          }
+      if (main) {
+        cell_backward(ws + L.n, P.lnw, P.lnb, P.lncw, P.lncb, ws + L.rstd, ws + L.cn, ws[L.crstd],
+                      row_of<T>(s.c, b, H), row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm, H,
+                      row_of<T>(s.dh_out, b, H), row_of<T>(s.dh_rec, b, H), row_of<T>(s.dc_out, b, H),
+                      static_cast<T*>(s.dc_carry) + b * H, dco, dy, da, y, tmp, fill, row_of<T>(s.zmask, b, H),
+                      s.dh_zone ? static_cast<T*>(s.dh_zone) + b * H : nullptr);
       }
-      if (acc) {
-        // The rest of this row's share of the row-reduced gradients (biases, main LN); then da's slot takes
-        // da ⊙ d_x, the grad of W_x x_t that the post-loop GEMMs want.
-        const T *__restrict n = ws + L.n, *__restrict cn = ws + L.cn;
-        for (int64_t r = 0; r < 4 * H; ++r) acc[A.bias + r] += da[r];
-        if (s.layer_norm) {
-          for (int64_t r = 0; r < 4 * H; ++r) {
-            acc[A.ln_w + r] += dy[r] * n[r];
-            acc[A.ln_b + r] += dy[r];
-          }
-          for (int64_t j = 0; j < H; ++j) {
-            acc[A.lnc_w + j] += dco[j] * cn[j];
-            acc[A.lnc_b + j] += dco[j];
+      if (s.phase == StepPhase::Main) {
+        // GEMM-shaped: dg = da ⊙ d_h with d_h given (4, B, H); dd = [da ⊙ W_h h | da ⊙ W_x x | da] out for the
+        // driver's dz GEMM, (12, B, H).
+        const T* dh_given = static_cast<const T*>(s.scale) + b * H;
+        T* dd_out = static_cast<T*>(s.dd) + b * H;
+        for (int64_t y4 = 0; y4 < 4; ++y4) {
+          const int64_t o = y4 * H, gate = y4 * d.B * H, kind = 4 * d.B * H;
+          for (int64_t r = 0; r < H; ++r) {
+            dg[o + r] = da[o + r] * dh_given[gate + r];
+            dd_out[gate + r] = da[o + r] * g[o + r];
+            dd_out[kind + gate + r] = da[o + r] * gx[o + r];
+            dd_out[2 * kind + gate + r] = da[o + r];
           }
         }
-        const T* __restrict sx = scale.data() + 4 * H;
-        for (int64_t r = 0; r < 4 * H; ++r) da[r] *= sx[r];
+        continue;
       }
-      // ĥ_t gets the embeddings' gradient on top of what flows in from outside and from step t+1.
+      if (main) {
+        // Through the row scaling into W_h h_{t-1} ...
+        const T* z = ws + L.z;
+        scaling_vectors(P, d, z, acc ? 2 : 1, scale.data());
+        for (int64_t r = 0; r < 4 * H; ++r) dg[r] = da[r] * scale[r];
+        // ... and into the embeddings: dz[k, y, m] = Σ_r dd_k[yH + r] · W_kz^y[r, m], one dot product along
+        // the contiguous rows of the transposed weights per entry (dd_h = da ⊙ W_h h, dd_x = da ⊙ W_x x,
+        // dd_b = da).
+        for (int64_t r = 0; r < 4 * H; ++r) {
+          dd[r] = da[r] * g[r];
+          dd[4 * H + r] = da[r] * gx[r];
+        }
+        // With acc, the same dd_k^y also give this row's share of the scaling-weight gradients,
+        // Σ_rows z_k^y[m] · dd_k^y, added while they are in cache.
+        for (int k = 0; k < 3; ++k) {
+          const T* ddk = k < 2 ? dd.data() + k * 4 * H : da;
+          for (int64_t y4 = 0; y4 < 4; ++y4)
+            for (int64_t m = 0; m < Nz; ++m) {
+              const int64_t q = (k * 4 + y4) * Nz + m;
+              dz[q] = dot(ddk + y4 * H, P.swt + q * H, H);
+              if (acc) axpy(acc + A.scale + q * H, z[q], ddk + y4 * H, H);
+            }
+        }
+        if (acc) {
+          // The rest of this row's share of the row-reduced gradients (biases, main LN); then da's slot takes
+          // da ⊙ d_x, the grad of W_x x_t that the post-loop GEMMs want.
+          const T *__restrict n = ws + L.n, *__restrict cn = ws + L.cn;
+          for (int64_t r = 0; r < 4 * H; ++r) acc[A.bias + r] += da[r];
+          if (s.layer_norm) {
+            for (int64_t r = 0; r < 4 * H; ++r) {
+              acc[A.ln_w + r] += dy[r] * n[r];
+              acc[A.ln_b + r] += dy[r];
+            }
+            for (int64_t j = 0; j < H; ++j) {
+              acc[A.lnc_w + j] += dco[j] * cn[j];
+              acc[A.lnc_b + j] += dco[j];
+            }
+          }
+          const T* __restrict sx = scale.data() + 4 * H;
+          for (int64_t r = 0; r < 4 * H; ++r) da[r] *= sx[r];
+        }
+      }
+      if (!hyper) continue;
+      // ĥ_t gets the embeddings' gradient (dz·Z, here or given) on top of what flows in from outside and from
+      // step t+1.
       const T* dhh_out = row_of<T>(s.dhh_out, b, Hh);
       const T* dhh_rec = row_of<T>(s.dhh_rec, b, Hh);
-      for (int64_t j = 0; j < Hh; ++j) dhh[j] = (dhh_out ? dhh_out[j] : T(0)) + (dhh_rec ? dhh_rec[j] : T(0));
-      add_weighted_rows(dz, 8 * Nz, P.zw, Hh, Hh, dhh.data());
-      add_weighted_rows(dz + 8 * Nz, 4 * Nz, P.bzw, Hh, Hh, dhh.data());
+      const T* extra = row_of<T>(s.dhh_extra, b, Hh);
+      for (int64_t j = 0; j < Hh; ++j)
+        dhh[j] = (dhh_out ? dhh_out[j] : T(0)) + (dhh_rec ? dhh_rec[j] : T(0)) + (extra ? extra[j] : T(0));
+      if (s.phase == StepPhase::Whole) {
+        add_weighted_rows(dz, 8 * Nz, P.zw, Hh, Hh, dhh.data());
+        add_weighted_rows(dz + 8 * Nz, 4 * Nz, P.bzw, Hh, Hh, dhh.data());
+      }
       cell_backward(ws + L.hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, ws + L.hrstd, ws + L.hcn, ws[L.hcrstd],
                     row_of<T>(s.hc, b, Hh), row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb, s.layer_norm,
                     Hh, static_cast<const T*>(dhh.data()), static_cast<const T*>(nullptr), row_of<T>(s.dhc_out, b, Hh),

@@ -221,34 +221,54 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardStep s) {
   T* dg = static_cast<T*>(s.dg) + b * d.g_width();
   T* da = dws + D.da;
 
-  cell_backward(ws + L.n, P.lnw, P.lnb, P.lncw, P.lncb, ws + L.rstd, ws + L.cn, ws[L.crstd], row_of<T>(s.c, b, H),
-                row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm, H, row_of<T>(s.dh_out, b, H),
-                row_of<T>(s.dh_rec, b, H), row_of<T>(s.dc_out, b, H), static_cast<T*>(s.dc_carry) + b * H,
-                dws + D.dcout, dws + D.dy, da, red, row_of<T>(s.zmask, b, H),
-                s.dh_zone ? static_cast<T*>(s.dh_zone) + b * H : nullptr);
-
-  const T* z = ws + L.z;
-  for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x) dg[r] = da[r] * P.scale(0, r, z, d);
-  // dz[kind, y, m] = Σ_r dd_kind[yH + r] · W_kind[yH + r, m]; one thread per embedding entry.
-  T* dz = dws + D.dz;
-  for (int64_t k = threadIdx.x; k < 12 * Nz; k += blockDim.x) {
-    const int kind = int(k / (4 * Nz));
-    const int64_t y = (k / Nz) % 4, m = k % Nz;
-    T acc = 0;
-    for (int64_t r = y * H; r < (y + 1) * H; ++r) {
-      const T dd = kind == 0 ? da[r] * g[r] : kind == 1 ? da[r] * gx[r] : da[r];
-      acc += dd * P.scale_row(kind, r, d)[m];
+  if (s.phase != StepPhase::Hyper)
+    cell_backward(ws + L.n, P.lnw, P.lnb, P.lncw, P.lncb, ws + L.rstd, ws + L.cn, ws[L.crstd], row_of<T>(s.c, b, H),
+                  row_of<T>(s.c_prev, b, H), row_of<T>(s.mask, b, H), fb, s.layer_norm, H, row_of<T>(s.dh_out, b, H),
+                  row_of<T>(s.dh_rec, b, H), row_of<T>(s.dc_out, b, H), static_cast<T*>(s.dc_carry) + b * H,
+                  dws + D.dcout, dws + D.dy, da, red, row_of<T>(s.zmask, b, H),
+                  s.dh_zone ? static_cast<T*>(s.dh_zone) + b * H : nullptr);
+  if (s.phase == StepPhase::Main) {
+    // GEMM-shaped: dg = da ⊙ d_h with d_h given (4, B, H); dd = [da ⊙ W_h h | da ⊙ W_x x | da] out, (12, B, H).
+    const T* dh_given = static_cast<const T*>(s.scale) + b * H;
+    T* dd = static_cast<T*>(s.dd) + b * H;
+    const int64_t kind = 4 * d.B * H;
+    for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x) {
+      const int64_t at = (r / H) * d.B * H + r % H;
+      dg[r] = da[r] * dh_given[at];
+      dd[at] = da[r] * g[r];
+      dd[kind + at] = da[r] * gx[r];
+      dd[2 * kind + at] = da[r];
     }
-    dz[k] = acc;
+    return;
   }
-  __syncthreads();
-  // ĥ_t's gradient, parked in dg's hyper slot until the hyper cell backward overwrites it with dâ.
+
+  T* dz = dws + D.dz;
+  if (s.phase == StepPhase::Whole) {
+    const T* z = ws + L.z;
+    for (int64_t r = threadIdx.x; r < 4 * H; r += blockDim.x) dg[r] = da[r] * P.scale(0, r, z, d);
+    // dz[kind, y, m] = Σ_r dd_kind[yH + r] · W_kind[yH + r, m]; one thread per embedding entry.
+    for (int64_t k = threadIdx.x; k < 12 * Nz; k += blockDim.x) {
+      const int kind = int(k / (4 * Nz));
+      const int64_t y = (k / Nz) % 4, m = k % Nz;
+      T acc = 0;
+      for (int64_t r = y * H; r < (y + 1) * H; ++r) {
+        const T dd = kind == 0 ? da[r] * g[r] : kind == 1 ? da[r] * gx[r] : da[r];
+        acc += dd * P.scale_row(kind, r, d)[m];
+      }
+      dz[k] = acc;
+    }
+    __syncthreads();
+  }
+  // ĥ_t's gradient, parked in dg's hyper slot until the hyper cell backward overwrites it with dâ: what
+  // flows in from outside and from step t+1, plus the embeddings' share (dz·Z, here or given).
   T* dhh = dg + 4 * H;
   const T* dhh_out = row_of<T>(s.dhh_out, b, Hh);
   const T* dhh_rec = row_of<T>(s.dhh_rec, b, Hh);
+  const T* extra = row_of<T>(s.dhh_extra, b, Hh);
   for (int64_t j = threadIdx.x; j < Hh; j += blockDim.x) {
-    T acc = (dhh_out ? dhh_out[j] : T(0)) + (dhh_rec ? dhh_rec[j] : T(0));
-    for (int64_t k = 0; k < 12 * Nz; ++k) acc += dz[k] * P.z_row(k, d)[j];
+    T acc = (dhh_out ? dhh_out[j] : T(0)) + (dhh_rec ? dhh_rec[j] : T(0)) + (extra ? extra[j] : T(0));
+    if (s.phase == StepPhase::Whole)
+      for (int64_t k = 0; k < 12 * Nz; ++k) acc += dz[k] * P.z_row(k, d)[j];
     dhh[j] = acc;
   }
   __syncthreads();
