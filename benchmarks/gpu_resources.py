@@ -119,7 +119,9 @@ def triton_jobs(archs, quick):
     for arch in archs:
         for H, Hh, Nz in sizes:
             for kernel in ("hyper_lstm_fwd_step", "hyper_lstm_bwd_step"):
-                jobs.append((kernel, arch, dict(H=H, Hh=Hh, Nz=Nz)))
+                # phase 0: the one-program-per-row step; 1 and 2: the GEMM-shaped step's hyper and main cells
+                for phase in (0, 1, 2):
+                    jobs.append((kernel, arch, dict(H=H, Hh=Hh, Nz=Nz, phase=phase)))
         for z_dim, hidden, in_tile, out_tile, k in GEN_SIZES[: 1 if quick else None]:
             for kernel in ("generate_tiles_kernel", "gather_tiles_kernel"):
                 jobs.append((kernel, arch, dict(z_dim=z_dim, hidden=hidden, in_tile=in_tile, out_tile=out_tile, k=k)))
@@ -136,7 +138,7 @@ def _signature(fn, constexprs):
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
-        elif name == "numel":
+        elif name in ("numel", "n_rows"):
             sig[name] = "i32"
         else:
             sig[name] = "fp32"
@@ -149,10 +151,12 @@ def _triton_launch(kernel, size):
     load()
     from hyperfused.triton_kernels import hyper_lstm, static_hypernet
     if kernel == "hyper_lstm_fwd_step":
-        consts, warps = hyper_lstm.forward_config(size["H"], size["Hh"], size["Nz"], layer_norm=True)
+        consts, warps = hyper_lstm.forward_config(size["H"], size["Hh"], size["Nz"], layer_norm=True,
+                                                  phase=size.get("phase", 0))
         return hyper_lstm.hyper_lstm_fwd_step, consts, warps
     if kernel == "hyper_lstm_bwd_step":
-        consts, warps = hyper_lstm.backward_config(size["H"], size["Hh"], size["Nz"], layer_norm=True)
+        consts, warps = hyper_lstm.backward_config(size["H"], size["Hh"], size["Nz"], layer_norm=True,
+                                                   phase=size.get("phase", 0))
         return hyper_lstm.hyper_lstm_bwd_step, consts, warps
     kk, out_kk = size["k"] ** 2, size["out_tile"] * size["k"] ** 2
     if kernel == "generate_tiles_kernel":

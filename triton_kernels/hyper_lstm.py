@@ -11,6 +11,8 @@ each load (the accumulation is float32 throughout).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -153,6 +155,26 @@ def _main_gate_fwd(y: tl.constexpr, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr
     dh = _scale(sw_ptr, y * H, zh, oH, mH, oz, mz, NZ)
     dx = _scale(sw_ptr, 4 * H + y * H, zx, oH, mH, oz, mz, NZ)
     db = _scale(bsw_ptr, y * H, zb, oH, mH, oz, mz, NZ)
+    return _main_gate_scaled(y, row, dh, dx, db, g_ptr, gx_ptr, ws, bias_ptr, lnw_ptr, lnb_ptr, oH, mH, H, GW,
+                             OFF_RSTD, LN)
+
+
+@triton.jit
+def _main_gate_given(y: tl.constexpr, row, d_ptr, n_rows, g_ptr, gx_ptr, ws, bias_ptr, lnw_ptr, lnb_ptr, oH, mH,
+                     H: tl.constexpr, GW: tl.constexpr, OFF_RSTD: tl.constexpr, LN: tl.constexpr):
+    """_main_gate_fwd with the scaling vectors given, d (12, B, H) kind-major (the GEMM-shaped step)."""
+    dh = _load(d_ptr, (y * n_rows + row) * H + oH, mH)
+    dx = _load(d_ptr, ((4 + y) * n_rows + row) * H + oH, mH)
+    db = _load(d_ptr, ((8 + y) * n_rows + row) * H + oH, mH)
+    return _main_gate_scaled(y, row, dh, dx, db, g_ptr, gx_ptr, ws, bias_ptr, lnw_ptr, lnb_ptr, oH, mH, H, GW,
+                             OFF_RSTD, LN)
+
+
+@triton.jit
+def _main_gate_scaled(y: tl.constexpr, row, dh, dx, db, g_ptr, gx_ptr, ws, bias_ptr, lnw_ptr, lnb_ptr, oH, mH,
+                      H: tl.constexpr, GW: tl.constexpr, OFF_RSTD: tl.constexpr, LN: tl.constexpr):
+    """Gate y's row-scaled pre-activation d_h ⊙ (W_h h) + d_x ⊙ (W_x x) + b_0 + d_b, its LN, stored n; returns
+    the gate value after LN's gain and bias."""
     a = (dh * _load(g_ptr, row * GW + y * H + oH, mH) + dx * _load(gx_ptr, row * 4 * H + y * H + oH, mH)
          + _load(bias_ptr, y * H + oH, mH) + db)
     if LN:
@@ -179,19 +201,38 @@ def hyper_lstm_fwd_step(g_ptr, ghh_ptr, gx_ptr, ghx_ptr, c_prev_ptr, hc_prev_ptr
                         h_prev_ptr, hh_prev_ptr, zmask_ptr, hzmask_ptr,
                         h_ptr, c_ptr, hh_ptr, hc_ptr, ws_ptr,
                         bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
-                        hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias,
+                        hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias, d_ptr, n_rows,
                         H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, WS: tl.constexpr,
                         GW: tl.constexpr, OFF_CN: tl.constexpr, OFF_Z: tl.constexpr, OFF_HN: tl.constexpr,
                         OFF_HCN: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_CRSTD: tl.constexpr, OFF_HRSTD: tl.constexpr,
                         OFF_HCRSTD: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr, BLOCK_Z: tl.constexpr,
                         LN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_HMASK: tl.constexpr,
-                        HAS_ZONE: tl.constexpr, HAS_HZONE: tl.constexpr):
+                        HAS_ZONE: tl.constexpr, HAS_HZONE: tl.constexpr, PHASE: tl.constexpr):
+    """PHASE 0: the whole step. The GEMM-shaped step (csrc/hyper_lstm_kernels.h, StepPhase): 1, the hyper cell
+    only; 2, the main cell with the scaling vectors given in d_ptr, (12, n_rows, H)."""
     row = tl.program_id(0)
     ws = ws_ptr + row * WS
     oH, mH, oh, mh, oz, mz = _feature_ranges(H, HH, NZ, BLOCK_H, BLOCK_HH, BLOCK_Z)
+    hh = tl.zeros([BLOCK_HH], dtype=tl.float32)  # ĥ_t, kept in registers for PHASE 0's embeddings
+    if PHASE != 2:
+        hh = _hyper_cell_fwd(row, g_ptr, ghh_ptr, ghx_ptr, hc_prev_ptr, hmask_ptr, hh_prev_ptr, hzmask_ptr, hh_ptr,
+                             hc_ptr, ws, hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias, oh, mh, H, HH, GW,
+                             OFF_HN, OFF_HCN, OFF_HRSTD, OFF_HCRSTD, LN, HAS_HMASK, HAS_HZONE)
+    if PHASE != 1:
+        _main_cell_fwd(row, g_ptr, gx_ptr, c_prev_ptr, mask_ptr, h_prev_ptr, zmask_ptr, h_ptr, c_ptr, hh, ws,
+                       bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
+                       forget_bias, d_ptr, n_rows, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_CN, OFF_Z, OFF_HCN,
+                       OFF_RSTD, OFF_CRSTD, BLOCK_H, BLOCK_HH, LN, HAS_MASK, HAS_ZONE, PHASE)
 
-    # Hyper LN-LSTM on [x_t ; h_{t-1}].
+
+@triton.jit
+def _hyper_cell_fwd(row, g_ptr, ghh_ptr, ghx_ptr, hc_prev_ptr, hmask_ptr, hh_prev_ptr, hzmask_ptr, hh_ptr, hc_ptr, ws,
+                    hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias, oh, mh, H: tl.constexpr,
+                    HH: tl.constexpr, GW: tl.constexpr, OFF_HN: tl.constexpr, OFF_HCN: tl.constexpr,
+                    OFF_HRSTD: tl.constexpr, OFF_HCRSTD: tl.constexpr, LN: tl.constexpr, HAS_HMASK: tl.constexpr,
+                    HAS_HZONE: tl.constexpr):
+    """Hyper LN-LSTM on [x_t ; h_{t-1}]: stores ĥ_t (zoned), ĉ_t and the hyper workspace slots; returns ĥ_t."""
     yi = _hyper_gate_fwd(0, row, g_ptr, ghh_ptr, ghx_ptr, ws, hlnw_ptr, hlnb_ptr, oh, mh, H, HH, GW, OFF_HN, OFF_HRSTD, LN)
     yf = _hyper_gate_fwd(1, row, g_ptr, ghh_ptr, ghx_ptr, ws, hlnw_ptr, hlnb_ptr, oh, mh, H, HH, GW, OFF_HN, OFF_HRSTD, LN)
     yg = _hyper_gate_fwd(2, row, g_ptr, ghh_ptr, ghx_ptr, ws, hlnw_ptr, hlnb_ptr, oh, mh, H, HH, GW, OFF_HN, OFF_HRSTD, LN)
@@ -206,16 +247,37 @@ def hyper_lstm_fwd_step(g_ptr, ghh_ptr, gx_ptr, ghx_ptr, c_prev_ptr, hc_prev_ptr
         hh = hh_prev + _load(hzmask_ptr, row * HH + oh, mh) * (hh - hh_prev)
     tl.store(hc_ptr + row * HH + oh, hc, mask=mh)
     tl.store(hh_ptr + row * HH + oh, hh, mask=mh)
+    return hh
 
-    # Per gate: embeddings from the updated ĥ_t, scaling vectors, row-scaled pre-activation, LN.
-    yi = _main_gate_fwd(0, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                        lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
-    yf = _main_gate_fwd(1, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                        lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
-    yg = _main_gate_fwd(2, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                        lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
-    yo = _main_gate_fwd(3, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                        lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+
+@triton.jit
+def _main_cell_fwd(row, g_ptr, gx_ptr, c_prev_ptr, mask_ptr, h_prev_ptr, zmask_ptr, h_ptr, c_ptr, hh, ws,
+                   bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
+                   forget_bias, d_ptr, n_rows, oH, mH, oh, mh, oz, mz, H: tl.constexpr, HH: tl.constexpr,
+                   NZ: tl.constexpr, GW: tl.constexpr, OFF_CN: tl.constexpr, OFF_Z: tl.constexpr,
+                   OFF_HCN: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_CRSTD: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_HH: tl.constexpr, LN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ZONE: tl.constexpr,
+                   PHASE: tl.constexpr):
+    """Per gate the row-scaled pre-activation and its LN, then the main cell; the scaling vectors from the
+    embeddings of ĥ_t (hh) in PHASE 0, given in PHASE 2."""
+    if PHASE == 0:
+        yi = _main_gate_fwd(0, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr,
+                            lnw_ptr, lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+        yf = _main_gate_fwd(1, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr,
+                            lnw_ptr, lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+        yg = _main_gate_fwd(2, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr,
+                            lnw_ptr, lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+        yo = _main_gate_fwd(3, row, hh, g_ptr, gx_ptr, ws, bias_ptr, zw_ptr, zb_ptr, bzw_ptr, sw_ptr, bsw_ptr,
+                            lnw_ptr, lnb_ptr, oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+    else:
+        yi = _main_gate_given(0, row, d_ptr, n_rows, g_ptr, gx_ptr, ws, bias_ptr, lnw_ptr, lnb_ptr, oH, mH, H, GW,
+                              OFF_RSTD, LN)
+        yf = _main_gate_given(1, row, d_ptr, n_rows, g_ptr, gx_ptr, ws, bias_ptr, lnw_ptr, lnb_ptr, oH, mH, H, GW,
+                              OFF_RSTD, LN)
+        yg = _main_gate_given(2, row, d_ptr, n_rows, g_ptr, gx_ptr, ws, bias_ptr, lnw_ptr, lnb_ptr, oH, mH, H, GW,
+                              OFF_RSTD, LN)
+        yo = _main_gate_given(3, row, d_ptr, n_rows, g_ptr, gx_ptr, ws, bias_ptr, lnw_ptr, lnb_ptr, oH, mH, H, GW,
+                              OFF_RSTD, LN)
     m = 1.0
     if HAS_MASK:
         m = _load(mask_ptr, row * H + oH, mH)
@@ -238,13 +300,7 @@ def _main_gate_bwd(y: tl.constexpr, row, dy, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_
                    lnw_ptr, oH, mH, oh, mh, oz, mz, H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr,
                    GW: tl.constexpr, OFF_Z: tl.constexpr, OFF_RSTD: tl.constexpr, LN: tl.constexpr):
     """Stores da, dy, dg (= da ⊙ d_h) and dz of gate y; returns this gate's part of the grad of ĥ_t."""
-    if LN:
-        da = layer_norm_backward(dy, _load(ws, y * H + oH, mH), _load(lnw_ptr, y * H + oH, mH),
-                                 tl.load(ws + OFF_RSTD + y), mH, H)
-    else:
-        da = tl.where(mH, dy, 0.0)
-    tl.store(dws + y * H + oH, da, mask=mH)
-    tl.store(dws + 4 * H + y * H + oH, dy, mask=mH)
+    da = _main_gate_da(y, dy, ws, dws, lnw_ptr, oH, mH, H, OFF_RSTD, LN)
     zh = _load(ws, OFF_Z + y * NZ + oz, mz)
     tl.store(dg_ptr + row * GW + y * H + oH, da * _scale(sw_ptr, y * H, zh, oH, mH, oz, mz, NZ), mask=mH)
     smask = mH[:, None] & mz[None, :]
@@ -265,6 +321,33 @@ def _main_gate_bwd(y: tl.constexpr, row, dy, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_
     wzx = tl.load(zw_ptr + ((4 + y) * NZ + oz)[:, None] * HH + oh[None, :], mask=zmask, other=0.0).to(tl.float32)
     wzb = tl.load(bzw_ptr + (y * NZ + oz)[:, None] * HH + oh[None, :], mask=zmask, other=0.0).to(tl.float32)
     return tl.sum(wzh * dzh[:, None] + wzx * dzx[:, None] + wzb * dzb[:, None], axis=0)
+
+
+@triton.jit
+def _main_gate_da(y: tl.constexpr, dy, ws, dws, lnw_ptr, oH, mH, H: tl.constexpr, OFF_RSTD: tl.constexpr,
+                  LN: tl.constexpr):
+    """da, the grad of gate y's pre-activation, through its LN; stores da and dy in the backward workspace."""
+    if LN:
+        da = layer_norm_backward(dy, _load(ws, y * H + oH, mH), _load(lnw_ptr, y * H + oH, mH),
+                                 tl.load(ws + OFF_RSTD + y), mH, H)
+    else:
+        da = tl.where(mH, dy, 0.0)
+    tl.store(dws + y * H + oH, da, mask=mH)
+    tl.store(dws + 4 * H + y * H + oH, dy, mask=mH)
+    return da
+
+
+@triton.jit
+def _main_gate_bwd_given(y: tl.constexpr, row, dy, ws, dws, dg_ptr, g_ptr, gx_ptr, d_ptr, dd_ptr, n_rows, lnw_ptr,
+                         oH, mH, H: tl.constexpr, GW: tl.constexpr, OFF_RSTD: tl.constexpr, LN: tl.constexpr):
+    """The GEMM-shaped step's gate y: da and dy stored, dg = da ⊙ d_h with d_h given (4, n_rows, H), and
+    dd = [da ⊙ W_h h | da ⊙ W_x x | da] stored (12, n_rows, H) for the driver's dz GEMM."""
+    da = _main_gate_da(y, dy, ws, dws, lnw_ptr, oH, mH, H, OFF_RSTD, LN)
+    dh = _load(d_ptr, (y * n_rows + row) * H + oH, mH)
+    tl.store(dg_ptr + row * GW + y * H + oH, da * dh, mask=mH)
+    tl.store(dd_ptr + (y * n_rows + row) * H + oH, da * _load(g_ptr, row * GW + y * H + oH, mH), mask=mH)
+    tl.store(dd_ptr + ((4 + y) * n_rows + row) * H + oH, da * _load(gx_ptr, row * 4 * H + y * H + oH, mH), mask=mH)
+    tl.store(dd_ptr + ((8 + y) * n_rows + row) * H + oH, da, mask=mH)
 
 
 @triton.jit
@@ -296,7 +379,7 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
                         dc_next_ptr, dhc_next_ptr, dc_prev_ptr, dhc_prev_ptr, dg_ptr, dws_ptr,
                         zmask_ptr, hzmask_ptr, dh_zone_ptr, dhh_zone_ptr,
                         zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
-                        hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias,
+                        hlnw_ptr, hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias, d_ptr, dd_ptr, dhh_extra_ptr, n_rows,
                         H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, WS: tl.constexpr, DWS: tl.constexpr,
                         GW: tl.constexpr, OFF_CN: tl.constexpr, OFF_Z: tl.constexpr, OFF_HN: tl.constexpr,
                         OFF_HCN: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_CRSTD: tl.constexpr, OFF_HRSTD: tl.constexpr,
@@ -304,13 +387,40 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
                         BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr, BLOCK_Z: tl.constexpr, LN: tl.constexpr,
                         HAS_MASK: tl.constexpr, HAS_HMASK: tl.constexpr, HAS_DH_OUT: tl.constexpr,
                         HAS_REC: tl.constexpr, HAS_DC_OUT: tl.constexpr, HAS_DHH_OUT: tl.constexpr,
-                        HAS_DHC_OUT: tl.constexpr, HAS_ZONE: tl.constexpr, HAS_HZONE: tl.constexpr):
+                        HAS_DHC_OUT: tl.constexpr, HAS_ZONE: tl.constexpr, HAS_HZONE: tl.constexpr,
+                        PHASE: tl.constexpr):
+    """PHASE 0: the whole step. The GEMM-shaped step (csrc/hyper_lstm_kernels.h, StepPhase): 2, the main cell
+    with d_h given in d_ptr and dd stored to dd_ptr; 1, the hyper cell with dz·Z given in dhh_extra_ptr."""
     row = tl.program_id(0)
     ws = ws_ptr + row * WS
     dws = dws_ptr + row * DWS
     oH, mH, oh, mh, oz, mz = _feature_ranges(H, HH, NZ, BLOCK_H, BLOCK_HH, BLOCK_Z)
+    dhh = tl.zeros([BLOCK_HH], dtype=tl.float32)
+    if PHASE != 1:
+        dhh = _main_cell_bwd(row, g_ptr, gx_ptr, c_ptr, c_prev_ptr, ws, dws, mask_ptr, dh_out_ptr, dh_rec_ptr,
+                             dc_out_ptr, dc_next_ptr, dc_prev_ptr, dg_ptr, zmask_ptr, dh_zone_ptr, zw_ptr, bzw_ptr,
+                             sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr, forget_bias, d_ptr, dd_ptr, n_rows,
+                             oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_CN, OFF_Z, OFF_RSTD, OFF_CRSTD, OFF_DCOUT,
+                             BLOCK_H, BLOCK_HH, LN, HAS_MASK, HAS_DH_OUT, HAS_REC, HAS_DC_OUT, HAS_ZONE, PHASE)
+    if PHASE != 2:
+        _hyper_cell_bwd(row, dhh, hc_ptr, hc_prev_ptr, ws, dws, hmask_ptr, dhh_out_ptr, dhh_rec_ptr, dhc_out_ptr,
+                        dhc_next_ptr, dhc_prev_ptr, dg_ptr, hzmask_ptr, dhh_zone_ptr, dhh_extra_ptr, hlnw_ptr,
+                        hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HCN,
+                        OFF_HRSTD, OFF_HCRSTD, OFF_DHCOUT, BLOCK_HH, LN, HAS_HMASK, HAS_DHH_OUT, HAS_REC,
+                        HAS_DHC_OUT, HAS_HZONE, PHASE)
 
-    # Main cell.
+
+@triton.jit
+def _main_cell_bwd(row, g_ptr, gx_ptr, c_ptr, c_prev_ptr, ws, dws, mask_ptr, dh_out_ptr, dh_rec_ptr, dc_out_ptr,
+                   dc_next_ptr, dc_prev_ptr, dg_ptr, zmask_ptr, dh_zone_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                   lnb_ptr, lncw_ptr, lncb_ptr, forget_bias, d_ptr, dd_ptr, n_rows, oH, mH, oh, mh, oz, mz,
+                   H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, GW: tl.constexpr, OFF_CN: tl.constexpr,
+                   OFF_Z: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_CRSTD: tl.constexpr, OFF_DCOUT: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr, LN: tl.constexpr, HAS_MASK: tl.constexpr,
+                   HAS_DH_OUT: tl.constexpr, HAS_REC: tl.constexpr, HAS_DC_OUT: tl.constexpr,
+                   HAS_ZONE: tl.constexpr, PHASE: tl.constexpr):
+    """The main cell's backward; returns the embeddings' share of the grad of ĥ_t (PHASE 0; zero in PHASE 2,
+    where the driver's GEMMs compute it)."""
     yi, yf, yg, yo = _gates(ws, 0, lnw_ptr, lnb_ptr, oH, mH, H, LN)
     dh = tl.zeros([BLOCK_H], dtype=tl.float32)
     if HAS_DH_OUT:
@@ -326,20 +436,43 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
                                        dws + OFF_DCOUT,
                                        forget_bias, BLOCK_H, LN, HAS_MASK, HAS_DC_OUT)
     dhh = tl.zeros([BLOCK_HH], dtype=tl.float32)
+    if PHASE == 2:
+        _main_gate_bwd_given(0, row, dyi, ws, dws, dg_ptr, g_ptr, gx_ptr, d_ptr, dd_ptr, n_rows, lnw_ptr, oH, mH,
+                             H, GW, OFF_RSTD, LN)
+        _main_gate_bwd_given(1, row, dyf, ws, dws, dg_ptr, g_ptr, gx_ptr, d_ptr, dd_ptr, n_rows, lnw_ptr, oH, mH,
+                             H, GW, OFF_RSTD, LN)
+        _main_gate_bwd_given(2, row, dyg, ws, dws, dg_ptr, g_ptr, gx_ptr, d_ptr, dd_ptr, n_rows, lnw_ptr, oH, mH,
+                             H, GW, OFF_RSTD, LN)
+        _main_gate_bwd_given(3, row, dyo, ws, dws, dg_ptr, g_ptr, gx_ptr, d_ptr, dd_ptr, n_rows, lnw_ptr, oH, mH,
+                             H, GW, OFF_RSTD, LN)
+    else:
+        dhh += _main_gate_bwd(0, row, dyi, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+        dhh += _main_gate_bwd(1, row, dyf, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+        dhh += _main_gate_bwd(2, row, dyg, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+        dhh += _main_gate_bwd(3, row, dyo, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
+                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+    return dhh
+
+
+@triton.jit
+def _hyper_cell_bwd(row, dhh, hc_ptr, hc_prev_ptr, ws, dws, hmask_ptr, dhh_out_ptr, dhh_rec_ptr, dhc_out_ptr,
+                    dhc_next_ptr, dhc_prev_ptr, dg_ptr, hzmask_ptr, dhh_zone_ptr, dhh_extra_ptr, hlnw_ptr, hlnb_ptr,
+                    hlncw_ptr, hlncb_ptr, forget_bias, oh, mh, H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr,
+                    GW: tl.constexpr, OFF_HN: tl.constexpr, OFF_HCN: tl.constexpr, OFF_HRSTD: tl.constexpr,
+                    OFF_HCRSTD: tl.constexpr, OFF_DHCOUT: tl.constexpr, BLOCK_HH: tl.constexpr, LN: tl.constexpr,
+                    HAS_HMASK: tl.constexpr, HAS_DHH_OUT: tl.constexpr, HAS_REC: tl.constexpr,
+                    HAS_DHC_OUT: tl.constexpr, HAS_HZONE: tl.constexpr, PHASE: tl.constexpr):
+    """The hyper cell's backward from dhh, the embeddings' share of the grad of ĥ_t (in registers in PHASE 0,
+    given in dhh_extra_ptr in PHASE 1), plus what flows in from outside and from step t+1."""
     if HAS_DHH_OUT:
         dhh += _load(dhh_out_ptr, row * HH + oh, mh)
     if HAS_REC:
         dhh += _load(dhh_rec_ptr, row * HH + oh, mh)
-    dhh += _main_gate_bwd(0, row, dyi, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                          oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
-    dhh += _main_gate_bwd(1, row, dyf, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                          oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
-    dhh += _main_gate_bwd(2, row, dyg, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                          oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
-    dhh += _main_gate_bwd(3, row, dyo, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                          oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
-
-    # Hyper cell.
+    if PHASE == 1:
+        dhh += _load(dhh_extra_ptr, row * HH + oh, mh)
     if HAS_HZONE:
         hzm = _load(hzmask_ptr, row * HH + oh, mh)
         tl.store(dhh_zone_ptr + row * HH + oh, (1.0 - hzm) * dhh, mask=mh)
@@ -359,23 +492,30 @@ def _launch_config(H, Hh, Nz):
     return blocks, (8 if blocks["BLOCK_H"] >= 512 else 4)
 
 
-def forward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_zone=False, has_hzone=False):
+def gemm_shaped() -> bool:
+    """The step design (csrc/hyper_lstm_kernels.h, StepPhase): GEMM-shaped (phases 1 and 2 around torch GEMMs)
+    unless HYPERFUSED_STEP_DESIGN=fused asks for the whole step in one program per row (phase 0)."""
+    return os.environ.get("HYPERFUSED_STEP_DESIGN", "gemm") != "fused"
+
+
+def forward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_zone=False, has_hzone=False,
+                   phase=0):
     """(constexprs, num_warps) that `forward` launches hyper_lstm_fwd_step with: the one definition, which the
     compile-for-target check (benchmarks/gpu_resources.py) reads too."""
     blocks, warps = _launch_config(H, Hh, Nz)
     return dict(H=H, HH=Hh, NZ=Nz, WS=ws_width(H, Hh, Nz), LN=bool(layer_norm), HAS_MASK=bool(has_mask),
-                HAS_HMASK=bool(has_hmask), HAS_ZONE=bool(has_zone), HAS_HZONE=bool(has_hzone), **blocks,
-                **ws_layout(H, Hh, Nz)), warps
+                HAS_HMASK=bool(has_hmask), HAS_ZONE=bool(has_zone), HAS_HZONE=bool(has_hzone), PHASE=phase,
+                **blocks, **ws_layout(H, Hh, Nz)), warps
 
 
 def backward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_dh_out=True, has_rec=True,
-                    has_dc_out=False, has_dhh_out=False, has_dhc_out=False, has_zone=False, has_hzone=False):
+                    has_dc_out=False, has_dhh_out=False, has_dhc_out=False, has_zone=False, has_hzone=False, phase=0):
     """(constexprs, num_warps) that `backward` launches hyper_lstm_bwd_step with."""
     blocks, warps = _launch_config(H, Hh, Nz)
     return dict(H=H, HH=Hh, NZ=Nz, WS=ws_width(H, Hh, Nz), DWS=dws_width(H, Hh, Nz), LN=bool(layer_norm),
                 HAS_MASK=bool(has_mask), HAS_HMASK=bool(has_hmask), HAS_DH_OUT=bool(has_dh_out),
                 HAS_REC=bool(has_rec), HAS_DC_OUT=bool(has_dc_out), HAS_DHH_OUT=bool(has_dhh_out),
-                HAS_DHC_OUT=bool(has_dhc_out), HAS_ZONE=bool(has_zone), HAS_HZONE=bool(has_hzone),
+                HAS_DHC_OUT=bool(has_dhc_out), HAS_ZONE=bool(has_zone), HAS_HZONE=bool(has_hzone), PHASE=phase,
                 OFF_DCOUT=8 * H, OFF_DHCOUT=9 * H + 12 * Nz + 4 * Hh, **blocks, **ws_layout(H, Hh, Nz)), warps
 
 
@@ -401,20 +541,32 @@ def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_b
     hs, cs, hhs, hcs = new(T, B, H), new(T, B, H), new(T, B, Hh), new(T, B, Hh)
     kept = T if save else 1  # steps of g and ws held at once
     g, ws, ghh = new(kept, B, 4 * H + 4 * Hh), new(kept, B, ws_width(H, Hh, Nz)), new(B, 4 * Hh)
-    consts, warps = forward_config(H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None, zm is not None,
-                                   hzm is not None)
+    flags = (layer_norm, mask is not None, hyper_mask is not None, zm is not None, hzm is not None)
+    split = gemm_shaped()
+    phases = [forward_config(H, Hh, Nz, *flags, phase=p) for p in ((1, 2) if split else (0,))]
+    if split:  # z and the 12 scaling vectors as GEMMs between the hyper and the main cell: weights read once
+        zwt, zbias = torch.cat([zw, bzw]).T, torch.cat([zb, zb.new_zeros(4 * Nz)])
+        swt = torch.cat([sw, bsw[None]]).view(3, 4, H, Nz).transpose(2, 3).reshape(12, Nz, H)
+        d = new(12, B, H)
+        off_z = ws_layout(H, Hh, Nz)["OFF_Z"]
     for t in range(T):
         h_prev, c_prev = (hs[t - 1], cs[t - 1]) if t else (h0, c0)
         hh_prev, hc_prev = (hhs[t - 1], hcs[t - 1]) if t else (hh0, hc0)
         g_t, ws_t = g[t % kept], ws[t % kept]
         torch.mm(h_prev, w_rec, out=g_t)
         torch.mm(hh_prev, hwhh.T, out=ghh)
-        hyper_lstm_fwd_step[(B,)](
-            g_t, ghh, gx[t], ghx[t], c_prev, hc_prev, mask[t] if mask is not None else ws,
-            hyper_mask[t] if hyper_mask is not None else ws, h_prev, hh_prev, zm[t] if zm is not None else ws,
-            hzm[t] if hzm is not None else ws, hs[t], cs[t], hhs[t], hcs[t], ws_t,
-            bias, zw, zb, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias),
-            num_warps=warps, **consts)
+        args = (g_t, ghh, gx[t], ghx[t], c_prev, hc_prev, mask[t] if mask is not None else ws,
+                hyper_mask[t] if hyper_mask is not None else ws, h_prev, hh_prev, zm[t] if zm is not None else ws,
+                hzm[t] if hzm is not None else ws, hs[t], cs[t], hhs[t], hcs[t], ws_t,
+                bias, zw, zb, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias))
+        if split:
+            consts, warps = phases[0]
+            hyper_lstm_fwd_step[(B,)](*args, d, B, num_warps=warps, **consts)
+            z = torch.addmm(zbias, hhs[t], zwt)
+            ws_t[:, off_z:off_z + 12 * Nz] = z
+            torch.bmm(z.view(B, 12, Nz).transpose(0, 1), swt, out=d)
+        consts, warps = phases[-1]
+        hyper_lstm_fwd_step[(B,)](*args, d if split else ws, B, num_warps=warps, **consts)
     if not save:
         return hs, cs, hhs, hcs, new(0, B, g.shape[2]), new(0, B, ws.shape[2])
     return hs, cs, hhs, hcs, g, ws
@@ -447,19 +599,35 @@ def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params,
     # With zoneout the kernel leaves the share of dh_t that skips the cell here; it joins dh_{t-1} after the GEMM.
     dh_zone = new(B, H) if zm is not None else ws
     dhh_zone = new(B, Hh) if hzm is not None else ws
+    split = gemm_shaped()
+    if split:  # d_h, dz and dĥ's share dz·Z as GEMMs between the main and the hyper cell: weights read once
+        scale = torch.cat([sw, bsw[None]])  # (3, 4H, N_z)
+        swt_h = scale[0].view(4, H, Nz).transpose(1, 2).contiguous()
+        scale_rows, zcat = scale.view(12, H, Nz), torch.cat([zw, bzw])
+        dh_all, dd_all, dhh_extra = new(4, B, H), new(12, B, H), new(B, Hh)
+        off_z, off_dz = ws_layout(H, Hh, Nz)["OFF_Z"], 9 * H
     for i, t in enumerate(reversed(range(T))):
-        consts, warps = backward_config(H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None,
-                                        grad_hs is not None, t < T - 1, grad_cs is not None, grad_hhs is not None,
-                                        grad_hcs is not None, zm is not None, hzm is not None)
-        hyper_lstm_bwd_step[(B,)](
-            g[t], gx[t], cs[t], cs[t - 1] if t else c0, hcs[t], hcs[t - 1] if t else hc0, ws[t],
-            mask[t] if mask is not None else ws, hyper_mask[t] if hyper_mask is not None else ws,
-            grad_hs[t] if grad_hs is not None else ws, dh_rec, grad_cs[t] if grad_cs is not None else ws,
-            grad_hhs[t] if grad_hhs is not None else ws, dhh_rec, grad_hcs[t] if grad_hcs is not None else ws,
-            dcs[i % 2], dhcs[i % 2], dcs[1 - i % 2], dhcs[1 - i % 2], dg[t], dws[t],
-            zm[t] if zm is not None else ws, hzm[t] if hzm is not None else ws, dh_zone, dhh_zone,
-            zw, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias),
-            num_warps=warps, **consts)
+        flags = (H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None, grad_hs is not None, t < T - 1,
+                 grad_cs is not None, grad_hhs is not None, grad_hcs is not None, zm is not None, hzm is not None)
+        args = (g[t], gx[t], cs[t], cs[t - 1] if t else c0, hcs[t], hcs[t - 1] if t else hc0, ws[t],
+                mask[t] if mask is not None else ws, hyper_mask[t] if hyper_mask is not None else ws,
+                grad_hs[t] if grad_hs is not None else ws, dh_rec, grad_cs[t] if grad_cs is not None else ws,
+                grad_hhs[t] if grad_hhs is not None else ws, dhh_rec, grad_hcs[t] if grad_hcs is not None else ws,
+                dcs[i % 2], dhcs[i % 2], dcs[1 - i % 2], dhcs[1 - i % 2], dg[t], dws[t],
+                zm[t] if zm is not None else ws, hzm[t] if hzm is not None else ws, dh_zone, dhh_zone,
+                zw, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias))
+        if split:
+            torch.bmm(ws[t, :, off_z:off_z + 4 * Nz].reshape(B, 4, Nz).transpose(0, 1), swt_h, out=dh_all)
+            consts, warps = backward_config(*flags, phase=2)
+            hyper_lstm_bwd_step[(B,)](*args, dh_all, dd_all, dhh_extra, B, num_warps=warps, **consts)
+            dz = torch.bmm(dd_all, scale_rows).transpose(0, 1).reshape(B, 12 * Nz)
+            dws[t, :, off_dz:off_dz + 12 * Nz] = dz
+            torch.mm(dz, zcat, out=dhh_extra)
+            consts, warps = backward_config(*flags, phase=1)
+            hyper_lstm_bwd_step[(B,)](*args, dh_all, dd_all, dhh_extra, B, num_warps=warps, **consts)
+        else:
+            consts, warps = backward_config(*flags)
+            hyper_lstm_bwd_step[(B,)](*args, ws, ws, ws, B, num_warps=warps, **consts)
         torch.mm(dg[t], w_rec, out=dh_rec)
         torch.mm(dg[t, :, 4 * H:], hwhh, out=dhh_rec)
         if zm is not None:
