@@ -322,6 +322,7 @@ def train(args):
         model.load_state_dict(best["model"])  # the final numbers are those of the best validated parameters
     result = dict(model=args.model, steps=step, world_size=world, best_step=best["step"] if best else None,
                   seed=args.seed, scale_init=args.scale_init, lr=args.lr, hidden=args.hidden,
+                  recurrent_dropout=args.recurrent_dropout, dropout=args.dropout, clip=args.clip,
                   hyper_size=args.hyper_size, hyper_embed=args.hyper_embed, batch_size=args.batch_size,
                   seq_len=args.seq_len, elapsed_s=history[-1]["elapsed_s"] if history else 0.0,
                   parameters=sum(p.numel() for p in model.parameters()),

@@ -18,8 +18,12 @@ from collections import Counter
 from .charlm import MODELS
 
 # The options that tell one group of runs from another (the seed does not), with their names in labels.
-VARIED = (("scale_init", "d₀"), ("lr", "lr"), ("hidden", "H"), ("hyper_size", "Ĥ"), ("hyper_embed", "N_z"),
-          ("batch_size", "B"), ("seq_len", "T"), ("steps", "steps"))
+VARIED = (("scale_init", "d₀"), ("lr", "lr"), ("recurrent_dropout", "rec. dropout"), ("dropout", "dropout"),
+          ("clip", "clip"), ("hidden", "H"), ("hyper_size", "Ĥ"), ("hyper_embed", "N_z"), ("batch_size", "B"),
+          ("seq_len", "T"), ("steps", "steps"))
+
+# Options a model ignores: no scaling vectors outside the hyper models; nn.LSTM has no recurrent dropout.
+UNUSED = {"scale_init": lambda model: "hyper" not in model, "recurrent_dropout": lambda model: model == "lstm"}
 
 
 def load_runs(paths):
@@ -44,7 +48,7 @@ def group_runs(runs) -> dict[str, list[dict]]:
     for r in runs:
         res = r["result"]
         extras = [f"{short}={res.get(k)}" for k, short in VARIED
-                  if res.get(k) != common[k] and not (k == "scale_init" and "hyper" not in res["model"])]
+                  if res.get(k) != common[k] and not UNUSED.get(k, lambda model: False)(res["model"])]
         groups.setdefault(" ".join([res["model"], *extras]), []).append(r)
     order = {m: k for k, m in enumerate(MODELS)}
     return dict(sorted(groups.items(), key=lambda g: (order.get(g[1][0]["result"]["model"], len(order)), g[0])))
