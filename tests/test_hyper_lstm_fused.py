@@ -176,7 +176,9 @@ def _op_inputs(T=3, B=2, X=3, H=5, Hh=4, Nz=2, layer_norm=True, masks=False):
 
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
 @pytest.mark.parametrize("masks", [False, True], ids=["nomask", "mask"])
-def test_gradcheck_cpu_op(layer_norm, masks):
+@pytest.mark.parametrize("design", ["fused", "gemm"])
+def test_gradcheck_cpu_op(layer_norm, masks, design, monkeypatch):
+    monkeypatch.setenv("HYPERFUSED_STEP_DESIGN", design)
     x, state, params, mask, hyper_mask = _op_inputs(layer_norm=layer_norm, masks=masks)
     trainable = [p for p in params if p.requires_grad]
 
