@@ -169,8 +169,7 @@ at::Tensor times_prev(const at::Tensor& dA, const at::Tensor& v0, const at::Tens
   return at::addmm(first, dA.narrow(0, B, M - B).t(), vs.narrow(0, 0, vs.size(0) - 1).reshape({M - B, v0.size(1)}));
 }
 
-// Whether the backward kernel sums the per-row weight gradients itself. HYPERFUSED_ATEN_REDUCTIONS=1 makes
-// the CPU leave them to ATen as CUDA does, so that the tests can check that path without a GPU.
+// Whether this call runs the GEMM-shaped step (StepPhase): the device's default, or HYPERFUSED_STEP_DESIGN.
 bool gemm_shaped(const StepKernels& k) {
   const char* v = std::getenv("HYPERFUSED_STEP_DESIGN");
   if (v && std::string(v) == "gemm") return true;
@@ -178,6 +177,8 @@ bool gemm_shaped(const StepKernels& k) {
   return k.gemm_shaped_forward;
 }
 
+// Whether the backward kernel sums the per-row weight gradients itself. HYPERFUSED_ATEN_REDUCTIONS=1 makes
+// the CPU leave them to ATen as CUDA does, so that the tests can check that path without a GPU.
 bool sums_in_kernel(const StepKernels& k) {
   const char* v = std::getenv("HYPERFUSED_ATEN_REDUCTIONS");
   return k.accumulates && !(v && *v && std::string(v) != "0");
@@ -243,7 +244,8 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
     st.scale = d_all.data_ptr();
     k.forward(st);
   }
-  if (!save_for_backward) return {hs, cs, hhs, hcs, at::empty({0, B, g.size(2)}, opts), at::empty({0, B, ws.size(2)}, opts)};
+  if (!save_for_backward)
+    return {hs, cs, hhs, hcs, at::empty({0, B, g.size(2)}, opts), at::empty({0, B, ws.size(2)}, opts)};
   return {hs, cs, hhs, hcs, g, ws};
 }
 

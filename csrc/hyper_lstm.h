@@ -17,9 +17,9 @@ struct StepKernels {
   void (*backward)(const BackwardStep&);
   void* (*stream)();  // current stream for the kernels, or null
   bool accumulates;   // the backward kernel can sum into BackwardStep::accum (AccumLayout)
-  // The forward's default step design: the whole step in one kernel launch (false), or the GEMM-shaped step
-  // (StepPhase: hyper cell, z and d as GEMMs that read each weight once per step, main cell). The environment
-  // variable HYPERFUSED_STEP_DESIGN=fused|gemm overrides it (the tests run both on the CPU).
+  // The default step design, forward and backward: the whole step in one kernel launch (false), or the
+  // GEMM-shaped step (StepPhase: the projections as GEMMs that read each weight once per step between a
+  // hyper-cell and a main-cell launch). HYPERFUSED_STEP_DESIGN=fused|gemm overrides it (the tests run both).
   bool gemm_shaped_forward;
 };
 

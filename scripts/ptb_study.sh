@@ -23,6 +23,7 @@ common="--hidden 256 --hyper-size 64 --hyper-embed 8 --batch-size 32 --seq-len 1
   # nn.LSTM has no recurrent dropout: the plain HyperLSTM without it, as the lstm row trains
   for s in 0 1; do echo "hyperlstm-rd0-s$s --model hyperlstm --recurrent-dropout 0 --seed $s --steps $steps"; done
   for m in lstm hyperlstm; do echo "$m-long-s0 --model $m --seed 0 --steps $((3 * steps))"; done
+  echo "hyperlstm-rd0-long-s0 --model hyperlstm --recurrent-dropout 0 --seed 0 --steps $((3 * steps))"
 } | while read -r name args; do
   [ -e "$out/$name.json" ] || echo "$name $args"   # finished runs are kept: rerunning resumes the study
 done | xargs -P "$jobs" -L 1 bash -c '

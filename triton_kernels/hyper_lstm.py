@@ -6,6 +6,10 @@ layer norm and the main cell update (forward), or all of it in reverse (backward
 and the post-loop weight-gradient GEMMs run in torch, as in the C++ driver (csrc/hyper_lstm.cpp), whose
 workspace layout these kernels share, so the two backends are interchangeable step for step.
 
+By default (the GEMM-shaped step, `gemm_shaped`) each step runs the kernels in two phases, the hyper cell
+and then the main cell, with the embeddings and the scaling vectors (forward), or d_h, dz and dĥ's share
+(backward), computed between them as torch GEMMs over all rows; PHASE 0 does the whole step in one program.
+
 Inputs follow hyperfused.reference.PARAM_NAMES order; bf16/fp16 values are cast to float32 right after
 each load (the accumulation is float32 throughout).
 """
