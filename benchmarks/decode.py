@@ -15,15 +15,34 @@ from .timing import Samples, timed
 DECODE_CONFIGS = [(1, 128, 256), (8, 128, 256)]
 
 
+HYPER_SIZE, HYPER_EMBED = 128, 16
+
+
+def _step_gemms(B, X, H, device):
+    """Only the products a HyperLSTMCell step computes, as torch.mm with the op's shapes and nothing between
+    them: W_x x, Ŵ_x[:, :X] x + b̂, [W_h ; Ŵ_x[:, X:]] h, Ŵ_h ĥ, then the embeddings z = [Z ; Z_b] ĥ and the
+    12 scaling vectors (a batched B × N_z × H product). The floor a step's arithmetic sets on this machine,
+    pointwise work aside (the fused op computes z and d inside its kernel on the CPU)."""
+    Hh, Nz = HYPER_SIZE, HYPER_EMBED
+    r = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    x, h, hh = r(B, X), r(B, H), r(B, Hh)
+    w_x, w_hx, b_h, w_rec, w_hh = r(X, 4 * H), r(X, 4 * Hh), r(4 * Hh), r(H, 4 * H + 4 * Hh), r(Hh, 4 * Hh)
+    w_z, w_d = r(Hh, 12 * Nz), r(12, Nz, H)
+    return lambda: (x @ w_x, torch.addmm(b_h, x, w_hx), h @ w_rec, hh @ w_hh,
+                    torch.bmm((hh @ w_z).view(B, 12, Nz).transpose(0, 1), w_d))
+
+
 def _rows(B, X, H, device):
     torch.manual_seed(0)
     x = torch.randn(B, X, device=device)
     lstm = torch.nn.LSTMCell(X, H, device=device)
-    rows = [("nn.LSTMCell", lambda: lstm(x))]
+    rows = [("nn.LSTMCell", lambda: lstm(x)),
+            ("HyperLSTMCell step's GEMMs alone (torch.mm)", _step_gemms(B, X, H, device))]
     for backend in hyperfused.ops.backends_for(device):
         if backend == "triton" and device.type != "cuda":
             continue  # the interpreter is for tests, not timings
-        cell = hyperfused.HyperLSTMCell(X, H, device=device, hyper_size=128, hyper_embed=16, backend=backend)
+        cell = hyperfused.HyperLSTMCell(X, H, device=device, hyper_size=HYPER_SIZE,
+                                       hyper_embed=HYPER_EMBED, backend=backend)
         state = cell(x)  # steps continue from a state, as when sampling
         rows.append((f"HyperLSTMCell {backend}", lambda cell=cell, state=state: cell(x, state)))
     return rows

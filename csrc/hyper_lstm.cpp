@@ -93,28 +93,38 @@ Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
 struct Transposed {
   // z_bias_full: [z_bias ; 0] (12N_z); scale_rows: [scale_weight ; bias_scale_weight] as (12, H, N_z)
   at::Tensor z_weight_t, scale_weight_t, w_rec, z_bias_full, scale_rows;
-  Transposed(at::TensorList p, const Sizes& s)
+  // The decode step's GEMMs, prepared with the copies it caches (empty otherwise): W_x x, Ŵ_x[:, :X] x + b̂,
+  // the recurrent product and Ŵ_h ĥ.
+  std::optional<StepGemm> input, hyper_input, rec, hyper;
+  Transposed(at::TensorList p, const Sizes& s, bool decode = false)
       : z_weight_t(at::cat({p[Z_WEIGHT], p[BIAS_Z_WEIGHT]}, 0).t().contiguous()),
         scale_weight_t(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0)
                            .view({3, 4, s.H, s.Nz}).transpose(2, 3).contiguous()),
         w_rec(at::cat({p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H)}, 0)),
         z_bias_full(at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())})),
-        scale_rows(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0).view({12, s.H, s.Nz})) {}
+        scale_rows(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0).view({12, s.H, s.Nz})) {
+    if (!decode) return;
+    input.emplace(p[WEIGHT_IH].t());
+    hyper_input.emplace(p[HYPER_WEIGHT_IH].narrow(1, 0, s.X).t(), p[HYPER_BIAS]);
+    rec.emplace(w_rec.t());
+    hyper.emplace(p[HYPER_WEIGHT_HH].t());
+  }
 };
 
 // Preparing those copies costs megabytes of memory traffic per call at the paper's size, more than a
 // decode step's arithmetic (B = 1, T = 1). When no gradient flows to the weights (inference: the Python
-// wrapper passes detached parameters then), they are kept across calls, keyed by the source tensors'
-// storage and version counter (an in-place update invalidates them); the entry holds the sources, so their
-// memory cannot be reused under the same key while it lives. A small LRU list: models hold one entry per
-// layer and direction.
-std::shared_ptr<const Transposed> prepared(at::TensorList p, const Sizes& s, void* stream) {
-  const int sources[] = {WEIGHT_HH, HYPER_WEIGHT_IH, Z_WEIGHT, Z_BIAS, BIAS_Z_WEIGHT, SCALE_WEIGHT, BIAS_SCALE_WEIGHT};
+// wrapper passes detached parameters then; the decode step, which never records a gradient), they are kept
+// across calls, keyed by the source tensors' storage and version counter (an in-place update invalidates
+// them); the entry holds the sources, so their memory cannot be reused under the same key while it lives.
+// A small LRU list: models hold one entry per layer and direction.
+std::shared_ptr<const Transposed> prepared(at::TensorList p, const Sizes& s, void* stream, bool decode = false) {
+  const int sources[] = {WEIGHT_IH, WEIGHT_HH, HYPER_WEIGHT_IH, HYPER_WEIGHT_HH, HYPER_BIAS, Z_WEIGHT, Z_BIAS,
+                         BIAS_Z_WEIGHT, SCALE_WEIGHT, BIAS_SCALE_WEIGHT};
   bool cacheable = true;
-  for (int i : sources) cacheable = cacheable && !p[i].requires_grad() && !p[i].is_inference();
-  if (!cacheable) return std::make_shared<const Transposed>(p, s);
+  for (int i : sources) cacheable = cacheable && (decode || !p[i].requires_grad()) && !p[i].is_inference();
+  if (!cacheable) return std::make_shared<const Transposed>(p, s, decode);
   std::vector<int64_t> key = {s.X, s.H, s.Hh, s.Nz, int64_t(p[0].scalar_type()), int64_t(p[0].device().type()),
-                              int64_t(p[0].device().index()), reinterpret_cast<int64_t>(stream)};
+                              int64_t(p[0].device().index()), reinterpret_cast<int64_t>(stream), decode};
   for (int i : sources) {
     key.push_back(reinterpret_cast<int64_t>(p[i].data_ptr()));
     key.push_back(int64_t(p[i]._version()));
@@ -133,7 +143,7 @@ std::shared_ptr<const Transposed> prepared(at::TensorList p, const Sizes& s, voi
       cache.splice(cache.begin(), cache, it);
       return cache.front().value;
     }
-  Entry e{key, {}, std::make_shared<const Transposed>(p, s)};
+  Entry e{key, {}, std::make_shared<const Transposed>(p, s, decode)};
   for (int i : sources) e.sources.push_back(p[i]);
   cache.push_front(std::move(e));
   if (cache.size() > kEntries) cache.pop_back();
@@ -184,6 +194,47 @@ bool sums_in_kernel(const StepKernels& k) {
   return k.accumulates && !(v && *v && std::string(v) != "0");
 }
 
+// The forward's work for one step once a ForwardStep holds its pointers: the two recurrent GEMMs (into g_t
+// and ghh), then the step kernel, or the GEMM-shaped step's phases around the projections.
+struct ForwardStepper {
+  const StepKernels& k;
+  const Transposed& tr;
+  const StepGemm &rec, &hyper;
+  const Dims dims;
+  const bool split = gemm_shaped(k);
+  const int64_t z_slot = WsLayout(dims).z;
+  at::Tensor ghh;    // (B, 4Ĥ) Ŵ_h ĥ_{t-1}, the step's scratch
+  at::Tensor d_all;  // the GEMM-shaped step's scaling vectors, (12, B, H)
+
+  ForwardStepper(const StepKernels& k, const Transposed& tr, const StepGemm& rec, const StepGemm& hyper,
+                 const Dims& dims, const at::TensorOptions& opts)
+      : k(k), tr(tr), rec(rec), hyper(hyper), dims(dims), ghh(at::empty({dims.B, 4 * dims.Hh}, opts)),
+        d_all(split ? at::empty({12, dims.B, dims.H}, opts) : at::Tensor()) {}
+
+  // g_t (B, 4H+4Ĥ) and ws_t (B, WsLayout.width) are st.g and st.ws; hh_t (B, Ĥ) is st.hh.
+  void run(ForwardStep& st, at::Tensor g_t, const at::Tensor& h_prev, const at::Tensor& hh_prev,
+           const at::Tensor& hh_t, const at::Tensor& ws_t) {
+    rec.run(g_t, h_prev);
+    hyper.run(ghh, hh_prev);
+    st.ghh = ghh.data_ptr();
+    if (!split) {
+      k.forward(st);
+      return;
+    }
+    st.phase = StepPhase::Hyper;
+    k.forward(st);
+    // z (B, 12N_z), written into the workspace's z slot (the backward reads it there), then d = z·W_kz per
+    // (kind, gate): each weight read once for all B rows.
+    const int64_t B = dims.B, Nz = dims.Nz;
+    auto z = ws_t.narrow(1, z_slot, 12 * Nz);
+    at::addmm_out(z, tr.z_bias_full, hh_t, tr.z_weight_t);
+    at::bmm_out(d_all, z.view({B, 12, Nz}).transpose(0, 1), tr.scale_weight_t.view({12, Nz, dims.H}));
+    st.phase = StepPhase::Main;
+    st.scale = d_all.data_ptr();
+    k.forward(st);
+  }
+};
+
 }  // namespace
 
 ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
@@ -208,55 +259,56 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const int64_t kept = save_for_backward ? T : 1;  // steps of g and ws held at once
   auto g = at::empty({kept, B, dims.g_width()}, opts);
   auto ws = at::empty({kept, B, WsLayout(dims).width}, opts);
-  auto ghh = at::empty({B, 4 * Hh}, opts);
   const StepParams sp = step_params(p, *tr);
   const StepGemm rec(w_rec), hyper(w_hyper);
-  const bool split = gemm_shaped(k);
-  const int64_t Nz = s.Nz;
-  // The GEMM-shaped step's scaling vectors, (12, B, H), and the projections as GEMM operands.
-  auto d_all = split ? at::empty({12, B, H}, opts) : at::Tensor();
-  const auto swt = tr->scale_weight_t.view({12, Nz, H});
+  ForwardStepper stepper(k, *tr, rec, hyper, dims, opts);
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor h_prev = t ? hs.select(0, t - 1) : h0;
     const at::Tensor hh_prev = t ? hhs.select(0, t - 1) : hh0;
     auto g_t = g.select(0, t % kept), ws_t = ws.select(0, t % kept);
-    rec.run(g_t, h_prev);
-    hyper.run(ghh, hh_prev);
+    const auto hh_t = hhs.select(0, t);
     ForwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
-                   g_t.data_ptr(), ghh.data_ptr(), gx.select(0, t).data_ptr(), ghx.select(0, t).data_ptr(),
+                   g_t.data_ptr(), nullptr, gx.select(0, t).data_ptr(), ghx.select(0, t).data_ptr(),
                    (t ? cs.select(0, t - 1) : c0).data_ptr(), (t ? hcs.select(0, t - 1) : hc0).data_ptr(),
                    ptr_or_null(mask, t), ptr_or_null(hyper_mask, t), ptr_or_null(zoneout_mask, t),
                    ptr_or_null(hyper_zoneout_mask, t), h_prev.data_ptr(), hh_prev.data_ptr(),
-                   hs.select(0, t).data_ptr(), cs.select(0, t).data_ptr(), hhs.select(0, t).data_ptr(),
+                   hs.select(0, t).data_ptr(), cs.select(0, t).data_ptr(), hh_t.data_ptr(),
                    hcs.select(0, t).data_ptr(), ws_t.data_ptr(), k.stream()};
-    if (!split) {
-      k.forward(st);
-      continue;
-    }
-    st.phase = StepPhase::Hyper;
-    k.forward(st);
-    // z (B, 12N_z), written into the workspace's z slot (the backward reads it there), then d = z·W_kz per
-    // (kind, gate): each weight read once for all B rows.
-    auto z = ws_t.narrow(1, WsLayout(dims).z, 12 * Nz);
-    at::addmm_out(z, tr->z_bias_full, hhs.select(0, t), tr->z_weight_t);
-    at::bmm_out(d_all, z.view({B, 12, Nz}).transpose(0, 1), swt);
-    st.phase = StepPhase::Main;
-    st.scale = d_all.data_ptr();
-    k.forward(st);
+    stepper.run(st, g_t, h_prev, hh_prev, hh_t, ws_t);
   }
   if (!save_for_backward)
     return {hs, cs, hhs, hcs, at::empty({0, B, g.size(2)}, opts), at::empty({0, B, ws.size(2)}, opts)};
   return {hs, cs, hhs, hcs, g, ws};
 }
 
+// The sequence forward with T = 1 and nothing saved, minus what a decode step does not need: its per-call
+// views and reshapes cost as much as the step's GEMMs at B = 1, H = 256. The weights it prepares (the
+// copies and the four GEMMs' operands) are cached whatever requires_grad says, since this op records no
+// gradient.
 StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
                         const at::Tensor& hh, const at::Tensor& hc, at::TensorList p, bool layer_norm,
                         double forget_bias) {
   TORCH_CHECK(x.dim() == 2, "hyperfused::hyper_lstm_step: 'x' must have shape (B, input_size), got ", x.sizes());
-  const auto out = hyper_lstm_forward(k, x.unsqueeze(0), h, c, hh, hc, p, std::nullopt, std::nullopt, layer_norm,
-                                      forget_bias, std::nullopt, std::nullopt, /*save_for_backward=*/false);
-  return {std::get<0>(out).squeeze(0), std::get<1>(out).squeeze(0), std::get<2>(out).squeeze(0),
-          std::get<3>(out).squeeze(0)};
+  const Sizes s = check_inputs(x.unsqueeze(0), h, c, hh, hc, p, std::nullopt, std::nullopt, std::nullopt,
+                               std::nullopt);
+  const c10::DeviceGuard guard(x.device());
+  const NoAutocast no_autocast;
+  const Dims dims = s.dims();
+  const int64_t B = s.B, H = s.H, Hh = s.Hh;
+  const auto tr = prepared(p, s, k.stream(), /*decode=*/true);
+  const auto opts = x.options();
+  auto gx = at::empty({B, 4 * H}, opts), ghx = at::empty({B, 4 * Hh}, opts);
+  auto g = at::empty({B, dims.g_width()}, opts), ws = at::empty({B, WsLayout(dims).width}, opts);
+  auto h1 = at::empty({B, H}, opts), c1 = at::empty({B, H}, opts);
+  auto hh1 = at::empty({B, Hh}, opts), hc1 = at::empty({B, Hh}, opts);
+  tr->input->run(gx, x);
+  tr->hyper_input->run(ghx, x);
+  ForwardStep st{dims, kind_of(x), layer_norm, forget_bias, step_params(p, *tr),
+                 g.data_ptr(), nullptr, gx.data_ptr(), ghx.data_ptr(), c.data_ptr(), hc.data_ptr(),
+                 nullptr, nullptr, nullptr, nullptr, h.data_ptr(), hh.data_ptr(),
+                 h1.data_ptr(), c1.data_ptr(), hh1.data_ptr(), hc1.data_ptr(), ws.data_ptr(), k.stream()};
+  ForwardStepper(k, *tr, *tr->rec, *tr->hyper, dims, opts).run(st, g, h, hh, hh1, ws);
+  return {h1, c1, hh1, hc1};
 }
 
 std::vector<at::Tensor> hyper_lstm_backward(

@@ -179,10 +179,18 @@ def test_decoding_without_gradients_reuses_prepared_weights_until_they_change():
     with torch.no_grad():
         for t, x in enumerate(xs):
             if t == 3:
-                for m in (cell, ref):  # in place, as an optimiser does
+                for m in (cell, ref):  # in place, as an optimiser does: every weight the step prepares or derives
                     m.weight_hh.add_(0.5)
+                    m.weight_ih.add_(0.25)
                     m.hyper_weight_ih.mul_(-1.0)
+                    m.hyper_weight_hh.mul_(0.5)
+                    m.hyper_bias.add_(0.5)
+                    m.bias_ih.add_(0.5)  # b_0 = bias_ih + bias_hh
                     m.scale_weight.add_(0.01)
+            if t == 4:
+                for m in (cell, ref):  # new storage under the same parameter, as module.to() does
+                    m.weight_ih.data = m.weight_ih.data * -2.0
+                    m.bias_hh.data = m.bias_hh.data + 1.0
             state, ref_state = cell(x, state), ref(x, ref_state)
             torch.testing.assert_close(state.hyper_h, ref_state.hyper_h, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(state[0], ref_state[0], rtol=1e-5, atol=1e-6)

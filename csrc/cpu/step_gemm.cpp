@@ -32,7 +32,7 @@ const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
 
 }  // namespace
 
-StepGemm::StepGemm(const at::Tensor& w) : w_(w) {
+StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias) : w_(w), bias_(bias) {
   // userEnabledMkldnn: torch.backends.mkldnn.enabled, which a user may turn off to rule oneDNN out
   if (w.is_cpu() && w.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && onednn_linear() &&
       forced() != Library::Mm)
@@ -49,11 +49,11 @@ StepGemm::Library StepGemm::forced() {
 
 void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const {
   if (lib == Library::Mm) {
-    at::mm_out(out, a, w_);
+    mm_out(out, a);
     return;
   }
-  out.copy_(onednn_linear()->call(a, w_nk_, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
-                                  std::nullopt));
+  const auto bias = bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt;
+  out.copy_(onednn_linear()->call(a, w_nk_, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt));
 }
 
 // Which library is faster for this GEMM shape differs from CPU to CPU (oneDNN's kernels won by 1.5x on an AMD
@@ -63,8 +63,8 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   const Library force = forced();
   if (force != Library::Measure) return force;
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t>, Library> chosen;
-  const auto key = std::make_tuple(a.size(0), w_.size(0), w_.size(1));
+  static std::map<std::tuple<int64_t, int64_t, int64_t, bool>, Library> chosen;
+  const auto key = std::make_tuple(a.size(0), w_.size(0), w_.size(1), bias_.defined());
   std::lock_guard<std::mutex> lock(mutex);
   const auto it = chosen.find(key);
   if (it != chosen.end()) return it->second;
@@ -79,9 +79,16 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   return chosen[key] = best[1] < best[0] ? Library::Mm : Library::OneDnn;
 }
 
+void StepGemm::mm_out(at::Tensor& out, const at::Tensor& a) const {
+  if (bias_.defined())
+    at::addmm_out(out, bias_, a, w_);
+  else
+    at::mm_out(out, a, w_);
+}
+
 void StepGemm::run(at::Tensor& out, const at::Tensor& a) const {
   if (!w_nk_.defined()) {
-    at::mm_out(out, a, w_);
+    mm_out(out, a);
     return;
   }
   if (lib_ == Library::Measure) lib_ = choose(out, a);

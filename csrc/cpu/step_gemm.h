@@ -1,4 +1,4 @@
-// out = a · w for a recurrent weight w used on every step of the time loop, with few rows in a (the batch).
+// out = a · w (+ bias) for a weight w used on every step of the time loop, with few rows in a (the batch).
 // On the CPU in float32 this runs oneDNN's matmul (torch's mkldnn::_linear_pointwise op, which caches the
 // primitive per shape; the library behind nn.LSTM on the CPU) or MKL's sgemm (at::mm_out), whichever is
 // faster on this machine for this shape: measured once per shape and process. Neither wins everywhere (oneDNN
@@ -12,7 +12,8 @@ namespace hyperfused {
 class StepGemm {
  public:
   // w: (K, N); a strided view is fine (it is copied once if oneDNN needs it row-major as (N, K)).
-  explicit StepGemm(const at::Tensor& w);
+  // bias: (N), added to every row, or undefined.
+  explicit StepGemm(const at::Tensor& w, const at::Tensor& bias = at::Tensor());
   // out (m, N) and a (m, K), each with contiguous rows.
   void run(at::Tensor& out, const at::Tensor& a) const;
 
@@ -21,8 +22,9 @@ class StepGemm {
   static Library forced();
   Library choose(at::Tensor& out, const at::Tensor& a) const;
   void run_with(Library lib, at::Tensor& out, const at::Tensor& a) const;
+  void mm_out(at::Tensor& out, const at::Tensor& a) const;
 
-  at::Tensor w_, w_nk_;  // w_nk_ = wᵀ contiguous, defined when oneDNN may run the product
+  at::Tensor w_, bias_, w_nk_;  // w_nk_ = wᵀ contiguous, defined when oneDNN may run the product
   mutable Library lib_ = Library::Measure;  // chosen at the first run
 };
 

@@ -233,25 +233,38 @@ class HyperLSTMCell(nn.Module):
         return known[key]
 
     def _decode_params(self) -> list:
-        tensors = [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
-        key = tuple((t._version, t.data_ptr()) for t in tensors)
+        # Detached views share their parameter's storage and version counter, so an in-place update (an
+        # optimizer step, load_state_dict) shows through them; the op's own cache of prepared weights sees it
+        # by the version. What the list must follow is a parameter's storage changing (module.to(), .data =)
+        # and b_0 = bias_ih + bias_hh, which is computed here: those are the key.
+        key = [t.data_ptr() for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
+        if self.use_bias:
+            key += (self.bias_ih._version, self.bias_hh._version)
         cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
-            cached = (key, [p.detach().contiguous() for p in self.flat_params()])
+            params = [p.detach() for p in self.flat_params()]
+            if not all(p.is_contiguous() for p in params):  # a copy would not follow in-place updates
+                return [p.contiguous() for p in params]
+            cached = (key, params)
             self.__dict__["_decode_cache"] = cached
         return cached[1]
 
     def _decode_step(self, x: torch.Tensor, hx: "HyperLSTMState") -> "HyperLSTMState":
-        B = x.shape[0]
-        for name, t, n in (("hx[0] (h_0)", hx[0], self.hidden_size), ("hx[1] (c_0)", hx[1], self.hidden_size),
-                           ("hx.hyper_h", hx.hyper_h, self.hyper_size), ("hx.hyper_c", hx.hyper_c, self.hyper_size)):
-            _check_state(name, t, (B, n), self.weight_ih)
+        B, H, Hh = x.shape[0], self.hidden_size, self.hyper_size
+        h, c, hh, hc = hx[0], hx[1], hx.hyper_h, hx.hyper_c
+        ref = self.weight_ih
+        if not (h.shape == c.shape == (B, H) and hh.shape == hc.shape == (B, Hh)
+                and h.dtype == c.dtype == hh.dtype == hc.dtype == ref.dtype
+                and h.device == c.device == hh.device == hc.device == ref.device):
+            for name, t, n in (("hx[0] (h_0)", h, H), ("hx[1] (c_0)", c, H), ("hx.hyper_h", hh, Hh),
+                               ("hx.hyper_c", hc, Hh)):
+                _check_state(name, t, (B, n), ref)
         with torch._C._AutoDispatchBelowAutograd():
-            h, c, hh, hc = torch.ops.hyperfused.hyper_lstm_step(
-                x.contiguous(), *(t.contiguous() for t in hx.tensors()), self._decode_params(), self.layer_norm,
-                self.forget_bias)
+            h, c, hh, hc = torch.ops.hyperfused.hyper_lstm_step.default(
+                x.contiguous(), h.contiguous(), c.contiguous(), hh.contiguous(), hc.contiguous(),
+                self._decode_params(), self.layer_norm, self.forget_bias)
         if self._carry is not None:
-            self._carry.remember(h, c, hh, hc)
+            self._carry.last = (h, c, hh, hc)  # nothing here requires grad (remember() would detach)
         return HyperLSTMState(h, c, hh, hc)
 
     def extra_repr(self) -> str:
