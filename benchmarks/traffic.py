@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hyperfused.ops.hyper_lstm import backward_workspace_width, workspace_width
+
 F32 = 4  # bytes per element
 
 
@@ -41,7 +43,7 @@ def forward_step(B, X, H, Hh, Nz, layer_norm=True) -> list[KernelCost]:
     # Per row: z weights (12 N_z × Ĥ) and z_bias, the 12 scaling weights (12 N_z × H), b_0, the LN parameters.
     weights_row = (12 * Nz * Hh + 8 * Nz + 12 * Nz * H + 4 * H + ln) * F32
     data_row = (4 * H + 4 * Hh) + 4 * Hh + 4 * Hh + 4 * H + H + Hh  # g, ĝ_h, ĝ_x, g_x, c_{t-1}, ĉ_{t-1}
-    ws = 5 * H + 12 * Nz + 5 * Hh + 10
+    ws = workspace_width(H, Hh, Nz)
     out_row = 2 * H + 2 * Hh + ws
     flops_row = 2 * 12 * Nz * Hh + 2 * 12 * Nz * H + 40 * (H + Hh)  # z, the 12 d vectors, gates + LN (≈)
     step = KernelCost("fused forward step (1 block per row)", 1, B * (weights_row + data_row * F32),
@@ -70,11 +72,11 @@ def backward_step(B, X, H, Hh, Nz, layer_norm=True) -> list[KernelCost]:
     ln = (2 * 4 * H + 2 * H + 2 * 4 * Hh + 2 * Hh) if layer_norm else 0
     # Per row: d_h for dg (4 N_z H), all 12 scaling weights for dz (12 N_z H), the z weights for dĥ (12 N_z Ĥ).
     weights_row = (4 * Nz * H + 12 * Nz * H + 12 * Nz * Hh + ln) * F32
-    ws = 5 * H + 12 * Nz + 5 * Hh + 10
+    ws = workspace_width(H, Hh, Nz)
     data_row = ws + (4 * H + 4 * Hh) + 4 * H + 2 * H + 2 * Hh + 2 * H + 2 * Hh  # ws, g, g_x, c's, incoming grads
     # dz's loop reads g and g_x once per (kind, gate, m): 12 N_z passes over H values each.
     data_row += 3 * Nz * 4 * H
-    dws = 4 * H + 4 * H + H + 12 * Nz + 4 * Hh + Hh  # da, dy, dcout, dz, dyh, dhcout (DwsLayout, approx.)
+    dws = backward_workspace_width(H, Hh, Nz)  # da, dy, dcout, dz, dyh, dhcout
     out_row = (4 * H + 4 * Hh) + dws + H + Hh
     flops_row = 2 * 4 * Nz * H + 2 * 12 * Nz * H + 2 * 12 * Nz * Hh + 50 * (H + Hh)
     step = KernelCost("fused backward step (1 block per row)", 1, B * (weights_row + data_row * F32),
@@ -88,7 +90,7 @@ def backward_step_gemm(B, X, H, Hh, Nz, layer_norm=True) -> list[KernelCost]:
     (batched), dĥ's share dz·Z, the hyper-cell kernel, and the two GEMMs for dh_{t-1}, dĥ_{t-1}."""
     hln = (2 * 4 * Hh + 2 * Hh) if layer_norm else 0
     mln = (2 * 4 * H + 2 * H) if layer_norm else 0
-    ws = 5 * H + 12 * Nz + 5 * Hh + 10
+    ws = workspace_width(H, Hh, Nz)
     dh = KernelCost("batched GEMM d_h = z_h·W_hz", 1, (4 * B * Nz + 4 * Nz * H) * F32, 4 * B * H * F32,
                     2.0 * 4 * B * Nz * H, 4 * Nz * H * F32)
     main = KernelCost("main cell backward (1 block per row)", 1,

@@ -16,18 +16,28 @@ struct Dims {
   HF_HD int64_t g_width() const { return 4 * H + 4 * Hh; }  // [W_h h | Ŵ_{x,h-part} h] per step
 };
 
-// Per-row layout of the forward workspace saved for backward (all in the op's dtype):
-//   n    (4H)   main gate pre-activations after LN normalisation, before gain/bias (raw when LN is off)
-//   cn   (H)    LN-normalised c_t
-//   z    (12Nz) embeddings [z_h (4Nz) | z_x (4Nz) | z_b (4Nz)], each gate-major
-//   hn   (4Hh)  hyper gate pre-activations, normalised
-//   hcn  (Hh)   normalised ĉ_t
-//   rstd (4), crstd (1), hrstd (4), hcrstd (1)   1/sqrt(var + eps) of each LN
+// Per-row layouts of the forward workspace saved for backward (WsLayout) and of the backward workspace
+// (DwsLayout), in the op's dtype: each slot's offset, in the order and with the widths that
+// triton_kernels/workspace_layouts.def lists (the one definition, which the Triton kernels and the Python
+// fakes read too). Gate order inside each 4·n block is (i, f, g, o).
+#define HF_LAYOUT_WIDTH(h, hh, nz, c) ((h) * d.H + (hh) * d.Hh + (nz) * d.Nz + (c))
+
 struct WsLayout {
-  int64_t n, cn, z, hn, hcn, rstd, crstd, hrstd, hcrstd, width;
-  HF_HD explicit WsLayout(const Dims& d)
-      : n(0), cn(4 * d.H), z(5 * d.H), hn(5 * d.H + 12 * d.Nz), hcn(hn + 4 * d.Hh), rstd(hcn + d.Hh),
-        crstd(rstd + 4), hrstd(crstd + 1), hcrstd(hrstd + 4), width(hcrstd + 1) {}
+#define HF_WS_SLOT(name, h, hh, nz, c) int64_t name;
+#define HF_DWS_SLOT(name, h, hh, nz, c, main_ln)
+#include "../triton_kernels/workspace_layouts.def"
+#undef HF_WS_SLOT
+#undef HF_DWS_SLOT
+  int64_t width;
+  HF_HD explicit WsLayout(const Dims& d) {
+    int64_t at = 0;
+#define HF_WS_SLOT(name, h, hh, nz, c) name = at, at += HF_LAYOUT_WIDTH(h, hh, nz, c);
+#define HF_DWS_SLOT(name, h, hh, nz, c, main_ln)
+#include "../triton_kernels/workspace_layouts.def"
+#undef HF_WS_SLOT
+#undef HF_DWS_SLOT
+    width = at;
+  }
   // The slots only layer norm fills (cn, hcn and the ten rstd values, which are contiguous). Without LN the
   // forward zeroes them, so the saved workspace (an op output) is fully defined and the backward, which
   // reads crstd by value, never reads memory nothing wrote.
@@ -37,17 +47,28 @@ struct WsLayout {
   }
 };
 
-// Per-row layout of the backward workspace (gradients the post-loop weight GEMMs reduce over T·B rows):
-//   da (4H) grad of main pre-activation a; dy (4H) grad of the LN output; dcout (H) grad of LN_c(c);
-//   dz (12Nz); dyh (4Hh) grad of hyper LN output; dhcout (Hh).
-// A kernel that sums the main LN's gradients itself (AccumLayout) keeps no dy/dcout rows: main_ln_rows
-// false drops them (their offsets are then -1), which takes 5H of 9H + ... per row off the workspace.
+// A kernel that sums the main LN's gradients itself (AccumLayout) keeps no dy/dcout rows: main_ln_rows false
+// drops them (their offsets are then -1), which takes 5H of 9H + ... per row off the workspace.
 struct DwsLayout {
-  int64_t da, dy, dcout, dz, dyh, dhcout, width;
-  HF_HD explicit DwsLayout(const Dims& d, bool main_ln_rows = true)
-      : da(0), dy(main_ln_rows ? 4 * d.H : -1), dcout(main_ln_rows ? 8 * d.H : -1),
-        dz(main_ln_rows ? 9 * d.H : 4 * d.H), dyh(dz + 12 * d.Nz), dhcout(dyh + 4 * d.Hh), width(dhcout + d.Hh) {}
+#define HF_WS_SLOT(name, h, hh, nz, c)
+#define HF_DWS_SLOT(name, h, hh, nz, c, main_ln) int64_t name;
+#include "../triton_kernels/workspace_layouts.def"
+#undef HF_WS_SLOT
+#undef HF_DWS_SLOT
+  int64_t width;
+  HF_HD explicit DwsLayout(const Dims& d, bool main_ln_rows = true) {
+    int64_t at = 0;
+#define HF_WS_SLOT(name, h, hh, nz, c)
+#define HF_DWS_SLOT(name, h, hh, nz, c, main_ln) \
+  if ((main_ln) && !main_ln_rows) name = -1;     \
+  else name = at, at += HF_LAYOUT_WIDTH(h, hh, nz, c);
+#include "../triton_kernels/workspace_layouts.def"
+#undef HF_WS_SLOT
+#undef HF_DWS_SLOT
+    width = at;
+  }
 };
+#undef HF_LAYOUT_WIDTH
 
 // Per-thread sums over the (T·B) rows that a backward step kernel may accumulate itself instead of leaving
 // per-row gradients for post-loop reductions (the CPU does; one block per row on CUDA does not):

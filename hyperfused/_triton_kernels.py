@@ -39,3 +39,9 @@ def load():
     import hyperfused
     hyperfused.triton_kernels = module
     return module
+
+
+def layouts():
+    """hyperfused.triton_kernels.layouts, the workspace layouts every backend reads (needs no Triton)."""
+    load()
+    return importlib.import_module(NAME + ".layouts")

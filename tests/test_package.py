@@ -29,6 +29,7 @@ def test_wheel_installs_the_triton_kernels_inside_hyperfused_only(tmp_path):
     (wheel,) = tmp_path.glob("hyperfused-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "hyperfused/triton_kernels/hyper_lstm.py" in names
+    assert "hyperfused/triton_kernels/workspace_layouts.def" in names  # read at run time (layouts.py)
     assert {n.split("/")[0] for n in names} == {"hyperfused", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
 
 

@@ -15,29 +15,43 @@ each load (the accumulation is float32 throughout).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import layouts
 from ._common import LN_EPS, layer_norm, layer_norm_backward, next_pow2, on_device_of, tanh
 
 
+@functools.lru_cache(maxsize=None)
 def ws_layout(H, Hh, Nz):
-    """Offsets inside one row of the forward workspace, as csrc/hyper_lstm_kernels.h's WsLayout."""
-    hn = 5 * H + 12 * Nz
-    return dict(GW=4 * H + 4 * Hh, OFF_CN=4 * H, OFF_Z=5 * H, OFF_HN=hn, OFF_HCN=hn + 4 * Hh,
-                OFF_RSTD=hn + 5 * Hh, OFF_CRSTD=hn + 5 * Hh + 4, OFF_HRSTD=hn + 5 * Hh + 5, OFF_HCRSTD=hn + 5 * Hh + 9)
+    """Offsets inside one row of the forward workspace (workspace_layouts.def), as the kernels' constexprs.
+    The kernels index n, the first slot, from the row's start."""
+    L = layouts.ws_layout(H, Hh, Nz)
+    assert L["n"] == 0, "workspace_layouts.def: the kernels expect n first in the forward workspace"
+    return dict(GW=4 * H + 4 * Hh, **{f"OFF_{k.upper()}": v for k, v in L.items() if k not in ("n", "width")})
 
 
+@functools.lru_cache(maxsize=None)
+def dws_layout(H, Hh, Nz):
+    """Offsets inside one row of the backward workspace (workspace_layouts.def, every slot kept), as the
+    kernels' constexprs. The kernels index da, the first slot, from the row's start."""
+    L = layouts.dws_layout(H, Hh, Nz)
+    assert L["da"] == 0, "workspace_layouts.def: the kernels expect da first in the backward workspace"
+    return {f"OFF_{k.upper()}": v for k, v in L.items() if k not in ("da", "width")}
+
+
+@functools.lru_cache(maxsize=None)
 def ws_width(H, Hh, Nz):
-    return 5 * H + 12 * Nz + 5 * Hh + 10
+    return layouts.ws_layout(H, Hh, Nz)["width"]
 
 
+@functools.lru_cache(maxsize=None)
 def dws_width(H, Hh, Nz):
-    """Backward workspace row (DwsLayout): da 4H | dy 4H | dcout H | dz 12Nz | dyh 4Hh | dhcout Hh."""
-    return 9 * H + 12 * Nz + 5 * Hh
+    return layouts.dws_layout(H, Hh, Nz)["width"]
 
 
 @triton.jit
@@ -302,9 +316,10 @@ def _main_cell_fwd(row, g_ptr, gx_ptr, c_prev_ptr, mask_ptr, h_prev_ptr, zmask_p
 @triton.jit
 def _main_gate_bwd(y: tl.constexpr, row, dy, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr,
                    lnw_ptr, oH, mH, oh, mh, oz, mz, H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr,
-                   GW: tl.constexpr, OFF_Z: tl.constexpr, OFF_RSTD: tl.constexpr, LN: tl.constexpr):
+                   GW: tl.constexpr, OFF_Z: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_DY: tl.constexpr,
+                   OFF_DZ: tl.constexpr, LN: tl.constexpr):
     """Stores da, dy, dg (= da ⊙ d_h) and dz of gate y; returns this gate's part of the grad of ĥ_t."""
-    da = _main_gate_da(y, dy, ws, dws, lnw_ptr, oH, mH, H, OFF_RSTD, LN)
+    da = _main_gate_da(y, dy, ws, dws, lnw_ptr, oH, mH, H, OFF_RSTD, OFF_DY, LN)
     zh = _load(ws, OFF_Z + y * NZ + oz, mz)
     tl.store(dg_ptr + row * GW + y * H + oH, da * _scale(sw_ptr, y * H, zh, oH, mH, oz, mz, NZ), mask=mH)
     smask = mH[:, None] & mz[None, :]
@@ -316,7 +331,6 @@ def _main_gate_bwd(y: tl.constexpr, row, dy, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_
     dzh = tl.sum(wh * ddh[:, None], axis=0)
     dzx = tl.sum(wx * ddx[:, None], axis=0)
     dzb = tl.sum(wb * da[:, None], axis=0)
-    OFF_DZ: tl.constexpr = 9 * H
     tl.store(dws + OFF_DZ + y * NZ + oz, dzh, mask=mz)
     tl.store(dws + OFF_DZ + (4 + y) * NZ + oz, dzx, mask=mz)
     tl.store(dws + OFF_DZ + (8 + y) * NZ + oz, dzb, mask=mz)
@@ -329,7 +343,7 @@ def _main_gate_bwd(y: tl.constexpr, row, dy, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_
 
 @triton.jit
 def _main_gate_da(y: tl.constexpr, dy, ws, dws, lnw_ptr, oH, mH, H: tl.constexpr, OFF_RSTD: tl.constexpr,
-                  LN: tl.constexpr):
+                  OFF_DY: tl.constexpr, LN: tl.constexpr):
     """da, the grad of gate y's pre-activation, through its LN; stores da and dy in the backward workspace."""
     if LN:
         da = layer_norm_backward(dy, _load(ws, y * H + oH, mH), _load(lnw_ptr, y * H + oH, mH),
@@ -337,16 +351,17 @@ def _main_gate_da(y: tl.constexpr, dy, ws, dws, lnw_ptr, oH, mH, H: tl.constexpr
     else:
         da = tl.where(mH, dy, 0.0)
     tl.store(dws + y * H + oH, da, mask=mH)
-    tl.store(dws + 4 * H + y * H + oH, dy, mask=mH)
+    tl.store(dws + OFF_DY + y * H + oH, dy, mask=mH)
     return da
 
 
 @triton.jit
 def _main_gate_bwd_given(y: tl.constexpr, row, dy, ws, dws, dg_ptr, g_ptr, gx_ptr, d_ptr, dd_ptr, n_rows, lnw_ptr,
-                         oH, mH, H: tl.constexpr, GW: tl.constexpr, OFF_RSTD: tl.constexpr, LN: tl.constexpr):
+                         oH, mH, H: tl.constexpr, GW: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_DY: tl.constexpr,
+                         LN: tl.constexpr):
     """The GEMM-shaped step's gate y: da and dy stored, dg = da ⊙ d_h with d_h given (4, n_rows, H), and
     dd = [da ⊙ W_h h | da ⊙ W_x x | da] stored (12, n_rows, H) for the driver's dz GEMM."""
-    da = _main_gate_da(y, dy, ws, dws, lnw_ptr, oH, mH, H, OFF_RSTD, LN)
+    da = _main_gate_da(y, dy, ws, dws, lnw_ptr, oH, mH, H, OFF_RSTD, OFF_DY, LN)
     dh = _load(d_ptr, (y * n_rows + row) * H + oH, mH)
     tl.store(dg_ptr + row * GW + y * H + oH, da * dh, mask=mH)
     tl.store(dd_ptr + (y * n_rows + row) * H + oH, da * _load(g_ptr, row * GW + y * H + oH, mH), mask=mH)
@@ -366,13 +381,12 @@ def _gates(ws, base, w_ptr, b_ptr, o, m, n: tl.constexpr, LN: tl.constexpr):
 @triton.jit
 def _hyper_gate_bwd(k: tl.constexpr, row, dy, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H: tl.constexpr,
                     HH: tl.constexpr, NZ: tl.constexpr, GW: tl.constexpr, OFF_HN: tl.constexpr,
-                    OFF_HRSTD: tl.constexpr, LN: tl.constexpr):
+                    OFF_HRSTD: tl.constexpr, OFF_DYH: tl.constexpr, LN: tl.constexpr):
     if LN:
         da = layer_norm_backward(dy, _load(ws, OFF_HN + k * HH + oh, mh), _load(hlnw_ptr, k * HH + oh, mh),
                                  tl.load(ws + OFF_HRSTD + k), mh, HH)
     else:
         da = tl.where(mh, dy, 0.0)
-    OFF_DYH: tl.constexpr = 9 * H + 12 * NZ
     tl.store(dws + OFF_DYH + k * HH + oh, dy, mask=mh)
     tl.store(dg_ptr + row * GW + 4 * H + k * HH + oh, da, mask=mh)
 
@@ -387,7 +401,8 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
                         H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, WS: tl.constexpr, DWS: tl.constexpr,
                         GW: tl.constexpr, OFF_CN: tl.constexpr, OFF_Z: tl.constexpr, OFF_HN: tl.constexpr,
                         OFF_HCN: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_CRSTD: tl.constexpr, OFF_HRSTD: tl.constexpr,
-                        OFF_HCRSTD: tl.constexpr, OFF_DCOUT: tl.constexpr, OFF_DHCOUT: tl.constexpr,
+                        OFF_HCRSTD: tl.constexpr, OFF_DY: tl.constexpr, OFF_DCOUT: tl.constexpr,
+                        OFF_DZ: tl.constexpr, OFF_DYH: tl.constexpr, OFF_DHCOUT: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr, BLOCK_Z: tl.constexpr, LN: tl.constexpr,
                         HAS_MASK: tl.constexpr, HAS_HMASK: tl.constexpr, HAS_DH_OUT: tl.constexpr,
                         HAS_REC: tl.constexpr, HAS_DC_OUT: tl.constexpr, HAS_DHH_OUT: tl.constexpr,
@@ -404,13 +419,14 @@ def hyper_lstm_bwd_step(g_ptr, gx_ptr, c_ptr, c_prev_ptr, hc_ptr, hc_prev_ptr, w
         dhh = _main_cell_bwd(row, g_ptr, gx_ptr, c_ptr, c_prev_ptr, ws, dws, mask_ptr, dh_out_ptr, dh_rec_ptr,
                              dc_out_ptr, dc_next_ptr, dc_prev_ptr, dg_ptr, zmask_ptr, dh_zone_ptr, zw_ptr, bzw_ptr,
                              sw_ptr, bsw_ptr, lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr, forget_bias, d_ptr, dd_ptr, n_rows,
-                             oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_CN, OFF_Z, OFF_RSTD, OFF_CRSTD, OFF_DCOUT,
-                             BLOCK_H, BLOCK_HH, LN, HAS_MASK, HAS_DH_OUT, HAS_REC, HAS_DC_OUT, HAS_ZONE, PHASE)
+                             oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_CN, OFF_Z, OFF_RSTD, OFF_CRSTD, OFF_DY,
+                             OFF_DCOUT, OFF_DZ, BLOCK_H, BLOCK_HH, LN, HAS_MASK, HAS_DH_OUT, HAS_REC, HAS_DC_OUT,
+                             HAS_ZONE, PHASE)
     if PHASE != 2:
         _hyper_cell_bwd(row, dhh, hc_ptr, hc_prev_ptr, ws, dws, hmask_ptr, dhh_out_ptr, dhh_rec_ptr, dhc_out_ptr,
                         dhc_next_ptr, dhc_prev_ptr, dg_ptr, hzmask_ptr, dhh_zone_ptr, dhh_extra_ptr, hlnw_ptr,
                         hlnb_ptr, hlncw_ptr, hlncb_ptr, forget_bias, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HCN,
-                        OFF_HRSTD, OFF_HCRSTD, OFF_DHCOUT, BLOCK_HH, LN, HAS_HMASK, HAS_DHH_OUT, HAS_REC,
+                        OFF_HRSTD, OFF_HCRSTD, OFF_DYH, OFF_DHCOUT, BLOCK_HH, LN, HAS_HMASK, HAS_DHH_OUT, HAS_REC,
                         HAS_DHC_OUT, HAS_HZONE, PHASE)
 
 
@@ -419,10 +435,10 @@ def _main_cell_bwd(row, g_ptr, gx_ptr, c_ptr, c_prev_ptr, ws, dws, mask_ptr, dh_
                    dc_next_ptr, dc_prev_ptr, dg_ptr, zmask_ptr, dh_zone_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
                    lnb_ptr, lncw_ptr, lncb_ptr, forget_bias, d_ptr, dd_ptr, n_rows, oH, mH, oh, mh, oz, mz,
                    H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr, GW: tl.constexpr, OFF_CN: tl.constexpr,
-                   OFF_Z: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_CRSTD: tl.constexpr, OFF_DCOUT: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr, LN: tl.constexpr, HAS_MASK: tl.constexpr,
-                   HAS_DH_OUT: tl.constexpr, HAS_REC: tl.constexpr, HAS_DC_OUT: tl.constexpr,
-                   HAS_ZONE: tl.constexpr, PHASE: tl.constexpr):
+                   OFF_Z: tl.constexpr, OFF_RSTD: tl.constexpr, OFF_CRSTD: tl.constexpr, OFF_DY: tl.constexpr,
+                   OFF_DCOUT: tl.constexpr, OFF_DZ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HH: tl.constexpr,
+                   LN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DH_OUT: tl.constexpr, HAS_REC: tl.constexpr,
+                   HAS_DC_OUT: tl.constexpr, HAS_ZONE: tl.constexpr, PHASE: tl.constexpr):
     """The main cell's backward; returns the embeddings' share of the grad of ĥ_t (PHASE 0; zero in PHASE 2,
     where the driver's GEMMs compute it)."""
     yi, yf, yg, yo = _gates(ws, 0, lnw_ptr, lnb_ptr, oH, mH, H, LN)
@@ -442,22 +458,22 @@ def _main_cell_bwd(row, g_ptr, gx_ptr, c_ptr, c_prev_ptr, ws, dws, mask_ptr, dh_
     dhh = tl.zeros([BLOCK_HH], dtype=tl.float32)
     if PHASE == 2:
         _main_gate_bwd_given(0, row, dyi, ws, dws, dg_ptr, g_ptr, gx_ptr, d_ptr, dd_ptr, n_rows, lnw_ptr, oH, mH,
-                             H, GW, OFF_RSTD, LN)
+                             H, GW, OFF_RSTD, OFF_DY, LN)
         _main_gate_bwd_given(1, row, dyf, ws, dws, dg_ptr, g_ptr, gx_ptr, d_ptr, dd_ptr, n_rows, lnw_ptr, oH, mH,
-                             H, GW, OFF_RSTD, LN)
+                             H, GW, OFF_RSTD, OFF_DY, LN)
         _main_gate_bwd_given(2, row, dyg, ws, dws, dg_ptr, g_ptr, gx_ptr, d_ptr, dd_ptr, n_rows, lnw_ptr, oH, mH,
-                             H, GW, OFF_RSTD, LN)
+                             H, GW, OFF_RSTD, OFF_DY, LN)
         _main_gate_bwd_given(3, row, dyo, ws, dws, dg_ptr, g_ptr, gx_ptr, d_ptr, dd_ptr, n_rows, lnw_ptr, oH, mH,
-                             H, GW, OFF_RSTD, LN)
+                             H, GW, OFF_RSTD, OFF_DY, LN)
     else:
         dhh += _main_gate_bwd(0, row, dyi, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, OFF_DY, OFF_DZ, LN)
         dhh += _main_gate_bwd(1, row, dyf, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, OFF_DY, OFF_DZ, LN)
         dhh += _main_gate_bwd(2, row, dyg, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, OFF_DY, OFF_DZ, LN)
         dhh += _main_gate_bwd(3, row, dyo, ws, dws, dg_ptr, g_ptr, gx_ptr, zw_ptr, bzw_ptr, sw_ptr, bsw_ptr, lnw_ptr,
-                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, LN)
+                              oH, mH, oh, mh, oz, mz, H, HH, NZ, GW, OFF_Z, OFF_RSTD, OFF_DY, OFF_DZ, LN)
     return dhh
 
 
@@ -466,8 +482,8 @@ def _hyper_cell_bwd(row, dhh, hc_ptr, hc_prev_ptr, ws, dws, hmask_ptr, dhh_out_p
                     dhc_next_ptr, dhc_prev_ptr, dg_ptr, hzmask_ptr, dhh_zone_ptr, dhh_extra_ptr, hlnw_ptr, hlnb_ptr,
                     hlncw_ptr, hlncb_ptr, forget_bias, oh, mh, H: tl.constexpr, HH: tl.constexpr, NZ: tl.constexpr,
                     GW: tl.constexpr, OFF_HN: tl.constexpr, OFF_HCN: tl.constexpr, OFF_HRSTD: tl.constexpr,
-                    OFF_HCRSTD: tl.constexpr, OFF_DHCOUT: tl.constexpr, BLOCK_HH: tl.constexpr, LN: tl.constexpr,
-                    HAS_HMASK: tl.constexpr, HAS_DHH_OUT: tl.constexpr, HAS_REC: tl.constexpr,
+                    OFF_HCRSTD: tl.constexpr, OFF_DYH: tl.constexpr, OFF_DHCOUT: tl.constexpr, BLOCK_HH: tl.constexpr,
+                    LN: tl.constexpr, HAS_HMASK: tl.constexpr, HAS_DHH_OUT: tl.constexpr, HAS_REC: tl.constexpr,
                     HAS_DHC_OUT: tl.constexpr, HAS_HZONE: tl.constexpr, PHASE: tl.constexpr):
     """The hyper cell's backward from dhh, the embeddings' share of the grad of ĥ_t (in registers in PHASE 0,
     given in dhh_extra_ptr in PHASE 1), plus what flows in from outside and from step t+1."""
@@ -485,10 +501,10 @@ def _hyper_cell_bwd(row, dhh, hc_ptr, hc_prev_ptr, ws, dws, hmask_ptr, dhh_out_p
     dhi, dhf, dhg, dho = _cell_bwd_row(hi, hf, hg, ho, dhh, row, oh, mh, HH, hc_ptr, hc_prev_ptr, ws, OFF_HCN,
                                        OFF_HCRSTD, hlncw_ptr, hlncb_ptr, hmask_ptr, dhc_out_ptr, dhc_next_ptr,
                                        dhc_prev_ptr, dws + OFF_DHCOUT, forget_bias, BLOCK_HH, LN, HAS_HMASK, HAS_DHC_OUT)
-    _hyper_gate_bwd(0, row, dhi, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
-    _hyper_gate_bwd(1, row, dhf, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
-    _hyper_gate_bwd(2, row, dhg, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
-    _hyper_gate_bwd(3, row, dho, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, LN)
+    _hyper_gate_bwd(0, row, dhi, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, OFF_DYH, LN)
+    _hyper_gate_bwd(1, row, dhf, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, OFF_DYH, LN)
+    _hyper_gate_bwd(2, row, dhg, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, OFF_DYH, LN)
+    _hyper_gate_bwd(3, row, dho, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, OFF_DYH, LN)
 
 
 def _launch_config(H, Hh, Nz):
@@ -520,7 +536,7 @@ def backward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_
                 HAS_MASK=bool(has_mask), HAS_HMASK=bool(has_hmask), HAS_DH_OUT=bool(has_dh_out),
                 HAS_REC=bool(has_rec), HAS_DC_OUT=bool(has_dc_out), HAS_DHH_OUT=bool(has_dhh_out),
                 HAS_DHC_OUT=bool(has_dhc_out), HAS_ZONE=bool(has_zone), HAS_HZONE=bool(has_hzone), PHASE=phase,
-                OFF_DCOUT=8 * H, OFF_DHCOUT=9 * H + 12 * Nz + 4 * Hh, **blocks, **ws_layout(H, Hh, Nz)), warps
+                **blocks, **ws_layout(H, Hh, Nz), **dws_layout(H, Hh, Nz)), warps
 
 
 def forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm: bool, forget_bias: float, zoneout_mask=None,
@@ -552,7 +568,7 @@ def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_b
         zwt, zbias = torch.cat([zw, bzw]).T, torch.cat([zb, zb.new_zeros(4 * Nz)])
         swt = torch.cat([sw, bsw[None]]).view(3, 4, H, Nz).transpose(2, 3).reshape(12, Nz, H)
         d = new(12, B, H)
-        off_z = ws_layout(H, Hh, Nz)["OFF_Z"]
+        off_z = layouts.ws_layout(H, Hh, Nz)["z"]
     for t in range(T):
         h_prev, c_prev = (hs[t - 1], cs[t - 1]) if t else (h0, c0)
         hh_prev, hc_prev = (hhs[t - 1], hcs[t - 1]) if t else (hh0, hc0)
@@ -609,7 +625,7 @@ def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params,
         swt_h = scale[0].view(4, H, Nz).transpose(1, 2).contiguous()
         scale_rows, zcat = scale.view(12, H, Nz), torch.cat([zw, bzw])
         dh_all, dd_all, dhh_extra = new(4, B, H), new(12, B, H), new(B, Hh)
-        off_z, off_dz = ws_layout(H, Hh, Nz)["OFF_Z"], 9 * H
+        off_z, off_dz = layouts.ws_layout(H, Hh, Nz)["z"], layouts.dws_layout(H, Hh, Nz)["dz"]
     for i, t in enumerate(reversed(range(T))):
         flags = (H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None, grad_hs is not None, t < T - 1,
                  grad_cs is not None, grad_hhs is not None, grad_hcs is not None, zm is not None, hzm is not None)
@@ -651,8 +667,10 @@ def weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh0, dc0,
     M, GW = T * B, 4 * H + 4 * Hh
     dgm, dwsm, wsm = dg.view(M, GW), dws.view(M, -1), ws.view(M, -1)
     dgh, dah = dgm[:, :4 * H], dgm[:, 4 * H:]
-    da = dwsm[:, :4 * H]
-    z3 = wsm[:, 5 * H:5 * H + 12 * Nz].reshape(M, 3, 4, Nz)
+    L, D = layouts.ws_layout(H, Hh, Nz), layouts.dws_layout(H, Hh, Nz)
+    slot = lambda rows, o, n: rows[:, o:o + n]  # noqa: E731
+    da = slot(dwsm, D["da"], 4 * H)
+    z3 = slot(wsm, L["z"], 12 * Nz).reshape(M, 3, 4, Nz)
     h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).view(M, H)
     hh_prev = torch.cat([hh0.unsqueeze(0), hhs[:-1]]).view(M, Hh)
     hh_all = hhs.reshape(M, Hh)
@@ -663,7 +681,7 @@ def weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh0, dc0,
     dx = (dgx @ wih + dah @ hwih[:, :X_]).view(T, B, X_)
     dd_h = (da * g.view(M, GW)[:, :4 * H]).view(M, 4, H)
     dd_x = (da * gx.reshape(M, 4 * H)).view(M, 4, H)
-    dz = dwsm[:, 9 * H:9 * H + 12 * Nz]
+    dz = slot(dwsm, D["dz"], 12 * Nz)
     grads = [
         dgx.T @ x2, dgh.T @ h_prev, da.sum(0),
         torch.cat([dah.T @ x2, dah.T @ h_prev], 1), dah.T @ hh_prev, dah.sum(0),
@@ -674,13 +692,11 @@ def weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh0, dc0,
         torch.einsum("myh,myn->yhn", da.reshape(M, 4, H), z3[:, 2]).reshape(4 * H, Nz),
     ]
     if layer_norm:
-        dy, dcout = dwsm[:, 4 * H:8 * H], dwsm[:, 8 * H:9 * H]
-        o = 9 * H + 12 * Nz
-        dyh, dhcout = dwsm[:, o:o + 4 * Hh], dwsm[:, o + 4 * Hh:o + 5 * Hh]
-        hn0 = 5 * H + 12 * Nz
-        grads += [(dy * wsm[:, :4 * H]).sum(0), dy.sum(0), (dcout * wsm[:, 4 * H:5 * H]).sum(0), dcout.sum(0),
-                  (dyh * wsm[:, hn0:hn0 + 4 * Hh]).sum(0), dyh.sum(0),
-                  (dhcout * wsm[:, hn0 + 4 * Hh:hn0 + 5 * Hh]).sum(0), dhcout.sum(0)]
+        dy, dcout = slot(dwsm, D["dy"], 4 * H), slot(dwsm, D["dcout"], H)
+        dyh, dhcout = slot(dwsm, D["dyh"], 4 * Hh), slot(dwsm, D["dhcout"], Hh)
+        grads += [(dy * slot(wsm, L["n"], 4 * H)).sum(0), dy.sum(0), (dcout * slot(wsm, L["cn"], H)).sum(0),
+                  dcout.sum(0), (dyh * slot(wsm, L["hn"], 4 * Hh)).sum(0), dyh.sum(0),
+                  (dhcout * slot(wsm, L["hcn"], Hh)).sum(0), dhcout.sum(0)]
     else:
         grads += [torch.zeros_like(p) for p in (lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb)]
     return [dx, dh0, dc0, dhh0, dhc0, *grads]

@@ -13,14 +13,21 @@ import torch
 from .. import reference
 from . import _checks
 from .._extension import HAS_EXTENSION
+from .._triton_kernels import layouts
 from ._autograd import refuse_double_backward
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 def workspace_width(H: int, Hh: int, Nz: int) -> int:
-    """Per-row width of the saved forward workspace (csrc/hyper_lstm_kernels.h, WsLayout)."""
-    return 5 * H + 12 * Nz + 5 * Hh + 10
+    """Per-row width of the saved forward workspace (triton_kernels/workspace_layouts.def, which the C++
+    kernels include)."""
+    return layouts().ws_layout(H, Hh, Nz)["width"]
+
+
+def backward_workspace_width(H: int, Hh: int, Nz: int) -> int:
+    """Per-row width of the backward workspace with every slot kept (workspace_layouts.def)."""
+    return layouts().dws_layout(H, Hh, Nz)["width"]
 
 
 def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.Tensor], layer_norm: bool,
