@@ -1,10 +1,13 @@
 """Code written for torch.nn.LSTM / nn.LSTMCell works with HyperLSTM / HyperLSTMCell: training loops that
 rebuild the state as a plain tuple keep the hyper state, the constructor's positional arguments mean what
 they mean for nn.LSTM."""
+import copy
+
 import pytest
 import torch
 
 import hyperfused
+from hyperfused import HyperLSTMState
 from helpers import randomize_
 
 
@@ -222,3 +225,21 @@ def test_decode_path_gives_what_the_general_path_gives(monkeypatch):
         assert len(calls) == len(xs) - 1
         with pytest.raises(ValueError, match=r"hx.hyper_c: expected shape \(3, 6\), got \(3, 5\)"):
             cell(xs[0], hyperfused.HyperLSTMState(*decoded[-1].tensors()[:3], torch.zeros(3, 5)))
+
+
+@pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
+def test_a_bfloat16_cell_steps_without_gradients():
+    """Sampling from a bfloat16 cell: the decode path is for float32/float64, so the step takes the general path
+    (the op in float32, cast back) and gives what a float32 copy of the cell gives, rounded to bfloat16."""
+    torch.manual_seed(0)
+    cell = randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2, backend="cpu"), scale=0.3)
+    low = copy.deepcopy(cell).to(torch.bfloat16)
+    cell.load_state_dict({k: v.float() for k, v in low.state_dict().items()})  # the same bfloat16-exact weights
+    x = torch.randn(3, 5).to(torch.bfloat16)
+    with torch.no_grad():
+        s_low = low(x)
+        s_low = low(x, s_low)
+        s = cell(x.float(), HyperLSTMState(*(t.float() for t in cell(x.float()).tensors())))
+    assert s_low[0].dtype == torch.bfloat16 and s_low.hyper_h.dtype == torch.bfloat16
+    for a, b in zip(s_low.tensors(), s.tensors()):
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)

@@ -220,7 +220,9 @@ class HyperLSTMCell(nn.Module):
 
     def _decodes(self, input, hx) -> bool:
         # Zoneout needs masks even in evaluation, recurrent dropout in training: the general path draws them.
+        # float16/bfloat16 cells take the general path, which runs the op in float32 and casts back.
         return (not torch.is_grad_enabled() and isinstance(hx, HyperLSTMState) and input.dim() == 2
+                and input.dtype in (torch.float32, torch.float64)
                 and not torch.compiler.is_compiling() and not (self.zoneout or self.hyper_zoneout)
                 and not (self.training and self.recurrent_dropout) and self._fused_backend(input.device))
 
