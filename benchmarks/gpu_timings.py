@@ -1,6 +1,7 @@
 """GPU timings for the prepared GPU check: the fused CUDA and Triton HyperLSTM against cuDNN's nn.LSTM and
 the GEMMs-alone floor, at the paper's size with a large and a small batch, under both float32 matmul
-settings (TF32 on and off), with the launches and the host time per step.
+settings (TF32 on and off) and under bfloat16 autocast (the fused ops' GEMMs in bfloat16 with float32
+states; nn.LSTM's cuDNN in bfloat16), with the launches and the host time per step.
 
     python -m benchmarks.gpu_timings --json out.json [--configs 100,128,128,1000 100,8,128,1000 ...]
 
@@ -42,10 +43,23 @@ def launches_and_host_time(row, device, T: int) -> dict:
     return dict(kernels_per_step=len(kernels) / T, host_ms_per_step=host * 1e3 / T)
 
 
-def time_config(cfg: Config, device, repeats: int, tf32: bool) -> list[dict]:
+class _Autocast:
+    """A row run under torch.autocast(dtype)."""
+
+    def __init__(self, row, dtype):
+        self.row, self.dtype, self.name = row, dtype, row.name
+
+    def fwd_bwd(self):
+        with torch.autocast("cuda", dtype=self.dtype):
+            self.row.fwd_bwd()
+
+
+def time_config(cfg: Config, device, repeats: int, tf32: bool, autocast=None) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     rows = [r for r in make_rows(cfg, device, with_compile=False) if r.name != "reference"]
+    if autocast is not None:  # the GEMMs-alone row writes float32 outputs in place, which autocast refuses
+        rows = [_Autocast(r, autocast) for r in rows if not r.name.startswith("HyperLSTM GEMMs alone")]
     samples = {r.name: Samples() for r in rows}
     for r in rows:
         r.fwd_bwd()  # warm-up: Triton compiles, cuBLAS heuristics, the allocator
@@ -56,7 +70,7 @@ def time_config(cfg: Config, device, repeats: int, tf32: bool) -> list[dict]:
     out = []
     for r in rows:
         rec = dict(config=cfg.label(), T=cfg.T, B=cfg.B, X=cfg.X, H=cfg.H, Hh=cfg.Hh, Nz=cfg.Nz, row=r.name,
-                   matmul_allow_tf32=tf32, cudnn_allow_tf32=tf32, fwd_bwd_ms=samples[r.name].median * 1e3,
+                   matmul_allow_tf32=tf32, cudnn_allow_tf32=tf32, autocast=str(autocast), fwd_bwd_ms=samples[r.name].median * 1e3,
                    fwd_bwd_iqr_ms=samples[r.name].iqr * 1e3, vs_cudnn=samples[r.name].median / lstm,
                    peak_mem_mb=peak_memory_mb(r.fwd_bwd, device))
         if r.name.startswith("hyperfused"):
@@ -90,11 +104,12 @@ def main(argv=None) -> int:
         return 1
     device = torch.device("cuda")
     for cfg in configs:
-        for tf32 in (False, True):
+        for tf32, autocast in ((False, None), (True, None), (False, torch.bfloat16)):
             try:
-                recs = time_config(cfg, device, args.repeats, tf32)
+                recs = time_config(cfg, device, args.repeats, tf32, autocast)
             except Exception as e:  # one failing row must not lose the rest of the run
-                recs = [dict(config=cfg.label(), matmul_allow_tf32=tf32, error=f"{type(e).__name__}: {e}")]
+                recs = [dict(config=cfg.label(), matmul_allow_tf32=tf32, autocast=str(autocast),
+                             error=f"{type(e).__name__}: {e}")]
             result["records"].extend(recs)
             save()
             for r in recs:

@@ -172,11 +172,32 @@ std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t)
 
 // Σ_t dA_t^T v_{t-1} over all steps, with v_{-1} = v0: dA (T·B, n) against the states shifted by one step,
 // as two GEMMs rather than a concatenated copy of the states.
-at::Tensor times_prev(const at::Tensor& dA, const at::Tensor& v0, const at::Tensor& vs) {
+at::Tensor times_prev(const GemmPrecision& P, const at::Tensor& dA, const at::Tensor& v0, const at::Tensor& vs) {
   const int64_t B = v0.size(0), M = dA.size(0);
-  const auto first = dA.narrow(0, 0, B).t().mm(v0);
+  const auto dtype = dA.scalar_type();
+  const auto first = P.mm(dA.narrow(0, 0, B).t(), P.operand(v0), dtype);
   if (M == B) return first;
-  return at::addmm(first, dA.narrow(0, B, M - B).t(), vs.narrow(0, 0, vs.size(0) - 1).reshape({M - B, v0.size(1)}));
+  const auto prev = vs.narrow(0, 0, vs.size(0) - 1).reshape({M - B, v0.size(1)});
+  if (!P.low) return at::addmm(first, dA.narrow(0, B, M - B).t(), prev);
+  return first.add_(P.mm(dA.narrow(0, B, M - B).t(), P.operand(prev), dtype));
+}
+
+// The op's gemm_dtype argument: bfloat16/float16 GEMM operands (float32 ops only), or none.
+GemmPrecision gemm_precision(const std::optional<at::ScalarType>& gemm_dtype, const at::Tensor& x) {
+  if (!gemm_dtype) return {};
+  TORCH_CHECK(*gemm_dtype == at::kBFloat16 || *gemm_dtype == at::kHalf,
+              "hyperfused::hyper_lstm: 'gemm_dtype' must be bfloat16, float16 or None, got ", *gemm_dtype);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "hyperfused::hyper_lstm: 'gemm_dtype' (", *gemm_dtype,
+              ") needs float32 inputs, got ", x.scalar_type());
+  return {gemm_dtype};
+}
+
+// x2 · w (+ bias) in the op's dtype with operands in P's precision: the input projections over all T·B rows.
+at::Tensor input_gemm(const GemmPrecision& P, const at::Tensor& x2, const at::Tensor& w,
+                      const at::Tensor& bias = at::Tensor()) {
+  if (!P.low) return bias.defined() ? at::addmm(bias, x2, w) : at::mm(x2, w);
+  auto out = P.mm(x2, P.operand(w), x2.scalar_type());
+  return bias.defined() ? out.add_(bias) : out;
 }
 
 // Whether this call runs the GEMM-shaped step (StepPhase): the device's default, or HYPERFUSED_STEP_DESIGN.
@@ -241,15 +262,17 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
                               const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList p,
                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask,
                               bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
-                              const std::optional<at::Tensor>& hyper_zoneout_mask, bool save_for_backward) {
+                              const std::optional<at::Tensor>& hyper_zoneout_mask, bool save_for_backward,
+                              const std::optional<at::ScalarType>& gemm_dtype) {
   const Sizes s = check_inputs(x, h0, c0, hh0, hc0, p, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask);
+  const GemmPrecision P = gemm_precision(gemm_dtype, x);
   const c10::DeviceGuard guard(x.device());
   const NoAutocast no_autocast;
   const Dims dims = s.dims();
   const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh;
   const auto x2 = x.reshape({T * B, X});
-  const auto gx = at::mm(x2, p[WEIGHT_IH].t()).view({T, B, 4 * H});
-  const auto ghx = at::addmm(p[HYPER_BIAS], x2, p[HYPER_WEIGHT_IH].narrow(1, 0, X).t()).view({T, B, 4 * Hh});
+  const auto gx = input_gemm(P, x2, p[WEIGHT_IH].t()).view({T, B, 4 * H});
+  const auto ghx = input_gemm(P, x2, p[HYPER_WEIGHT_IH].narrow(1, 0, X).t(), p[HYPER_BIAS]).view({T, B, 4 * Hh});
   const auto tr = prepared(p, s, k.stream());
   const auto w_rec = tr->w_rec.t();  // (H, 4H+4Ĥ)
   const auto w_hyper = p[HYPER_WEIGHT_HH].t();
@@ -260,7 +283,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   auto g = at::empty({kept, B, dims.g_width()}, opts);
   auto ws = at::empty({kept, B, WsLayout(dims).width}, opts);
   const StepParams sp = step_params(p, *tr);
-  const StepGemm rec(w_rec), hyper(w_hyper);
+  const StepGemm rec(w_rec, {}, P), hyper(w_hyper, {}, P);
   ForwardStepper stepper(k, *tr, rec, hyper, dims, opts);
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor h_prev = t ? hs.select(0, t - 1) : h0;
@@ -318,8 +341,9 @@ std::vector<at::Tensor> hyper_lstm_backward(
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask, const at::Tensor& hs,
     const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
     bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
-    const std::optional<at::Tensor>& hyper_zoneout_mask) {
+    const std::optional<at::Tensor>& hyper_zoneout_mask, const std::optional<at::ScalarType>& gemm_dtype) {
   const Sizes s = check_inputs(x, h0, c0, hh0, hc0, p, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask);
+  const GemmPrecision P = gemm_precision(gemm_dtype, x);
   const c10::DeviceGuard guard(x.device());
   const NoAutocast no_autocast;
   const Dims dims = s.dims();
@@ -342,7 +366,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
     if (*gr) check_arg(**gr, name, {T, B, width}, x);
 
   const auto x2 = x.reshape({M, X});
-  const auto gx = at::mm(x2, p[WEIGHT_IH].t()).view({T, B, 4 * H});  // recomputed rather than stored
+  const auto gx = input_gemm(P, x2, p[WEIGHT_IH].t()).view({T, B, 4 * H});  // recomputed rather than stored
   const auto opts = x.options();
   auto dg = at::empty({T, B, GW}, opts);
   auto dws = at::empty({T, B, D.width}, opts);
@@ -355,7 +379,8 @@ std::vector<at::Tensor> hyper_lstm_backward(
   auto dhh_zone = hzone ? at::empty({B, Hh}, opts) : at::Tensor();
   const Transposed tr(p, s);
   const StepParams sp = step_params(p, tr);
-  const StepGemm rec(tr.w_rec), hyper(p[HYPER_WEIGHT_HH]);  // (4H+4Ĥ, H), (4Ĥ, Ĥ): the transposed products
+  // (4H+4Ĥ, H), (4Ĥ, Ĥ): the transposed products
+  const StepGemm rec(tr.w_rec, {}, P), hyper(p[HYPER_WEIGHT_HH], {}, P);
   const AccumLayout A(dims);
   auto accum = in_kernel ? at::zeros({int64_t(at::get_num_threads()), A.width}, opts) : at::Tensor();
   // The GEMM-shaped step's buffers: d_h (4, B, H), dd (12, B, H), dz (12, B, N_z), dz·Z (B, Ĥ).
@@ -447,15 +472,19 @@ std::vector<at::Tensor> hyper_lstm_backward(
     }
   }
 
-  grads[0] = (dgx.mm(p[WEIGHT_IH]) + dah.mm(p[HYPER_WEIGHT_IH].narrow(1, 0, X))).view({T, B, X});
+  const auto dtype = x.scalar_type();
+  const auto x2_op = P.operand(x2);
+  grads[0] = P.mm(dgx, P.operand(p[WEIGHT_IH]), dtype)
+                 .add_(P.mm(dah, P.operand(p[HYPER_WEIGHT_IH].narrow(1, 0, X)), dtype))
+                 .view({T, B, X});
   grads[1] = dh_rec;
   grads[2] = dc;
   grads[3] = dhh_rec;
   grads[4] = dhc;
-  gp[WEIGHT_IH] = dgx.t().mm(x2);
-  gp[WEIGHT_HH] = times_prev(dgh, h0, hs);
-  gp[HYPER_WEIGHT_IH] = at::cat({dah.t().mm(x2), times_prev(dah, h0, hs)}, 1);
-  gp[HYPER_WEIGHT_HH] = times_prev(dah, hh0, hhs);
+  gp[WEIGHT_IH] = P.mm(dgx.t(), x2_op, dtype);
+  gp[WEIGHT_HH] = times_prev(P, dgh, h0, hs);
+  gp[HYPER_WEIGHT_IH] = at::cat({P.mm(dah.t(), x2_op, dtype), times_prev(P, dah, h0, hs)}, 1);
+  gp[HYPER_WEIGHT_HH] = times_prev(P, dah, hh0, hhs);
   gp[HYPER_BIAS] = dah.sum(0);
   const auto dz = dwsm.narrow(1, D.dz, 12 * Nz);
   gp[Z_WEIGHT] = dz.narrow(1, 0, 8 * Nz).t().mm(hh_all);

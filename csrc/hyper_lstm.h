@@ -29,7 +29,8 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
                               const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList params,
                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask,
                               bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
-                              const std::optional<at::Tensor>& hyper_zoneout_mask, bool save_for_backward);
+                              const std::optional<at::Tensor>& hyper_zoneout_mask, bool save_for_backward,
+                              const std::optional<at::ScalarType>& gemm_dtype);
 
 // One step without gradients (decoding): x (B, X) and the state h, c (B, H), ĥ, ĉ (B, Ĥ) give the next state,
 // four (B, ·) tensors. The forward above with T = 1 and nothing saved, minus the caller's reshaping.
@@ -45,7 +46,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask, const at::Tensor& hs,
     const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
     bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
-    const std::optional<at::Tensor>& hyper_zoneout_mask);
+    const std::optional<at::Tensor>& hyper_zoneout_mask, const std::optional<at::ScalarType>& gemm_dtype);
 
 // The op entry points for one device: a registration file binds forward_on<kItsKernels> to a dispatch key.
 template <const StepKernels& K>
@@ -53,9 +54,9 @@ ForwardOut forward_on(const at::Tensor& x, const at::Tensor& h0, const at::Tenso
                       const at::Tensor& hc0, at::TensorList params, const std::optional<at::Tensor>& mask,
                       const std::optional<at::Tensor>& hyper_mask, bool layer_norm, double forget_bias,
                       const std::optional<at::Tensor>& zoneout_mask, const std::optional<at::Tensor>& hyper_zoneout_mask,
-                      bool save_for_backward) {
+                      bool save_for_backward, std::optional<at::ScalarType> gemm_dtype) {
   return hyper_lstm_forward(K, x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
-                            hyper_zoneout_mask, save_for_backward);
+                            hyper_zoneout_mask, save_for_backward, gemm_dtype);
 }
 
 template <const StepKernels& K>
@@ -72,9 +73,10 @@ std::vector<at::Tensor> backward_on(
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask, const at::Tensor& hs,
     const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
     bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
-    const std::optional<at::Tensor>& hyper_zoneout_mask) {
+    const std::optional<at::Tensor>& hyper_zoneout_mask, std::optional<at::ScalarType> gemm_dtype) {
   return hyper_lstm_backward(K, grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
-                             hs, cs, hhs, hcs, g, ws, layer_norm, forget_bias, zoneout_mask, hyper_zoneout_mask);
+                             hs, cs, hhs, hcs, g, ws, layer_norm, forget_bias, zoneout_mask, hyper_zoneout_mask,
+                             gemm_dtype);
 }
 
 }  // namespace hyperfused

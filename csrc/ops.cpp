@@ -30,13 +30,13 @@ TORCH_LIBRARY(hyperfused, m) {
   m.def(
       "hyper_lstm_forward(Tensor x, Tensor h0, Tensor c0, Tensor hh0, Tensor hc0, Tensor[] params, Tensor? mask, "
       "Tensor? hyper_mask, bool layer_norm, float forget_bias, Tensor? zoneout_mask=None, "
-      "Tensor? hyper_zoneout_mask=None, bool save_for_backward=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+      "Tensor? hyper_zoneout_mask=None, bool save_for_backward=True, ScalarType? gemm_dtype=None) -> (Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "hyper_lstm_backward(Tensor? grad_hs, Tensor? grad_cs, Tensor? grad_hhs, Tensor? grad_hcs, Tensor x, "
       "Tensor h0, Tensor c0, Tensor hh0, Tensor hc0, Tensor[] params, Tensor? mask, Tensor? hyper_mask, "
       "Tensor hs, Tensor cs, Tensor hhs, Tensor hcs, Tensor g, Tensor ws, bool layer_norm, float forget_bias, "
-      "Tensor? zoneout_mask=None, Tensor? hyper_zoneout_mask=None) -> Tensor[]");
+      "Tensor? zoneout_mask=None, Tensor? hyper_zoneout_mask=None, ScalarType? gemm_dtype=None) -> Tensor[]");
   m.def(
       "hyper_lstm_step(Tensor x, Tensor h, Tensor c, Tensor hh, Tensor hc, Tensor[] params, bool layer_norm, "
       "float forget_bias) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -64,6 +64,24 @@ def test_opcheck_hyper_lstm(family, device, layer_norm, masks):
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
+@pytest.mark.parametrize("family, device", LSTM_CASES, ids=lambda v: v)
+def test_opcheck_hyper_lstm_with_low_precision_gemms(family, device):
+    """gemm_dtype (bfloat16 GEMM operands, float32 everywhere else) through the schema, fakes and autograd."""
+    _skip_unless_built(family)
+    fwd, bwd = (ops.hyper_lstm_forward, ops.hyper_lstm_backward) if family == "cpp" else \
+        (ops.hyper_lstm_triton_forward, ops.hyper_lstm_triton_backward)
+    args = _lstm_args(device, True, False, torch.float32)
+    torch.library.opcheck(fwd, args, {"gemm_dtype": torch.bfloat16})
+    with torch.no_grad():
+        outs = fwd(*args, gemm_dtype=torch.bfloat16)
+    detached = [a.detach() for a in args[:5]]
+    grads = [torch.randn_like(outs[i]) for i in range(4)]
+    torch.library.opcheck(bwd, [*grads, *detached, [p.detach() for p in args[5]], *args[6:8], *outs, True, 1.0,
+                                None, None], {"gemm_dtype": torch.bfloat16})
+    with pytest.raises(RuntimeError, match="'gemm_dtype' must be bfloat16, float16 or None"):
+        fwd(*args, gemm_dtype=torch.float64)
+
+
 GEN_CASES = [("cpp", "cpu")] + ([("cpp", "cuda")] if HAS_GPU else []) + ([("triton", DEVICE)] if HAS_TRITON else [])
 
 

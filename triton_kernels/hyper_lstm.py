@@ -539,24 +539,45 @@ def backward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_
                 **blocks, **ws_layout(H, Hh, Nz), **dws_layout(H, Hh, Nz)), warps
 
 
+class Gemms:
+    """The drivers' large GEMMs (input projections, recurrent products, weight gradients) with operands as they
+    are (low None) or rounded to bfloat16/float16, accumulated and returned in float32, as the C++ ops'
+    GemmPrecision does; the projections to z and d stay in float32."""
+
+    def __init__(self, low=None):
+        self.low = low
+
+    def operand(self, t):
+        return t if self.low is None else t.to(self.low)
+
+    def mm(self, a, b, out=None):
+        """a · b (b already an operand), into out if given."""
+        if self.low is None:
+            return torch.mm(a, b, out=out)
+        a = self.operand(a)
+        r = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.mm(a, b).float()
+        return r if out is None else out.copy_(r)
+
+
 def forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm: bool, forget_bias: float, zoneout_mask=None,
-            hyper_zoneout_mask=None, save_for_backward: bool = True):
+            hyper_zoneout_mask=None, save_for_backward: bool = True, gemm_dtype=None):
     """Whole-sequence forward of one layer/direction; returns (hs, cs, hhs, hcs, g, ws) like the C++ op (g and
-    ws empty, (0, B, ·), without save_for_backward: one step's scratch is reused then)."""
+    ws empty, (0, B, ·), without save_for_backward: one step's scratch is reused then). gemm_dtype: the large
+    GEMMs' operand precision (Gemms)."""
     with on_device_of(x):
         return _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
-                        hyper_zoneout_mask, save_for_backward)
+                        hyper_zoneout_mask, save_for_backward, Gemms(gemm_dtype))
 
 
-def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zm, hzm, save):
+def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zm, hzm, save, G):
     (wih, whh, bias, hwih, hwhh, hbias, zw, zb, sw, bzw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw,
      hlncb) = params
     T, B, X = x.shape
     H, Hh, Nz = h0.shape[1], hh0.shape[1], sw.shape[2]
     x2 = x.reshape(T * B, X)
-    gx = (x2 @ wih.T).view(T, B, 4 * H)
-    ghx = torch.addmm(hbias, x2, hwih[:, :X].T).view(T, B, 4 * Hh)
-    w_rec = torch.cat([whh, hwih[:, X:]], 0).T
+    gx = G.mm(x2, G.operand(wih.T)).view(T, B, 4 * H)
+    ghx = G.mm(x2, G.operand(hwih[:, :X].T)).add_(hbias).view(T, B, 4 * Hh)
+    w_rec, w_hyper = G.operand(torch.cat([whh, hwih[:, X:]], 0).T), G.operand(hwhh.T)
     new = lambda *shape: x.new_empty(shape)  # noqa: E731
     hs, cs, hhs, hcs = new(T, B, H), new(T, B, H), new(T, B, Hh), new(T, B, Hh)
     kept = T if save else 1  # steps of g and ws held at once
@@ -573,8 +594,8 @@ def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_b
         h_prev, c_prev = (hs[t - 1], cs[t - 1]) if t else (h0, c0)
         hh_prev, hc_prev = (hhs[t - 1], hcs[t - 1]) if t else (hh0, hc0)
         g_t, ws_t = g[t % kept], ws[t % kept]
-        torch.mm(h_prev, w_rec, out=g_t)
-        torch.mm(hh_prev, hwhh.T, out=ghh)
+        G.mm(h_prev, w_rec, out=g_t)
+        G.mm(hh_prev, w_hyper, out=ghh)
         args = (g_t, ghh, gx[t], ghx[t], c_prev, hc_prev, mask[t] if mask is not None else ws,
                 hyper_mask[t] if hyper_mask is not None else ws, h_prev, hh_prev, zm[t] if zm is not None else ws,
                 hzm[t] if hzm is not None else ws, hs[t], cs[t], hhs[t], hcs[t], ws_t,
@@ -593,15 +614,17 @@ def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_b
 
 
 def backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs,
-             hcs, g, ws, layer_norm: bool, forget_bias: float, zoneout_mask=None, hyper_zoneout_mask=None):
+             hcs, g, ws, layer_norm: bool, forget_bias: float, zoneout_mask=None, hyper_zoneout_mask=None,
+             gemm_dtype=None):
     """Gradients [x, h0, c0, ĥ0, ĉ0, *params] of the whole sequence, like the C++ backward op."""
     with on_device_of(x):
         return _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs,
-                         cs, hhs, hcs, g, ws, layer_norm, forget_bias, zoneout_mask, hyper_zoneout_mask)
+                         cs, hhs, hcs, g, ws, layer_norm, forget_bias, zoneout_mask, hyper_zoneout_mask,
+                         Gemms(gemm_dtype))
 
 
 def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs,
-              hcs, g, ws, layer_norm, forget_bias, zm, hzm):
+              hcs, g, ws, layer_norm, forget_bias, zm, hzm, G):
     (wih, whh, bias, hwih, hwhh, hbias, zw, zb, sw, bzw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw,
      hlncb) = params
     T, B, X = x.shape
@@ -610,8 +633,8 @@ def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params,
     grads_in = [None if t is None else t.contiguous() for t in (grad_hs, grad_cs, grad_hhs, grad_hcs)]
     grad_hs, grad_cs, grad_hhs, grad_hcs = grads_in
     x2 = x.reshape(M, X)
-    gx = (x2 @ wih.T).view(T, B, 4 * H)
-    w_rec = torch.cat([whh, hwih[:, X:]], 0)
+    gx = G.mm(x2, G.operand(wih.T)).view(T, B, 4 * H)
+    w_rec, w_hyper = G.operand(torch.cat([whh, hwih[:, X:]], 0)), G.operand(hwhh)
     new = lambda *shape: x.new_empty(shape)  # noqa: E731
     dg, dws = new(T, B, GW), new(T, B, dws_width(H, Hh, Nz))
     dcs, dhcs = [x.new_zeros(B, H), new(B, H)], [x.new_zeros(B, Hh), new(B, Hh)]  # carries, in and out in turn
@@ -648,18 +671,19 @@ def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params,
         else:
             consts, warps = backward_config(*flags)
             hyper_lstm_bwd_step[(B,)](*args, ws, ws, ws, B, num_warps=warps, **consts)
-        torch.mm(dg[t], w_rec, out=dh_rec)
-        torch.mm(dg[t, :, 4 * H:], hwhh, out=dhh_rec)
+        G.mm(dg[t], w_rec, out=dh_rec)
+        G.mm(dg[t, :, 4 * H:], w_hyper, out=dhh_rec)
         if zm is not None:
             dh_rec += dh_zone
         if hzm is not None:
             dhh_rec += dhh_zone
     dc, dhc = dcs[T % 2], dhcs[T % 2]
     return weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh_rec, dc, dhh_rec, dhc,
-                            layer_norm, (T, B, X, H, Hh, Nz))
+                            layer_norm, (T, B, X, H, Hh, Nz), G)
 
 
-def weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh0, dc0, dhh0, dhc0, layer_norm, sizes):
+def weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh0, dc0, dhh0, dhc0, layer_norm, sizes,
+                     G=Gemms()):
     """Every weight gradient as a GEMM or reduction over all T·B rows (the post-loop part of backward)."""
     (wih, whh, bias, hwih, hwhh, hbias, zw, zb, sw, bzw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw,
      hlncb) = params
@@ -678,13 +702,14 @@ def weight_gradients(x2, h0, hh0, hs, hhs, params, g, gx, ws, dg, dws, dh0, dc0,
     d_x = torch.einsum("myn,yhn->myh", z3[:, 1], w_scale[1]).reshape(M, 4 * H)
     dgx = da * d_x
     X_ = x2.shape[1]
-    dx = (dgx @ wih + dah @ hwih[:, :X_]).view(T, B, X_)
+    dx = G.mm(dgx, G.operand(wih)).add_(G.mm(dah, G.operand(hwih[:, :X_]))).view(T, B, X_)
+    x2_op, h_prev_op = G.operand(x2), G.operand(h_prev)
     dd_h = (da * g.view(M, GW)[:, :4 * H]).view(M, 4, H)
     dd_x = (da * gx.reshape(M, 4 * H)).view(M, 4, H)
     dz = slot(dwsm, D["dz"], 12 * Nz)
     grads = [
-        dgx.T @ x2, dgh.T @ h_prev, da.sum(0),
-        torch.cat([dah.T @ x2, dah.T @ h_prev], 1), dah.T @ hh_prev, dah.sum(0),
+        G.mm(dgx.T, x2_op), G.mm(dgh.T, h_prev_op), da.sum(0),
+        torch.cat([G.mm(dah.T, x2_op), G.mm(dah.T, h_prev_op)], 1), G.mm(dah.T, G.operand(hh_prev)), dah.sum(0),
         dz[:, :8 * Nz].T @ hh_all, dz[:, :8 * Nz].sum(0),
         torch.stack([torch.einsum("myh,myn->yhn", dd_h, z3[:, 0]),
                      torch.einsum("myh,myn->yhn", dd_x, z3[:, 1])]).reshape(2, 4 * H, Nz),

@@ -32,11 +32,32 @@ const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
 
 }  // namespace
 
-StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias) : w_(w), bias_(bias) {
+at::Tensor GemmPrecision::operand(const at::Tensor& t) const { return low ? t.to(*low) : t; }
+
+at::Tensor GemmPrecision::mm(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype) const {
+  if (!low) return at::mm(a, b);
+  // cuBLAS accumulates in float32 and returns it; the CPU's low-precision GEMMs accumulate in float32 too but
+  // return their inputs' dtype (as nn.Linear under autocast does), cast back here.
+  if (a.is_cuda()) return at::mm(operand(a), b, out_dtype);
+  return at::mm(operand(a), b).to(out_dtype);
+}
+
+void GemmPrecision::mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
+  if (!low)
+    at::mm_out(out, a, b);
+  else
+    out.copy_(mm(a, b, out.scalar_type()));
+}
+
+StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision precision)
+    : precision_(precision), w_(precision.operand(w)), bias_(bias) {
   // userEnabledMkldnn: torch.backends.mkldnn.enabled, which a user may turn off to rule oneDNN out
-  if (w.is_cpu() && w.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && onednn_linear() &&
-      forced() != Library::Mm)
-    w_nk_ = w.t().contiguous();
+  const bool onednn_dtype = w_.scalar_type() == at::kFloat || w_.scalar_type() == at::kBFloat16;
+  if (w.is_cpu() && onednn_dtype && at::globalContext().userEnabledMkldnn() && onednn_linear() &&
+      forced() != Library::Mm) {
+    w_nk_ = w_.t().contiguous();
+    if (bias_.defined()) bias_nk_ = bias_.to(w_.scalar_type());  // oneDNN takes the bias in the weight's dtype
+  }
 }
 
 // HYPERFUSED_STEP_GEMM=onednn|mm forces a library (the tests run both); anything else, or nothing, measures.
@@ -52,8 +73,9 @@ void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const
     mm_out(out, a);
     return;
   }
-  const auto bias = bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt;
-  out.copy_(onednn_linear()->call(a, w_nk_, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt));
+  const auto bias = bias_nk_.defined() ? std::optional<at::Tensor>(bias_nk_) : std::nullopt;
+  out.copy_(onednn_linear()->call(precision_.operand(a), w_nk_, bias, "none",
+                                  c10::List<std::optional<at::Scalar>>(), std::nullopt));
 }
 
 // Which library is faster for this GEMM shape differs from CPU to CPU (oneDNN's kernels won by 1.5x on an AMD
@@ -63,8 +85,8 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   const Library force = forced();
   if (force != Library::Measure) return force;
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, bool>, Library> chosen;
-  const auto key = std::make_tuple(a.size(0), w_.size(0), w_.size(1), bias_.defined());
+  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, int>, Library> chosen;
+  const auto key = std::make_tuple(a.size(0), w_.size(0), w_.size(1), bias_.defined(), int(w_.scalar_type()));
   std::lock_guard<std::mutex> lock(mutex);
   const auto it = chosen.find(key);
   if (it != chosen.end()) return it->second;
@@ -80,10 +102,14 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
 }
 
 void StepGemm::mm_out(at::Tensor& out, const at::Tensor& a) const {
-  if (bias_.defined())
+  if (precision_.low) {
+    precision_.mm_out(out, a, w_);
+    if (bias_.defined()) out.add_(bias_);
+  } else if (bias_.defined()) {
     at::addmm_out(out, bias_, a, w_);
-  else
+  } else {
     at::mm_out(out, a, w_);
+  }
 }
 
 void StepGemm::run(at::Tensor& out, const at::Tensor& a) const {

@@ -4,17 +4,34 @@
 // faster on this machine for this shape: measured once per shape and process. Neither wins everywhere (oneDNN
 // by up to 1.5x on an AMD EPYC, MKL on an Intel Xeon). Elsewhere (CUDA, float64, a torch built without
 // oneDNN or with torch.backends.mkldnn disabled) it is at::mm_out.
+//
+// With a GemmPrecision of bfloat16/float16 the operands are rounded to it and the products accumulated in
+// float32 (the library's low-precision GEMM; oneDNN's or ATen's on the CPU, cuBLAS returning float32 on CUDA),
+// while out, and everything the step kernels compute from it, stays in the op's dtype.
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace hyperfused {
+
+// The precision of an op's GEMM operands: none (the op's dtype) or bfloat16/float16.
+struct GemmPrecision {
+  std::optional<at::ScalarType> low;
+  // t as a GEMM operand
+  at::Tensor operand(const at::Tensor& t) const;
+  // a · b in the op's dtype `out_dtype`, b already an operand
+  at::Tensor mm(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype) const;
+  // out = a · b, b already an operand
+  void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const;
+};
 
 class StepGemm {
  public:
   // w: (K, N); a strided view is fine (it is copied once if oneDNN needs it row-major as (N, K)).
   // bias: (N), added to every row, or undefined.
-  explicit StepGemm(const at::Tensor& w, const at::Tensor& bias = at::Tensor());
-  // out (m, N) and a (m, K), each with contiguous rows.
+  explicit StepGemm(const at::Tensor& w, const at::Tensor& bias = at::Tensor(), GemmPrecision precision = {});
+  // out (m, N) and a (m, K), each with contiguous rows, in the op's dtype.
   void run(at::Tensor& out, const at::Tensor& a) const;
 
  private:
@@ -24,7 +41,9 @@ class StepGemm {
   void run_with(Library lib, at::Tensor& out, const at::Tensor& a) const;
   void mm_out(at::Tensor& out, const at::Tensor& a) const;
 
-  at::Tensor w_, bias_, w_nk_;  // w_nk_ = wᵀ contiguous, defined when oneDNN may run the product
+  GemmPrecision precision_;
+  at::Tensor w_, bias_;  // the operand w, and the bias in the op's dtype
+  at::Tensor w_nk_, bias_nk_;  // wᵀ contiguous and the bias in its dtype, defined when oneDNN may run the product
   mutable Library lib_ = Library::Measure;  // chosen at the first run
 };
 

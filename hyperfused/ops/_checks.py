@@ -96,3 +96,12 @@ def generation_sizes(z, w_in, b_in, w_out, b_out, tile_meta, kernel_size: int,
     torch._check(tile_meta.device == z.device,
                  lambda: f"{op}: 'tile_meta' is on {tile_meta.device} but 'z' is on {z.device}")
     return tiles, z_dim, hidden, in_tile, w_out.shape[0]
+
+
+def gemm_dtype(x, dtype: Optional[torch.dtype], op: str = "hyperfused::hyper_lstm") -> None:
+    """The forward/backward ops' gemm_dtype: bfloat16/float16 GEMM operands for float32 inputs, or None."""
+    if dtype is None:
+        return
+    torch._check(dtype in (torch.bfloat16, torch.float16),
+                 lambda: f"{op}: 'gemm_dtype' must be bfloat16, float16 or None, got {dtype}")
+    torch._check(x.dtype == torch.float32, lambda: f"{op}: 'gemm_dtype' ({dtype}) needs float32 inputs, got {x.dtype}")

@@ -6,6 +6,7 @@ breaks.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -30,6 +31,27 @@ def backward_workspace_width(H: int, Hh: int, Nz: int) -> int:
     return layouts().dws_layout(H, Hh, Nz)["width"]
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_has_bf16_gemms() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def gemm_dtype_for(dtype: torch.dtype, device: torch.device) -> Optional[torch.dtype]:
+    """The precision of the fused ops' large GEMMs for inputs of `dtype` on `device`: bfloat16/float16 for
+    half-precision modules, autocast's dtype for float32 ones under autocast, else None (the inputs' dtype).
+    Products accumulate in float32; states, layer norms and pointwise math stay float32. On the CPU only
+    bfloat16, and only where oneDNN has bfloat16 kernels (AVX512-BF16 or AMX): elsewhere float32."""
+    if dtype in (torch.float16, torch.bfloat16):
+        low = dtype
+    elif dtype == torch.float32 and torch.is_autocast_enabled(device.type):
+        low = torch.get_autocast_dtype(device.type)
+    else:
+        return None
+    if device.type == "cpu":
+        return low if low == torch.bfloat16 and _cpu_has_bf16_gemms() else None
+    return low
+
+
 def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.Tensor], layer_norm: bool,
                      forget_bias: float, mask: Optional[torch.Tensor] = None,
                      hyper_mask: Optional[torch.Tensor] = None, zoneout_mask: Optional[torch.Tensor] = None,
@@ -42,11 +64,13 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
                                              forget_bias, *masks)
     if backend in ("cpu", "cuda", "triton"):
         dtype = x.dtype
-        if dtype not in _FLOAT_DTYPES:  # half/bfloat16: compute and accumulate in float32
+        gemm_dtype = gemm_dtype_for(dtype, x.device)
+        if dtype not in _FLOAT_DTYPES:
+            # half/bfloat16 modules: the GEMMs in that precision (gemm_dtype), states and pointwise math in float32
             cast = lambda t: None if t is None else t.float()  # noqa: E731
-            outs = hyper_lstm_layer(backend, *map(cast, (x, h0, c0, hh0, hc0)), [p.float() for p in params],
-                                    layer_norm, forget_bias, *map(cast, masks))
-            return tuple(o.to(dtype) for o in outs)
+            x, h0, c0, hh0, hc0 = map(cast, (x, h0, c0, hh0, hc0))
+            params, masks = [p.float() for p in params], tuple(map(cast, masks))
+            mask, hyper_mask, zoneout_mask, hyper_zoneout_mask = masks
         op = torch.ops.hyperfused.hyper_lstm_triton_forward if backend == "triton" else \
             torch.ops.hyperfused.hyper_lstm_forward
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, hh0, hc0, *params))
@@ -58,8 +82,8 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
         outs = op(
             x.contiguous(), h0.contiguous(), c0.contiguous(), hh0.contiguous(), hc0.contiguous(),
             [p.contiguous() for p in params], mask, hyper_mask, layer_norm, float(forget_bias), zoneout_mask,
-            hyper_zoneout_mask, save_for_backward=training)
-        return tuple(outs[:4])
+            hyper_zoneout_mask, save_for_backward=training, gemm_dtype=gemm_dtype)
+        return tuple(o.to(dtype) for o in outs[:4])
     raise ValueError(f"backend: no HyperLSTM implementation named {backend!r}")
 
 
@@ -77,26 +101,29 @@ def register_lstm_meta(forward_op: str, backward_op: str) -> None:
 
     @torch.library.register_fake(forward_op)
     def _(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask=None,
-          hyper_zoneout_mask=None, save_for_backward=True):
+          hyper_zoneout_mask=None, save_for_backward=True, gemm_dtype=None):
         T, B, _, H, Hh, Nz = _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask,
                                                 hyper_zoneout_mask)
+        _checks.gemm_dtype(x, gemm_dtype)
         kept = T if save_for_backward else 0
         return (x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, Hh), x.new_empty(T, B, Hh),
                 x.new_empty(kept, B, 4 * H + 4 * Hh), x.new_empty(kept, B, workspace_width(H, Hh, Nz)))
 
     @torch.library.register_fake(backward_op)
     def _(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs, hcs, g,
-          ws, layer_norm, forget_bias, zoneout_mask=None, hyper_zoneout_mask=None):
+          ws, layer_norm, forget_bias, zoneout_mask=None, hyper_zoneout_mask=None, gemm_dtype=None):
         check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
                             hs, cs, hhs, hcs, g, ws, zoneout_mask, hyper_zoneout_mask)
+        _checks.gemm_dtype(x, gemm_dtype)
         return [torch.empty_like(t) for t in (x, h0, c0, hh0, hc0, *params)]
 
     backward_impl = getattr(torch.ops.hyperfused, backward_op.split("::")[1])
 
     def setup_context(ctx, inputs, output):
         x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, *rest = inputs
-        zone = (rest + [None, None])[:2]  # the zoneout masks have defaults
+        zone = (rest + [None, None])[:2]  # the zoneout masks, save_for_backward and gemm_dtype have defaults
         ctx.saved = rest[2] if len(rest) > 2 else True
+        ctx.gemm_dtype = rest[3] if len(rest) > 3 else None
         ctx.set_materialize_grads(False)  # unused outputs (g, ws, often cs) need no zero-filled gradients
         ctx.layer_norm, ctx.forget_bias = layer_norm, forget_bias
         ctx.save_for_backward(x, h0, c0, hh0, hc0, mask, hyper_mask, *zone, *output, *params)
@@ -108,8 +135,8 @@ def register_lstm_meta(forward_op: str, backward_op: str) -> None:
                                "backward; call it with save_for_backward=True to differentiate it")
         x, h0, c0, hh0, hc0, mask, hyper_mask, zm, hzm, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
         grads = backward_impl(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
-                              hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias, zm, hzm)
-        return (*grads[:5], list(grads[5:]), None, None, None, None, None, None, None)
+                              hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias, zm, hzm, ctx.gemm_dtype)
+        return (*grads[:5], list(grads[5:]), None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 

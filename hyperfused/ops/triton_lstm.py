@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import lstm_sizes
+from ._checks import gemm_dtype as gemm_dtype_check, lstm_sizes
 from .hyper_lstm import check_backward_args, register_lstm_meta
 from .static_hypernet import check_generation_args, check_generation_backward_args, register_generation_meta
 
@@ -56,13 +56,16 @@ if _kernels is not None:
     def triton_forward(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, hh0: torch.Tensor, hc0: torch.Tensor,
                        params: list[torch.Tensor], mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
                        layer_norm: bool, forget_bias: float, zoneout_mask: Optional[torch.Tensor] = None,
-                       hyper_zoneout_mask: Optional[torch.Tensor] = None, save_for_backward: bool = True
+                       hyper_zoneout_mask: Optional[torch.Tensor] = None, save_for_backward: bool = True,
+                       gemm_dtype: Optional[torch.dtype] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         float32_only(x, "x", "hyperfused::hyper_lstm_triton")
         lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask,
                    op="hyperfused::hyper_lstm_triton")
+        gemm_dtype_check(x, gemm_dtype, op="hyperfused::hyper_lstm_triton")
         return _without_autocast(_kernels.forward)(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm,
-                                                   forget_bias, zoneout_mask, hyper_zoneout_mask, save_for_backward)
+                                                   forget_bias, zoneout_mask, hyper_zoneout_mask, save_for_backward,
+                                                   gemm_dtype)
 
     @torch.library.custom_op("hyperfused::hyper_lstm_triton_backward", mutates_args=())
     def triton_backward(grad_hs: Optional[torch.Tensor], grad_cs: Optional[torch.Tensor],
@@ -72,12 +75,14 @@ if _kernels is not None:
                         hs: torch.Tensor, cs: torch.Tensor, hhs: torch.Tensor, hcs: torch.Tensor, g: torch.Tensor,
                         ws: torch.Tensor, layer_norm: bool, forget_bias: float,
                         zoneout_mask: Optional[torch.Tensor] = None,
-                        hyper_zoneout_mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+                        hyper_zoneout_mask: Optional[torch.Tensor] = None,
+                        gemm_dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
         check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs,
                             cs, hhs, hcs, g, ws, zoneout_mask, hyper_zoneout_mask)
+        gemm_dtype_check(x, gemm_dtype, op="hyperfused::hyper_lstm_triton")
         return _without_autocast(_kernels.backward)(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0,
                                                     params, mask, hyper_mask, hs, cs, hhs, hcs, g, ws, layer_norm,
-                                                    forget_bias, zoneout_mask, hyper_zoneout_mask)
+                                                    forget_bias, zoneout_mask, hyper_zoneout_mask, gemm_dtype)
 
     register_lstm_meta("hyperfused::hyper_lstm_triton_forward", "hyperfused::hyper_lstm_triton_backward")
 
