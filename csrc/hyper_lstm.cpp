@@ -203,9 +203,10 @@ at::Tensor input_gemm(const GemmPrecision& P, const at::Tensor& x2, const at::Te
 // Whether this call runs the GEMM-shaped step (StepPhase): the device's default, or HYPERFUSED_STEP_DESIGN.
 bool gemm_shaped(const StepKernels& k) {
   const char* v = std::getenv("HYPERFUSED_STEP_DESIGN");
-  if (v && std::string(v) == "gemm") return true;
-  if (v && std::string(v) == "fused") return false;
-  return k.gemm_shaped_forward;
+  if (!v || !*v) return k.gemm_shaped_forward;
+  TORCH_CHECK(std::string(v) == "gemm" || std::string(v) == "fused",
+              "hyperfused: HYPERFUSED_STEP_DESIGN must be 'gemm', 'fused' or unset, got '", v, "'");
+  return std::string(v) == "gemm";
 }
 
 // Whether the backward kernel sums the per-row weight gradients itself. HYPERFUSED_ATEN_REDUCTIONS=1 makes

@@ -123,3 +123,13 @@ def test_reference_has_double_backward():
     m = hyperfused.HyperLSTM(3, 5, hyper_size=4, hyper_embed=2, backend="reference", dtype=torch.float64)
     x = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x: m(x)[0], (x,))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_an_unknown_step_design_is_refused(backend, monkeypatch):
+    """HYPERFUSED_STEP_DESIGN mistyped must not silently run the default design."""
+    m = hyperfused.HyperLSTM(3, 5, hyper_size=4, hyper_embed=2, backend=backend)
+    monkeypatch.setenv("HYPERFUSED_STEP_DESIGN", "gemm-shaped")
+    with pytest.raises((RuntimeError, ValueError), match="HYPERFUSED_STEP_DESIGN must be 'gemm', 'fused' or unset, "
+                                                         "got 'gemm-shaped'"):
+        m(torch.randn(2, 1, 3))

@@ -515,7 +515,10 @@ def _launch_config(H, Hh, Nz):
 def gemm_shaped() -> bool:
     """The step design (csrc/hyper_lstm_kernels.h, StepPhase): GEMM-shaped (phases 1 and 2 around torch GEMMs)
     unless HYPERFUSED_STEP_DESIGN=fused asks for the whole step in one program per row (phase 0)."""
-    return os.environ.get("HYPERFUSED_STEP_DESIGN", "gemm") != "fused"
+    design = os.environ.get("HYPERFUSED_STEP_DESIGN") or "gemm"
+    if design not in ("gemm", "fused"):
+        raise ValueError(f"HYPERFUSED_STEP_DESIGN must be 'gemm', 'fused' or unset, got {design!r}")
+    return design == "gemm"
 
 
 def forward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_zone=False, has_hzone=False,
