@@ -143,3 +143,14 @@ def test_reference_is_left_to_autocast():
     with torch.autocast(DEVICE, dtype=LOW):
         mixed, _ = m(x)
     assert (mixed.float() - plain).abs().max() > 1e-4  # low-precision GEMMs, far above float32 rounding
+
+
+@pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
+def test_compiled_hyper_lstm_under_autocast_is_the_eager_one():
+    """torch.compile(fullgraph=True) traces the GEMM-precision choice (a constant) and the op with gemm_dtype."""
+    torch.manual_seed(0)
+    m = hyperfused.HyperLSTM(6, 24, hyper_size=12, hyper_embed=4, backend="cpu")
+    x = torch.randn(5, 3, 6)
+    compiled = torch.compile(lambda x: m(x)[0], fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(compiled(x), m(x)[0], rtol=0, atol=0)

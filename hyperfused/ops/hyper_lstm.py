@@ -6,7 +6,6 @@ breaks.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import torch
@@ -31,9 +30,9 @@ def backward_workspace_width(H: int, Hh: int, Nz: int) -> int:
     return layouts().dws_layout(H, Hh, Nz)["width"]
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_has_bf16_gemms() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# Whether oneDNN has bfloat16 GEMM kernels on this CPU (AVX512-BF16 or AMX): read once, at import, so that
+# torch.compile traces gemm_dtype_for as a constant.
+_CPU_BF16_GEMMS = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def gemm_dtype_for(dtype: torch.dtype, device: torch.device) -> Optional[torch.dtype]:
@@ -48,7 +47,7 @@ def gemm_dtype_for(dtype: torch.dtype, device: torch.device) -> Optional[torch.d
     else:
         return None
     if device.type == "cpu":
-        return low if low == torch.bfloat16 and _cpu_has_bf16_gemms() else None
+        return low if low == torch.bfloat16 and _CPU_BF16_GEMMS else None
     return low
 
 
