@@ -45,6 +45,8 @@ at::Tensor GemmPrecision::mm(const at::Tensor& a, const at::Tensor& b, at::Scala
 void GemmPrecision::mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
   if (!low)
     at::mm_out(out, a, b);
+  else if (out.is_cuda())  // cuBLAS accumulates in float32 and writes it into out
+    at::mm_out(out, operand(a), b, out.scalar_type());
   else
     out.copy_(mm(a, b, out.scalar_type()));
 }
@@ -74,8 +76,8 @@ void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const
     return;
   }
   const auto bias = bias_nk_.defined() ? std::optional<at::Tensor>(bias_nk_) : std::nullopt;
-  out.copy_(onednn_linear()->call(precision_.operand(a), w_nk_, bias, "none",
-                                  c10::List<std::optional<at::Scalar>>(), std::nullopt));
+  out.copy_(onednn_linear()->call(precision_.operand(a), w_nk_, bias, "none", c10::List<std::optional<at::Scalar>>(),
+                                  std::nullopt));
 }
 
 // Which library is faster for this GEMM shape differs from CPU to CPU (oneDNN's kernels won by 1.5x on an AMD
