@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 
 import hyperfused
+from hyperfused.ops.hyper_lstm import _CPU_BF16_GEMMS
 from hyperfused import reference
 
 
@@ -159,7 +160,19 @@ def make_rows(cfg: Config, device: torch.device, with_compile: bool, backends: O
         if backend == "cuda":  # the GEMM-shaped forward step is CUDA's default; the one-kernel step beside it
             rows.append(Row("hyperfused cuda, one-kernel step", _with_step_design("fused", lambda x, m=m: m(x)[0]),
                             m.parameters(), x))
+        if backend == "cpu" and _CPU_BF16_GEMMS:  # bfloat16 GEMMs where oneDNN has them; nn.LSTM's beside
+            rows.append(Row("nn.LSTM, bfloat16 autocast", _under_autocast(lambda x: lstm(x)[0]), lstm.parameters(), x))
+            rows.append(Row("hyperfused cpu, bfloat16 autocast", _under_autocast(lambda x, m=m: m(x)[0]),
+                            m.parameters(), x))
     return rows
+
+
+def _under_autocast(forward):
+    """forward under torch.autocast("cpu", bfloat16) (GPU timings: benchmarks/gpu_timings.py)."""
+    def run(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(x)
+    return run
 
 
 def _with_step_design(design: str, forward):
