@@ -228,18 +228,29 @@ def test_decode_path_gives_what_the_general_path_gives(monkeypatch):
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
-def test_a_bfloat16_cell_steps_without_gradients():
-    """Sampling from a bfloat16 cell: the decode path is for float32/float64, so the step takes the general path
-    (the op in float32, cast back) and gives what a float32 copy of the cell gives, rounded to bfloat16."""
+def test_a_bfloat16_cell_steps_without_gradients(monkeypatch):
+    """Sampling from a bfloat16 cell: the decode path steps in float32 from float32 copies of the weights (kept
+    until a weight changes) and gives what a float32 copy of the cell gives, rounded to bfloat16."""
     torch.manual_seed(0)
     cell = randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2, backend="cpu"), scale=0.3)
     low = copy.deepcopy(cell).to(torch.bfloat16)
     cell.load_state_dict({k: v.float() for k, v in low.state_dict().items()})  # the same bfloat16-exact weights
+    calls = []
+    real = hyperfused.HyperLSTMCell._decode_step
+    monkeypatch.setattr(hyperfused.HyperLSTMCell, "_decode_step", lambda self, *a: calls.append(1) or real(self, *a))
     x = torch.randn(3, 5).to(torch.bfloat16)
     with torch.no_grad():
         s_low = low(x)
         s_low = low(x, s_low)
+        first = [t.clone() for t in s_low.tensors()]
         s = cell(x.float(), HyperLSTMState(*(t.float() for t in cell(x.float()).tensors())))
-    assert s_low[0].dtype == torch.bfloat16 and s_low.hyper_h.dtype == torch.bfloat16
-    for a, b in zip(s_low.tensors(), s.tensors()):
-        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
+        assert len(calls) == 2  # both cells' second steps took the decode path
+        assert s_low[0].dtype == torch.bfloat16 and s_low.hyper_h.dtype == torch.bfloat16
+        for a, b in zip(s_low.tensors(), s.tensors()):
+            torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
+        low.weight_hh.mul_(-1.0)  # in place: the float32 copies must follow
+        cell.weight_hh.mul_(-1.0)
+        again = low(x, low(x))
+        ref = cell(x.float(), HyperLSTMState(*(t.float() for t in cell(x.float()).tensors())))
+    assert not torch.equal(again[0], first[0])
+    torch.testing.assert_close(again[0].float(), ref[0], rtol=2e-2, atol=2e-2)

@@ -220,9 +220,7 @@ class HyperLSTMCell(nn.Module):
 
     def _decodes(self, input, hx) -> bool:
         # Zoneout needs masks even in evaluation, recurrent dropout in training: the general path draws them.
-        # float16/bfloat16 cells take the general path, which runs the op in float32 and casts back.
         return (not torch.is_grad_enabled() and isinstance(hx, HyperLSTMState) and input.dim() == 2
-                and input.dtype in (torch.float32, torch.float64)
                 and not torch.compiler.is_compiling() and not (self.zoneout or self.hyper_zoneout)
                 and not (self.training and self.recurrent_dropout) and self._fused_backend(input.device))
 
@@ -238,13 +236,18 @@ class HyperLSTMCell(nn.Module):
         # Detached views share their parameter's storage and version counter, so an in-place update (an
         # optimizer step, load_state_dict) shows through them; the op's own cache of prepared weights sees it
         # by the version. What the list must follow is a parameter's storage changing (module.to(), .data =)
-        # and b_0 = bias_ih + bias_hh, which is computed here: those are the key.
-        key = [t.data_ptr() for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
-        if self.use_bias:
+        # and b_0 = bias_ih + bias_hh, which is computed here: those are the key. A float16/bfloat16 cell
+        # steps in float32 (the op's dtypes) from float32 copies, which follow nothing: every version is key.
+        tensors = [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
+        key = [t.data_ptr() for t in tensors]
+        half = self.weight_ih.dtype not in (torch.float32, torch.float64)
+        if half:
+            key += [t._version for t in tensors]
+        elif self.use_bias:
             key += (self.bias_ih._version, self.bias_hh._version)
         cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
-            params = [p.detach() for p in self.flat_params()]
+            params = [p.detach().float() if half else p.detach() for p in self.flat_params()]
             if not all(p.is_contiguous() for p in params):  # a copy would not follow in-place updates
                 return [p.contiguous() for p in params]
             cached = (key, params)
@@ -261,10 +264,15 @@ class HyperLSTMCell(nn.Module):
             for name, t, n in (("hx[0] (h_0)", h, H), ("hx[1] (c_0)", c, H), ("hx.hyper_h", hh, Hh),
                                ("hx.hyper_c", hc, Hh)):
                 _check_state(name, t, (B, n), ref)
+        dtype = x.dtype
+        if dtype not in (torch.float32, torch.float64):  # half-precision cells step in float32
+            x, h, c, hh, hc = (t.float() for t in (x, h, c, hh, hc))
         with torch._C._AutoDispatchBelowAutograd():
             h, c, hh, hc = torch.ops.hyperfused.hyper_lstm_step.default(
                 x.contiguous(), h.contiguous(), c.contiguous(), hh.contiguous(), hc.contiguous(),
                 self._decode_params(), self.layer_norm, self.forget_bias)
+        if h.dtype != dtype:
+            h, c, hh, hc = (t.to(dtype) for t in (h, c, hh, hc))
         if self._carry is not None:
             self._carry.last = (h, c, hh, hc)  # nothing here requires grad (remember() would detach)
         return HyperLSTMState(h, c, hh, hc)
