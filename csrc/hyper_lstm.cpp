@@ -161,9 +161,23 @@ StepParams step_params(at::TensorList p, const Transposed& tr) {
 
 ScalarKind kind_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32; }
 
-const void* ptr_or_null(const std::optional<at::Tensor>& t, int64_t step) {
-  return t && t->defined() ? t->select(0, step).data_ptr() : nullptr;
-}
+// Step t's (B, ·) slice of a contiguous (T, B, ·) tensor by address arithmetic, so that the time loops make no
+// tensor views for the kernels' pointers (host time per step; nothing in the loop allocates or syncs). An
+// absent optional tensor gives null.
+class Steps {
+ public:
+  explicit Steps(const at::Tensor& t)
+      : base_(t.defined() ? static_cast<char*>(t.data_ptr()) : nullptr),
+        stride_(t.defined() ? t.stride(0) * t.element_size() : 0) {}
+  explicit Steps(const std::optional<at::Tensor>& t) : Steps(t ? *t : at::Tensor()) {}
+  void* at(int64_t step) const { return base_ ? base_ + step * stride_ : nullptr; }
+  // step - 1, or the initial state's data at step 0
+  const void* prev(int64_t step, const at::Tensor& initial) const { return step ? at(step - 1) : initial.data_ptr(); }
+
+ private:
+  char* base_;
+  int64_t stride_;
+};
 
 std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
   if (!t || !t->defined()) return std::nullopt;
@@ -286,19 +300,19 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const StepParams sp = step_params(p, *tr);
   const StepGemm rec(w_rec, {}, P), hyper(w_hyper, {}, P);
   ForwardStepper stepper(k, *tr, rec, hyper, dims, opts);
+  // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
+  const auto hs_t = hs.unbind(0), hhs_t = hhs.unbind(0), g_t = g.unbind(0), ws_t = ws.unbind(0);
+  const Steps Hs(hs), Cs(cs), HHs(hhs), HCs(hcs), Gx(gx), GHx(ghx);
+  const Steps Mask(mask), HMask(hyper_mask), ZMask(zoneout_mask), HZMask(hyper_zoneout_mask);
   for (int64_t t = 0; t < T; ++t) {
-    const at::Tensor h_prev = t ? hs.select(0, t - 1) : h0;
-    const at::Tensor hh_prev = t ? hhs.select(0, t - 1) : hh0;
-    auto g_t = g.select(0, t % kept), ws_t = ws.select(0, t % kept);
-    const auto hh_t = hhs.select(0, t);
+    const at::Tensor& h_prev = t ? hs_t[t - 1] : h0;
+    const at::Tensor& hh_prev = t ? hhs_t[t - 1] : hh0;
+    const at::Tensor &g_now = g_t[t % kept], &ws_now = ws_t[t % kept];
     ForwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
-                   g_t.data_ptr(), nullptr, gx.select(0, t).data_ptr(), ghx.select(0, t).data_ptr(),
-                   (t ? cs.select(0, t - 1) : c0).data_ptr(), (t ? hcs.select(0, t - 1) : hc0).data_ptr(),
-                   ptr_or_null(mask, t), ptr_or_null(hyper_mask, t), ptr_or_null(zoneout_mask, t),
-                   ptr_or_null(hyper_zoneout_mask, t), h_prev.data_ptr(), hh_prev.data_ptr(),
-                   hs.select(0, t).data_ptr(), cs.select(0, t).data_ptr(), hh_t.data_ptr(),
-                   hcs.select(0, t).data_ptr(), ws_t.data_ptr(), k.stream()};
-    stepper.run(st, g_t, h_prev, hh_prev, hh_t, ws_t);
+                   g_now.data_ptr(), nullptr, Gx.at(t), GHx.at(t), Cs.prev(t, c0), HCs.prev(t, hc0),
+                   Mask.at(t), HMask.at(t), ZMask.at(t), HZMask.at(t), h_prev.data_ptr(), hh_prev.data_ptr(),
+                   Hs.at(t), Cs.at(t), HHs.at(t), HCs.at(t), ws_now.data_ptr(), k.stream()};
+    stepper.run(st, g_now, h_prev, hh_prev, hhs_t[t], ws_now);
   }
   if (!save_for_backward)
     return {hs, cs, hhs, hcs, at::empty({0, B, g.size(2)}, opts), at::empty({0, B, ws.size(2)}, opts)};
@@ -390,39 +404,40 @@ std::vector<at::Tensor> hyper_lstm_backward(
   auto dz_all = split ? at::empty({12, B, Nz}, opts) : at::Tensor();
   auto dhh_extra = split ? at::empty({B, Hh}, opts) : at::Tensor();
   const auto swt_h = tr.scale_weight_t.view({12, Nz, H}).narrow(0, 0, 4);
+  // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
+  const auto dg_t = dg.unbind(0), dg_hyper_t = dg.narrow(2, 4 * H, 4 * Hh).unbind(0);
+  const auto ws_t = split ? ws.unbind(0) : std::vector<at::Tensor>();
+  const auto dz_t = split ? dws.narrow(2, D.dz, 12 * Nz).unbind(0) : std::vector<at::Tensor>();
+  const Steps G(g), Gx(gx), Cs(cs), HCs(hcs), Ws(ws), DG(dg), DWs(dws);
+  const Steps Mask(mask), HMask(hyper_mask), ZMask(zoneout_mask), HZMask(hyper_zoneout_mask);
+  const Steps GradHs(grad_hs), GradCs(grad_cs), GradHHs(grad_hhs), GradHCs(grad_hcs);
   for (int64_t t = T - 1; t >= 0; --t) {
     const bool last = t == T - 1;
     BackwardStep st{dims, kind_of(x), layer_norm, forget_bias, sp,
-                    g.select(0, t).data_ptr(), gx.select(0, t).data_ptr(), cs.select(0, t).data_ptr(),
-                    (t ? cs.select(0, t - 1) : c0).data_ptr(), hcs.select(0, t).data_ptr(),
-                    (t ? hcs.select(0, t - 1) : hc0).data_ptr(), ws.select(0, t).data_ptr(),
-                    ptr_or_null(mask, t), ptr_or_null(hyper_mask, t), ptr_or_null(zoneout_mask, t),
-                    ptr_or_null(hyper_zoneout_mask, t),
-                    ptr_or_null(grad_hs, t), last ? nullptr : dh_rec.data_ptr(), ptr_or_null(grad_cs, t),
-                    ptr_or_null(grad_hhs, t), last ? nullptr : dhh_rec.data_ptr(), ptr_or_null(grad_hcs, t),
+                    G.at(t), Gx.at(t), Cs.at(t), Cs.prev(t, c0), HCs.at(t), HCs.prev(t, hc0), Ws.at(t),
+                    Mask.at(t), HMask.at(t), ZMask.at(t), HZMask.at(t),
+                    GradHs.at(t), last ? nullptr : dh_rec.data_ptr(), GradCs.at(t),
+                    GradHHs.at(t), last ? nullptr : dhh_rec.data_ptr(), GradHCs.at(t),
                     dc.data_ptr(), dhc.data_ptr(), zone ? dh_zone.data_ptr() : nullptr,
-                    hzone ? dhh_zone.data_ptr() : nullptr, dg.select(0, t).data_ptr(), dws.select(0, t).data_ptr(),
+                    hzone ? dhh_zone.data_ptr() : nullptr, DG.at(t), DWs.at(t),
                     in_kernel ? accum.data_ptr() : nullptr, k.stream()};
     if (split) {
       // d_h from the saved z (kind h), then the main cell; dz = dd·W_z for all rows at once, into the backward
       // workspace; dĥ's share dz·Z; then the hyper cell.
-      const auto ws_t = ws.select(0, t);
-      at::bmm_out(dh_all, ws_t.narrow(1, L.z, 4 * Nz).view({B, 4, Nz}).transpose(0, 1), swt_h);
+      at::bmm_out(dh_all, ws_t[t].narrow(1, L.z, 4 * Nz).view({B, 4, Nz}).transpose(0, 1), swt_h);
       st.phase = StepPhase::Main;
       st.scale = dh_all.data_ptr();
       st.dd = dd_all.data_ptr();
       k.backward(st);
       at::bmm_out(dz_all, dd_all, tr.scale_rows);
-      auto dz_t = dws.select(0, t).narrow(1, D.dz, 12 * Nz);
-      dz_t.view({B, 12, Nz}).copy_(dz_all.transpose(0, 1));
-      at::mm_out(dhh_extra, dz_t, tr.z_weight_t.t());
+      dz_t[t].view({B, 12, Nz}).copy_(dz_all.transpose(0, 1));
+      at::mm_out(dhh_extra, dz_t[t], tr.z_weight_t.t());
       st.phase = StepPhase::Hyper;
       st.dhh_extra = dhh_extra.data_ptr();
     }
     k.backward(st);
-    const auto dg_t = dg.select(0, t);
-    rec.run(dh_rec, dg_t);
-    hyper.run(dhh_rec, dg_t.narrow(1, 4 * H, 4 * Hh));
+    rec.run(dh_rec, dg_t[t]);
+    hyper.run(dhh_rec, dg_hyper_t[t]);
     if (zone) dh_rec.add_(dh_zone);
     if (hzone) dhh_rec.add_(dhh_zone);
   }
