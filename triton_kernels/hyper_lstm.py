@@ -542,6 +542,12 @@ def backward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_
                 **blocks, **ws_layout(H, Hh, Nz), **dws_layout(H, Hh, Nz)), warps
 
 
+def _per_step(t, steps=None, absent=None):
+    """The (B, ·) views of a (T, B, ·) tensor, made once; for an absent (None) tensor, `steps` copies of
+    `absent` (a placeholder pointer the kernel does not read)."""
+    return list(t.unbind(0)) if t is not None else [absent] * steps
+
+
 class Gemms:
     """The drivers' large GEMMs (input projections, recurrent products, weight gradients) with operands as they
     are (low None) or rounded to bfloat16/float16, accumulated and returned in float32, as the C++ ops'
@@ -593,21 +599,24 @@ def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_b
         swt = torch.cat([sw, bsw[None]]).view(3, 4, H, Nz).transpose(2, 3).reshape(12, Nz, H)
         d = new(12, B, H)
         off_z = layouts.ws_layout(H, Hh, Nz)["z"]
+        z_slot = _per_step(ws[:, :, off_z:off_z + 12 * Nz])
+    # Every per-step argument made once, before the loop: the loop body is GEMMs and launches.
+    HS, CS, HHS, HCS, GX, GHX, G_, WS = map(_per_step, (hs, cs, hhs, hcs, gx, ghx, g, ws))
+    MASK, HMASK, ZM, HZM = (_per_step(m, T, ws) for m in (mask, hyper_mask, zm, hzm))
+    H_PREV, C_PREV, HH_PREV, HC_PREV = ([first] + steps[:-1] for first, steps in
+                                         ((h0, HS), (c0, CS), (hh0, HHS), (hc0, HCS)))
+    weights = (bias, zw, zb, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias))
     for t in range(T):
-        h_prev, c_prev = (hs[t - 1], cs[t - 1]) if t else (h0, c0)
-        hh_prev, hc_prev = (hhs[t - 1], hcs[t - 1]) if t else (hh0, hc0)
-        g_t, ws_t = g[t % kept], ws[t % kept]
-        G.mm(h_prev, w_rec, out=g_t)
-        G.mm(hh_prev, w_hyper, out=ghh)
-        args = (g_t, ghh, gx[t], ghx[t], c_prev, hc_prev, mask[t] if mask is not None else ws,
-                hyper_mask[t] if hyper_mask is not None else ws, h_prev, hh_prev, zm[t] if zm is not None else ws,
-                hzm[t] if hzm is not None else ws, hs[t], cs[t], hhs[t], hcs[t], ws_t,
-                bias, zw, zb, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias))
+        g_t, ws_t = G_[t % kept], WS[t % kept]
+        G.mm(H_PREV[t], w_rec, out=g_t)
+        G.mm(HH_PREV[t], w_hyper, out=ghh)
+        args = (g_t, ghh, GX[t], GHX[t], C_PREV[t], HC_PREV[t], MASK[t], HMASK[t], H_PREV[t], HH_PREV[t], ZM[t],
+                HZM[t], HS[t], CS[t], HHS[t], HCS[t], ws_t, *weights)
         if split:
             consts, warps = phases[0]
             hyper_lstm_fwd_step[(B,)](*args, d, B, num_warps=warps, **consts)
-            z = torch.addmm(zbias, hhs[t], zwt)
-            ws_t[:, off_z:off_z + 12 * Nz] = z
+            z = torch.addmm(zbias, HHS[t], zwt)
+            z_slot[t % kept].copy_(z)
             torch.bmm(z.view(B, 12, Nz).transpose(0, 1), swt, out=d)
         consts, warps = phases[-1]
         hyper_lstm_fwd_step[(B,)](*args, d if split else ws, B, num_warps=warps, **consts)
@@ -652,30 +661,40 @@ def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params,
         scale_rows, zcat = scale.view(12, H, Nz), torch.cat([zw, bzw])
         dh_all, dd_all, dhh_extra = new(4, B, H), new(12, B, H), new(B, Hh)
         off_z, off_dz = layouts.ws_layout(H, Hh, Nz)["z"], layouts.dws_layout(H, Hh, Nz)["dz"]
-    for i, t in enumerate(reversed(range(T))):
-        flags = (H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None, grad_hs is not None, t < T - 1,
+        zh_slot = _per_step(ws[:, :, off_z:off_z + 4 * Nz])
+        dz_slot = _per_step(dws[:, :, off_dz:off_dz + 12 * Nz])
+    # Every per-step argument and launch configuration made once, before the loop.
+    G_, GX, CS, HCS, WS, DG, DWS = map(_per_step, (g, gx, cs, hcs, ws, dg, dws))
+    DG_HYPER = _per_step(dg[:, :, 4 * H:])
+    C_PREV, HC_PREV = [c0] + CS[:-1], [hc0] + HCS[:-1]
+    MASK, HMASK, ZM, HZM = (_per_step(m, T, ws) for m in (mask, hyper_mask, zm, hzm))
+    GRAD_HS, GRAD_CS, GRAD_HHS, GRAD_HCS = (_per_step(m, T, ws) for m in (grad_hs, grad_cs, grad_hhs, grad_hcs))
+    weights = (zw, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias))
+    configs = {}  # (has_rec, phase) -> (constexprs, warps)
+    for has_rec in (False, True):
+        flags = (H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None, grad_hs is not None, has_rec,
                  grad_cs is not None, grad_hhs is not None, grad_hcs is not None, zm is not None, hzm is not None)
-        args = (g[t], gx[t], cs[t], cs[t - 1] if t else c0, hcs[t], hcs[t - 1] if t else hc0, ws[t],
-                mask[t] if mask is not None else ws, hyper_mask[t] if hyper_mask is not None else ws,
-                grad_hs[t] if grad_hs is not None else ws, dh_rec, grad_cs[t] if grad_cs is not None else ws,
-                grad_hhs[t] if grad_hhs is not None else ws, dhh_rec, grad_hcs[t] if grad_hcs is not None else ws,
-                dcs[i % 2], dhcs[i % 2], dcs[1 - i % 2], dhcs[1 - i % 2], dg[t], dws[t],
-                zm[t] if zm is not None else ws, hzm[t] if hzm is not None else ws, dh_zone, dhh_zone,
-                zw, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias))
+        for phase in ((2, 1) if split else (0,)):
+            configs[has_rec, phase] = backward_config(*flags, phase=phase)
+    for i, t in enumerate(reversed(range(T))):
+        has_rec = t < T - 1
+        args = (G_[t], GX[t], CS[t], C_PREV[t], HCS[t], HC_PREV[t], WS[t], MASK[t], HMASK[t], GRAD_HS[t], dh_rec,
+                GRAD_CS[t], GRAD_HHS[t], dhh_rec, GRAD_HCS[t], dcs[i % 2], dhcs[i % 2], dcs[1 - i % 2],
+                dhcs[1 - i % 2], DG[t], DWS[t], ZM[t], HZM[t], dh_zone, dhh_zone, *weights)
         if split:
-            torch.bmm(ws[t, :, off_z:off_z + 4 * Nz].reshape(B, 4, Nz).transpose(0, 1), swt_h, out=dh_all)
-            consts, warps = backward_config(*flags, phase=2)
+            torch.bmm(zh_slot[t].reshape(B, 4, Nz).transpose(0, 1), swt_h, out=dh_all)
+            consts, warps = configs[has_rec, 2]
             hyper_lstm_bwd_step[(B,)](*args, dh_all, dd_all, dhh_extra, B, num_warps=warps, **consts)
             dz = torch.bmm(dd_all, scale_rows).transpose(0, 1).reshape(B, 12 * Nz)
-            dws[t, :, off_dz:off_dz + 12 * Nz] = dz
+            dz_slot[t].copy_(dz)
             torch.mm(dz, zcat, out=dhh_extra)
-            consts, warps = backward_config(*flags, phase=1)
+            consts, warps = configs[has_rec, 1]
             hyper_lstm_bwd_step[(B,)](*args, dh_all, dd_all, dhh_extra, B, num_warps=warps, **consts)
         else:
-            consts, warps = backward_config(*flags)
+            consts, warps = configs[has_rec, 0]
             hyper_lstm_bwd_step[(B,)](*args, ws, ws, ws, B, num_warps=warps, **consts)
-        G.mm(dg[t], w_rec, out=dh_rec)
-        G.mm(dg[t, :, 4 * H:], w_hyper, out=dhh_rec)
+        G.mm(DG[t], w_rec, out=dh_rec)
+        G.mm(DG_HYPER[t], w_hyper, out=dhh_rec)
         if zm is not None:
             dh_rec += dh_zone
         if hzm is not None:
