@@ -347,3 +347,27 @@ def test_differentiating_an_inference_forward_is_a_clear_error():
                                                    save_for_backward=False)
     with pytest.raises(RuntimeError, match="save_for_backward=False"):
         outs[0].sum().backward()
+
+
+def test_the_time_loops_make_no_tensor_views_per_step(monkeypatch):
+    """Per step the C++ driver calls its GEMMs and the step kernel; the kernels' pointers come by address
+    arithmetic and the GEMM operands' views are made once per call (unbind). Counted as the ATen calls that a
+    longer sequence adds per step, the GEMMs' own (mm and its resolve_conj) aside: the unbinds' views, 12 at
+    most (6 tensors), where the loops that made a dozen views per step added 49. (The recurrent GEMMs run as
+    torch.mm here, so that oneDNN's calls, which the CPU may choose instead, do not enter the count.)"""
+    from collections import Counter
+    monkeypatch.setenv("HYPERFUSED_STEP_GEMM", "mm")
+    m = hyperfused.HyperLSTM(6, 24, hyper_size=12, hyper_embed=4, backend="cpu")
+
+    def calls(T):
+        x = torch.randn(T, 3, 6)
+        m(x)[0].sum().backward()  # warm-up
+        with torch.profiler.profile() as prof:
+            m(x)[0].sum().backward()
+        return Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+
+    short, long = calls(10), calls(20)
+    gemm = {"aten::mm", "aten::addmm", "aten::resolve_conj"}
+    per_step = {k: (long[k] - short[k]) / 10 for k in set(short) | set(long) if k not in gemm}
+    assert sum(per_step.values()) <= 12, per_step
+    assert (long["aten::mm"] - short["aten::mm"]) / 10 == 4  # two recurrent GEMMs forward, two backward
