@@ -1,6 +1,7 @@
 """Checkpoints that cannot silently poison a run: checksums, one clear error per kind of bad file, settings
 checked on resume, diverged runs stopped before they write, atomic writes, stale temporaries removed."""
 import os
+import random
 import subprocess
 import sys
 
@@ -39,6 +40,10 @@ def _flip_a_payload_byte(path):
     (lambda p: open(p, "wb").close(), r"is empty \(0 bytes\): not a checkpoint"),
     (lambda p: open(p, "r+b").truncate(os.path.getsize(p) // 2), r"is not a readable checkpoint .*truncated"),
     (lambda p: open(p, "wb").write(os.urandom(3000)), r"is not a readable checkpoint \(3000 bytes"),
+    # garbage on which the unpickler fails with an IndexError (seed 2) or a KeyError (seed 20), not an
+    # UnpicklingError: the random case above hit them now and then
+    (lambda p: open(p, "wb").write(random.Random(2).randbytes(3000)), r"is not a readable checkpoint \(3000 bytes"),
+    (lambda p: open(p, "wb").write(random.Random(20).randbytes(3000)), r"is not a readable checkpoint \(3000 bytes"),
     (lambda p: torch.save({"rnn.weight": torch.zeros(2)}, p), r"holds a model state_dict \(as --save-final writes\)"),
     (lambda p: torch.save([1, 2, 3], p), r"is not a training checkpoint \(a list"),
 ])
