@@ -192,8 +192,7 @@ at::Tensor times_prev(const GemmPrecision& P, const at::Tensor& dA, const at::Te
   const auto first = P.mm(dA.narrow(0, 0, B).t(), P.operand(v0), dtype);
   if (M == B) return first;
   const auto prev = vs.narrow(0, 0, vs.size(0) - 1).reshape({M - B, v0.size(1)});
-  if (!P.low) return at::addmm(first, dA.narrow(0, B, M - B).t(), prev);
-  return first.add_(P.mm(dA.narrow(0, B, M - B).t(), P.operand(prev), dtype));
+  return P.addmm(first, dA.narrow(0, B, M - B).t(), P.operand(prev));
 }
 
 // The op's gemm_dtype argument: bfloat16/float16 GEMM operands (float32 ops only), or none.
@@ -209,9 +208,7 @@ GemmPrecision gemm_precision(const std::optional<at::ScalarType>& gemm_dtype, co
 // x2 · w (+ bias) in the op's dtype with operands in P's precision: the input projections over all T·B rows.
 at::Tensor input_gemm(const GemmPrecision& P, const at::Tensor& x2, const at::Tensor& w,
                       const at::Tensor& bias = at::Tensor()) {
-  if (!P.low) return bias.defined() ? at::addmm(bias, x2, w) : at::mm(x2, w);
-  auto out = P.mm(x2, P.operand(w), x2.scalar_type());
-  return bias.defined() ? out.add_(bias) : out;
+  return bias.defined() ? P.addmm(bias, x2, P.operand(w)) : P.mm(x2, P.operand(w), x2.scalar_type());
 }
 
 // Whether this call runs the GEMM-shaped step (StepPhase): the device's default, or HYPERFUSED_STEP_DESIGN.

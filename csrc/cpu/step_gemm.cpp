@@ -42,6 +42,11 @@ at::Tensor GemmPrecision::mm(const at::Tensor& a, const at::Tensor& b, at::Scala
   return at::mm(operand(a), b).to(out_dtype);
 }
 
+at::Tensor GemmPrecision::addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) const {
+  if (!low) return at::addmm(bias, a, b);
+  return mm(a, b, bias.scalar_type()).add_(bias);
+}
+
 void GemmPrecision::mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
   if (!low)
     at::mm_out(out, a, b);
