@@ -52,6 +52,23 @@ def test_cpu_without_bias(bias):
     assert_same_run(ref, fast, torch.randn(3, 2, 4, dtype=torch.float64), random_state(ref, 2), **F64)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B", [6, 7, 13, 29])
+def test_cpu_row_chunks_and_tiles(B, threads):
+    """The CPU kernels take each thread's rows in chunks of 12 and run the projections on register tiles of up
+    to 6 rows (and as many columns as fit): batch sizes on and around those edges, with one thread (all rows in
+    one range) and two, agree with the reference in float64, including the weight-gradient sums. H = 37 and
+    N_z = 5 leave tails in every column loop."""
+    T, X, H, Hh, Nz = 3, 6, 37, 20, 5
+    ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_same_run(ref, fast, torch.randn(T, B, X, dtype=torch.float64), random_state(ref, B), **F64)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("aten", [False, True], ids=["sums-in-kernel", "aten-reductions"])
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
