@@ -3,7 +3,7 @@
 # machine's torch for the GPU that is there, refuses to go on without the CUDA backend, runs every GPU test
 # (no -x; each test with a timeout; Triton compiles in parallel), runs small cases of the CUDA and Triton
 # paths under compute-sanitizer, then times the fused backends against cuDNN and the GEMM floor with TF32 on
-# and off, and profiles where the time goes. Every step has its own time limit and its own line in
+# and off, under bfloat16 autocast, and replayed as CUDA graphs, and profiles where the time goes. Every step has its own time limit and its own line in
 # summary.txt; the exit status is non-zero if any step failed. Nothing goes to /dev/null.
 #
 #   device run: bash benchmarks/gpu_check.sh            (timeout_s=540; about 8 minutes on an H200)

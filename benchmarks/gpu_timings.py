@@ -1,7 +1,9 @@
 """GPU timings for the prepared GPU check: the fused CUDA and Triton HyperLSTM against cuDNN's nn.LSTM and
 the GEMMs-alone floor, at the paper's size with a large and a small batch, under both float32 matmul
 settings (TF32 on and off) and under bfloat16 autocast (the fused ops' GEMMs in bfloat16 with float32
-states; nn.LSTM's cuDNN in bfloat16), with the launches and the host time per step.
+states; nn.LSTM's cuDNN in bfloat16), with the launches and the host time per step. In float32 each of
+nn.LSTM and the fused backends is timed a second time with its whole forward and backward captured once as
+a CUDA graph and replayed (torch.cuda.make_graphed_callables): graphs on against graphs off.
 
     python -m benchmarks.gpu_timings --json out.json [--configs 100,128,128,1000 100,8,128,1000 ...]
 
@@ -18,7 +20,9 @@ import time
 
 import torch
 
-from .hyper_lstm import Config, make_rows
+import hyperfused
+
+from .hyper_lstm import Config, Row, make_rows
 from .timing import Samples, peak_memory_mb, timed
 
 DEFAULT_CONFIGS = ["100,128,128,1000", "100,8,128,1000", "100,128,128,1000,128,64"]
@@ -54,12 +58,51 @@ class _Autocast:
             self.row.fwd_bwd()
 
 
+class _Output(torch.nn.Module):
+    """The output sequence of an LSTM-like module, alone: make_graphed_callables captures modules whose
+    outputs are tensors."""
+
+    def __init__(self, lstm: torch.nn.Module):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+def graphed_rows(cfg: Config, device) -> tuple[list[Row], list[dict]]:
+    """nn.LSTM and each fused GPU backend with its forward and backward captured once as a CUDA graph
+    (torch.cuda.make_graphed_callables, which warms up on a side stream first) and replayed on every call:
+    no per-step host work or launch gaps left, whatever the driver does. Returns the rows, and an error
+    record for each module whose capture failed."""
+    torch.manual_seed(0)
+    x = torch.randn(cfg.T, cfg.B, cfg.X, device=device)
+    modules = [("nn.LSTM (cuDNN), CUDA graph", torch.nn.LSTM(cfg.X, cfg.H, device=device))]
+    for backend in ("cuda", "triton"):
+        if backend in hyperfused.ops.backends_for(device):
+            modules.append((f"hyperfused {backend}, CUDA graph",
+                            hyperfused.HyperLSTM(cfg.X, cfg.H, hyper_size=cfg.Hh, hyper_embed=cfg.Nz, backend=backend,
+                                                 device=device)))
+    rows, errors = [], []
+    for name, m in modules:
+        try:
+            graphed = torch.cuda.make_graphed_callables(_Output(m), (x,))
+            rows.append(Row(name, graphed, m.parameters(), x))
+        except Exception as e:  # a capture that fails must not lose the other rows
+            errors.append(dict(config=cfg.label(), row=name, error=f"{type(e).__name__}: {e}"))
+    return rows, errors
+
+
 def time_config(cfg: Config, device, repeats: int, tf32: bool, autocast=None) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     rows = [r for r in make_rows(cfg, device, with_compile=False) if r.name != "reference"]
+    errors = []
     if autocast is not None:  # the GEMMs-alone row writes float32 outputs in place, which autocast refuses
         rows = [_Autocast(r, autocast) for r in rows if not r.name.startswith("HyperLSTM GEMMs alone")]
+    else:
+        graphed, errors = graphed_rows(cfg, device)
+        rows += graphed
     samples = {r.name: Samples() for r in rows}
     for r in rows:
         r.fwd_bwd()  # warm-up: Triton compiles, cuBLAS heuristics, the allocator
@@ -76,7 +119,7 @@ def time_config(cfg: Config, device, repeats: int, tf32: bool, autocast=None) ->
         if r.name.startswith("hyperfused"):
             rec.update(launches_and_host_time(r, device, cfg.T))
         out.append(rec)
-    return out
+    return out + errors
 
 
 def main(argv=None) -> int:

@@ -72,3 +72,34 @@ def test_traffic_model_counts_the_weights_once_per_row(capsys):
     breakdown_main(["--traffic", "--config", "10,8,16,40,12,4"])
     out = capsys.readouterr().out
     assert "fused forward step" in out and "fused backward step" in out and "weights read once" in out
+
+
+def test_gpu_timings_graphed_rows_run_each_module_and_keep_going_past_a_failed_capture(monkeypatch):
+    """The CUDA-graph rows of benchmarks.gpu_timings, with make_graphed_callables stood in for by the module
+    itself (no GPU here) and the fused backends listed as if one were: every module's output sequence is timed
+    forward and backward, its parameters get gradients, and a module whose capture raises leaves an error
+    record instead of the rows of the others."""
+    import torch
+    from benchmarks import gpu_timings
+    from benchmarks.hyper_lstm import Config
+
+    monkeypatch.setattr(hyperfused.ops, "backends_for", lambda device: ["reference", "cpu", "cuda", "triton"])
+    monkeypatch.setattr(hyperfused, "HyperLSTM", lambda *a, backend, device, **kw: hyperfused.nn.HyperLSTM(
+        *a, backend="cpu", device=device, **kw))
+    captured = []
+
+    def capture(module, args):
+        captured.append(module)
+        if len(captured) == 2:
+            raise RuntimeError("capture refused")
+        return module
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    rows, errors = gpu_timings.graphed_rows(Config("tiny", 3, 2, 4, 8, 4, 2), torch.device("cpu"))
+    assert [r.name for r in rows] == ["nn.LSTM (cuDNN), CUDA graph", "hyperfused triton, CUDA graph"]
+    assert [e["row"] for e in errors] == ["hyperfused cuda, CUDA graph"] and "capture refused" in errors[0]["error"]
+    for row, module in zip(rows, (captured[0], captured[2])):
+        row.fwd_bwd()
+        assert row.fwd().shape == (3, 2, 8)
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0

@@ -1,7 +1,7 @@
 """What only a GPU can show: the fused ops on a non-default stream, repeatable bit for bit, traced by
-torch.compile(fullgraph=True), captured in a CUDA graph and replayed, with masks at N_z = 64. (The paper's
-sizes with and without layer norm: test_hyper_lstm_fused.test_matches_reference.) Every test here needs a
-CUDA GPU."""
+torch.compile(fullgraph=True), captured in a CUDA graph (by hand and by make_graphed_callables) and replayed,
+with masks at N_z = 64. (The paper's sizes with and without layer norm:
+test_hyper_lstm_fused.test_matches_reference.) Every test here needs a CUDA GPU."""
 import pytest
 import torch
 
@@ -79,6 +79,30 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_torch_compile_reduce_overhead_replays_cuda_graphs(backend):
+    """torch.compile's CUDA-graph mode captures the layer's forward and backward and replays them: the loss and
+    the gradients on fresh inputs match the eager layer's."""
+    m = _model(backend)
+
+    def run(x):
+        out, state = m(x)
+        return out.square().sum() + state.hyper_h.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # recorded on the first calls, replayed after
+        x = torch.randn(5, 4, 16, device="cuda")
+        results = []
+        for fn in (compiled, run):
+            m.zero_grad(set_to_none=True)
+            loss = fn(x)
+            loss.backward()
+            results.append([loss.detach().clone()] + [p.grad.clone() for p in m.parameters()])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_graph_capture_of_forward_and_backward(backend):
     m = _model(backend)
     static_x = torch.randn(5, 4, 16, device="cuda")
@@ -94,6 +118,35 @@ def test_cuda_graph_capture_of_forward_and_backward(backend):
     torch.testing.assert_close(out, eager[0], **TOL)
     for p, g in zip(m.parameters(), eager[2:]):
         torch.testing.assert_close(p.grad, g, **TOL)
+
+
+class _Output(torch.nn.Module):
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_make_graphed_callables_replays_forward_and_backward_on_new_inputs(backend):
+    """The whole forward and backward captured once (torch.cuda.make_graphed_callables) and replayed on inputs
+    it has not seen: outputs, input gradient and every parameter gradient as the eager layer gives them."""
+    m = _model(backend)
+    sample = torch.randn(5, 4, 16, device="cuda", requires_grad=True)  # requires_grad as in the real calls
+    graphed = torch.cuda.make_graphed_callables(_Output(m), (sample,))
+    for _ in range(2):
+        x = torch.randn(5, 4, 16, device="cuda", requires_grad=True)
+        results = []
+        for run in (graphed, lambda x: m(x)[0]):
+            m.zero_grad(set_to_none=True)
+            x.grad = None
+            out = run(x)
+            out.square().sum().backward()
+            results.append([out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, **TOL)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
