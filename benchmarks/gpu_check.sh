@@ -3,7 +3,8 @@
 # machine's torch for the GPU that is there, refuses to go on without the CUDA backend, runs every GPU test
 # (no -x; each test with a timeout; Triton compiles in parallel), runs small cases of the CUDA and Triton
 # paths under compute-sanitizer, then times the fused backends against cuDNN and the GEMM floor with TF32 on
-# and off, under bfloat16 autocast, and replayed as CUDA graphs, and profiles where the time goes. Every step has its own time limit and its own line in
+# and off, under bfloat16 autocast, and replayed as CUDA graphs, and profiles where the time goes (both
+# backends, at B = 128 and B = 8). Every step has its own time limit and its own line in
 # summary.txt; the exit status is non-zero if any step failed. Nothing goes to /dev/null.
 #
 #   device run: bash benchmarks/gpu_check.sh            (timeout_s=540; about 8 minutes on an H200)
@@ -110,7 +111,10 @@ if [ $REHEARSE = 1 ]; then
 else
   step timings 200 bash -c "$PY -m benchmarks.gpu_timings --repeats 5 --json '$OUT/timings.json' > '$OUT/timings.log' 2>&1"
   tail -30 "$OUT/timings.log"
-  step breakdown 60 bash -c "$PY -m benchmarks.breakdown --config 100,128,128,1000 --backend cuda --device cuda --iters 3 > '$OUT/breakdown.txt' 2>&1"
+  # The paper's batch and a small one (B = 8, where one block per row leaves most SMs idle), both backends.
+  step breakdown 90 bash -c "for b in 128 8; do for be in cuda triton; do echo \"=== B=\$b \$be\"; \
+    $PY -m benchmarks.breakdown --config 100,\$b,128,1000 --backend \$be --device cuda --iters 3 --top 8; done; done \
+    > '$OUT/breakdown.txt' 2>&1"
   cat "$OUT/breakdown.txt"
 fi
 
