@@ -180,17 +180,26 @@ const T* or_constant(const T* p, std::vector<T>& storage, T value, int64_t n) {
   return storage.data();
 }
 
-// Σ_i f(i) with 16 independent partial sums, so that the compiler vectorises it without reassociating.
+// Σ_j f(at_j) for j < n, where f reads its operands through `at` (at(p): p[j], one vector or one value): two
+// vectors of partial sums, then the tail one value at a time. With a plain array of partial sums GCC
+// vectorised these sums across the surrounding loop, shuffling and spilling (6× slower in the step kernels).
 template <typename T, typename F>
 inline T lane_sum(int64_t n, const F& f) {
-  constexpr int kLanes = 16;
-  T acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += f(i + l);
+  constexpr int64_t L = kVectorBytes / int64_t(sizeof(T));
+  Vec<T> acc0 = {}, acc1 = {};
+  int64_t j = 0;
+  for (; j + 2 * L <= n; j += 2 * L) {
+    acc0 += f([&](const T* p) { return load(p + j); });
+    acc1 += f([&](const T* p) { return load(p + j + L); });
+  }
+  if (j + L <= n) {
+    acc0 += f([&](const T* p) { return load(p + j); });
+    j += L;
+  }
+  acc0 += acc1;
   T s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  for (; i < n; ++i) s += f(i);
+  for (int64_t l = 0; l < L; ++l) s += acc0[l];
+  for (; j < n; ++j) s += f([&](const T* p) { return p[j]; });
   return s;
 }
 
@@ -199,8 +208,8 @@ template <typename T>
 void normalize_blocks(T* __restrict v, int64_t blocks, int64_t n, T* __restrict rstd) {
   for (int64_t k = 0; k < blocks; ++k) {
     T* x = v + k * n;
-    const T mean = lane_sum<T>(n, [&](int64_t j) { return x[j]; }) / T(n);
-    const T var = lane_sum<T>(n, [&](int64_t j) { return (x[j] - mean) * (x[j] - mean); }) / T(n);
+    const T mean = lane_sum<T>(n, [&](auto at) { return at(x); }) / T(n);
+    const T var = lane_sum<T>(n, [&](auto at) { return (at(x) - mean) * (at(x) - mean); }) / T(n);
     const T r = T(1) / std::sqrt(var + T(kLnEps));
     for (int64_t j = 0; j < n; ++j) x[j] = (x[j] - mean) * r;
     rstd[k] = r;
@@ -211,8 +220,8 @@ void normalize_blocks(T* __restrict v, int64_t blocks, int64_t n, T* __restrict 
 template <typename T>
 void layer_norm_backward(const T* __restrict dout, const T* __restrict xhat, const T* __restrict gain, T rstd,
                          int64_t n, T* __restrict dx) {
-  const T mean_d = lane_sum<T>(n, [&](int64_t j) { return dout[j] * gain[j]; }) / T(n);
-  const T mean_dx = lane_sum<T>(n, [&](int64_t j) { return dout[j] * gain[j] * xhat[j]; }) / T(n);
+  const T mean_d = lane_sum<T>(n, [&](auto at) { return at(dout) * at(gain); }) / T(n);
+  const T mean_dx = lane_sum<T>(n, [&](auto at) { return at(dout) * at(gain) * at(xhat); }) / T(n);
   for (int64_t j = 0; j < n; ++j) dx[j] = layer_norm_backward_at(dout[j], gain[j], xhat[j], rstd, mean_d, mean_dx);
 }
 
