@@ -72,10 +72,16 @@ constexpr int64_t kVectorBytes = 16;
 #endif
 constexpr int kTileRows = 6, kAccumulators = 8;
 
+// The values of T in one vector register.
+template <typename T>
+constexpr int64_t lanes() {
+  return kVectorBytes / int64_t(sizeof(T));
+}
+
 // The columns of one tile of R rows, a whole number of vectors.
 template <typename T, int R>
 constexpr int64_t tile_cols() {
-  return kVectorBytes / int64_t(sizeof(T)) * ((kAccumulators + R - 1) / R);
+  return lanes<T>() * ((kAccumulators + R - 1) / R);
 }
 
 // Calls f(std::integral_constant<int, R>) for each tile of up to kTileRows of `rows`, with the tile's first row.
@@ -129,7 +135,7 @@ inline void store(T* p, const Vec<T>& v) {
 // the R × C sums of a block in R · C / lanes vector registers. Returns where the blocks stopped.
 template <typename T, int R, int64_t C>
 int64_t add_products_blocks(Rows<const T> a, int64_t K, Rows<const T> w, int64_t j0, int64_t n, Rows<T> out) {
-  constexpr int64_t L = kVectorBytes / int64_t(sizeof(T)), V = C / L;
+  constexpr int64_t L = lanes<T>(), V = C / L;
   for (; j0 + C <= n; j0 += C) {
     Vec<T> acc[R][V];
 #pragma GCC unroll 16
@@ -165,7 +171,7 @@ void add_products(Rows<const T> a, int64_t rows, int64_t K, Rows<const T> w, int
     const auto at = a.from(r0);
     const auto ot = out.from(r0);
     int64_t j = add_products_blocks<T, R, tile_cols<T, R>()>(at, K, w, 0, n, ot);
-    j = add_products_blocks<T, R, kVectorBytes / int64_t(sizeof(T))>(at, K, w, j, n, ot);
+    j = add_products_blocks<T, R, lanes<T>()>(at, K, w, j, n, ot);
     for (int i = 0; i < R && j < n; ++i)
       for (int64_t k = 0; k < K; ++k) axpy(ot.row(i) + j, at.row(i)[k * at.inc], w.row(k) + j, n - j);
   });
@@ -185,7 +191,7 @@ const T* or_constant(const T* p, std::vector<T>& storage, T value, int64_t n) {
 // vectorised these sums across the surrounding loop, shuffling and spilling (6× slower in the step kernels).
 template <typename T, typename F>
 inline T lane_sum(int64_t n, const F& f) {
-  constexpr int64_t L = kVectorBytes / int64_t(sizeof(T));
+  constexpr int64_t L = lanes<T>();
   Vec<T> acc0 = {}, acc1 = {};
   int64_t j = 0;
   for (; j + 2 * L <= n; j += 2 * L) {
