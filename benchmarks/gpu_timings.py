@@ -58,7 +58,7 @@ class _Autocast:
             self.row.fwd_bwd()
 
 
-class _Output(torch.nn.Module):
+class OutputOnly(torch.nn.Module):
     """The output sequence of an LSTM-like module, alone: make_graphed_callables captures modules whose
     outputs are tensors."""
 
@@ -86,7 +86,7 @@ def graphed_rows(cfg: Config, device) -> tuple[list[Row], list[dict]]:
     rows, errors = [], []
     for name, m in modules:
         try:
-            graphed = torch.cuda.make_graphed_callables(_Output(m), (x,))
+            graphed = torch.cuda.make_graphed_callables(OutputOnly(m), (x,))
             rows.append(Row(name, graphed, m.parameters(), x))
         except Exception as e:  # a capture that fails must not lose the other rows
             errors.append(dict(config=cfg.label(), row=name, error=f"{type(e).__name__}: {e}"))

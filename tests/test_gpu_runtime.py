@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hyperfused
+from benchmarks.gpu_timings import OutputOnly
 from conftest import backend_params, requires_gpu
 from helpers import make_pair, randomize_
 
@@ -120,22 +121,13 @@ def test_cuda_graph_capture_of_forward_and_backward(backend):
         torch.testing.assert_close(p.grad, g, **TOL)
 
 
-class _Output(torch.nn.Module):
-    def __init__(self, lstm):
-        super().__init__()
-        self.lstm = lstm
-
-    def forward(self, x):
-        return self.lstm(x)[0]
-
-
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_make_graphed_callables_replays_forward_and_backward_on_new_inputs(backend):
     """The whole forward and backward captured once (torch.cuda.make_graphed_callables) and replayed on inputs
     it has not seen: outputs, input gradient and every parameter gradient as the eager layer gives them."""
     m = _model(backend)
     sample = torch.randn(5, 4, 16, device="cuda", requires_grad=True)  # requires_grad as in the real calls
-    graphed = torch.cuda.make_graphed_callables(_Output(m), (sample,))
+    graphed = torch.cuda.make_graphed_callables(OutputOnly(m), (sample,))
     for _ in range(2):
         x = torch.randn(5, 4, 16, device="cuda", requires_grad=True)
         results = []
