@@ -203,7 +203,15 @@ def compile_triton(job) -> Record:
 
 # -- CUDA -------------------------------------------------------------------------------------------------
 
-CUDA_THREADS = 256  # kThreads in csrc/cuda/*.cu
+CUDA_THREADS = 256  # kThreads in csrc/cuda/*.cu, simt::kGroupThreads in csrc/hyper_lstm_simt.h
+
+
+def cuda_threads(kernel: str) -> int:
+    """Threads per block: the step kernels run kGroupThreads per thread group, their last template argument
+    ('forward_kernel<float, 4>': 1024); the others CUDA_THREADS."""
+    m = re.search(r"_kernel<\w+, (\d+)>", kernel)
+    return CUDA_THREADS * int(m.group(1)) if m and ("forward_kernel" in kernel or "backward_kernel" in kernel) \
+        else CUDA_THREADS
 
 
 def nvcc_path() -> Optional[str]:
@@ -249,7 +257,7 @@ def compile_cuda(arch: str) -> list[Record]:
             if "forward_kernel" in kernel or "backward_kernel" in kernel:
                 for H, Hh, Nz in LSTM_SIZES:
                     records.append(Record(kernel, "cuda", arch, H, Hh, Nz, sizes=f"H={H}, Hh={Hh}, Nz={Nz}",
-                                          threads=CUDA_THREADS, **figures))
+                                          threads=cuda_threads(kernel), **figures))
             else:
                 for z_dim, hidden, in_tile, out_tile, k in GEN_SIZES:
                     shared = figures["shared_bytes"]

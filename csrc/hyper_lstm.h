@@ -48,24 +48,25 @@ std::vector<at::Tensor> hyper_lstm_backward(
     bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
     const std::optional<at::Tensor>& hyper_zoneout_mask, const std::optional<at::ScalarType>& gemm_dtype);
 
-// The op entry points for one device: a registration file binds forward_on<kItsKernels> to a dispatch key.
-template <const StepKernels& K>
+// The op entry points for one device: a registration file binds forward_on<its_kernels> to a dispatch key,
+// its_kernels returning the device's StepKernels (the CPU's may change with HYPERFUSED_EMULATE_CUDA).
+template <const StepKernels& (*K)()>
 ForwardOut forward_on(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0,
                       const at::Tensor& hc0, at::TensorList params, const std::optional<at::Tensor>& mask,
                       const std::optional<at::Tensor>& hyper_mask, bool layer_norm, double forget_bias,
                       const std::optional<at::Tensor>& zoneout_mask, const std::optional<at::Tensor>& hyper_zoneout_mask,
                       bool save_for_backward, std::optional<at::ScalarType> gemm_dtype) {
-  return hyper_lstm_forward(K, x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
+  return hyper_lstm_forward(K(), x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
                             hyper_zoneout_mask, save_for_backward, gemm_dtype);
 }
 
-template <const StepKernels& K>
+template <const StepKernels& (*K)()>
 StepOut step_on(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const at::Tensor& hh,
                 const at::Tensor& hc, at::TensorList params, bool layer_norm, double forget_bias) {
-  return hyper_lstm_step(K, x, h, c, hh, hc, params, layer_norm, forget_bias);
+  return hyper_lstm_step(K(), x, h, c, hh, hc, params, layer_norm, forget_bias);
 }
 
-template <const StepKernels& K>
+template <const StepKernels& (*K)()>
 std::vector<at::Tensor> backward_on(
     const std::optional<at::Tensor>& grad_hs, const std::optional<at::Tensor>& grad_cs,
     const std::optional<at::Tensor>& grad_hhs, const std::optional<at::Tensor>& grad_hcs, const at::Tensor& x,
@@ -74,7 +75,7 @@ std::vector<at::Tensor> backward_on(
     const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
     bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
     const std::optional<at::Tensor>& hyper_zoneout_mask, std::optional<at::ScalarType> gemm_dtype) {
-  return hyper_lstm_backward(K, grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
+  return hyper_lstm_backward(K(), grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
                              hs, cs, hhs, hcs, g, ws, layer_norm, forget_bias, zoneout_mask, hyper_zoneout_mask,
                              gemm_dtype);
 }

@@ -173,6 +173,11 @@ void backward_step_cpu(const BackwardStep& s);
 // it, so that this header and the .cu stay free of CUDA and torch headers respectively.
 int forward_step_cuda(const ForwardStep& s);
 int backward_step_cuda(const BackwardStep& s);
+// The CUDA kernels' code run on the CPU by the SIMT emulator (cpu/simt_emulator.cpp), for the tests: active
+// when HYPERFUSED_EMULATE_CUDA is set (emulating_cuda() also checks its value).
+bool emulating_cuda();
+void forward_step_emulated(const ForwardStep& s);
+void backward_step_emulated(const BackwardStep& s);
 
 // Pointwise math shared by the CPU and CUDA kernels.
 template <typename T>

@@ -21,6 +21,9 @@ namespace {
 void* no_stream() { return nullptr; }
 // One pass per batch row reads the projections from cache on the CPU: the whole step in one kernel.
 const StepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &no_stream, true, false};
+// The CUDA backend's configuration (cuda/register_cuda.cpp) with its kernels' code under the SIMT emulator.
+const StepKernels kEmulatedCudaKernels{&forward_step_emulated, &backward_step_emulated, &no_stream, false, true};
+const StepKernels& cpu_kernels() { return emulating_cuda() ? kEmulatedCudaKernels : kCpuKernels; }
 // The CPU generates tiles with two BLAS GEMMs over all tiles, then the layout kernel.
 const TileKernels kCpuTileKernels{nullptr, &scatter_tiles_cpu, &gather_tiles_cpu, &no_stream, nullptr};
 
@@ -49,9 +52,9 @@ TORCH_LIBRARY(hyperfused, m) {
 }
 
 TORCH_LIBRARY_IMPL(hyperfused, CPU, m) {
-  m.impl("hyper_lstm_forward", &forward_on<kCpuKernels>);
-  m.impl("hyper_lstm_backward", &backward_on<kCpuKernels>);
-  m.impl("hyper_lstm_step", &step_on<kCpuKernels>);
+  m.impl("hyper_lstm_forward", &forward_on<cpu_kernels>);
+  m.impl("hyper_lstm_backward", &backward_on<cpu_kernels>);
+  m.impl("hyper_lstm_step", &step_on<cpu_kernels>);
   m.impl("generate_kernels", &generate_kernels_on<kCpuTileKernels>);
   m.impl("generate_kernels_backward", &generate_kernels_backward_on<kCpuTileKernels>);
 }

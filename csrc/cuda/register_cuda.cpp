@@ -34,14 +34,15 @@ int64_t max_shared_bytes() {
 
 // One block per row would read the 12 projections from L2 once per row: the GEMM-shaped step reads them once.
 const StepKernels kCudaKernels{&forward_step, &backward_step, &current_stream, false, true};
+const StepKernels& cuda_kernels() { return kCudaKernels; }
 const TileKernels kCudaTileKernels{&generate_tiles, nullptr, &gather_tiles, &current_stream, &max_shared_bytes};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hyperfused, CUDA, m) {
-  m.impl("hyper_lstm_forward", &forward_on<kCudaKernels>);
-  m.impl("hyper_lstm_step", &step_on<kCudaKernels>);
-  m.impl("hyper_lstm_backward", &backward_on<kCudaKernels>);
+  m.impl("hyper_lstm_forward", &forward_on<cuda_kernels>);
+  m.impl("hyper_lstm_step", &step_on<cuda_kernels>);
+  m.impl("hyper_lstm_backward", &backward_on<cuda_kernels>);
   m.impl("generate_kernels", &generate_kernels_on<kCudaTileKernels>);
   m.impl("generate_kernels_backward", &generate_kernels_backward_on<kCudaTileKernels>);
 }

@@ -1,0 +1,114 @@
+"""The CUDA step kernels' code, run on the CPU under the SIMT emulator (HYPERFUSED_EMULATE_CUDA, see
+csrc/cpu/simt_emulator.cpp), against the reference: every output, final state and gradient. These run on any
+machine, so the kernels' indexing, barriers and thread-group reductions are checked where there is no GPU.
+
+The emulated GPU's multiprocessor count picks the launch as on a real one: with 132 multiprocessors these
+batches get four thread groups (the gate layer norms side by side, 1024 threads per row), with one they get
+one group of 256 threads (the gates in turn). "reverse" runs each block's threads in descending order, so
+that a read which needs a barrier before it sees stale data whichever thread wrote it (a missing barrier
+after the pre-activations was checked to fail here)."""
+import pytest
+import torch
+
+import hyperfused
+from conftest import requires_extension
+from helpers import assert_same_run, make_pair, random_state, randomize_, run_and_grad
+
+pytestmark = requires_extension
+
+# float64 runs the same sums in another order than the reference; float32 as in test_hyper_lstm_fused.
+F64 = dict(rtol=1e-9, atol=1e-10)
+F32 = dict(rtol=2e-4, atol=2e-5)
+GPUS = ["132", "132,reverse", "1", "1,reverse"]
+# H = 300 makes the 256-thread groups stride; H = 37, Ĥ = 20 and N_z = 5 leave partly idle warps.
+SIZES = [(3, 3, 6, 300, 20, 5), (2, 2, 5, 37, 40, 4), (1, 1, 3, 37, 20, 5)]
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    def use(gpu, design=None):
+        monkeypatch.setenv("HYPERFUSED_EMULATE_CUDA", gpu)
+        if design:
+            monkeypatch.setenv("HYPERFUSED_STEP_DESIGN", design)
+    return use
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "T{}-B{}-X{}-H{}-Hh{}-Nz{}".format(*s))
+@pytest.mark.parametrize("design", ["gemm", "fused"])
+@pytest.mark.parametrize("gpu", GPUS)
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+def test_emulated_cuda_kernels_match_the_reference(gpu, design, size, layer_norm, emulated):
+    T, B, X, H, Hh, Nz = size
+    ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, layer_norm=layer_norm, zoneout=0.2,
+                          hyper_zoneout=0.1)
+    ref, fast = ref.eval(), fast.eval()  # zoneout's expectation: the masks are deterministic
+    emulated(gpu, design)
+    assert_same_run(ref, fast, torch.randn(T, B, X, dtype=torch.float64), random_state(ref, B), **F64)
+
+
+@pytest.mark.parametrize("gpu", ["132", "1"])
+def test_emulated_cuda_float32(gpu, emulated):
+    T, B, X, H, Hh, Nz = 4, 3, 6, 300, 20, 5
+    ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, dtype=torch.float32)
+    emulated(gpu)
+    assert_same_run(ref, fast, torch.randn(T, B, X), random_state(ref, B, torch.float32), **F32)
+
+
+@pytest.mark.parametrize("gpu", ["132", "1"])
+def test_emulated_cuda_recurrent_dropout(gpu, emulated):
+    """Training-mode recurrent dropout: the same seed draws the same masks for both modules."""
+    T, B, X, H, Hh, Nz = 3, 2, 6, 300, 20, 5
+    ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, recurrent_dropout=0.3)
+    emulated(gpu)
+    x, state = torch.randn(T, B, X, dtype=torch.float64), random_state(ref, B)
+    runs = []
+    for m in (ref, fast):
+        torch.manual_seed(5)
+        runs.append(run_and_grad(m, x, state))
+    (outs_r, grads_r), (outs_f, grads_f) = runs
+    for a, b in zip(outs_f, outs_r):
+        torch.testing.assert_close(a, b, **F64)
+    for name in grads_r:
+        torch.testing.assert_close(grads_f[name], grads_r[name], **F64, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_emulated_cuda_decode_step(emulated, monkeypatch):
+    """The decode op (hyperfused::hyper_lstm_step: a cell stepped from its own state under no_grad) runs the same
+    kernels."""
+    ref = randomize_(hyperfused.HyperLSTMCell(5, 300, hyper_size=20, hyper_embed=5, dtype=torch.float64))
+    cell = hyperfused.HyperLSTMCell(5, 300, hyper_size=20, hyper_embed=5, dtype=torch.float64, backend="cpu")
+    cell.load_state_dict(ref.state_dict())
+    calls = []
+    real = hyperfused.HyperLSTMCell._decode_step
+    monkeypatch.setattr(hyperfused.HyperLSTMCell, "_decode_step", lambda self, *a: calls.append(self) or real(self, *a))
+    emulated("132")
+    xs = torch.randn(3, 2, 5, dtype=torch.float64)
+    with torch.no_grad():
+        s, s_ref = cell(xs[0]), ref(xs[0])
+        for x in xs[1:]:
+            s, s_ref = cell(x, s), ref(x, s_ref)
+            for a, b in zip(s.tensors(), s_ref.tensors()):
+                torch.testing.assert_close(a, b, **F64)
+    assert [c for c in calls if c is cell] == [cell] * (len(xs) - 1)  # the steps from a given state
+
+
+def test_emulation_runs_the_cuda_configuration(emulated):
+    """Under emulation the CPU op takes the CUDA backend's driver path: the GEMM-shaped step (the CPU's own
+    default is the one-kernel step, which runs no batched GEMMs)."""
+    ref, fast = make_pair("cpu", 4, 9, hyper_size=6, hyper_embed=3)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    with torch.profiler.profile() as plain:
+        fast(x)
+    emulated("132")
+    with torch.profiler.profile() as prof:
+        fast(x)
+    assert not [e for e in plain.events() if e.name == "aten::bmm"]
+    assert len([e for e in prof.events() if e.name == "aten::bmm"]) == 3  # d, one per step
+
+
+@pytest.mark.parametrize("value", ["yes", "0x10", "132,backwards", "-4"])
+def test_emulation_setting_is_checked(value, emulated):
+    fast = make_pair("cpu", 4, 9, hyper_size=6, hyper_embed=3)[1]
+    emulated(value)
+    with pytest.raises(RuntimeError, match="HYPERFUSED_EMULATE_CUDA must be '<multiprocessors>'"):
+        fast(torch.randn(2, 1, 4, dtype=torch.float64))
