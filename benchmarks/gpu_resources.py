@@ -122,6 +122,8 @@ def triton_jobs(archs, quick):
                 # phase 0: the one-program-per-row step; 1 and 2: the GEMM-shaped step's hyper and main cells
                 for phase in (0, 1, 2):
                     jobs.append((kernel, arch, dict(H=H, Hh=Hh, Nz=Nz, phase=phase)))
+                # the main cell at a small batch (B = 8 on 132 multiprocessors): up to 32 warps
+                jobs.append((kernel, arch, dict(H=H, Hh=Hh, Nz=Nz, phase=2, rows=8, multiprocessors=132)))
         for z_dim, hidden, in_tile, out_tile, k in GEN_SIZES[: 1 if quick else None]:
             for kernel in ("generate_tiles_kernel", "gather_tiles_kernel"):
                 jobs.append((kernel, arch, dict(z_dim=z_dim, hidden=hidden, in_tile=in_tile, out_tile=out_tile, k=k)))
@@ -152,11 +154,13 @@ def _triton_launch(kernel, size):
     from hyperfused.triton_kernels import hyper_lstm, static_hypernet
     if kernel == "hyper_lstm_fwd_step":
         consts, warps = hyper_lstm.forward_config(size["H"], size["Hh"], size["Nz"], layer_norm=True,
-                                                  phase=size.get("phase", 0))
+                                                  phase=size.get("phase", 0), rows=size.get("rows"),
+                                                  multiprocessors=size.get("multiprocessors"))
         return hyper_lstm.hyper_lstm_fwd_step, consts, warps
     if kernel == "hyper_lstm_bwd_step":
         consts, warps = hyper_lstm.backward_config(size["H"], size["Hh"], size["Nz"], layer_norm=True,
-                                                   phase=size.get("phase", 0))
+                                                   phase=size.get("phase", 0), rows=size.get("rows"),
+                                                   multiprocessors=size.get("multiprocessors"))
         return hyper_lstm.hyper_lstm_bwd_step, consts, warps
     kk, out_kk = size["k"] ** 2, size["out_tile"] * size["k"] ** 2
     if kernel == "generate_tiles_kernel":

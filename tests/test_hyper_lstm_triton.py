@@ -57,3 +57,17 @@ def test_auto_never_picks_triton_for_cpu_tensors():
         out = m(x)[0]
     assert not any("triton" in e.name for e in prof.events())
     torch.testing.assert_close(out, pinned(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", ["forward_config", "backward_config"])
+def test_triton_main_cell_widens_at_small_batch(config):
+    """The GEMM-shaped main cell (phase 2) runs up to one warp per 32 features while the batch leaves most
+    multiprocessors idle (the CUDA kernels' rule), and 8 warps otherwise; the hyper cell keeps its width.
+    benchmarks/gpu_resources.py compiles both shapes for sm_80/sm_90 (tests/test_gpu_compile.py)."""
+    from hyperfused.triton_kernels import hyper_lstm
+
+    warps = lambda **kw: getattr(hyper_lstm, config)(1000, 128, 16, True, **kw)[1]  # noqa: E731
+    assert warps(phase=2, rows=8, multiprocessors=132) == 32
+    assert warps(phase=2, rows=264, multiprocessors=132) == warps(phase=2) == 8
+    assert warps(phase=1, rows=8, multiprocessors=132) == warps(phase=1)
+    assert hyper_lstm.forward_config(256, 128, 16, True, phase=2, rows=8, multiprocessors=132)[1] == 8

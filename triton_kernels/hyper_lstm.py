@@ -507,9 +507,21 @@ def _hyper_cell_bwd(row, dhh, hc_ptr, hc_prev_ptr, ws, dws, hmask_ptr, dhh_out_p
     _hyper_gate_bwd(3, row, dho, ws, dws, dg_ptr, hlnw_ptr, oh, mh, H, HH, NZ, GW, OFF_HN, OFF_HRSTD, OFF_DYH, LN)
 
 
-def _launch_config(H, Hh, Nz):
+def _launch_config(H, Hh, Nz, phase=0, rows=None, multiprocessors=None):
+    """Block sizes and num_warps. The GEMM-shaped step's main cell (phase 2) gets up to one warp per 32 features
+    (32 warps at H = 1000) while the batch leaves most multiprocessors idle (rows < 2 × multiprocessors, the
+    CUDA kernels' rule: csrc/hyper_lstm_simt.h, step_groups): one program per row then runs on as many threads
+    as the row has features. The other phases, and full batches, keep 4 or 8 warps."""
     blocks = dict(BLOCK_H=next_pow2(H, 4), BLOCK_HH=next_pow2(Hh, 4), BLOCK_Z=next_pow2(Nz, 4))
-    return blocks, (8 if blocks["BLOCK_H"] >= 512 else 4)
+    warps = 8 if blocks["BLOCK_H"] >= 512 else 4
+    if phase == 2 and rows is not None and multiprocessors and rows < 2 * multiprocessors:
+        warps = max(warps, min(32, blocks["BLOCK_H"] // 32))
+    return blocks, warps
+
+
+def multiprocessors(t: torch.Tensor):
+    """The multiprocessor count of t's GPU, or None on the CPU (the interpreter ignores num_warps)."""
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else None
 
 
 def gemm_shaped() -> bool:
@@ -522,19 +534,21 @@ def gemm_shaped() -> bool:
 
 
 def forward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_zone=False, has_hzone=False,
-                   phase=0):
+                   phase=0, rows=None, multiprocessors=None):
     """(constexprs, num_warps) that `forward` launches hyper_lstm_fwd_step with: the one definition, which the
-    compile-for-target check (benchmarks/gpu_resources.py) reads too."""
-    blocks, warps = _launch_config(H, Hh, Nz)
+    compile-for-target check (benchmarks/gpu_resources.py) reads too. rows and multiprocessors: the batch
+    and the GPU's multiprocessor count (see _launch_config)."""
+    blocks, warps = _launch_config(H, Hh, Nz, phase, rows, multiprocessors)
     return dict(H=H, HH=Hh, NZ=Nz, WS=ws_width(H, Hh, Nz), LN=bool(layer_norm), HAS_MASK=bool(has_mask),
                 HAS_HMASK=bool(has_hmask), HAS_ZONE=bool(has_zone), HAS_HZONE=bool(has_hzone), PHASE=phase,
                 **blocks, **ws_layout(H, Hh, Nz)), warps
 
 
 def backward_config(H, Hh, Nz, layer_norm, has_mask=False, has_hmask=False, has_dh_out=True, has_rec=True,
-                    has_dc_out=False, has_dhh_out=False, has_dhc_out=False, has_zone=False, has_hzone=False, phase=0):
+                    has_dc_out=False, has_dhh_out=False, has_dhc_out=False, has_zone=False, has_hzone=False, phase=0,
+                    rows=None, multiprocessors=None):
     """(constexprs, num_warps) that `backward` launches hyper_lstm_bwd_step with."""
-    blocks, warps = _launch_config(H, Hh, Nz)
+    blocks, warps = _launch_config(H, Hh, Nz, phase, rows, multiprocessors)
     return dict(H=H, HH=Hh, NZ=Nz, WS=ws_width(H, Hh, Nz), DWS=dws_width(H, Hh, Nz), LN=bool(layer_norm),
                 HAS_MASK=bool(has_mask), HAS_HMASK=bool(has_hmask), HAS_DH_OUT=bool(has_dh_out),
                 HAS_REC=bool(has_rec), HAS_DC_OUT=bool(has_dc_out), HAS_DHH_OUT=bool(has_dhh_out),
@@ -593,7 +607,8 @@ def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_b
     g, ws, ghh = new(kept, B, 4 * H + 4 * Hh), new(kept, B, ws_width(H, Hh, Nz)), new(B, 4 * Hh)
     flags = (layer_norm, mask is not None, hyper_mask is not None, zm is not None, hzm is not None)
     split = gemm_shaped()
-    phases = [forward_config(H, Hh, Nz, *flags, phase=p) for p in ((1, 2) if split else (0,))]
+    phases = [forward_config(H, Hh, Nz, *flags, phase=p, rows=B, multiprocessors=multiprocessors(x))
+              for p in ((1, 2) if split else (0,))]
     if split:  # z and the 12 scaling vectors as GEMMs between the hyper and the main cell: weights read once
         zwt, zbias = torch.cat([zw, bzw]).T, torch.cat([zb, zb.new_zeros(4 * Nz)])
         swt = torch.cat([sw, bsw[None]]).view(3, 4, H, Nz).transpose(2, 3).reshape(12, Nz, H)
@@ -670,12 +685,12 @@ def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params,
     MASK, HMASK, ZM, HZM = (_per_step(m, T, ws) for m in (mask, hyper_mask, zm, hzm))
     GRAD_HS, GRAD_CS, GRAD_HHS, GRAD_HCS = (_per_step(m, T, ws) for m in (grad_hs, grad_cs, grad_hhs, grad_hcs))
     weights = (zw, bzw, sw, bsw, lnw, lnb, lncw, lncb, hlnw, hlnb, hlncw, hlncb, float(forget_bias))
-    configs = {}  # (has_rec, phase) -> (constexprs, warps)
+    configs, sms = {}, multiprocessors(x)  # (has_rec, phase) -> (constexprs, warps)
     for has_rec in (False, True):
         flags = (H, Hh, Nz, layer_norm, mask is not None, hyper_mask is not None, grad_hs is not None, has_rec,
                  grad_cs is not None, grad_hhs is not None, grad_hcs is not None, zm is not None, hzm is not None)
         for phase in ((2, 1) if split else (0,)):
-            configs[has_rec, phase] = backward_config(*flags, phase=phase)
+            configs[has_rec, phase] = backward_config(*flags, phase=phase, rows=B, multiprocessors=sms)
     for i, t in enumerate(reversed(range(T))):
         has_rec = t < T - 1
         args = (G_[t], GX[t], CS[t], C_PREV[t], HCS[t], HC_PREV[t], WS[t], MASK[t], HMASK[t], GRAD_HS[t], dh_rec,
