@@ -26,6 +26,12 @@ const StepKernels kEmulatedCudaKernels{&forward_step_emulated, &backward_step_em
 const StepKernels& cpu_kernels() { return emulating_cuda() ? kEmulatedCudaKernels : kCpuKernels; }
 // The CPU generates tiles with two BLAS GEMMs over all tiles, then the layout kernel.
 const TileKernels kCpuTileKernels{nullptr, &scatter_tiles_cpu, &gather_tiles_cpu, &no_stream, nullptr};
+// The CUDA backend's configuration with its kernels' code under the SIMT emulator; an H100's opt-in shared
+// memory per block (227 KB) stands in for the device's.
+int64_t emulated_shared_bytes() { return 227 * 1024; }
+const TileKernels kEmulatedCudaTileKernels{&generate_tiles_emulated, nullptr, &gather_tiles_emulated, &no_stream,
+                                           &emulated_shared_bytes};
+const TileKernels& cpu_tile_kernels() { return emulating_cuda() ? kEmulatedCudaTileKernels : kCpuTileKernels; }
 
 }  // namespace
 
@@ -55,8 +61,8 @@ TORCH_LIBRARY_IMPL(hyperfused, CPU, m) {
   m.impl("hyper_lstm_forward", &forward_on<cpu_kernels>);
   m.impl("hyper_lstm_backward", &backward_on<cpu_kernels>);
   m.impl("hyper_lstm_step", &step_on<cpu_kernels>);
-  m.impl("generate_kernels", &generate_kernels_on<kCpuTileKernels>);
-  m.impl("generate_kernels_backward", &generate_kernels_backward_on<kCpuTileKernels>);
+  m.impl("generate_kernels", &generate_kernels_on<cpu_tile_kernels>);
+  m.impl("generate_kernels_backward", &generate_kernels_backward_on<cpu_tile_kernels>);
 }
 
 }  // namespace hyperfused

@@ -26,19 +26,19 @@ std::vector<at::Tensor> generate_kernels_backward(const TileKernels& k, const at
                                                   const at::Tensor& w_out, const at::Tensor& tile_meta,
                                                   int64_t kernel_size);
 
-template <const TileKernels& K>
+template <const TileKernels& (*K)()>
 at::Tensor generate_kernels_on(const at::Tensor& z, const at::Tensor& w_in, const at::Tensor& b_in,
                                const at::Tensor& w_out, const at::Tensor& b_out, const at::Tensor& tile_meta,
                                int64_t numel, int64_t kernel_size) {
-  return generate_kernels(K, z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size);
+  return generate_kernels(K(), z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size);
 }
 
-template <const TileKernels& K>
+template <const TileKernels& (*K)()>
 std::vector<at::Tensor> generate_kernels_backward_on(const at::Tensor& grad, const at::Tensor& z,
                                                      const at::Tensor& w_in, const at::Tensor& b_in,
                                                      const at::Tensor& w_out, const at::Tensor& tile_meta,
                                                      int64_t kernel_size) {
-  return generate_kernels_backward(K, grad, z, w_in, b_in, w_out, tile_meta, kernel_size);
+  return generate_kernels_backward(K(), grad, z, w_in, b_in, w_out, tile_meta, kernel_size);
 }
 
 }  // namespace hyperfused

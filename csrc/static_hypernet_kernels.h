@@ -57,5 +57,8 @@ int generate_tiles_cuda(const TileGenArgs& a);
 int gather_tiles_cuda(const TileLayoutArgs& a);    // flat -> tiled
 void scatter_tiles_cpu(const TileLayoutArgs& a);   // tiled -> flat
 void gather_tiles_cpu(const TileLayoutArgs& a);    // flat -> tiled
+// The CUDA kernels' code under the CPU's SIMT emulator (cpu/simt_emulator.cpp), for the tests.
+void generate_tiles_emulated(const TileGenArgs& a);
+void gather_tiles_emulated(const TileLayoutArgs& a);
 
 }  // namespace hyperfused

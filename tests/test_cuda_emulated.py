@@ -1,12 +1,13 @@
-"""The CUDA step kernels' code, run on the CPU under the SIMT emulator (HYPERFUSED_EMULATE_CUDA, see
-csrc/cpu/simt_emulator.cpp), against the reference: every output, final state and gradient. These run on any
-machine, so the kernels' indexing, barriers and thread-group reductions are checked where there is no GPU.
+"""The CUDA kernels' code (the HyperLSTM step kernels, the static hypernetwork's generation and gather), run on
+the CPU under the SIMT emulator (HYPERFUSED_EMULATE_CUDA, see csrc/cpu/simt_emulator.cpp), against the
+reference: every output, final state and gradient. These run on any machine, so the kernels' indexing,
+barriers, shared memory and thread-group reductions are checked where there is no GPU.
 
 The emulated GPU's multiprocessor count picks the launch as on a real one: with 132 multiprocessors these
 batches get four thread groups (the gate layer norms side by side, 1024 threads per row), with one they get
 one group of 256 threads (the gates in turn). "reverse" runs each block's threads in descending order, so
 that a read which needs a barrier before it sees stale data whichever thread wrote it (a missing barrier
-after the pre-activations was checked to fail here)."""
+after the pre-activations, or after the generation kernel loads z, was checked to fail here)."""
 import pytest
 import torch
 
@@ -112,3 +113,46 @@ def test_emulation_setting_is_checked(value, emulated):
     emulated(value)
     with pytest.raises(RuntimeError, match="HYPERFUSED_EMULATE_CUDA must be '<multiprocessors>'"):
         fast(torch.randn(2, 1, 4, dtype=torch.float64))
+
+
+# -- the static hypernetwork's CUDA kernels (generation, and the backward's gather) -----------------------
+
+from test_static_hypernet import FUSED_CASES, _generate_and_grads, _layers  # noqa: E402
+
+
+@pytest.mark.parametrize("order", ["132", "132,reverse"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "z{}-in{}-out{}-k{}".format(*c[:4]))
+def test_emulated_cuda_generation_matches_the_reference(case, dtype, order, emulated):
+    z_dim, in_tile, out_tile, k, grids = case
+    net = randomize_(hyperfused.StaticHyperNetwork(z_dim, in_tile, out_tile, k, dtype=dtype))
+    layers = _layers(net, grids, dtype=dtype)
+    ref_k, ref_g = _generate_and_grads(net, layers, "reference")
+    emulated(order)
+    got_k, got_g = _generate_and_grads(net, layers, "cpu")
+    for a, b in zip(got_k + got_g, ref_k + ref_g):
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-6 * b.abs().max().item())
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_emulated_generation_runs_the_cuda_configuration(emulated):
+    """The CUDA configuration generates every tile in one kernel; the CPU's runs two GEMMs over all tiles."""
+    net = hyperfused.StaticHyperNetwork(4, 3, 5, 1, backend="cpu", dtype=torch.float64)
+    layers = _layers(net, [(2, 3)])
+    gemms = lambda prof: [e for e in prof.events() if e.name in ("aten::bmm", "aten::baddbmm", "aten::mm")]  # noqa: E731
+    with torch.no_grad(), torch.profiler.profile() as plain:
+        net.generate(layers)
+    emulated("132")
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        net.generate(layers)
+    assert gemms(plain) and not gemms(prof)
+
+
+def test_emulated_cuda_generation_refuses_a_tile_beyond_shared_memory(emulated):
+    """The CUDA kernel keeps a tile's hidden layer in shared memory; the host refuses sizes beyond the device's
+    limit (the emulator stands in an H100's 227 KB) before launching."""
+    net = hyperfused.StaticHyperNetwork(128, 512, 1, 1)  # (z_dim + in_tile·hidden) floats = (128 + 512·128)·4 B
+    layers = _layers(net, [(1, 1)], dtype=torch.float32)
+    emulated("132")
+    with pytest.raises(RuntimeError, match=r"in shared memory: 262656 bytes, but this GPU allows 232448 per block"):
+        _generate_and_grads(net, layers, "cpu")

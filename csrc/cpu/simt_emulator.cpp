@@ -1,6 +1,7 @@
-// A deterministic SIMT emulator for the CUDA step kernels, so that their code (hyper_lstm_simt.h, the bodies
-// cuda/hyper_lstm_cuda.cu launches) is tested on machines without a GPU: with HYPERFUSED_EMULATE_CUDA set,
-// the CPU ops run the CUDA backend's driver configuration with these kernels in place of the CPU ones.
+// A deterministic SIMT emulator for the CUDA kernels, so that their code (hyper_lstm_simt.h and
+// static_hypernet_simt.h, the bodies the .cu files launch) is tested on machines without a GPU: with
+// HYPERFUSED_EMULATE_CUDA set, the CPU ops run the CUDA backend's configuration with these kernels in place of
+// the CPU ones.
 //
 // Each CUDA thread is a fiber (ucontext) on the calling thread. The blocks of a launch run one after
 // another, and within a block every thread runs up to its next barrier before any thread passes it, in
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "../hyper_lstm_simt.h"
+#include "../static_hypernet_simt.h"
 
 namespace hyperfused {
 namespace {
@@ -53,9 +55,9 @@ class Block {
  public:
   static constexpr size_t kStackBytes = 64 * 1024;
 
-  Block(int64_t threads, int groups, bool reverse)
+  Block(int64_t threads, int groups, bool reverse, size_t shared_bytes)
       : threads_(threads), groups_(groups), reverse_(reverse), ctx_(threads), state_(threads),
-        stacks_(new char[threads * kStackBytes]), red_(threads) {}
+        stacks_(new char[threads * kStackBytes]), red_(threads), shared_((shared_bytes + 7) / 8) {}
 
   // Runs body(thread) for every thread of block `row` to completion.
   void run(int64_t row, const std::function<void(int64_t)>& body) {
@@ -97,6 +99,7 @@ class Block {
     swapcontext(&ctx_[t], &scheduler_);
   }
   double* red() { return red_.data(); }
+  void* shared() { return shared_.data(); }
 
  private:
   static void entry() {
@@ -115,7 +118,8 @@ class Block {
   std::vector<ucontext_t> ctx_;
   std::vector<Fiber> state_;
   std::unique_ptr<char[]> stacks_;
-  std::vector<double> red_;  // one slot per thread: the reductions' shared memory
+  std::vector<double> red_;     // one slot per thread: the reductions' shared memory
+  std::vector<double> shared_;  // the launch's dynamic shared memory (8-byte aligned)
   static thread_local Block* running_;
 };
 
@@ -135,6 +139,7 @@ struct EmulatedThread {
   int64_t group_threads() const { return block->threads() / block->groups(); }
   int64_t lane() const { return t % group_threads(); }
   void sync() { block->sync(t); }
+  T* shared() { return static_cast<T*>(block->shared()); }
   T reduce(T v, bool in_group) {
     sync();  // earlier readers of the shared slots are done
     block->red()[t] = double(v);
@@ -146,19 +151,27 @@ struct EmulatedThread {
   }
 };
 
-// A launch as cuda/hyper_lstm_cuda.cu configures it: one block per batch row, simt::step_groups groups of
-// simt::kGroupThreads threads.
-template <typename T, class Step>
-void launch(const Step& s, void (*kernel)(EmulatedThread<T>&, const Step&)) {
+// A launch: `blocks` blocks (run one after another) of `groups` thread groups of `group_threads` threads, with
+// `shared_bytes` of dynamic shared memory; kernel(thread, args) is the body of one thread.
+template <typename T, class Args>
+void launch(int64_t blocks, int64_t group_threads, int groups, size_t shared_bytes, const Args& args,
+            void (*kernel)(EmulatedThread<T>&, const Args&)) {
   const EmulatedGpu gpu = emulated_gpu();
   TORCH_CHECK(gpu.multiprocessors > 0, "hyperfused: the CUDA emulator runs only with HYPERFUSED_EMULATE_CUDA set");
-  const int groups = simt::step_groups(s.dims.B, gpu.multiprocessors);
-  Block block(int64_t(simt::kGroupThreads) * groups, groups, gpu.reverse);
+  Block block(group_threads * groups, groups, gpu.reverse, shared_bytes);
   const std::function<void(int64_t)> body = [&](int64_t t) {
     EmulatedThread<T> thread{&block, t};
-    kernel(thread, s);
+    kernel(thread, args);
   };
-  for (int64_t row = 0; row < s.dims.B; ++row) block.run(row, body);
+  for (int64_t row = 0; row < blocks; ++row) block.run(row, body);
+}
+
+// The step kernels as cuda/hyper_lstm_cuda.cu configures them: one block per batch row, simt::step_groups
+// groups of simt::kGroupThreads threads.
+template <typename T, class Step>
+void launch_step(const Step& s, void (*kernel)(EmulatedThread<T>&, const Step&)) {
+  const int groups = simt::step_groups(s.dims.B, emulated_gpu().multiprocessors);
+  launch<T>(s.dims.B, simt::kGroupThreads, groups, 0, s, kernel);
 }
 
 template <typename T>
@@ -167,18 +180,36 @@ void forward_kernel(EmulatedThread<T>& blk, const ForwardStep& s) { simt::forwar
 template <typename T>
 void backward_kernel(EmulatedThread<T>& blk, const BackwardStep& s) { simt::backward_step<T>(blk, s); }
 
+template <typename T>
+void generate_kernel(EmulatedThread<T>& blk, const TileGenArgs& a) { simt::generate_tile<T>(blk, a, blk.shared()); }
+
+template <typename T>
+void gather_kernel(EmulatedThread<T>& blk, const TileLayoutArgs& a) { simt::gather_tile<T>(blk, a); }
+
 }  // namespace
 
 bool emulating_cuda() { return emulated_gpu().multiprocessors > 0; }
 
 void forward_step_emulated(const ForwardStep& s) {
-  if (s.kind == ScalarKind::Float64) launch<double>(s, &forward_kernel<double>);
-  else launch<float>(s, &forward_kernel<float>);
+  if (s.kind == ScalarKind::Float64) launch_step<double>(s, &forward_kernel<double>);
+  else launch_step<float>(s, &forward_kernel<float>);
 }
 
 void backward_step_emulated(const BackwardStep& s) {
-  if (s.kind == ScalarKind::Float64) launch<double>(s, &backward_kernel<double>);
-  else launch<float>(s, &backward_kernel<float>);
+  if (s.kind == ScalarKind::Float64) launch_step<double>(s, &backward_kernel<double>);
+  else launch_step<float>(s, &backward_kernel<float>);
+}
+
+// The tile kernels as cuda/static_hypernet_cuda.cu configures them: one block of simt::kTileThreads per tile.
+void generate_tiles_emulated(const TileGenArgs& a) {
+  const size_t shared = generate_shared_bytes(a.z_dim, a.in_tile, a.hidden, a.is_double);
+  if (a.is_double) launch<double>(a.tiles, simt::kTileThreads, 1, shared, a, &generate_kernel<double>);
+  else launch<float>(a.tiles, simt::kTileThreads, 1, shared, a, &generate_kernel<float>);
+}
+
+void gather_tiles_emulated(const TileLayoutArgs& a) {
+  if (a.is_double) launch<double>(a.tiles, simt::kTileThreads, 1, 0, a, &gather_kernel<double>);
+  else launch<float>(a.tiles, simt::kTileThreads, 1, 0, a, &gather_kernel<float>);
 }
 
 }  // namespace hyperfused

@@ -36,6 +36,7 @@ int64_t max_shared_bytes() {
 const StepKernels kCudaKernels{&forward_step, &backward_step, &current_stream, false, true};
 const StepKernels& cuda_kernels() { return kCudaKernels; }
 const TileKernels kCudaTileKernels{&generate_tiles, nullptr, &gather_tiles, &current_stream, &max_shared_bytes};
+const TileKernels& cuda_tile_kernels() { return kCudaTileKernels; }
 
 }  // namespace
 
@@ -43,8 +44,8 @@ TORCH_LIBRARY_IMPL(hyperfused, CUDA, m) {
   m.impl("hyper_lstm_forward", &forward_on<cuda_kernels>);
   m.impl("hyper_lstm_step", &step_on<cuda_kernels>);
   m.impl("hyper_lstm_backward", &backward_on<cuda_kernels>);
-  m.impl("generate_kernels", &generate_kernels_on<kCudaTileKernels>);
-  m.impl("generate_kernels_backward", &generate_kernels_backward_on<kCudaTileKernels>);
+  m.impl("generate_kernels", &generate_kernels_on<cuda_tile_kernels>);
+  m.impl("generate_kernels_backward", &generate_kernels_backward_on<cuda_tile_kernels>);
 }
 
 }  // namespace hyperfused
