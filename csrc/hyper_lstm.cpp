@@ -220,6 +220,16 @@ bool gemm_shaped(const StepKernels& k) {
   return std::string(v) == "gemm";
 }
 
+// HYPERFUSED_CUDA_THREAD_GROUPS=1|4 fixes the CUDA step kernels' thread groups per block (hyper_lstm_simt.h),
+// so that both launch shapes can be timed on one GPU; unset, the launch picks by batch and multiprocessors.
+int thread_groups_setting() {
+  const char* v = std::getenv("HYPERFUSED_CUDA_THREAD_GROUPS");
+  if (!v || !*v) return 0;
+  TORCH_CHECK(std::string(v) == "1" || std::string(v) == "4",
+              "hyperfused: HYPERFUSED_CUDA_THREAD_GROUPS must be '1', '4' or unset, got '", v, "'");
+  return std::stoi(v);
+}
+
 // Whether the backward kernel sums the per-row weight gradients itself. HYPERFUSED_ATEN_REDUCTIONS=1 makes
 // the CPU leave them to ATen as CUDA does, so that the tests can check that path without a GPU.
 bool sums_in_kernel(const StepKernels& k) {
@@ -235,6 +245,7 @@ struct ForwardStepper {
   const StepGemm &rec, &hyper;
   const Dims dims;
   const bool split = gemm_shaped(k);
+  const int groups = thread_groups_setting();
   const int64_t z_slot = WsLayout(dims).z;
   at::Tensor ghh;    // (B, 4Ĥ) Ŵ_h ĥ_{t-1}, the step's scratch
   at::Tensor d_all;  // the GEMM-shaped step's scaling vectors, (12, B, H)
@@ -250,6 +261,7 @@ struct ForwardStepper {
     rec.run(g_t, h_prev);
     hyper.run(ghh, hh_prev);
     st.ghh = ghh.data_ptr();
+    st.thread_groups = groups;
     if (!split) {
       k.forward(st);
       return;
@@ -361,6 +373,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const Dims dims = s.dims();
   const WsLayout L(dims);
   const bool split = gemm_shaped(k);
+  const int groups = thread_groups_setting();
   const bool in_kernel = sums_in_kernel(k) && !split;
   const DwsLayout D(dims, /*main_ln_rows=*/!in_kernel);
   const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, M = T * B, GW = dims.g_width();
@@ -418,6 +431,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
                     dc.data_ptr(), dhc.data_ptr(), zone ? dh_zone.data_ptr() : nullptr,
                     hzone ? dhh_zone.data_ptr() : nullptr, DG.at(t), DWs.at(t),
                     in_kernel ? accum.data_ptr() : nullptr, k.stream()};
+    st.thread_groups = groups;
     if (split) {
       // d_h from the saved z (kind h), then the main cell; dz = dd·W_z for all rows at once, into the backward
       // workspace; dĥ's share dz·Z; then the hyper cell.

@@ -128,6 +128,7 @@ struct ForwardStep {
   void* stream;           // cudaStream_t on CUDA, unused on CPU
   StepPhase phase = StepPhase::Whole;
   const void* scale = nullptr;  // Main: (12, B, H) d for (kind h/x/b, gate i/f/g/o), kind-major
+  int thread_groups = 0;        // CUDA: thread groups per block (1 or 4), or 0: the launch decides
 };
 
 struct BackwardStep {
@@ -165,6 +166,7 @@ struct BackwardStep {
   const void* scale = nullptr;      // Main: (4, B, H) d_h per gate
   void* dd = nullptr;               // Main, out: (12, B, H) [da ⊙ W_h h | da ⊙ W_x x | da], kind-major
   const void* dhh_extra = nullptr;  // Hyper: (B, Hh) the embeddings' share of dĥ_t, dz·Z
+  int thread_groups = 0;            // as in ForwardStep
 };
 
 void forward_step_cpu(const ForwardStep& s);

@@ -107,6 +107,18 @@ def test_emulation_runs_the_cuda_configuration(emulated):
     assert len([e for e in prof.events() if e.name == "aten::bmm"]) == 3  # d, one per step
 
 
+@pytest.mark.parametrize("gpu, groups", [("132", "1"), ("1", "4")])
+def test_forced_thread_groups_match_the_reference(gpu, groups, emulated, monkeypatch):
+    """HYPERFUSED_CUDA_THREAD_GROUPS fixes the launch shape against the batch rule (to time both on a GPU)."""
+    ref, fast = make_pair("cpu", 6, 300, hyper_size=20, hyper_embed=5)
+    emulated(gpu)
+    monkeypatch.setenv("HYPERFUSED_CUDA_THREAD_GROUPS", groups)
+    assert_same_run(ref, fast, torch.randn(3, 3, 6, dtype=torch.float64), random_state(ref, 3), **F64)
+    monkeypatch.setenv("HYPERFUSED_CUDA_THREAD_GROUPS", "2")
+    with pytest.raises(RuntimeError, match="HYPERFUSED_CUDA_THREAD_GROUPS must be '1', '4' or unset, got '2'"):
+        fast(torch.randn(2, 1, 6, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("value", ["yes", "0x10", "132,backwards", "-4"])
 def test_emulation_setting_is_checked(value, emulated):
     fast = make_pair("cpu", 4, 9, hyper_size=6, hyper_embed=3)[1]

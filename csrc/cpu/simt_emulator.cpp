@@ -167,10 +167,10 @@ void launch(int64_t blocks, int64_t group_threads, int groups, size_t shared_byt
 }
 
 // The step kernels as cuda/hyper_lstm_cuda.cu configures them: one block per batch row, simt::step_groups
-// groups of simt::kGroupThreads threads.
+// (or the step's thread_groups) groups of simt::kGroupThreads threads.
 template <typename T, class Step>
 void launch_step(const Step& s, void (*kernel)(EmulatedThread<T>&, const Step&)) {
-  const int groups = simt::step_groups(s.dims.B, emulated_gpu().multiprocessors);
+  const int groups = s.thread_groups ? s.thread_groups : simt::step_groups(s.dims.B, emulated_gpu().multiprocessors);
   launch<T>(s.dims.B, simt::kGroupThreads, groups, 0, s, kernel);
 }
 
