@@ -21,8 +21,9 @@ pytestmark = requires_extension
 F64 = dict(rtol=1e-9, atol=1e-10)
 F32 = dict(rtol=2e-4, atol=2e-5)
 GPUS = ["132", "132,reverse", "1", "1,reverse"]
-# H = 300 makes the 256-thread groups stride; H = 37, Ĥ = 20 and N_z = 5 leave partly idle warps.
-SIZES = [(3, 3, 6, 300, 20, 5), (2, 2, 5, 37, 40, 4), (1, 1, 3, 37, 20, 5)]
+# H = 300 makes the 256-thread groups stride; H = 37, Ĥ = 20 and N_z = 5 leave partly idle warps; the paper's
+# H = 1000, Ĥ = 128, N_z = 16 at a short T.
+SIZES = [(3, 3, 6, 300, 20, 5), (2, 2, 5, 37, 40, 4), (1, 1, 3, 37, 20, 5), (2, 2, 16, 1000, 128, 16)]
 
 
 @pytest.fixture
