@@ -2,6 +2,8 @@
 import json
 import math
 
+import torch
+
 import hyperfused
 from benchmarks.__main__ import main
 
@@ -103,3 +105,13 @@ def test_gpu_timings_graphed_rows_run_each_module_and_keep_going_past_a_failed_c
         assert row.fwd().shape == (3, 2, 8)
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_step_gemm_benchmark_checks_and_times_every_library(capsys):
+    from benchmarks import step_gemm
+
+    assert step_gemm.main(["--shape", "3,5,7", "--calls", "2"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("   3 x     5 x     7: at::mm")
+    if torch.backends.mkl.is_available():
+        assert "packed MKL" in line

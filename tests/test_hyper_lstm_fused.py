@@ -116,22 +116,46 @@ def test_step_designs_match_the_reference(backend, design, dtype, layer_norm, mo
         assert bmms == 0
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch is built without oneDNN")
-@pytest.mark.parametrize("library, mkldnn, onednn_runs", [("onednn", True, True), ("mm", True, False),
-                                                          ("onednn", False, False), ("", True, None)],
-                         ids=["onednn", "mm", "mkldnn-disabled", "measured"])
-def test_cpu_float32_step_gemm_either_way(library, mkldnn, onednn_runs, monkeypatch):
-    """float32 recurrent GEMMs run in oneDNN or MKL, whichever measured faster for the shape on this machine
-    (HYPERFUSED_STEP_GEMM forces one; torch.backends.mkldnn.enabled=False rules oneDNN out). Every way
-    agrees with the reference."""
+ONEDNN, MKL = "mkldnn::_linear_pointwise", "mkl::_mkl_linear"
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.backends.mkl.is_available()),
+                    reason="this torch is built without oneDNN or MKL")
+@pytest.mark.parametrize("library, mkldnn, runs, absent", [
+    ("onednn", True, {ONEDNN}, {MKL}), ("mkl", True, {MKL}, {ONEDNN}), ("mm", True, set(), {ONEDNN, MKL}),
+    ("onednn", False, set(), {ONEDNN, MKL}), ("", False, set(), {ONEDNN}), ("", True, set(), set())],
+    ids=["onednn", "mkl-packed", "mm", "onednn-but-mkldnn-disabled", "measured-mkldnn-disabled", "measured"])
+def test_cpu_float32_step_gemm_every_way(library, mkldnn, runs, absent, monkeypatch):
+    """float32 recurrent GEMMs run in oneDNN, MKL, or MKL with the weight packed once per call, whichever
+    measured fastest for the shape on this machine (HYPERFUSED_STEP_GEMM forces one;
+    torch.backends.mkldnn.enabled=False rules oneDNN out). Every way agrees with the reference."""
     T, B, X, H, Hh, Nz = 5, 17, 7, 37, 20, 4
     ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, dtype=torch.float32)
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", mkldnn)
     with torch.profiler.profile() as prof:
         assert_same_run(ref, fast, torch.randn(T, B, X), random_state(ref, B, torch.float32), **F32)
-    if onednn_runs is not None:
-        assert ("mkldnn::_linear_pointwise" in {e.name for e in prof.events()}) == onednn_runs
+    names = {e.name for e in prof.events()}
+    assert runs <= names and not absent & names
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch is built without MKL")
+def test_cpu_packed_weight_follows_the_batch_size(monkeypatch):
+    """The decode step keeps its GEMMs across calls; MKL's packed weight is for one batch size, so a cell that
+    decodes batches of 2, then 3, then 2 rows gets each right."""
+    monkeypatch.setenv("HYPERFUSED_STEP_GEMM", "mkl")
+    ref = randomize_(hyperfused.HyperLSTMCell(5, 37, hyper_size=20, hyper_embed=4))
+    cell = hyperfused.HyperLSTMCell(5, 37, hyper_size=20, hyper_embed=4, backend="cpu")
+    cell.load_state_dict(ref.state_dict())
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        for B in (2, 3, 2):
+            x = torch.randn(3, B, 5)
+            s, s_ref = cell(x[0]), ref(x[0])
+            for x_t in x[1:]:
+                s, s_ref = cell(x_t, s), ref(x_t, s_ref)
+                for a, b in zip(s.tensors(), s_ref.tensors()):
+                    torch.testing.assert_close(a, b, **F32)
+    assert "mkl::_mkl_linear" in {e.name for e in prof.events()}
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace hyperfused {
 namespace {
@@ -28,6 +29,28 @@ const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
     return h->typed<LinearFn>();
   }();
   return handle ? &*handle : nullptr;
+}
+
+using MklLinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                               int64_t);
+using MklReorderFn = at::Tensor(const at::Tensor&, int64_t);
+
+// mkl::_mkl_linear(input, packed weight, weight (N, K), bias?, batch_size) and
+// mkl::_mkl_reorder_linear_weight(weight (N, K), batch_size): MKL's sgemm with the weight packed once for
+// a batch size (cblas_sgemm_pack), instead of packed again on every call. Absent without MKL.
+struct MklPacked {
+  c10::TypedOperatorHandle<MklLinearFn> linear;
+  c10::TypedOperatorHandle<MklReorderFn> reorder;
+};
+
+const MklPacked* mkl_packed() {
+  static const auto ops = []() -> std::optional<MklPacked> {
+    const auto linear = c10::Dispatcher::singleton().findSchema({"mkl::_mkl_linear", ""});
+    const auto reorder = c10::Dispatcher::singleton().findSchema({"mkl::_mkl_reorder_linear_weight", ""});
+    if (!linear || !reorder) return std::nullopt;
+    return MklPacked{linear->typed<MklLinearFn>(), reorder->typed<MklReorderFn>()};
+  }();
+  return ops ? &*ops : nullptr;
 }
 
 }  // namespace
@@ -58,54 +81,79 @@ void GemmPrecision::mm_out(at::Tensor& out, const at::Tensor& a, const at::Tenso
 
 StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision precision)
     : precision_(precision), w_(precision.operand(w)), bias_(bias) {
+  const Library force = forced();
   // userEnabledMkldnn: torch.backends.mkldnn.enabled, which a user may turn off to rule oneDNN out
   const bool onednn_dtype = w_.scalar_type() == at::kFloat || w_.scalar_type() == at::kBFloat16;
-  if (w.is_cpu() && onednn_dtype && at::globalContext().userEnabledMkldnn() && onednn_linear() &&
-      forced() != Library::Mm) {
+  onednn_ = w.is_cpu() && onednn_dtype && at::globalContext().userEnabledMkldnn() && onednn_linear() &&
+            (force == Library::Measure || force == Library::OneDnn);
+  // MKL's packed sgemm: float32 operands only
+  mkl_ = w.is_cpu() && w_.scalar_type() == at::kFloat && mkl_packed() &&
+         (force == Library::Measure || force == Library::MklPacked);
+  if (onednn_ || mkl_) {
     w_nk_ = w_.t().contiguous();
     if (bias_.defined()) bias_nk_ = bias_.to(w_.scalar_type());  // oneDNN takes the bias in the weight's dtype
   }
 }
 
-// HYPERFUSED_STEP_GEMM=onednn|mm forces a library (the tests run both); anything else, or nothing, measures.
+// HYPERFUSED_STEP_GEMM=onednn|mkl|mm forces a library (the tests run each); anything else, or nothing,
+// measures.
 StepGemm::Library StepGemm::forced() {
   const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
   if (v && std::string(v) == "onednn") return Library::OneDnn;
+  if (v && std::string(v) == "mkl") return Library::MklPacked;
   if (v && std::string(v) == "mm") return Library::Mm;
   return Library::Measure;
 }
 
 void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const {
-  if (lib == Library::Mm) {
-    mm_out(out, a);
-    return;
-  }
   const auto bias = bias_nk_.defined() ? std::optional<at::Tensor>(bias_nk_) : std::nullopt;
-  out.copy_(onednn_linear()->call(precision_.operand(a), w_nk_, bias, "none", c10::List<std::optional<at::Scalar>>(),
-                                  std::nullopt));
+  if (lib == Library::OneDnn) {
+    out.copy_(onednn_linear()->call(precision_.operand(a), w_nk_, bias, "none",
+                                    c10::List<std::optional<at::Scalar>>(), std::nullopt));
+  } else if (lib == Library::MklPacked) {
+    out.copy_(mkl_packed()->linear.call(a, packed_for(a.size(0)), w_nk_, bias, a.size(0)));
+  } else {
+    mm_out(out, a);
+  }
+}
+
+// The weight packed for `rows` rows of a: packed at the first step, again if the batch size changes (the decode
+// step's cached StepGemm may serve several). Locked: decoding threads may share one StepGemm.
+at::Tensor StepGemm::packed_for(int64_t rows) const {
+  std::lock_guard<std::mutex> lock(packed_->mutex);
+  if (packed_->rows != rows) {
+    packed_->weight = mkl_packed()->reorder.call(w_nk_, rows);
+    packed_->rows = rows;
+  }
+  return packed_->weight;
 }
 
 // Which library is faster for this GEMM shape differs from CPU to CPU (oneDNN's kernels won by 1.5x on an AMD
-// EPYC where MKL took a generic path; MKL won on an Intel Xeon with AMX), so it is measured, once per shape
-// and process: the best of a few runs of each, on the call's own operands.
+// EPYC where MKL took a generic path; MKL won on an Intel Xeon with AMX, and its packed sgemm by 1.1-1.7x
+// more there), so it is measured, once per shape, set of candidates and process: the best of a few runs of
+// each, on the call's own operands.
 StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   const Library force = forced();
   if (force != Library::Measure) return force;
+  std::vector<Library> candidates = {Library::Mm};
+  if (onednn_) candidates.push_back(Library::OneDnn);
+  if (mkl_) candidates.push_back(Library::MklPacked);
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, int>, Library> chosen;
-  const auto key = std::make_tuple(a.size(0), w_.size(0), w_.size(1), bias_.defined(), int(w_.scalar_type()));
+  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, int, bool, bool>, Library> chosen;
+  const auto key = std::make_tuple(a.size(0), w_.size(0), w_.size(1), bias_.defined(), int(w_.scalar_type()),
+                                   onednn_, mkl_);
   std::lock_guard<std::mutex> lock(mutex);
   const auto it = chosen.find(key);
   if (it != chosen.end()) return it->second;
-  double best[2] = {1e30, 1e30};
+  std::vector<double> best(candidates.size(), 1e30);
   for (int round = 0; round < 16; ++round)
-    for (int lib = 0; lib < 2; ++lib) {
+    for (size_t i = 0; i < candidates.size(); ++i) {
       const auto t0 = std::chrono::steady_clock::now();
-      run_with(lib ? Library::Mm : Library::OneDnn, out, a);
+      run_with(candidates[i], out, a);
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (round > 0) best[lib] = std::min(best[lib], dt);  // round 0 warms both up
+      if (round > 0) best[i] = std::min(best[i], dt);  // round 0 warms each up (and packs MKL's weight)
     }
-  return chosen[key] = best[1] < best[0] ? Library::Mm : Library::OneDnn;
+  return chosen[key] = candidates[std::min_element(best.begin(), best.end()) - best.begin()];
 }
 
 void StepGemm::mm_out(at::Tensor& out, const at::Tensor& a) const {
@@ -120,7 +168,7 @@ void StepGemm::mm_out(at::Tensor& out, const at::Tensor& a) const {
 }
 
 void StepGemm::run(at::Tensor& out, const at::Tensor& a) const {
-  if (!w_nk_.defined()) {
+  if (!onednn_ && !mkl_) {
     mm_out(out, a);
     return;
   }

@@ -1,9 +1,11 @@
 // out = a · w (+ bias) for a weight w used on every step of the time loop, with few rows in a (the batch).
 // On the CPU in float32 this runs oneDNN's matmul (torch's mkldnn::_linear_pointwise op, which caches the
-// primitive per shape; the library behind nn.LSTM on the CPU) or MKL's sgemm (at::mm_out), whichever is
-// faster on this machine for this shape: measured once per shape and process. Neither wins everywhere (oneDNN
-// by up to 1.5x on an AMD EPYC, MKL on an Intel Xeon). Elsewhere (CUDA, float64, a torch built without
-// oneDNN or with torch.backends.mkldnn disabled) it is at::mm_out.
+// primitive per shape; the library behind nn.LSTM on the CPU), MKL's sgemm (at::mm_out), or MKL's sgemm with
+// the weight packed once for the batch size (torch's mkl::_mkl_linear; at::mm_out packs it on every call),
+// whichever is fastest on this machine for this shape: measured once per shape and process. None wins
+// everywhere (oneDNN by up to 1.5x on an AMD EPYC, MKL on an Intel Xeon, packed MKL by 1.1-1.7x more there).
+// Elsewhere (CUDA, float64, a torch built without oneDNN and MKL) it is at::mm_out; with
+// torch.backends.mkldnn disabled, oneDNN is ruled out.
 //
 // With a GemmPrecision of bfloat16/float16 the operands are rounded to it and the products accumulated in
 // float32 (the library's low-precision GEMM; oneDNN's or ATen's on the CPU, cuBLAS returning float32 on CUDA),
@@ -11,6 +13,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <memory>
+#include <mutex>
 #include <optional>
 
 namespace hyperfused {
@@ -37,7 +41,7 @@ class StepGemm {
   void run(at::Tensor& out, const at::Tensor& a) const;
 
  private:
-  enum class Library { Measure, OneDnn, Mm };
+  enum class Library { Measure, OneDnn, Mm, MklPacked };
   static Library forced();
   Library choose(at::Tensor& out, const at::Tensor& a) const;
   void run_with(Library lib, at::Tensor& out, const at::Tensor& a) const;
@@ -45,8 +49,16 @@ class StepGemm {
 
   GemmPrecision precision_;
   at::Tensor w_, bias_;  // the operand w, and the bias in the op's dtype
-  at::Tensor w_nk_, bias_nk_;  // wᵀ contiguous and the bias in its dtype, defined when oneDNN may run the product
+  bool onednn_ = false, mkl_ = false;  // which of oneDNN and packed MKL may run the product
+  at::Tensor w_nk_, bias_nk_;  // wᵀ contiguous and the bias in its dtype, defined when either may
   mutable Library lib_ = Library::Measure;  // chosen at the first run
+  at::Tensor packed_for(int64_t rows) const;
+  struct Packed {
+    std::mutex mutex;
+    at::Tensor weight;  // w_nk_ packed by MKL for `rows` rows of a
+    int64_t rows = -1;
+  };
+  std::shared_ptr<Packed> packed_ = std::make_shared<Packed>();
 };
 
 }  // namespace hyperfused
