@@ -177,6 +177,33 @@ void add_products(Rows<const T> a, int64_t rows, int64_t K, Rows<const T> w, int
   });
 }
 
+// `v`'s first n elements as scratch: grown when too small, never shrunk or cleared, so that the per-thread
+// buffers below (reused across steps and calls) cost nothing per step. Callers write before they read.
+template <typename T>
+T* scratch(std::vector<T>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// A thread's step-kernel scratch, kept for the thread's life: a step allocates and clears none of it (it used
+// to allocate and zero ~350 KB per thread and step at H = 256). Each storage of `ones` and `fill` holds one
+// constant for good (or_constant).
+template <typename T>
+struct ThreadScratch {
+  struct {
+    std::vector<T> scale, y, ones;
+  } forward;
+  struct {
+    std::vector<T> y, tmp, dhh, scale, dd, dy_row, dco_row, fill[4];
+  } backward;
+};
+
+template <typename T>
+ThreadScratch<T>& thread_scratch() {
+  static thread_local ThreadScratch<T> s;
+  return s;
+}
+
 // `p`, or (for an absent optional input) `n` copies of `value` held in `storage`: keeps branches out of
 // the loops so that they vectorise. A storage only ever holds one value, so it is filled once, not per row.
 template <typename T>
@@ -247,7 +274,7 @@ void cell_forward(const T* gates, const T* g_gain, const T* g_bias, const T* c_g
                   const T* __restrict c_prev, const T* __restrict mask, T forget_bias, bool ln, int64_t n,
                   T* __restrict c, T* __restrict h, T* __restrict cn, T* crstd, std::vector<T>& y,
                   std::vector<T>& ones, const T* __restrict zoneout = nullptr, const T* __restrict h_prev = nullptr) {
-  y.resize(4 * n);
+  scratch(y, 4 * n);
   apply_affine(gates, g_gain, g_bias, ln, 4 * n, y.data());
   const T *yi = y.data(), *yf = yi + n, *yg = yf + n, *yo = yg + n;
   const T* __restrict m = or_constant(mask, ones, T(1), n);
@@ -274,8 +301,8 @@ void cell_backward(const T* gates, const T* g_gain, const T* g_bias, const T* c_
                    const T* __restrict dh_b, const T* __restrict dc_out, T* __restrict dc_carry,
                    T* __restrict dcout, T* __restrict dy, T* __restrict da, std::vector<T>& y, std::vector<T>& tmp,
                    std::vector<T> (&fill)[4], const T* __restrict zoneout = nullptr, T* __restrict dh_zone = nullptr) {
-  y.resize(4 * n);
-  tmp.resize(n);
+  scratch(y, 4 * n);
+  scratch(tmp, n);
   const T* __restrict m = or_constant(mask, fill[0], T(1), n);
   const T* __restrict dha = or_constant(dh_a, fill[1], T(0), n);
   const T* __restrict dhb = or_constant(dh_b, fill[2], T(0), n);
@@ -357,7 +384,8 @@ void forward_rows(const ForwardStep& s) {
   const T fb = T(s.forget_bias);
   const bool hyper = s.phase != StepPhase::Main, main = s.phase != StepPhase::Hyper;
   at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> scale(kChunkRows * 12 * H), y, ones;
+    auto& [scale, y, ones] = thread_scratch<T>().forward;
+    scratch(scale, kChunkRows * 12 * H);
     for (int64_t c0 = b0; c0 < b1; c0 += kChunkRows) {
       const int64_t c1 = std::min(b1, c0 + kChunkRows);
       for (int64_t b = c0; b < c1 && hyper; ++b) {  // Hyper LN-LSTM on [x_t ; h_{t-1}].
@@ -471,12 +499,14 @@ void backward_rows(const BackwardStep& s) {
   const AccumLayout A(d);
   const bool hyper = s.phase != StepPhase::Main, main = s.phase != StepPhase::Hyper;
   at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> y, tmp, dhh(kChunkRows * Hh), scale(kChunkRows * 8 * H), dd(kChunkRows * 8 * H), fill[4],
-        dy_row, dco_row;
+    auto& [y, tmp, dhh, scale, dd, dy_row, dco_row, fill] = thread_scratch<T>().backward;
+    scratch(dhh, kChunkRows * Hh);
+    scratch(scale, kChunkRows * 8 * H);
+    scratch(dd, kChunkRows * 8 * H);
     T* acc = s.accum ? static_cast<T*>(s.accum) + at::get_thread_num() * A.width : nullptr;
     if (acc) {  // dy and dcout only feed this row's sums: scratch, not workspace rows
-      dy_row.resize(4 * H);
-      dco_row.resize(H);
+      scratch(dy_row, 4 * H);
+      scratch(dco_row, H);
     }
     for (int64_t c0 = b0; c0 < b1; c0 += kChunkRows) {
       const int64_t c1 = std::min(b1, c0 + kChunkRows), rows = c1 - c0;
