@@ -16,6 +16,7 @@
 //   void sync()                     __syncthreads(): every thread of the block must reach it
 //   T reduce(T v, bool group)       the sum of v over the block (or over this thread's group), in every thread
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "hyper_lstm_kernels.h"
@@ -23,7 +24,6 @@
 #if defined(__CUDACC__)
 #define HF_SIMT __device__ __forceinline__
 #else
-#include <cmath>
 #define HF_SIMT inline
 #endif
 
