@@ -6,13 +6,14 @@
 // Each CUDA thread is a fiber (ucontext) on the calling thread. The blocks of a launch run one after
 // another, and within a block every thread runs up to its next barrier before any thread passes it, in
 // ascending thread order (or descending, to expose a read that depends on which thread wrote first). A
-// barrier that some threads skip, which is undefined on a GPU, is an error here.
+// barrier that some threads skip or reach more often than others, undefined on a GPU, is an error here.
 //
 // HYPERFUSED_EMULATE_CUDA = "<multiprocessors>[,reverse]": the emulated GPU's multiprocessor count, which
 // picks the launch configuration as the CUDA launch does (simt::step_groups).
 #include <c10/util/Exception.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -56,7 +57,7 @@ class Block {
   static constexpr size_t kStackBytes = 64 * 1024;
 
   Block(int64_t threads, int groups, bool reverse, size_t shared_bytes)
-      : threads_(threads), groups_(groups), reverse_(reverse), ctx_(threads), state_(threads),
+      : threads_(threads), groups_(groups), reverse_(reverse), ctx_(threads), state_(threads), barriers_(threads),
         stacks_(new char[threads * kStackBytes]), red_(threads), shared_((shared_bytes + 7) / 8) {}
 
   // Runs body(thread) for every thread of block `row` to completion.
@@ -70,6 +71,7 @@ class Block {
       ctx_[t].uc_link = &scheduler_;
       makecontext(&ctx_[t], &Block::entry, 0);
       state_[t] = Fiber::Ready;
+      barriers_[t] = 0;
     }
     for (;;) {
       int64_t done = 0;
@@ -84,6 +86,13 @@ class Block {
         swapcontext(&scheduler_, &ctx_[t]);
         done += state_[t] == Fiber::Done;
       }
+      // Every thread has passed as many barriers as every other (and ends after the same number): a
+      // __syncthreads() that only some threads reach, or that they reach a different number of times, is
+      // undefined on a GPU.
+      const auto [lo, hi] = std::minmax_element(barriers_.begin(), barriers_.end());
+      TORCH_CHECK(*lo == *hi, "hyperfused (CUDA emulator): in block ", row, ", threads ",
+                  lo - barriers_.begin(), " and ", hi - barriers_.begin(), " have reached ", *lo, " and ", *hi,
+                  " barriers (a __syncthreads() not every thread reaches)");
       if (done == threads_) return;
       TORCH_CHECK(done == 0, "hyperfused (CUDA emulator): in block ", row, ", ", done, " of ", threads_,
                   " threads finished while the others wait at a barrier (a __syncthreads() not every thread "
@@ -96,6 +105,7 @@ class Block {
   int64_t row() const { return row_; }
   void sync(int64_t t) {
     state_[t] = Fiber::AtBarrier;
+    ++barriers_[t];
     swapcontext(&ctx_[t], &scheduler_);
   }
   double* red() { return red_.data(); }
@@ -117,6 +127,7 @@ class Block {
   ucontext_t scheduler_;
   std::vector<ucontext_t> ctx_;
   std::vector<Fiber> state_;
+  std::vector<int64_t> barriers_;  // barriers each thread has reached
   std::unique_ptr<char[]> stacks_;
   std::vector<double> red_;     // one slot per thread: the reductions' shared memory
   std::vector<double> shared_;  // the launch's dynamic shared memory (8-byte aligned)
