@@ -1,12 +1,13 @@
 """A small forward+backward of every fused GPU path, for compute-sanitizer (memcheck, racecheck, initcheck,
-synccheck) to watch: HyperLSTM with layer norm on and off, with and without masks, at an odd size, and the
-static hypernetwork's kernel generation.
+synccheck) to watch: HyperLSTM with layer norm on and off, with and without masks, at an odd size (CUDA: in
+both launch shapes), and the static hypernetwork's kernel generation.
 
     compute-sanitizer --tool initcheck python -m benchmarks.gpu_smoke --backend cuda
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -16,12 +17,16 @@ import hyperfused
 
 def run(backend: str) -> None:
     torch.manual_seed(0)
-    for layer_norm in (True, False):
-        for dropout in (0.0, 0.3):
-            m = hyperfused.HyperLSTM(5, 37, hyper_size=20, hyper_embed=4, layer_norm=layer_norm,
-                                     recurrent_dropout=dropout, backend=backend, device="cuda")
-            out, state = m(torch.randn(3, 2, 5, device="cuda"))
-            (out.sum() + state.hyper_c.sum()).backward()
+    # CUDA: both launch shapes of the step kernels (a small batch gets four thread groups per row; one forced)
+    for groups in (("", "1") if backend == "cuda" else ("",)):
+        os.environ["HYPERFUSED_CUDA_THREAD_GROUPS"] = groups
+        for layer_norm in (True, False):
+            for dropout in (0.0, 0.3):
+                m = hyperfused.HyperLSTM(5, 37, hyper_size=20, hyper_embed=4, layer_norm=layer_norm,
+                                         recurrent_dropout=dropout, backend=backend, device="cuda")
+                out, state = m(torch.randn(3, 2, 5, device="cuda"))
+                (out.sum() + state.hyper_c.sum()).backward()
+    os.environ.pop("HYPERFUSED_CUDA_THREAD_GROUPS")
     net = hyperfused.StaticHyperNetwork(4, 4, 4, 3, backend=backend, device="cuda")
     convs = [hyperfused.HyperConv2d(8, 8, 3, hypernet=net, device="cuda"),
              hyperfused.HyperConv2d(4, 8, 3, hypernet=net, device="cuda")]
