@@ -12,8 +12,19 @@ HAS_TRITON = "triton" in hyperfused.available_backends()
 DEVICE = "cuda" if HAS_GPU else "cpu"
 ops = torch.ops.hyperfused
 
-# (op family, device): the C++ ops on the CPU (and the GPU where there is one), the Triton ops on DEVICE.
-LSTM_CASES = [("cpp", "cpu")] + ([("cpp", "cuda")] if HAS_GPU else []) + ([("triton", DEVICE)] if HAS_TRITON else [])
+# (op family, device): the C++ ops on the CPU (and the GPU where there is one), the same ops on the CPU running
+# the CUDA backend's configuration and kernel code under the SIMT emulator ("cpp-emulated-cuda": its outputs'
+# shapes must match the fakes as the GPU's do), the Triton ops on DEVICE.
+CPP_CASES = [("cpp", "cpu"), ("cpp-emulated-cuda", "cpu")] + ([("cpp", "cuda")] if HAS_GPU else [])
+LSTM_CASES = CPP_CASES + ([("triton", DEVICE)] if HAS_TRITON else [])
+
+
+@pytest.fixture(autouse=True)
+def _emulate_cuda_for_its_family(request, monkeypatch):
+    """The cpp-emulated-cuda cases run with HYPERFUSED_EMULATE_CUDA set (an H200's 132 multiprocessors)."""
+    family = getattr(request.node, "callspec", None) and request.node.callspec.params.get("family")
+    if family == "cpp-emulated-cuda":
+        monkeypatch.setenv("HYPERFUSED_EMULATE_CUDA", "132")
 
 
 def _skip_unless_built(family):
@@ -43,8 +54,8 @@ def _lstm_args(device, layer_norm, masks, dtype):
 @pytest.mark.parametrize("layer_norm, masks", [(True, False), (False, True)], ids=["ln", "noln-dropout-zoneout"])
 def test_opcheck_hyper_lstm(family, device, layer_norm, masks):
     _skip_unless_built(family)
-    dtype = torch.float64 if family == "cpp" else torch.float32
-    fwd, bwd = (ops.hyper_lstm_forward, ops.hyper_lstm_backward) if family == "cpp" else \
+    dtype = torch.float64 if family != "triton" else torch.float32
+    fwd, bwd = (ops.hyper_lstm_forward, ops.hyper_lstm_backward) if family != "triton" else \
         (ops.hyper_lstm_triton_forward, ops.hyper_lstm_triton_backward)
     args = _lstm_args(device, layer_norm, masks, dtype)
     torch.library.opcheck(fwd, args)
@@ -68,7 +79,7 @@ def test_opcheck_hyper_lstm(family, device, layer_norm, masks):
 def test_opcheck_hyper_lstm_with_low_precision_gemms(family, device):
     """gemm_dtype (bfloat16 GEMM operands, float32 everywhere else) through the schema, fakes and autograd."""
     _skip_unless_built(family)
-    fwd, bwd = (ops.hyper_lstm_forward, ops.hyper_lstm_backward) if family == "cpp" else \
+    fwd, bwd = (ops.hyper_lstm_forward, ops.hyper_lstm_backward) if family != "triton" else \
         (ops.hyper_lstm_triton_forward, ops.hyper_lstm_triton_backward)
     args = _lstm_args(device, True, False, torch.float32)
     torch.library.opcheck(fwd, args, {"gemm_dtype": torch.bfloat16})
@@ -82,28 +93,28 @@ def test_opcheck_hyper_lstm_with_low_precision_gemms(family, device):
         fwd(*args, gemm_dtype=torch.float64)
 
 
-GEN_CASES = [("cpp", "cpu")] + ([("cpp", "cuda")] if HAS_GPU else []) + ([("triton", DEVICE)] if HAS_TRITON else [])
+GEN_CASES = CPP_CASES + ([("triton", DEVICE)] if HAS_TRITON else [])
 
 
 @pytest.mark.parametrize("family, device", GEN_CASES, ids=lambda v: v)
 def test_opcheck_generate_kernels(family, device):
     _skip_unless_built(family)
-    dtype = torch.float64 if family == "cpp" else torch.float32
+    dtype = torch.float64 if family != "triton" else torch.float32
     net = randomize_(hyperfused.StaticHyperNetwork(3, 2, 3, 3, dtype=dtype, device=device))
     meta, _, numel = hyperfused.ops.tile_layout([(6, 2), (3, 4)], 3, 2, 3)
     meta = meta.to(device)
     z = torch.randn(meta.shape[0], 3, dtype=dtype, device=device, requires_grad=True)
     params = [p.detach().clone().requires_grad_() for p in (net.w_in, net.b_in, net.w_out, net.b_out)]
-    fwd, bwd = (ops.generate_kernels, ops.generate_kernels_backward) if family == "cpp" else \
+    fwd, bwd = (ops.generate_kernels, ops.generate_kernels_backward) if family != "triton" else \
         (ops.generate_kernels_triton, ops.generate_kernels_triton_backward)
     torch.library.opcheck(fwd, [z, *params, meta, numel, 3])
     grad = torch.randn(numel, dtype=dtype, device=device)
     torch.library.opcheck(bwd, [grad, z.detach(), *(p.detach() for p in params[:3]), meta, 3])
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_GPU else []))
+@pytest.mark.parametrize("family, device", CPP_CASES, ids=lambda v: v)
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
-def test_opcheck_hyper_lstm_step(device, layer_norm):
+def test_opcheck_hyper_lstm_step(family, device, layer_norm):
     """The decoding step: opcheck, and bit for bit the sequence op's T = 1 forward."""
     _skip_unless_built("cpp")
     args = _lstm_args(device, layer_norm, False, torch.float64)
