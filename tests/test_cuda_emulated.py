@@ -110,6 +110,16 @@ def test_emulation_runs_the_cuda_configuration(emulated):
     assert len([e for e in prof.events() if e.name == "aten::bmm"]) == 3  # d, one per step
 
 
+@pytest.mark.parametrize("masks", [False, True], ids=["plain", "masks"])
+def test_emulated_cuda_inference_saves_nothing_and_computes_the_same(masks, emulated):
+    """save_for_backward=False in the CUDA configuration: one step's scratch reused, the same outputs bit for bit
+    (the GPU test of test_hyper_lstm_fused, on the emulator)."""
+    from test_hyper_lstm_fused import test_inference_forward_saves_nothing_and_computes_the_same as check
+
+    emulated("132")
+    check("cpu", (5, 3, 7, 37, 20, 4), masks)
+
+
 @pytest.mark.parametrize("gpu, groups", [("132", "1"), ("1", "4")])
 def test_forced_thread_groups_match_the_reference(gpu, groups, emulated, monkeypatch):
     """HYPERFUSED_CUDA_THREAD_GROUPS fixes the launch shape against the batch rule (to time both on a GPU)."""
