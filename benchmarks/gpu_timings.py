@@ -3,7 +3,8 @@ the GEMMs-alone floor, at the paper's size with a large and a small batch, under
 settings (TF32 on and off) and under bfloat16 autocast (the fused ops' GEMMs in bfloat16 with float32
 states; nn.LSTM's cuDNN in bfloat16), with the launches and the host time per step. In float32 each of
 nn.LSTM and the fused backends is timed a second time with its whole forward and backward captured once as
-a CUDA graph and replayed (torch.cuda.make_graphed_callables): graphs on against graphs off.
+a CUDA graph and replayed (torch.cuda.make_graphed_callables): graphs on against graphs off; with TF32 off
+the CUDA backend also runs in the launch shape its batch does not get (HYPERFUSED_CUDA_THREAD_GROUPS).
 
     python -m benchmarks.gpu_timings --json out.json [--configs 100,128,128,1000 100,8,128,1000 ...]
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -56,6 +58,33 @@ class _Autocast:
     def fwd_bwd(self):
         with torch.autocast("cuda", dtype=self.dtype):
             self.row.fwd_bwd()
+
+
+class WithEnv:
+    """A row run with one environment variable set for its calls (and restored after each): the CUDA backend
+    with a fixed launch shape (HYPERFUSED_CUDA_THREAD_GROUPS), beside the shape its batch rule picks."""
+
+    def __init__(self, row, name: str, var: str, value: str):
+        self.row, self.name, self.var, self.value = row, name, var, value
+
+    def fwd_bwd(self):
+        old = os.environ.get(self.var)
+        os.environ[self.var] = self.value
+        try:
+            self.row.fwd_bwd()
+        finally:
+            if old is None:
+                del os.environ[self.var]
+            else:
+                os.environ[self.var] = old
+
+
+def other_launch_shapes(rows, cfg: Config, multiprocessors: int) -> list:
+    """The fused CUDA row again with the launch shape its batch does not get: one thread group of 256 per row
+    where the rule gives four (B < 2 x multiprocessors), four where it gives one."""
+    groups = "1" if cfg.B < 2 * multiprocessors else "4"
+    return [WithEnv(r, f"{r.name}, {groups} thread group{'s' if groups == '4' else ''} per row",
+                    "HYPERFUSED_CUDA_THREAD_GROUPS", groups) for r in rows if r.name == "hyperfused cuda"]
 
 
 class OutputOnly(torch.nn.Module):
@@ -102,6 +131,8 @@ def time_config(cfg: Config, device, repeats: int, tf32: bool, autocast=None) ->
         rows = [_Autocast(r, autocast) for r in rows if not r.name.startswith("HyperLSTM GEMMs alone")]
     else:
         graphed, errors = graphed_rows(cfg, device)
+        if not tf32:
+            rows += other_launch_shapes(rows, cfg, torch.cuda.get_device_properties(device).multi_processor_count)
         rows += graphed
     samples = {r.name: Samples() for r in rows}
     for r in rows:
@@ -131,7 +162,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     configs = [Config.parse(c) for c in args.configs]
     meta = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
-                cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None)
+                cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+                multiprocessors=torch.cuda.get_device_properties(0).multi_processor_count
+                if torch.cuda.is_available() else None)
     result = dict(meta=meta, records=[])
 
     def save():

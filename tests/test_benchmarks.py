@@ -115,3 +115,30 @@ def test_step_gemm_benchmark_checks_and_times_every_library(capsys):
     assert line.startswith("   3 x     5 x     7: at::mm")
     if torch.backends.mkl.is_available():
         assert "packed MKL" in line
+
+
+def test_gpu_timings_times_the_other_cuda_launch_shape_with_the_setting_restored(monkeypatch):
+    """The CUDA row runs again with HYPERFUSED_CUDA_THREAD_GROUPS set to the shape its batch does not get, set
+    only during its calls."""
+    import os
+
+    from benchmarks import gpu_timings
+    from benchmarks.hyper_lstm import Config
+
+    seen = []
+
+    class Row:
+        name = "hyperfused cuda"
+
+        def fwd_bwd(self):
+            seen.append(os.environ.get("HYPERFUSED_CUDA_THREAD_GROUPS"))
+
+    monkeypatch.delenv("HYPERFUSED_CUDA_THREAD_GROUPS", raising=False)
+    small, large = (Config.parse(c) for c in ("100,8,128,1000", "100,512,128,1000"))
+    (row,) = gpu_timings.other_launch_shapes([Row(), type("Other", (), {"name": "nn.LSTM"})()], small, 132)
+    row.fwd_bwd()
+    assert row.name == "hyperfused cuda, 1 thread group per row" and seen == ["1"]
+    assert "HYPERFUSED_CUDA_THREAD_GROUPS" not in os.environ
+    (row,) = gpu_timings.other_launch_shapes([Row()], large, 132)
+    row.fwd_bwd()
+    assert row.name == "hyperfused cuda, 4 thread groups per row" and seen == ["1", "4"]
