@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -24,7 +23,7 @@ import torch
 
 import hyperfused
 
-from .hyper_lstm import Config, Row, make_rows
+from .hyper_lstm import Config, Row, make_rows, with_env
 from .timing import Samples, peak_memory_mb, timed
 
 DEFAULT_CONFIGS = ["100,128,128,1000", "100,8,128,1000", "100,128,128,1000,128,64"]
@@ -65,18 +64,7 @@ class WithEnv:
     with a fixed launch shape (HYPERFUSED_CUDA_THREAD_GROUPS), beside the shape its batch rule picks."""
 
     def __init__(self, row, name: str, var: str, value: str):
-        self.row, self.name, self.var, self.value = row, name, var, value
-
-    def fwd_bwd(self):
-        old = os.environ.get(self.var)
-        os.environ[self.var] = self.value
-        try:
-            self.row.fwd_bwd()
-        finally:
-            if old is None:
-                del os.environ[self.var]
-            else:
-                os.environ[self.var] = old
+        self.name, self.fwd_bwd = name, with_env(var, value, row.fwd_bwd)
 
 
 def other_launch_shapes(rows, cfg: Config, multiprocessors: int) -> list:

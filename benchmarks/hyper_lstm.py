@@ -175,16 +175,22 @@ def _under_autocast(forward):
     return run
 
 
-def _with_step_design(design: str, forward):
-    """forward with HYPERFUSED_STEP_DESIGN=design during the call (the C++ driver reads it at every call)."""
-    def run(x):
-        old = os.environ.get("HYPERFUSED_STEP_DESIGN")
-        os.environ["HYPERFUSED_STEP_DESIGN"] = design
+def with_env(var: str, value: str, fn):
+    """fn with the environment variable var set to value during each call, restored after (the C++ driver
+    reads its settings at every call)."""
+    def run(*args):
+        old = os.environ.get(var)
+        os.environ[var] = value
         try:
-            return forward(x)
+            return fn(*args)
         finally:
             if old is None:
-                del os.environ["HYPERFUSED_STEP_DESIGN"]
+                del os.environ[var]
             else:
-                os.environ["HYPERFUSED_STEP_DESIGN"] = old
+                os.environ[var] = old
     return run
+
+
+def _with_step_design(design: str, forward):
+    """forward with HYPERFUSED_STEP_DESIGN=design during the call."""
+    return with_env("HYPERFUSED_STEP_DESIGN", design, forward)
