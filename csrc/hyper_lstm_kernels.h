@@ -2,6 +2,7 @@
 // loop) and the fused per-step kernels (cpu/, cuda/). Only raw pointers cross it, so the .cu file needs no
 // torch headers and compiles in seconds.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "hd.h"
@@ -169,6 +170,41 @@ struct BackwardStep {
   int thread_groups = 0;            // as in ForwardStep
 };
 
+// StepParams' pointers typed as the kernels' T, with the scaling and embedding weights' rows (the CPU and CUDA
+// kernels both read the parameters through it).
+template <typename T>
+struct Ptrs {
+  const T *bias, *zw, *zwt, *swt, *zb, *bzw, *sw, *bsw, *lnw, *lnb, *lncw, *lncb, *hlnw, *hlnb, *hlncw, *hlncb;
+  HF_HD explicit Ptrs(const StepParams& p)
+      : bias(static_cast<const T*>(p.bias)), zw(static_cast<const T*>(p.z_weight)),
+        zwt(static_cast<const T*>(p.z_weight_t)), swt(static_cast<const T*>(p.scale_weight_t)),
+        zb(static_cast<const T*>(p.z_bias)), bzw(static_cast<const T*>(p.bias_z_weight)),
+        sw(static_cast<const T*>(p.scale_weight)), bsw(static_cast<const T*>(p.bias_scale_weight)),
+        lnw(static_cast<const T*>(p.ln_weight)), lnb(static_cast<const T*>(p.ln_bias)),
+        lncw(static_cast<const T*>(p.ln_cell_weight)), lncb(static_cast<const T*>(p.ln_cell_bias)),
+        hlnw(static_cast<const T*>(p.hyper_ln_weight)), hlnb(static_cast<const T*>(p.hyper_ln_bias)),
+        hlncw(static_cast<const T*>(p.hyper_ln_cell_weight)), hlncb(static_cast<const T*>(p.hyper_ln_cell_bias)) {}
+  HF_HD const T* scale_row(int k, int64_t r, const Dims& d) const {
+    return k < 2 ? sw + (k * 4 * d.H + r) * d.Nz : bsw + r * d.Nz;
+  }
+  HF_HD const T* z_row(int64_t k, const Dims& d) const {
+    return k < 8 * d.Nz ? zw + k * d.Hh : bzw + (k - 8 * d.Nz) * d.Hh;
+  }
+  // d_kind[r] from the transposed scale weights, so that threads with consecutive r read consecutive memory.
+  HF_HD T scale(int kind, int64_t r, const T* z, const Dims& d) const {
+    const int64_t y = r / d.H, h = r % d.H, q0 = (kind * 4 + y) * d.Nz;
+    T acc = 0;
+    for (int64_t m = 0; m < d.Nz; ++m) acc += swt[(q0 + m) * d.H + h] * z[q0 + m];
+    return acc;
+  }
+};
+
+// Row b of a (B, width) tensor, or null for an absent optional one.
+template <typename T>
+HF_HD const T* row_of(const void* base, int64_t b, int64_t width) {
+  return base ? static_cast<const T*>(base) + b * width : nullptr;
+}
+
 void forward_step_cpu(const ForwardStep& s);
 void backward_step_cpu(const BackwardStep& s);
 // The CUDA launches return the launch's cudaError_t as an int (0: launched); the registration code checks
@@ -184,7 +220,11 @@ void backward_step_emulated(const BackwardStep& s);
 // Pointwise math shared by the CPU and CUDA kernels.
 template <typename T>
 HF_HD T sigmoid_(T x) {
+#if defined(__CUDA_ARCH__)
   return T(1) / (T(1) + exp(-x));
+#else
+  return T(1) / (T(1) + std::exp(-x));
+#endif
 }
 
 // The LSTM cell, one unit, written once for the CPU and CUDA kernels. `A` supplies the activations (A::sig,

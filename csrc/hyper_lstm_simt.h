@@ -40,13 +40,7 @@ HF_HD int step_groups(int64_t rows, int multiprocessors) { return rows < 2 * int
 // The activations the shared cell math (hyper_lstm_kernels.h) uses here.
 struct Act {
   template <typename T>
-  static HF_HD T sig(T x) {
-#if defined(__CUDA_ARCH__)
-    return sigmoid_(x);
-#else
-    return T(1) / (T(1) + std::exp(-x));
-#endif
-  }
+  static HF_HD T sig(T x) { return sigmoid_(x); }
   template <typename T>
   static HF_HD T tanh(T x) {
 #if defined(__CUDA_ARCH__)
@@ -162,38 +156,6 @@ HF_SIMT void cell_backward(Blk& blk, const T* gates, const T* gg, const T* gb, c
     for (int64_t j = blk.tid(); j < 4 * n; j += blk.threads()) da[j] = dy[j];
   }
   blk.sync();
-}
-
-template <typename T>
-struct Ptrs {
-  const T *bias, *zw, *zwt, *swt, *zb, *bzw, *sw, *bsw, *lnw, *lnb, *lncw, *lncb, *hlnw, *hlnb, *hlncw, *hlncb;
-  HF_HD explicit Ptrs(const StepParams& p)
-      : bias(static_cast<const T*>(p.bias)), zw(static_cast<const T*>(p.z_weight)),
-        zwt(static_cast<const T*>(p.z_weight_t)), swt(static_cast<const T*>(p.scale_weight_t)),
-        zb(static_cast<const T*>(p.z_bias)), bzw(static_cast<const T*>(p.bias_z_weight)),
-        sw(static_cast<const T*>(p.scale_weight)), bsw(static_cast<const T*>(p.bias_scale_weight)),
-        lnw(static_cast<const T*>(p.ln_weight)), lnb(static_cast<const T*>(p.ln_bias)),
-        lncw(static_cast<const T*>(p.ln_cell_weight)), lncb(static_cast<const T*>(p.ln_cell_bias)),
-        hlnw(static_cast<const T*>(p.hyper_ln_weight)), hlnb(static_cast<const T*>(p.hyper_ln_bias)),
-        hlncw(static_cast<const T*>(p.hyper_ln_cell_weight)), hlncb(static_cast<const T*>(p.hyper_ln_cell_bias)) {}
-  HF_HD const T* scale_row(int k, int64_t r, const Dims& d) const {
-    return k < 2 ? sw + (k * 4 * d.H + r) * d.Nz : bsw + r * d.Nz;
-  }
-  HF_HD const T* z_row(int64_t k, const Dims& d) const {
-    return k < 8 * d.Nz ? zw + k * d.Hh : bzw + (k - 8 * d.Nz) * d.Hh;
-  }
-  // d_kind[r] from the transposed scale weights, so that threads with consecutive r read consecutive memory.
-  HF_HD T scale(int kind, int64_t r, const T* z, const Dims& d) const {
-    const int64_t y = r / d.H, h = r % d.H, q0 = (kind * 4 + y) * d.Nz;
-    T acc = 0;
-    for (int64_t m = 0; m < d.Nz; ++m) acc += swt[(q0 + m) * d.H + h] * z[q0 + m];
-    return acc;
-  }
-};
-
-template <typename T>
-HF_HD const T* row_of(const void* base, int64_t b, int64_t width) {
-  return base ? static_cast<const T*>(base) + b * width : nullptr;
 }
 
 // The hyper cell forward for row b: ĥ_t, ĉ_t and their workspace slots.

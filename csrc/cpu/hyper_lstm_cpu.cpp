@@ -336,23 +336,6 @@ void cell_backward(const T* gates, const T* g_gain, const T* g_bias, const T* c_
   }
 }
 
-template <typename T>
-struct Ptrs {
-  const T *bias, *zb, *zw, *bzw, *sw, *bsw, *zwt, *swt, *lnw, *lnb, *lncw, *lncb, *hlnw, *hlnb, *hlncw, *hlncb;
-  explicit Ptrs(const StepParams& p)
-      : bias(cast(p.bias)), zb(cast(p.z_bias)), zw(cast(p.z_weight)), bzw(cast(p.bias_z_weight)),
-        sw(cast(p.scale_weight)), bsw(cast(p.bias_scale_weight)), zwt(cast(p.z_weight_t)),
-        swt(cast(p.scale_weight_t)), lnw(cast(p.ln_weight)), lnb(cast(p.ln_bias)), lncw(cast(p.ln_cell_weight)),
-        lncb(cast(p.ln_cell_bias)), hlnw(cast(p.hyper_ln_weight)), hlnb(cast(p.hyper_ln_bias)),
-        hlncw(cast(p.hyper_ln_cell_weight)), hlncb(cast(p.hyper_ln_cell_bias)) {}
-  static const T* cast(const void* v) { return static_cast<const T*>(v); }
-};
-
-template <typename T>
-const T* row_of(const void* base, int64_t b, int64_t width) {
-  return base ? static_cast<const T*>(base) + b * width : nullptr;
-}
-
 // The batch rows one thread handles together: two tiles, so the projections' weights are read once per
 // tile and the per-row scratch (12H per row) stays in cache.
 constexpr int64_t kChunkRows = 2 * kTileRows;
