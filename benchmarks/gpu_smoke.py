@@ -7,26 +7,29 @@ both launch shapes), and the static hypernetwork's kernel generation.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
 import hyperfused
 
+from .hyper_lstm import with_env
+
+
+def lstm_cases(backend: str) -> None:
+    for layer_norm in (True, False):
+        for dropout in (0.0, 0.3):
+            m = hyperfused.HyperLSTM(5, 37, hyper_size=20, hyper_embed=4, layer_norm=layer_norm,
+                                     recurrent_dropout=dropout, backend=backend, device="cuda")
+            out, state = m(torch.randn(3, 2, 5, device="cuda"))
+            (out.sum() + state.hyper_c.sum()).backward()
+
 
 def run(backend: str) -> None:
     torch.manual_seed(0)
-    # CUDA: both launch shapes of the step kernels (a small batch gets four thread groups per row; one forced)
-    for groups in (("", "1") if backend == "cuda" else ("",)):
-        os.environ["HYPERFUSED_CUDA_THREAD_GROUPS"] = groups
-        for layer_norm in (True, False):
-            for dropout in (0.0, 0.3):
-                m = hyperfused.HyperLSTM(5, 37, hyper_size=20, hyper_embed=4, layer_norm=layer_norm,
-                                         recurrent_dropout=dropout, backend=backend, device="cuda")
-                out, state = m(torch.randn(3, 2, 5, device="cuda"))
-                (out.sum() + state.hyper_c.sum()).backward()
-    os.environ.pop("HYPERFUSED_CUDA_THREAD_GROUPS")
+    lstm_cases(backend)
+    if backend == "cuda":  # the other launch shape: this batch gets four thread groups per row, then one
+        with_env("HYPERFUSED_CUDA_THREAD_GROUPS", "1", lstm_cases)(backend)
     net = hyperfused.StaticHyperNetwork(4, 4, 4, 3, backend=backend, device="cuda")
     convs = [hyperfused.HyperConv2d(8, 8, 3, hypernet=net, device="cuda"),
              hyperfused.HyperConv2d(4, 8, 3, hypernet=net, device="cuda")]
