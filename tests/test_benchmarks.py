@@ -114,7 +114,7 @@ def test_step_gemm_benchmark_checks_and_times_every_library(capsys):
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("   3 x     5 x     7: at::mm")
     if torch.backends.mkl.is_available():
-        assert "packed MKL" in line
+        assert "MKL packed, into out" in line and "MKL bf16" in line
 
 
 def test_gpu_timings_times_the_other_cuda_launch_shape_with_the_setting_restored(monkeypatch):

@@ -79,7 +79,8 @@ def test_emulated_cuda_recurrent_dropout(gpu, emulated):
 def test_emulated_cuda_decode_step(emulated, monkeypatch):
     """The decode op (hyperfused::hyper_lstm_step: a cell stepped from its own state under no_grad) runs the same
     kernels."""
-    ref = randomize_(hyperfused.HyperLSTMCell(5, 300, hyper_size=20, hyper_embed=5, dtype=torch.float64))
+    ref = randomize_(hyperfused.HyperLSTMCell(5, 300, hyper_size=20, hyper_embed=5, dtype=torch.float64,
+                                              backend="reference"))
     cell = hyperfused.HyperLSTMCell(5, 300, hyper_size=20, hyper_embed=5, dtype=torch.float64, backend="cpu")
     cell.load_state_dict(ref.state_dict())
     calls = []

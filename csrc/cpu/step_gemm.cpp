@@ -3,15 +3,19 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace hyperfused {
@@ -31,26 +35,63 @@ const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
   return handle ? &*handle : nullptr;
 }
 
-using MklLinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                               int64_t);
-using MklReorderFn = at::Tensor(const at::Tensor&, int64_t);
-
-// mkl::_mkl_linear(input, packed weight, weight (N, K), bias?, batch_size) and
-// mkl::_mkl_reorder_linear_weight(weight (N, K), batch_size): MKL's sgemm with the weight packed once for
-// a batch size (cblas_sgemm_pack), instead of packed again on every call. Absent without MKL.
-struct MklPacked {
-  c10::TypedOperatorHandle<MklLinearFn> linear;
-  c10::TypedOperatorHandle<MklReorderFn> reorder;
+// MKL's CBLAS entry points (LP64: 32-bit MKL_INT), looked up at run time in the library holding ATen's CPU
+// kernels, which links MKL in and exports them when torch is built with MKL; null otherwise. Called directly
+// rather than through torch's mkl::_mkl_linear so that the product lands in `out` (a step's slice of the
+// saved g, say) with the caller's row strides: that op returns a fresh tensor, which cost an allocation and a
+// copy per step, as long as the GEMM itself at B = 8.
+enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
+struct MklBlas {
+  size_t (*sgemm_pack_get_size)(int identifier, int m, int n, int k);
+  void (*sgemm_pack)(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                     int ld, float* dest);
+  void (*sgemm_compute)(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                        const float* b, int ldb, float beta, float* c, int ldc);
+  // bfloat16 operands (raw 16-bit values), float32 accumulation and result
+  void (*gemm_bf16bf16f32)(int layout, int transa, int transb, int m, int n, int k, float alpha, const void* a,
+                           int lda, const void* b, int ldb, float beta, float* c, int ldc);
 };
 
-const MklPacked* mkl_packed() {
-  static const auto ops = []() -> std::optional<MklPacked> {
-    const auto linear = c10::Dispatcher::singleton().findSchema({"mkl::_mkl_linear", ""});
-    const auto reorder = c10::Dispatcher::singleton().findSchema({"mkl::_mkl_reorder_linear_weight", ""});
-    if (!linear || !reorder) return std::nullopt;
-    return MklPacked{linear->typed<MklLinearFn>(), reorder->typed<MklReorderFn>()};
+const MklBlas* mkl_blas() {
+  static const auto blas = []() -> std::optional<MklBlas> {
+    Dl_info info{};
+    // any function defined in libtorch_cpu locates it
+    if (!dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) || !info.dli_fname) return std::nullopt;
+    void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+    if (!lib) return std::nullopt;
+    MklBlas b{};
+    const std::pair<void**, const char*> symbols[] = {
+        {reinterpret_cast<void**>(&b.sgemm_pack_get_size), "cblas_sgemm_pack_get_size"},
+        {reinterpret_cast<void**>(&b.sgemm_pack), "cblas_sgemm_pack"},
+        {reinterpret_cast<void**>(&b.sgemm_compute), "cblas_sgemm_compute"},
+        {reinterpret_cast<void**>(&b.gemm_bf16bf16f32), "cblas_gemm_bf16bf16f32"}};
+    bool found = true;
+    for (const auto& [fn, name] : symbols) found = (*fn = dlsym(lib, name)) != nullptr && found;
+    dlclose(lib);  // RTLD_NOLOAD took a reference to a library that stays loaded; give it back
+    if (!found) return std::nullopt;
+    return b;
   }();
-  return ops ? &*ops : nullptr;
+  return blas ? &*blas : nullptr;
+}
+
+// a (m, K) rounded to bfloat16 as a contiguous (m, K) block in this thread's scratch, valid until its next
+// call: a plain loop, where at::Tensor::to took ~50 µs per step at B = 32 (a dispatch, an allocation, and a
+// copy kernel parallelised over the threads the GEMM had just left).
+const c10::BFloat16* to_bfloat16(const at::Tensor& a) {
+  static thread_local std::vector<c10::BFloat16> scratch;
+  const int64_t m = a.size(0), k = a.size(1), lda = a.stride(0);
+  if (int64_t(scratch.size()) < m * k) scratch.resize(m * k);
+  const float* src = a.data_ptr<float>();
+  c10::BFloat16* __restrict dst = scratch.data();
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < k; ++j) dst[i * k + j] = c10::BFloat16(src[i * lda + j]);  // round to nearest even
+  return scratch.data();
+}
+
+// MKL's LP64 interface takes sizes as int.
+int mkl_int(int64_t v) {
+  TORCH_CHECK(v <= std::numeric_limits<int>::max(), "hyperfused: a GEMM dimension (", v, ") exceeds MKL's int");
+  return static_cast<int>(v);
 }
 
 }  // namespace
@@ -86,9 +127,9 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
   const bool onednn_dtype = w_.scalar_type() == at::kFloat || w_.scalar_type() == at::kBFloat16;
   onednn_ = w.is_cpu() && onednn_dtype && at::globalContext().userEnabledMkldnn() && onednn_linear() &&
             (force == Library::Measure || force == Library::OneDnn);
-  // MKL's packed sgemm: float32 operands only
-  mkl_ = w.is_cpu() && w_.scalar_type() == at::kFloat && mkl_packed() &&
-         (force == Library::Measure || force == Library::MklPacked);
+  // MKL: its packed sgemm for float32 operands, its bfloat16 GEMM (float32 out) for bfloat16 ones
+  const bool mkl_dtype = (w_.scalar_type() == at::kFloat && !precision_.low) || w_.scalar_type() == at::kBFloat16;
+  mkl_ = w.is_cpu() && mkl_dtype && mkl_blas() && (force == Library::Measure || force == Library::Mkl);
   if (onednn_ || mkl_) {
     w_nk_ = w_.t().contiguous();
     if (bias_.defined()) bias_nk_ = bias_.to(w_.scalar_type());  // oneDNN takes the bias in the weight's dtype
@@ -100,29 +141,57 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
 StepGemm::Library StepGemm::forced() {
   const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
   if (v && std::string(v) == "onednn") return Library::OneDnn;
-  if (v && std::string(v) == "mkl") return Library::MklPacked;
+  if (v && std::string(v) == "mkl") return Library::Mkl;
   if (v && std::string(v) == "mm") return Library::Mm;
   return Library::Measure;
 }
 
 void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const {
-  const auto bias = bias_nk_.defined() ? std::optional<at::Tensor>(bias_nk_) : std::nullopt;
   if (lib == Library::OneDnn) {
+    const auto bias = bias_nk_.defined() ? std::optional<at::Tensor>(bias_nk_) : std::nullopt;
     out.copy_(onednn_linear()->call(precision_.operand(a), w_nk_, bias, "none",
                                     c10::List<std::optional<at::Scalar>>(), std::nullopt));
-  } else if (lib == Library::MklPacked) {
-    out.copy_(mkl_packed()->linear.call(a, packed_for(a.size(0)), w_nk_, bias, a.size(0)));
+  } else if (lib == Library::Mkl) {
+    mkl_out(out, a);
   } else {
     mm_out(out, a);
   }
 }
 
+// out = a · w (+ bias) by MKL straight into out's rows: float32 against the weight packed for a's row count,
+// or bfloat16 operands with float32 accumulation and result.
+void StepGemm::mkl_out(at::Tensor& out, const at::Tensor& a) const {
+  RECORD_FUNCTION("hyperfused::mkl_gemm", std::vector<c10::IValue>());
+  const MklBlas& blas = *mkl_blas();
+  const int m = mkl_int(a.size(0)), n = mkl_int(w_nk_.size(0)), k = mkl_int(w_nk_.size(1));
+  float beta = 0.0f;
+  if (bias_.defined()) {
+    out.copy_(bias_.expand_as(out));
+    beta = 1.0f;
+  }
+  float* c = out.data_ptr<float>();
+  const int ldc = mkl_int(out.stride(0));
+  if (precision_.low) {
+    blas.gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, m, n, k, 1.0f, to_bfloat16(a), k, w_nk_.data_ptr(), k,
+                          beta, c, ldc);
+  } else {
+    blas.sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a.data_ptr<float>(), mkl_int(a.stride(0)),
+                       packed_for(m).data_ptr<float>(), n, beta, c, ldc);
+  }
+}
+
 // The weight packed for `rows` rows of a: packed at the first step, again if the batch size changes (the decode
 // step's cached StepGemm may serve several). Locked: decoding threads may share one StepGemm.
-at::Tensor StepGemm::packed_for(int64_t rows) const {
+at::Tensor StepGemm::packed_for(int rows) const {
   std::lock_guard<std::mutex> lock(packed_->mutex);
   if (packed_->rows != rows) {
-    packed_->weight = mkl_packed()->reorder.call(w_nk_, rows);
+    const MklBlas& blas = *mkl_blas();
+    const int n = mkl_int(w_nk_.size(0)), k = mkl_int(w_nk_.size(1));
+    const auto bytes = int64_t(blas.sgemm_pack_get_size(kBMatrix, rows, n, k));
+    packed_->weight = at::empty({(bytes + 3) / 4}, w_nk_.options());
+    // op(B) = w_nk_ᵀ, (K × N), from the (N, K) rows of w_nk_
+    blas.sgemm_pack(kRowMajor, kBMatrix, kTrans, rows, n, k, 1.0f, w_nk_.data_ptr<float>(), k,
+                    packed_->weight.data_ptr<float>());
     packed_->rows = rows;
   }
   return packed_->weight;
@@ -137,7 +206,7 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   if (force != Library::Measure) return force;
   std::vector<Library> candidates = {Library::Mm};
   if (onednn_) candidates.push_back(Library::OneDnn);
-  if (mkl_) candidates.push_back(Library::MklPacked);
+  if (mkl_) candidates.push_back(Library::Mkl);
   static std::mutex mutex;
   static std::map<std::tuple<int64_t, int64_t, int64_t, bool, int, bool, bool>, Library> chosen;
   const auto key = std::make_tuple(a.size(0), w_.size(0), w_.size(1), bias_.defined(), int(w_.scalar_type()),

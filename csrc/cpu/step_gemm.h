@@ -1,15 +1,16 @@
 // out = a · w (+ bias) for a weight w used on every step of the time loop, with few rows in a (the batch).
 // On the CPU in float32 this runs oneDNN's matmul (torch's mkldnn::_linear_pointwise op, which caches the
-// primitive per shape; the library behind nn.LSTM on the CPU), MKL's sgemm (at::mm_out), or MKL's sgemm with
-// the weight packed once for the batch size (torch's mkl::_mkl_linear; at::mm_out packs it on every call),
-// whichever is fastest on this machine for this shape: measured once per shape and process. None wins
-// everywhere (oneDNN by up to 1.5x on an AMD EPYC, MKL on an Intel Xeon, packed MKL by 1.1-1.7x more there).
-// Elsewhere (CUDA, float64, a torch built without oneDNN and MKL) it is at::mm_out; with
-// torch.backends.mkldnn disabled, oneDNN is ruled out.
+// primitive per shape; the library behind nn.LSTM on the CPU), MKL's sgemm (at::mm_out, which packs the
+// weight on every call), or MKL's sgemm against the weight packed once for the batch size and writing into
+// out (cblas_sgemm_compute), whichever is fastest on this machine for this shape: measured once per shape and
+// process. None wins everywhere (oneDNN by up to 1.5x on an AMD EPYC, MKL on an Intel Xeon, packed MKL by
+// 1.3-1.6x more there). Elsewhere (CUDA, float64, a torch built without oneDNN and MKL) it is at::mm_out;
+// with torch.backends.mkldnn disabled, oneDNN is ruled out.
 //
 // With a GemmPrecision of bfloat16/float16 the operands are rounded to it and the products accumulated in
-// float32 (the library's low-precision GEMM; oneDNN's or ATen's on the CPU, cuBLAS returning float32 on CUDA),
-// while out, and everything the step kernels compute from it, stays in the op's dtype.
+// float32 (the library's low-precision GEMM: on the CPU oneDNN's, ATen's, or MKL's bfloat16 GEMM, which
+// returns float32; cuBLAS returning float32 on CUDA), while out, and everything the step kernels compute from
+// it, stays in the op's dtype.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -41,22 +42,23 @@ class StepGemm {
   void run(at::Tensor& out, const at::Tensor& a) const;
 
  private:
-  enum class Library { Measure, OneDnn, Mm, MklPacked };
+  enum class Library { Measure, OneDnn, Mm, Mkl };
   static Library forced();
   Library choose(at::Tensor& out, const at::Tensor& a) const;
   void run_with(Library lib, at::Tensor& out, const at::Tensor& a) const;
   void mm_out(at::Tensor& out, const at::Tensor& a) const;
+  void mkl_out(at::Tensor& out, const at::Tensor& a) const;
 
   GemmPrecision precision_;
   at::Tensor w_, bias_;  // the operand w, and the bias in the op's dtype
-  bool onednn_ = false, mkl_ = false;  // which of oneDNN and packed MKL may run the product
+  bool onednn_ = false, mkl_ = false;  // which of oneDNN and MKL may run the product
   at::Tensor w_nk_, bias_nk_;  // wᵀ contiguous and the bias in its dtype, defined when either may
   mutable Library lib_ = Library::Measure;  // chosen at the first run
-  at::Tensor packed_for(int64_t rows) const;
+  at::Tensor packed_for(int rows) const;
   struct Packed {
     std::mutex mutex;
     at::Tensor weight;  // w_nk_ packed by MKL for `rows` rows of a
-    int64_t rows = -1;
+    int rows = -1;
   };
   std::shared_ptr<Packed> packed_ = std::make_shared<Packed>();
 };
