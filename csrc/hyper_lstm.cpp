@@ -93,21 +93,23 @@ Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
 struct Transposed {
   // z_bias_full: [z_bias ; 0] (12N_z); scale_rows: [scale_weight ; bias_scale_weight] as (12, H, N_z)
   at::Tensor z_weight_t, scale_weight_t, w_rec, z_bias_full, scale_rows;
-  // The decode step's GEMMs, prepared with the copies it caches (empty otherwise): W_x x, Ŵ_x[:, :X] x + b̂,
-  // the recurrent product and Ŵ_h ĥ.
+  // When the copies are kept across calls (`prepared`), the forward's recurrent GEMMs with them, in the call's
+  // GEMM precision: the recurrent product and Ŵ_h ĥ (a StepGemm may pack its weight, which costs more than a
+  // short sequence's steps). The decode step's also: W_x x and Ŵ_x[:, :X] x + b̂. Empty otherwise.
   std::optional<StepGemm> input, hyper_input, rec, hyper;
-  Transposed(at::TensorList p, const Sizes& s, bool decode = false)
+  Transposed(at::TensorList p, const Sizes& s, bool kept = false, bool decode = false, GemmPrecision P = {})
       : z_weight_t(at::cat({p[Z_WEIGHT], p[BIAS_Z_WEIGHT]}, 0).t().contiguous()),
         scale_weight_t(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0)
                            .view({3, 4, s.H, s.Nz}).transpose(2, 3).contiguous()),
         w_rec(at::cat({p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H)}, 0)),
         z_bias_full(at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())})),
         scale_rows(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0).view({12, s.H, s.Nz})) {
+    if (!kept) return;
+    rec.emplace(w_rec.t(), at::Tensor(), P);
+    hyper.emplace(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P);
     if (!decode) return;
     input.emplace(p[WEIGHT_IH].t());
     hyper_input.emplace(p[HYPER_WEIGHT_IH].narrow(1, 0, s.X).t(), p[HYPER_BIAS]);
-    rec.emplace(w_rec.t());
-    hyper.emplace(p[HYPER_WEIGHT_HH].t());
   }
 };
 
@@ -117,14 +119,16 @@ struct Transposed {
 // across calls, keyed by the source tensors' storage and version counter (an in-place update invalidates
 // them); the entry holds the sources, so their memory cannot be reused under the same key while it lives.
 // A small LRU list: models hold one entry per layer and direction.
-std::shared_ptr<const Transposed> prepared(at::TensorList p, const Sizes& s, void* stream, bool decode = false) {
+std::shared_ptr<const Transposed> prepared(at::TensorList p, const Sizes& s, void* stream, bool decode = false,
+                                           const GemmPrecision& P = {}) {
   const int sources[] = {WEIGHT_IH, WEIGHT_HH, HYPER_WEIGHT_IH, HYPER_WEIGHT_HH, HYPER_BIAS, Z_WEIGHT, Z_BIAS,
                          BIAS_Z_WEIGHT, SCALE_WEIGHT, BIAS_SCALE_WEIGHT};
   bool cacheable = true;
   for (int i : sources) cacheable = cacheable && (decode || !p[i].requires_grad()) && !p[i].is_inference();
-  if (!cacheable) return std::make_shared<const Transposed>(p, s, decode);
+  if (!cacheable) return std::make_shared<const Transposed>(p, s);
   std::vector<int64_t> key = {s.X, s.H, s.Hh, s.Nz, int64_t(p[0].scalar_type()), int64_t(p[0].device().type()),
-                              int64_t(p[0].device().index()), reinterpret_cast<int64_t>(stream), decode};
+                              int64_t(p[0].device().index()), reinterpret_cast<int64_t>(stream), decode,
+                              P.low ? int64_t(*P.low) : -1};
   for (int i : sources) {
     key.push_back(reinterpret_cast<int64_t>(p[i].data_ptr()));
     key.push_back(int64_t(p[i]._version()));
@@ -143,7 +147,7 @@ std::shared_ptr<const Transposed> prepared(at::TensorList p, const Sizes& s, voi
       cache.splice(cache.begin(), cache, it);
       return cache.front().value;
     }
-  Entry e{key, {}, std::make_shared<const Transposed>(p, s, decode)};
+  Entry e{key, {}, std::make_shared<const Transposed>(p, s, /*kept=*/true, decode, P)};
   for (int i : sources) e.sources.push_back(p[i]);
   cache.push_front(std::move(e));
   if (cache.size() > kEntries) cache.pop_back();
@@ -297,9 +301,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const auto x2 = x.reshape({T * B, X});
   const auto gx = input_gemm(P, x2, p[WEIGHT_IH].t()).view({T, B, 4 * H});
   const auto ghx = input_gemm(P, x2, p[HYPER_WEIGHT_IH].narrow(1, 0, X).t(), p[HYPER_BIAS]).view({T, B, 4 * Hh});
-  const auto tr = prepared(p, s, k.stream());
-  const auto w_rec = tr->w_rec.t();  // (H, 4H+4Ĥ)
-  const auto w_hyper = p[HYPER_WEIGHT_HH].t();
+  const auto tr = prepared(p, s, k.stream(), /*decode=*/false, P);
   const auto opts = x.options();
   auto hs = at::empty({T, B, H}, opts), cs = at::empty({T, B, H}, opts);
   auto hhs = at::empty({T, B, Hh}, opts), hcs = at::empty({T, B, Hh}, opts);
@@ -307,8 +309,12 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   auto g = at::empty({kept, B, dims.g_width()}, opts);
   auto ws = at::empty({kept, B, WsLayout(dims).width}, opts);
   const StepParams sp = step_params(p, *tr);
-  const StepGemm rec(w_rec, {}, P), hyper(w_hyper, {}, P);
-  ForwardStepper stepper(k, *tr, rec, hyper, dims, opts);
+  std::optional<StepGemm> own_rec, own_hyper;  // the recurrent GEMMs, unless the prepared copies hold them
+  if (!tr->rec) {
+    own_rec.emplace(tr->w_rec.t(), at::Tensor(), P, T);  // (H, 4H+4Ĥ)
+    own_hyper.emplace(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P, T);
+  }
+  ForwardStepper stepper(k, *tr, tr->rec ? *tr->rec : *own_rec, tr->hyper ? *tr->hyper : *own_hyper, dims, opts);
   // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
   const auto hs_t = hs.unbind(0), hhs_t = hhs.unbind(0), g_t = g.unbind(0), ws_t = ws.unbind(0);
   const Steps Hs(hs), Cs(cs), HHs(hhs), HCs(hcs), Gx(gx), GHx(ghx);
@@ -405,7 +411,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const Transposed tr(p, s);
   const StepParams sp = step_params(p, tr);
   // (4H+4Ĥ, H), (4Ĥ, Ĥ): the transposed products
-  const StepGemm rec(tr.w_rec, {}, P), hyper(p[HYPER_WEIGHT_HH], {}, P);
+  const StepGemm rec(tr.w_rec, {}, P, T), hyper(p[HYPER_WEIGHT_HH], {}, P, T);
   const AccumLayout A(dims);
   auto accum = in_kernel ? at::zeros({int64_t(at::get_num_threads()), A.width}, opts) : at::Tensor();
   // The GEMM-shaped step's buffers: d_h (4, B, H), dd (12, B, H), dz (12, B, N_z), dz·Z (B, Ĥ).

@@ -120,8 +120,8 @@ void GemmPrecision::mm_out(at::Tensor& out, const at::Tensor& a, const at::Tenso
     out.copy_(mm(a, b, out.scalar_type()));
 }
 
-StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision precision)
-    : precision_(precision), w_(precision.operand(w)), bias_(bias) {
+StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision precision, int64_t runs)
+    : precision_(precision), w_(precision.operand(w)), bias_(bias), runs_(runs) {
   const Library force = forced();
   // userEnabledMkldnn: torch.backends.mkldnn.enabled, which a user may turn off to rule oneDNN out
   const bool onednn_dtype = w_.scalar_type() == at::kFloat || w_.scalar_type() == at::kBFloat16;
@@ -185,6 +185,7 @@ void StepGemm::mkl_out(at::Tensor& out, const at::Tensor& a) const {
 at::Tensor StepGemm::packed_for(int rows) const {
   std::lock_guard<std::mutex> lock(packed_->mutex);
   if (packed_->rows != rows) {
+    RECORD_FUNCTION("hyperfused::mkl_pack", std::vector<c10::IValue>());
     const MklBlas& blas = *mkl_blas();
     const int n = mkl_int(w_nk_.size(0)), k = mkl_int(w_nk_.size(1));
     const auto bytes = int64_t(blas.sgemm_pack_get_size(kBMatrix, rows, n, k));
@@ -200,29 +201,50 @@ at::Tensor StepGemm::packed_for(int rows) const {
 // Which library is faster for this GEMM shape differs from CPU to CPU (oneDNN's kernels won by 1.5x on an AMD
 // EPYC where MKL took a generic path; MKL won on an Intel Xeon with AMX, and its packed sgemm by 1.1-1.7x
 // more there), so it is measured, once per shape, set of candidates and process: the best of a few runs of
-// each, on the call's own operands.
+// each, on the call's own operands, and the time MKL takes to pack the weight. A StepGemm that will run
+// `runs` times (a sequence's T steps) pays that packing once, so it counts a 1/runs share of it: at
+// H = 1000 packing costs as much as ~15 steps save, and a short sequence is faster unpacked.
 StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   const Library force = forced();
   if (force != Library::Measure) return force;
-  std::vector<Library> candidates = {Library::Mm};
-  if (onednn_) candidates.push_back(Library::OneDnn);
-  if (mkl_) candidates.push_back(Library::Mkl);
+  struct Measured {
+    std::vector<Library> candidates;
+    std::vector<double> seconds;  // per run, best of the rounds
+    double pack_seconds = 0;      // MKL's packing of the weight, once per StepGemm
+  };
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, int, bool, bool>, Library> chosen;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, int, bool, bool>, Measured> measured;
   const auto key = std::make_tuple(a.size(0), w_.size(0), w_.size(1), bias_.defined(), int(w_.scalar_type()),
                                    onednn_, mkl_);
   std::lock_guard<std::mutex> lock(mutex);
-  const auto it = chosen.find(key);
-  if (it != chosen.end()) return it->second;
-  std::vector<double> best(candidates.size(), 1e30);
-  for (int round = 0; round < 16; ++round)
-    for (size_t i = 0; i < candidates.size(); ++i) {
+  auto it = measured.find(key);
+  if (it == measured.end()) {
+    Measured m;
+    m.candidates = {Library::Mm};
+    if (onednn_) m.candidates.push_back(Library::OneDnn);
+    if (mkl_) m.candidates.push_back(Library::Mkl);
+    const auto seconds_of = [](auto&& fn) {
       const auto t0 = std::chrono::steady_clock::now();
-      run_with(candidates[i], out, a);
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (round > 0) best[i] = std::min(best[i], dt);  // round 0 warms each up (and packs MKL's weight)
-    }
-  return chosen[key] = candidates[std::min_element(best.begin(), best.end()) - best.begin()];
+      fn();
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    };
+    if (mkl_ && !precision_.low) m.pack_seconds = seconds_of([&] { packed_for(mkl_int(a.size(0))); });
+    m.seconds.assign(m.candidates.size(), 1e30);
+    for (int round = 0; round < 16; ++round)
+      for (size_t i = 0; i < m.candidates.size(); ++i) {
+        const double dt = seconds_of([&] { run_with(m.candidates[i], out, a); });
+        if (round > 0) m.seconds[i] = std::min(m.seconds[i], dt);  // round 0 warms each up
+      }
+    it = measured.emplace(key, std::move(m)).first;
+  }
+  const Measured& m = it->second;
+  size_t best = 0;
+  double best_cost = 1e30;
+  for (size_t i = 0; i < m.candidates.size(); ++i) {
+    const double setup = m.candidates[i] == Library::Mkl && runs_ > 0 ? m.pack_seconds / double(runs_) : 0.0;
+    if (m.seconds[i] + setup < best_cost) best = i, best_cost = m.seconds[i] + setup;
+  }
+  return m.candidates[best];
 }
 
 void StepGemm::mm_out(at::Tensor& out, const at::Tensor& a) const {
@@ -241,8 +263,9 @@ void StepGemm::run(at::Tensor& out, const at::Tensor& a) const {
     mm_out(out, a);
     return;
   }
-  if (lib_ == Library::Measure) lib_ = choose(out, a);
-  run_with(lib_, out, a);
+  Library lib = lib_.load(std::memory_order_relaxed);
+  if (lib == Library::Measure) lib_.store(lib = choose(out, a), std::memory_order_relaxed);
+  run_with(lib, out, a);
 }
 
 }  // namespace hyperfused

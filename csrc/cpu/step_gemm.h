@@ -14,6 +14,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -37,7 +38,10 @@ class StepGemm {
  public:
   // w: (K, N); a strided view is fine (it is copied once if oneDNN needs it row-major as (N, K)).
   // bias: (N), added to every row, or undefined.
-  explicit StepGemm(const at::Tensor& w, const at::Tensor& bias = at::Tensor(), GemmPrecision precision = {});
+  // runs: how many times run() will be called (a sequence's T steps), which weighs the one-time cost of
+  // preparing a library (packing the weight) in the choice; 0: many (kept across calls).
+  explicit StepGemm(const at::Tensor& w, const at::Tensor& bias = at::Tensor(), GemmPrecision precision = {},
+                    int64_t runs = 0);
   // out (m, N) and a (m, K), each with contiguous rows, in the op's dtype.
   void run(at::Tensor& out, const at::Tensor& a) const;
 
@@ -51,9 +55,11 @@ class StepGemm {
 
   GemmPrecision precision_;
   at::Tensor w_, bias_;  // the operand w, and the bias in the op's dtype
+  int64_t runs_;
   bool onednn_ = false, mkl_ = false;  // which of oneDNN and MKL may run the product
   at::Tensor w_nk_, bias_nk_;  // wᵀ contiguous and the bias in its dtype, defined when either may
-  mutable Library lib_ = Library::Measure;  // chosen at the first run
+  // chosen at the first run; atomic: a StepGemm kept across calls may serve several threads
+  mutable std::atomic<Library> lib_{Library::Measure};
   at::Tensor packed_for(int rows) const;
   struct Packed {
     std::mutex mutex;
