@@ -192,7 +192,7 @@ std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t)
 // as two GEMMs rather than a concatenated copy of the states.
 at::Tensor times_prev(const GemmPrecision& P, const at::Tensor& dA, const at::Tensor& v0, const at::Tensor& vs) {
   const int64_t B = v0.size(0), M = dA.size(0);
-  const auto dtype = dA.scalar_type();
+  const auto dtype = v0.scalar_type();  // the op's (dA and vs may be operands already)
   const auto first = P.mm(dA.narrow(0, 0, B).t(), P.operand(v0), dtype);
   if (M == B) return first;
   const auto prev = vs.narrow(0, 0, vs.size(0) - 1).reshape({M - B, v0.size(1)});
@@ -209,10 +209,11 @@ GemmPrecision gemm_precision(const std::optional<at::ScalarType>& gemm_dtype, co
   return {gemm_dtype};
 }
 
-// x2 · w (+ bias) in the op's dtype with operands in P's precision: the input projections over all T·B rows.
-at::Tensor input_gemm(const GemmPrecision& P, const at::Tensor& x2, const at::Tensor& w,
+// x2 · w (+ bias) in `dtype`, the op's, with operands in P's precision: the input projections over all T·B rows.
+// x2 may be an operand already (rounded once for several GEMMs).
+at::Tensor input_gemm(const GemmPrecision& P, const at::Tensor& x2, const at::Tensor& w, at::ScalarType dtype,
                       const at::Tensor& bias = at::Tensor()) {
-  return bias.defined() ? P.addmm(bias, x2, P.operand(w)) : P.mm(x2, P.operand(w), x2.scalar_type());
+  return bias.defined() ? P.addmm(bias, x2, P.operand(w)) : P.mm(x2, P.operand(w), dtype);
 }
 
 // Whether this call runs the GEMM-shaped step (StepPhase): the device's default, or HYPERFUSED_STEP_DESIGN.
@@ -298,9 +299,11 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const NoAutocast no_autocast;
   const Dims dims = s.dims();
   const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh;
-  const auto x2 = x.reshape({T * B, X});
-  const auto gx = input_gemm(P, x2, p[WEIGHT_IH].t()).view({T, B, 4 * H});
-  const auto ghx = input_gemm(P, x2, p[HYPER_WEIGHT_IH].narrow(1, 0, X).t(), p[HYPER_BIAS]).view({T, B, 4 * Hh});
+  const auto x2 = P.operand(x.reshape({T * B, X}));  // rounded once for both projections
+  const auto dtype = x.scalar_type();
+  const auto gx = input_gemm(P, x2, p[WEIGHT_IH].t(), dtype).view({T, B, 4 * H});
+  const auto ghx =
+      input_gemm(P, x2, p[HYPER_WEIGHT_IH].narrow(1, 0, X).t(), dtype, p[HYPER_BIAS]).view({T, B, 4 * Hh});
   const auto tr = prepared(p, s, k.stream(), /*decode=*/false, P);
   const auto opts = x.options();
   auto hs = at::empty({T, B, H}, opts), cs = at::empty({T, B, H}, opts);
@@ -396,8 +399,9 @@ std::vector<at::Tensor> hyper_lstm_backward(
                                         std::make_tuple(&grad_hcs, "grad_hcs", Hh)})
     if (*gr) check_arg(**gr, name, {T, B, width}, x);
 
-  const auto x2 = x.reshape({M, X});
-  const auto gx = input_gemm(P, x2, p[WEIGHT_IH].t()).view({T, B, 4 * H});  // recomputed rather than stored
+  const auto dtype = x.scalar_type();
+  const auto x2_op = P.operand(x.reshape({M, X}));  // rounded once for gx and the weight gradients
+  const auto gx = input_gemm(P, x2_op, p[WEIGHT_IH].t(), dtype).view({T, B, 4 * H});  // recomputed, not stored
   const auto opts = x.options();
   auto dg = at::empty({T, B, GW}, opts);
   auto dws = at::empty({T, B, D.width}, opts);
@@ -505,19 +509,19 @@ std::vector<at::Tensor> hyper_lstm_backward(
     }
   }
 
-  const auto dtype = x.scalar_type();
-  const auto x2_op = P.operand(x2);
-  grads[0] = P.mm(dgx, P.operand(p[WEIGHT_IH]), dtype)
-                 .add_(P.mm(dah, P.operand(p[HYPER_WEIGHT_IH].narrow(1, 0, X)), dtype))
+  // Each operand rounded once (a no-op without a low precision): dgx, dah and hs feed several GEMMs each.
+  const auto dgx_op = P.operand(dgx), dah_op = P.operand(dah), hs_op = P.operand(hs);
+  grads[0] = P.mm(dgx_op, P.operand(p[WEIGHT_IH]), dtype)
+                 .add_(P.mm(dah_op, P.operand(p[HYPER_WEIGHT_IH].narrow(1, 0, X)), dtype))
                  .view({T, B, X});
   grads[1] = dh_rec;
   grads[2] = dc;
   grads[3] = dhh_rec;
   grads[4] = dhc;
-  gp[WEIGHT_IH] = P.mm(dgx.t(), x2_op, dtype);
-  gp[WEIGHT_HH] = times_prev(P, dgh, h0, hs);
-  gp[HYPER_WEIGHT_IH] = at::cat({P.mm(dah.t(), x2_op, dtype), times_prev(P, dah, h0, hs)}, 1);
-  gp[HYPER_WEIGHT_HH] = times_prev(P, dah, hh0, hhs);
+  gp[WEIGHT_IH] = P.mm(dgx_op.t(), x2_op, dtype);
+  gp[WEIGHT_HH] = times_prev(P, dgh, h0, hs_op);
+  gp[HYPER_WEIGHT_IH] = at::cat({P.mm(dah_op.t(), x2_op, dtype), times_prev(P, dah_op, h0, hs_op)}, 1);
+  gp[HYPER_WEIGHT_HH] = times_prev(P, dah_op, hh0, hhs);
   gp[HYPER_BIAS] = dah.sum(0);
   const auto dz = dwsm.narrow(1, D.dz, 12 * Nz);
   gp[Z_WEIGHT] = dz.narrow(1, 0, 8 * Nz).t().mm(hh_all);
