@@ -384,7 +384,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const bool split = gemm_shaped(k);
   const int groups = thread_groups_setting();
   const bool in_kernel = sums_in_kernel(k) && !split;
-  const DwsLayout D(dims, /*main_ln_rows=*/!in_kernel);
+  const DwsLayout D(dims, /*ln_rows=*/!in_kernel);
   const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, M = T * B, GW = dims.g_width();
   check_arg(hs, "hs", {T, B, H}, x);
   check_arg(cs, "cs", {T, B, H}, x);
@@ -471,28 +471,42 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const auto hh_all = hhs.view({M, Hh});
   std::vector<at::Tensor> grads(5 + NUM_PARAMS);
   at::Tensor* gp = grads.data() + 5;
-  // The gradients that reduce elementwise over rows (bias, the 12 scaling weights, the main LN) and dgx,
-  // the grad of W_x x_t: the kernel summed them per thread and left dgx in da's slot, or ATen does it here.
+  // The gradients that reduce elementwise over rows (the biases, the 12 scaling weights, the layer norms) and
+  // dgx, the grad of W_x x_t: the kernel summed them per thread and left dgx in da's slot, or ATen does it here.
   const auto da = dwsm.narrow(1, D.da, 4 * H);
+  // A layer norm's gain and bias gradients (parameters lnw .. lnw + 3) from the per-row dy and dcout slots.
+  const auto ln_grads_from_rows = [&](int64_t dy, int64_t dcout, int64_t nrm, int64_t cn, int64_t n, int lnw) {
+    const auto dy_rows = dwsm.narrow(1, dy, 4 * n), dcout_rows = dwsm.narrow(1, dcout, n);
+    gp[lnw] = (dy_rows * wsm.narrow(1, nrm, 4 * n)).sum(0);
+    gp[lnw + 1] = dy_rows.sum(0);
+    gp[lnw + 2] = (dcout_rows * wsm.narrow(1, cn, n)).sum(0);
+    gp[lnw + 3] = dcout_rows.sum(0);
+  };
   at::Tensor dgx;
   if (in_kernel) {
     dgx = da;
     const auto sums = accum.sum(0);
-    gp[BIAS] = sums.narrow(0, A.bias, 4 * H).clone();  // clones: no two parameters' grads share storage
+    const auto take = [&](int64_t offset, int64_t n) {  // clones: no two parameters' grads share storage
+      return sums.narrow(0, offset, n).clone();
+    };
+    for (const auto& [cell, C, n, bias, lnw] : {std::make_tuple(A.main, A.main_cell, H, BIAS, LN_WEIGHT),
+                                              std::make_tuple(A.hyper, A.hyper_cell, Hh, HYPER_BIAS, HYPER_LN_WEIGHT)}) {
+      gp[bias] = take(cell + C.bias, 4 * n);
+      if (!layer_norm) continue;
+      gp[lnw] = take(cell + C.ln_w, 4 * n);
+      gp[lnw + 1] = take(cell + C.ln_b, 4 * n);
+      gp[lnw + 2] = take(cell + C.lnc_w, n);
+      gp[lnw + 3] = take(cell + C.lnc_b, n);
+    }
     // (3, 4, N_z, H) → the (2, 4H, N_z) and (4H, N_z) layouts of the weights
     const auto scale = sums.narrow(0, A.scale, 12 * Nz * H).view({3, 4, Nz, H}).transpose(2, 3);
     gp[SCALE_WEIGHT] = scale.narrow(0, 0, 2).reshape({2, 4 * H, Nz});
     gp[BIAS_SCALE_WEIGHT] = scale.select(0, 2).reshape({4 * H, Nz});
-    if (layer_norm) {
-      gp[LN_WEIGHT] = sums.narrow(0, A.ln_w, 4 * H).clone();
-      gp[LN_BIAS] = sums.narrow(0, A.ln_b, 4 * H).clone();
-      gp[LN_CELL_WEIGHT] = sums.narrow(0, A.lnc_w, H).clone();
-      gp[LN_CELL_BIAS] = sums.narrow(0, A.lnc_b, H).clone();
-    }
   } else {
     const auto w_scale = p[SCALE_WEIGHT].view({2, 4, H, Nz});
     dgx = da * at::einsum("myn,yhn->myh", {z3.select(1, 1), w_scale.select(0, 1)}).reshape({M, 4 * H});
     gp[BIAS] = da.sum(0);
+    gp[HYPER_BIAS] = dah.sum(0);
     const auto dd_h = (da * g.view({M, GW}).narrow(1, 0, 4 * H)).view({M, 4, H});
     const auto dd_x = (da * gx.view({M, 4 * H})).view({M, 4, H});
     const auto dd_b = da.reshape({M, 4, H});
@@ -501,13 +515,12 @@ std::vector<at::Tensor> hyper_lstm_backward(
                            .reshape({2, 4 * H, Nz});
     gp[BIAS_SCALE_WEIGHT] = at::einsum("myh,myn->yhn", {dd_b, z3.select(1, 2)}).reshape({4 * H, Nz});
     if (layer_norm) {
-      const auto dy = dwsm.narrow(1, D.dy, 4 * H), dcout = dwsm.narrow(1, D.dcout, H);
-      gp[LN_WEIGHT] = (dy * wsm.narrow(1, L.n, 4 * H)).sum(0);
-      gp[LN_BIAS] = dy.sum(0);
-      gp[LN_CELL_WEIGHT] = (dcout * wsm.narrow(1, L.cn, H)).sum(0);
-      gp[LN_CELL_BIAS] = dcout.sum(0);
+      ln_grads_from_rows(D.dy, D.dcout, L.n, L.cn, H, LN_WEIGHT);
+      ln_grads_from_rows(D.dyh, D.dhcout, L.hn, L.hcn, Hh, HYPER_LN_WEIGHT);
     }
   }
+  if (!layer_norm)
+    for (int i = LN_WEIGHT; i <= HYPER_LN_CELL_BIAS; ++i) gp[i] = at::zeros_like(p[i]);
 
   // Each operand rounded once (a no-op without a low precision): dgx, dah and hs feed several GEMMs each.
   const auto dgx_op = P.operand(dgx), dah_op = P.operand(dah), hs_op = P.operand(hs);
@@ -522,20 +535,10 @@ std::vector<at::Tensor> hyper_lstm_backward(
   gp[WEIGHT_HH] = times_prev(P, dgh, h0, hs_op);
   gp[HYPER_WEIGHT_IH] = at::cat({P.mm(dah_op.t(), x2_op, dtype), times_prev(P, dah_op, h0, hs_op)}, 1);
   gp[HYPER_WEIGHT_HH] = times_prev(P, dah_op, hh0, hhs);
-  gp[HYPER_BIAS] = dah.sum(0);
   const auto dz = dwsm.narrow(1, D.dz, 12 * Nz);
   gp[Z_WEIGHT] = dz.narrow(1, 0, 8 * Nz).t().mm(hh_all);
   gp[Z_BIAS] = dz.narrow(1, 0, 8 * Nz).sum(0);
   gp[BIAS_Z_WEIGHT] = dz.narrow(1, 8 * Nz, 4 * Nz).t().mm(hh_all);
-  if (layer_norm) {
-    const auto dyh = dwsm.narrow(1, D.dyh, 4 * Hh), dhcout = dwsm.narrow(1, D.dhcout, Hh);
-    gp[HYPER_LN_WEIGHT] = (dyh * wsm.narrow(1, L.hn, 4 * Hh)).sum(0);
-    gp[HYPER_LN_BIAS] = dyh.sum(0);
-    gp[HYPER_LN_CELL_WEIGHT] = (dhcout * wsm.narrow(1, L.hcn, Hh)).sum(0);
-    gp[HYPER_LN_CELL_BIAS] = dhcout.sum(0);
-  } else {
-    for (int i = LN_WEIGHT; i <= HYPER_LN_CELL_BIAS; ++i) gp[i] = at::zeros_like(p[i]);
-  }
   return grads;
 }
 

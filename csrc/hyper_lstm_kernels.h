@@ -25,7 +25,7 @@ struct Dims {
 
 struct WsLayout {
 #define HF_WS_SLOT(name, h, hh, nz, c) int64_t name;
-#define HF_DWS_SLOT(name, h, hh, nz, c, main_ln)
+#define HF_DWS_SLOT(name, h, hh, nz, c, ln)
 #include "../triton_kernels/workspace_layouts.def"
 #undef HF_WS_SLOT
 #undef HF_DWS_SLOT
@@ -33,7 +33,7 @@ struct WsLayout {
   HF_HD explicit WsLayout(const Dims& d) {
     int64_t at = 0;
 #define HF_WS_SLOT(name, h, hh, nz, c) name = at, at += HF_LAYOUT_WIDTH(h, hh, nz, c);
-#define HF_DWS_SLOT(name, h, hh, nz, c, main_ln)
+#define HF_DWS_SLOT(name, h, hh, nz, c, ln)
 #include "../triton_kernels/workspace_layouts.def"
 #undef HF_WS_SLOT
 #undef HF_DWS_SLOT
@@ -48,20 +48,21 @@ struct WsLayout {
   }
 };
 
-// A kernel that sums the main LN's gradients itself (AccumLayout) keeps no dy/dcout rows: main_ln_rows false
-// drops them (their offsets are then -1), which takes 5H of 9H + ... per row off the workspace.
+// A kernel that sums the layer norms' gradients itself (AccumLayout) keeps no dy/dcout/dyh/dhcout rows:
+// ln_rows false drops them (their offsets are then -1), which takes 5H + 5Ĥ of 9H + 12N_z + 5Ĥ per row off the
+// workspace.
 struct DwsLayout {
 #define HF_WS_SLOT(name, h, hh, nz, c)
-#define HF_DWS_SLOT(name, h, hh, nz, c, main_ln) int64_t name;
+#define HF_DWS_SLOT(name, h, hh, nz, c, ln) int64_t name;
 #include "../triton_kernels/workspace_layouts.def"
 #undef HF_WS_SLOT
 #undef HF_DWS_SLOT
   int64_t width;
-  HF_HD explicit DwsLayout(const Dims& d, bool main_ln_rows = true) {
+  HF_HD explicit DwsLayout(const Dims& d, bool ln_rows = true) {
     int64_t at = 0;
 #define HF_WS_SLOT(name, h, hh, nz, c)
-#define HF_DWS_SLOT(name, h, hh, nz, c, main_ln) \
-  if ((main_ln) && !main_ln_rows) name = -1;     \
+#define HF_DWS_SLOT(name, h, hh, nz, c, ln) \
+  if ((ln) && !ln_rows) name = -1;         \
   else name = at, at += HF_LAYOUT_WIDTH(h, hh, nz, c);
 #include "../triton_kernels/workspace_layouts.def"
 #undef HF_WS_SLOT
@@ -72,13 +73,21 @@ struct DwsLayout {
 #undef HF_LAYOUT_WIDTH
 
 // Per-thread sums over the (T·B) rows that a backward step kernel may accumulate itself instead of leaving
-// per-row gradients for post-loop reductions (the CPU does; one block per row on CUDA does not):
-//   bias (4H) Σ da; ln_w (4H) Σ dy ⊙ n; ln_b (4H) Σ dy; lnc_w (H) Σ dcout ⊙ cn; lnc_b (H) Σ dcout;
+// per-row gradients for post-loop reductions (the CPU does; one block per row on CUDA does not): the main
+// cell's CellSums (n = H) at `main`, the hyper cell's (n = Ĥ) at `hyper`, and
 //   scale (12·N_z·H) Σ z_k^y[m] · dd_k^y for kinds k = (h, x, b), laid out (3, 4, N_z, H) like scale_weight_t.
 struct AccumLayout {
-  int64_t bias, ln_w, ln_b, lnc_w, lnc_b, scale, width;
+  // One LN-LSTM cell of width n, offsets from its start: bias (4n) Σ da (the pre-activations' grad);
+  // ln_w (4n) Σ dy ⊙ n̂; ln_b (4n) Σ dy; lnc_w (n) Σ dcout ⊙ ĉn; lnc_b (n) Σ dcout.
+  struct CellSums {
+    int64_t bias, ln_w, ln_b, lnc_w, lnc_b, width;
+    HF_HD explicit CellSums(int64_t n)
+        : bias(0), ln_w(4 * n), ln_b(8 * n), lnc_w(12 * n), lnc_b(13 * n), width(14 * n) {}
+  };
+  CellSums main_cell, hyper_cell;
+  int64_t main, hyper, scale, width;
   HF_HD explicit AccumLayout(const Dims& d)
-      : bias(0), ln_w(4 * d.H), ln_b(8 * d.H), lnc_w(12 * d.H), lnc_b(13 * d.H), scale(14 * d.H),
+      : main_cell(d.H), hyper_cell(d.Hh), main(0), hyper(main_cell.width), scale(hyper + hyper_cell.width),
         width(scale + 12 * d.Nz * d.H) {}
 };
 

@@ -23,9 +23,10 @@ def test_slots_are_contiguous_in_the_listed_order(H, Hh, Nz):
         assert ws[name] == at, name
         at += width
     assert ws["width"] == at
-    full, lean = layouts().dws_layout(H, Hh, Nz), layouts().dws_layout(H, Hh, Nz, main_ln_rows=False)
-    assert full["width"] - lean["width"] == 5 * H  # dy (4H) and dcout (H) left out
-    assert lean["dy"] == lean["dcout"] == -1 and lean["dz"] == 4 * H
+    full, lean = layouts().dws_layout(H, Hh, Nz), layouts().dws_layout(H, Hh, Nz, ln_rows=False)
+    assert full["width"] - lean["width"] == 5 * H + 5 * Hh  # dy, dcout, dyh, dhcout left out
+    assert lean["dy"] == lean["dcout"] == lean["dyh"] == lean["dhcout"] == -1
+    assert lean["da"] == 0 and lean["dz"] == 4 * H and lean["width"] == 4 * H + 12 * Nz
 
 
 def _saved_workspace(backend, H, Hh, Nz):

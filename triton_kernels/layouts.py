@@ -22,10 +22,10 @@ def _slots() -> dict:
 
 
 # Not cached: the fakes call these with symbolic sizes under torch.compile.
-def _offsets(kind: str, H: int, Hh: int, Nz: int, main_ln_rows: bool = True) -> dict:
+def _offsets(kind: str, H: int, Hh: int, Nz: int, ln_rows: bool = True) -> dict:
     out, at = {}, 0
-    for name, h, hh, nz, c, *main_ln in _slots()[kind]:
-        if main_ln and main_ln[0] and not main_ln_rows:
+    for name, h, hh, nz, c, *ln in _slots()[kind]:
+        if ln and ln[0] and not ln_rows:
             out[name] = -1
             continue
         out[name] = at
@@ -40,7 +40,7 @@ def ws_layout(H: int, Hh: int, Nz: int) -> dict:
     return _offsets("WS", H, Hh, Nz)
 
 
-def dws_layout(H: int, Hh: int, Nz: int, main_ln_rows: bool = True) -> dict:
+def dws_layout(H: int, Hh: int, Nz: int, ln_rows: bool = True) -> dict:
     """Offset of each backward-workspace slot in a row (da, dy, dcout, dz, dyh, dhcout; -1 for a main-LN slot
     left out), and "width"."""
-    return _offsets("DWS", H, Hh, Nz, main_ln_rows)
+    return _offsets("DWS", H, Hh, Nz, ln_rows)

@@ -455,19 +455,21 @@ void scaled_grads(int64_t n, const T* __restrict da, const T* __restrict d_h, co
   }
 }
 
-// One row's share of the row-reduced gradients a thread sums itself: the bias's and the main LN's.
+// One row's share of a cell's row-reduced gradients that a thread sums itself (AccumLayout::CellSums at acc):
+// the bias's and the layer norms'.
 template <typename T>
-void add_row_sums(const AccumLayout& A, int64_t H, bool ln, const T* __restrict da, const T* __restrict dy,
-                  const T* __restrict dco, const T* __restrict n, const T* __restrict cn, T* __restrict acc) {
-  for (int64_t r = 0; r < 4 * H; ++r) acc[A.bias + r] += da[r];
+void add_row_sums(int64_t n, bool ln, const T* __restrict da, const T* __restrict dy, const T* __restrict dco,
+                  const T* __restrict nrm, const T* __restrict cn, T* __restrict acc) {
+  const AccumLayout::CellSums C(n);
+  for (int64_t r = 0; r < 4 * n; ++r) acc[C.bias + r] += da[r];
   if (!ln) return;
-  for (int64_t r = 0; r < 4 * H; ++r) {
-    acc[A.ln_w + r] += dy[r] * n[r];
-    acc[A.ln_b + r] += dy[r];
+  for (int64_t r = 0; r < 4 * n; ++r) {
+    acc[C.ln_w + r] += dy[r] * nrm[r];
+    acc[C.ln_b + r] += dy[r];
   }
-  for (int64_t j = 0; j < H; ++j) {
-    acc[A.lnc_w + j] += dco[j] * cn[j];
-    acc[A.lnc_b + j] += dco[j];
+  for (int64_t j = 0; j < n; ++j) {
+    acc[C.lnc_w + j] += dco[j] * cn[j];
+    acc[C.lnc_b + j] += dco[j];
   }
 }
 
@@ -475,7 +477,7 @@ template <typename T>
 void backward_rows(const BackwardStep& s) {
   const Dims& d = s.dims;
   const WsLayout L(d);
-  const DwsLayout D(d, /*main_ln_rows=*/s.accum == nullptr);
+  const DwsLayout D(d, /*ln_rows=*/s.accum == nullptr);
   const Ptrs<T> P(s.p);
   const int64_t H = d.H, Hh = d.Hh, Nz = d.Nz, GW = d.g_width();
   const T fb = T(s.forget_bias);
@@ -487,9 +489,9 @@ void backward_rows(const BackwardStep& s) {
     scratch(scale, kChunkRows * 8 * H);
     scratch(dd, kChunkRows * 8 * H);
     T* acc = s.accum ? static_cast<T*>(s.accum) + at::get_thread_num() * A.width : nullptr;
-    if (acc) {  // dy and dcout only feed this row's sums: scratch, not workspace rows
-      scratch(dy_row, 4 * H);
-      scratch(dco_row, H);
+    if (acc) {  // dy and dcout (of either cell) only feed this row's sums: scratch, not workspace rows
+      scratch(dy_row, 4 * std::max(H, Hh));
+      scratch(dco_row, std::max(H, Hh));
     }
     for (int64_t c0 = b0; c0 < b1; c0 += kChunkRows) {
       const int64_t c1 = std::min(b1, c0 + kChunkRows), rows = c1 - c0;
@@ -511,7 +513,7 @@ void backward_rows(const BackwardStep& s) {
                   static_cast<T*>(s.dg) + b * GW, static_cast<T*>(s.dd));
           continue;
         }
-        if (acc) add_row_sums(A, H, s.layer_norm, da, dy, dco, ws + L.n, ws + L.cn, acc);
+        if (acc) add_row_sums(H, s.layer_norm, da, dy, dco, ws + L.n, ws + L.cn, acc + A.main);
       }
       if (s.phase == StepPhase::Main) continue;
       if (main) {
@@ -561,13 +563,16 @@ void backward_rows(const BackwardStep& s) {
       for (int64_t b = c0; b < c1; ++b) {
         const T* ws = row_of<T>(s.ws, b, L.width);
         T* dws = static_cast<T*>(s.dws) + b * D.width;
+        T* dyh = acc ? dy_row.data() : dws + D.dyh;
+        T* dhco = acc ? dco_row.data() : dws + D.dhcout;
+        T* dah = static_cast<T*>(s.dg) + b * GW + 4 * H;
         cell_backward(ws + L.hn, P.hlnw, P.hlnb, P.hlncw, P.hlncb, ws + L.hrstd, ws + L.hcn, ws[L.hcrstd],
                       row_of<T>(s.hc, b, Hh), row_of<T>(s.hc_prev, b, Hh), row_of<T>(s.hmask, b, Hh), fb,
                       s.layer_norm, Hh, static_cast<const T*>(dhh.data() + (b - c0) * Hh),
                       static_cast<const T*>(nullptr), row_of<T>(s.dhc_out, b, Hh),
-                      static_cast<T*>(s.dhc_carry) + b * Hh, dws + D.dhcout, dws + D.dyh,
-                      static_cast<T*>(s.dg) + b * GW + 4 * H, y, tmp, fill, row_of<T>(s.hzmask, b, Hh),
-                      s.dhh_zone ? static_cast<T*>(s.dhh_zone) + b * Hh : nullptr);
+                      static_cast<T*>(s.dhc_carry) + b * Hh, dhco, dyh, dah, y, tmp, fill,
+                      row_of<T>(s.hzmask, b, Hh), s.dhh_zone ? static_cast<T*>(s.dhh_zone) + b * Hh : nullptr);
+        if (acc) add_row_sums(Hh, s.layer_norm, dah, dyh, dhco, ws + L.hn, ws + L.hcn, acc + A.hyper);
       }
     }
   });
