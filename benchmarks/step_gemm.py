@@ -37,8 +37,9 @@ def best_us(fn, calls: int, repeats: int = 5) -> float:
     return best * 1e6
 
 
-def _mkl_cblas():
-    """libtorch_cpu's MKL CBLAS (torch links it in and exports it), or None."""
+def mkl_cblas():
+    """libtorch_cpu's MKL CBLAS (torch links it in and exports it), or None: the functions hyperfused's StepGemm
+    looks up there."""
     try:
         lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
         lib.cblas_sgemm_pack_get_size.restype = ctypes.c_size_t
@@ -59,7 +60,7 @@ def libraries(a: torch.Tensor, w: torch.Tensor) -> dict:
     if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
         packed = torch.ops.mkl._mkl_reorder_linear_weight(w, m)
         fns["mkl::_mkl_linear"] = lambda: torch.ops.mkl._mkl_linear(a, packed, w, None, m)
-    lib, ptr, one, zero = _mkl_cblas(), ctypes.c_void_p, ctypes.c_float(1.0), ctypes.c_float(0.0)
+    lib, ptr, one, zero = mkl_cblas(), ctypes.c_void_p, ctypes.c_float(1.0), ctypes.c_float(0.0)
     if lib is not None:
         buf = torch.empty((lib.cblas_sgemm_pack_get_size(B_MATRIX, m, n, k) + 3) // 4)
         lib.cblas_sgemm_pack(ROW_MAJOR, B_MATRIX, TRANS, m, n, k, one, ptr(w.data_ptr()), k, ptr(buf.data_ptr()))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import hyperfused
-from conftest import HAS_GPU, backend_cases, device_for, requires_extension, requires_gpu, size_id
+from conftest import (HAS_GPU, HAS_MKL_CBLAS, backend_cases, device_for, requires_extension, requires_gpu,
+                      size_id)
 from helpers import assert_same_run, make_pair, random_state, randomize_
 
 pytestmark = requires_extension
@@ -119,8 +120,8 @@ def test_step_designs_match_the_reference(backend, design, dtype, layer_norm, mo
 ONEDNN, MKL = "mkldnn::_linear_pointwise", "hyperfused::mkl_gemm"
 
 
-@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.backends.mkl.is_available()),
-                    reason="this torch is built without oneDNN or MKL")
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and HAS_MKL_CBLAS),
+                    reason="this torch has no oneDNN or exports no MKL CBLAS")
 @pytest.mark.parametrize("library, mkldnn, runs, absent", [
     ("onednn", True, {ONEDNN}, {MKL}), ("mkl", True, {MKL}, {ONEDNN}), ("mm", True, set(), {ONEDNN, MKL}),
     ("onednn", False, set(), {ONEDNN, MKL}), ("", False, set(), {ONEDNN}), ("", True, set(), set())],
@@ -139,7 +140,7 @@ def test_cpu_float32_step_gemm_every_way(library, mkldnn, runs, absent, monkeypa
     assert runs <= names and not absent & names
 
 
-@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch is built without MKL")
+@pytest.mark.skipif(not HAS_MKL_CBLAS, reason="this torch exports no MKL CBLAS")
 def test_cpu_packed_weight_follows_the_batch_size(monkeypatch):
     """The decode step keeps its GEMMs across calls; MKL's packed weight is for one batch size, so a cell that
     decodes batches of 2, then 3, then 2 rows gets each right."""
@@ -158,7 +159,7 @@ def test_cpu_packed_weight_follows_the_batch_size(monkeypatch):
     assert MKL in {e.name for e in prof.events()}
 
 
-@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch is built without MKL")
+@pytest.mark.skipif(not HAS_MKL_CBLAS, reason="this torch exports no MKL CBLAS")
 def test_cpu_inference_packs_the_recurrent_weights_once(monkeypatch):
     """Without gradients the forward keeps its recurrent GEMMs with its prepared weight copies, so MKL packs each
     weight once, not on every call (at H = 1000 a call packed 18 MB: ~7 ms, against ~1 ms for a step); an
