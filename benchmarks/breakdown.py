@@ -26,12 +26,16 @@ from .hyper_lstm import Config
 from .traffic import traffic_markdown
 
 _GEMMS = ("aten::mm", "aten::addmm", "aten::matmul", "mkldnn::_linear_pointwise")
+# the CPU op's direct MKL calls, which only its per-step GEMMs make (csrc/cpu/step_gemm.cpp), with no shapes
+_STEP_GEMMS = ("hyperfused::mkl_gemm", "hyperfused::mkl_pack")
 _POST_LOOP = ("aten::mul", "aten::sum", "aten::bmm", "aten::einsum", "aten::copy_", "aten::cat", "aten::stack")
 PARTS = ("recurrent GEMMs (per step)", "GEMMs over all T·B rows", "fused step kernels + time loop",
          "post-loop elementwise", "other")
 
 
 def part_of(name: str, shapes, batch: int) -> str:
+    if name in _STEP_GEMMS:
+        return PARTS[0]
     if name in _GEMMS:
         rows = shapes[0][0] if shapes and shapes[0] else None
         return PARTS[0] if rows == batch else PARTS[1]

@@ -55,6 +55,8 @@ def test_breakdown_runs_and_accounts_for_the_time(capfd):
     if "cpu" in hyperfused.available_backends():
         parts, _ = breakdown(Config.parse("3,2,4,8,4,2"), "cpu", torch.device("cpu"), iters=1)
         assert parts["fused step kernels + time loop"] > 0 and parts["GEMMs over all T·B rows"] > 0
+    from benchmarks.breakdown import part_of
+    assert part_of("hyperfused::mkl_gemm", [], 2) == part_of("aten::mm", [[2, 8]], 2) == "recurrent GEMMs (per step)"
 
 
 def test_traffic_model_counts_the_weights_once_per_row(capsys):
