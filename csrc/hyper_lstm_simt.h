@@ -37,6 +37,12 @@ constexpr int kGroupThreads = 256;
 // multiprocessors idle, one (the four gates in turn, 256 threads) once there are rows enough for them all.
 HF_HD int step_groups(int64_t rows, int multiprocessors) { return rows < 2 * int64_t(multiprocessors) ? 4 : 1; }
 
+// The groups a step's launch uses: the step's own setting (HYPERFUSED_CUDA_THREAD_GROUPS), else step_groups.
+template <class Step>
+HF_HD int launch_groups(const Step& s, int multiprocessors) {
+  return s.thread_groups ? s.thread_groups : step_groups(s.dims.B, multiprocessors);
+}
+
 // The activations the shared cell math (hyper_lstm_kernels.h) uses here.
 struct Act {
   template <typename T>

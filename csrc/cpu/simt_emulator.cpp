@@ -177,11 +177,11 @@ void launch(int64_t blocks, int64_t group_threads, int groups, size_t shared_byt
   for (int64_t row = 0; row < blocks; ++row) block.run(row, body);
 }
 
-// The step kernels as cuda/hyper_lstm_cuda.cu configures them: one block per batch row, simt::step_groups
-// (or the step's thread_groups) groups of simt::kGroupThreads threads.
+// The step kernels as cuda/hyper_lstm_cuda.cu configures them: one block per batch row, simt::launch_groups
+// groups of simt::kGroupThreads threads.
 template <typename T, class Step>
 void launch_step(const Step& s, void (*kernel)(EmulatedThread<T>&, const Step&)) {
-  const int groups = s.thread_groups ? s.thread_groups : simt::step_groups(s.dims.B, emulated_gpu().multiprocessors);
+  const int groups = simt::launch_groups(s, emulated_gpu().multiprocessors);
   launch<T>(s.dims.B, simt::kGroupThreads, groups, 0, s, kernel);
 }
 

@@ -41,7 +41,7 @@ int multiprocessors() {
 
 template <class Step, typename T>
 int launch(const Step& s, void (*one)(Step), void (*four)(Step)) {
-  const int groups = s.thread_groups ? s.thread_groups : simt::step_groups(s.dims.B, multiprocessors());
+  const int groups = simt::launch_groups(s, multiprocessors());
   const dim3 grid(unsigned(s.dims.B)), block(unsigned(simt::kGroupThreads * groups));
   (groups == 4 ? four : one)<<<grid, block, 0, static_cast<cudaStream_t>(s.stream)>>>(s);
   return int(cudaGetLastError());
