@@ -105,11 +105,17 @@ struct Transposed {
         z_bias_full(at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())})),
         scale_rows(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0).view({12, s.H, s.Nz})) {
     if (!kept) return;
-    rec.emplace(w_rec.t(), at::Tensor(), P);
-    hyper.emplace(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P);
+    recurrent_gemms(p, P, /*runs=*/0, rec, hyper);
     if (!decode) return;
     input.emplace(p[WEIGHT_IH].t());
     hyper_input.emplace(p[HYPER_WEIGHT_IH].narrow(1, 0, s.X).t(), p[HYPER_BIAS]);
+  }
+  // The forward's recurrent GEMMs over these copies into r and h: [W_h ; Ŵ_x,h] h_{t-1} (w_rec transposed,
+  // (H, 4H+4Ĥ)) and Ŵ_h ĥ_{t-1}; `runs` as StepGemm takes it.
+  void recurrent_gemms(at::TensorList p, const GemmPrecision& P, int64_t runs, std::optional<StepGemm>& r,
+                       std::optional<StepGemm>& h) const {
+    r.emplace(w_rec.t(), at::Tensor(), P, runs);
+    h.emplace(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P, runs);
   }
 };
 
@@ -313,10 +319,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   auto ws = at::empty({kept, B, WsLayout(dims).width}, opts);
   const StepParams sp = step_params(p, *tr);
   std::optional<StepGemm> own_rec, own_hyper;  // the recurrent GEMMs, unless the prepared copies hold them
-  if (!tr->rec) {
-    own_rec.emplace(tr->w_rec.t(), at::Tensor(), P, T);  // (H, 4H+4Ĥ)
-    own_hyper.emplace(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P, T);
-  }
+  if (!tr->rec) tr->recurrent_gemms(p, P, T, own_rec, own_hyper);
   ForwardStepper stepper(k, *tr, tr->rec ? *tr->rec : *own_rec, tr->hyper ? *tr->hyper : *own_hyper, dims, opts);
   // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
   const auto hs_t = hs.unbind(0), hhs_t = hhs.unbind(0), g_t = g.unbind(0), ws_t = ws.unbind(0);
