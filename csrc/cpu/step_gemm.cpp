@@ -131,9 +131,21 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
   const bool mkl_dtype = (w_.scalar_type() == at::kFloat && !precision_.low) || w_.scalar_type() == at::kBFloat16;
   mkl_ = w.is_cpu() && mkl_dtype && mkl_blas() && (force == Library::Measure || force == Library::Mkl);
   if (onednn_ || mkl_) {
-    w_nk_ = w_.t().contiguous();
     if (bias_.defined()) bias_nk_ = bias_.to(w_.scalar_type());  // oneDNN takes the bias in the weight's dtype
   }
+  if (mkl_) {
+    // MKL takes op(B) = w as (K, N) rows or, transposed, as (N, K) rows, each with a leading dimension
+    if (w_.stride(1) != 1 && w_.stride(0) != 1) w_ = w_.contiguous();
+    mkl_trans_ = w_.stride(1) != 1;
+    // (a dimension of size 1 may carry any stride; MKL wants the leading dimension at least the row's length)
+    mkl_ld_ = mkl_trans_ ? std::max(w_.stride(1), w_.size(0)) : std::max(w_.stride(0), w_.size(1));
+  }
+}
+
+const at::Tensor& StepGemm::onednn_weight() const {
+  std::lock_guard<std::mutex> lock(prepared_->mutex);
+  if (!prepared_->w_nk.defined()) prepared_->w_nk = w_.t().contiguous();
+  return prepared_->w_nk;
 }
 
 // HYPERFUSED_STEP_GEMM=onednn|mkl|mm forces a library (the tests run each); anything else, or nothing,
@@ -149,7 +161,7 @@ StepGemm::Library StepGemm::forced() {
 void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const {
   if (lib == Library::OneDnn) {
     const auto bias = bias_nk_.defined() ? std::optional<at::Tensor>(bias_nk_) : std::nullopt;
-    out.copy_(onednn_linear()->call(precision_.operand(a), w_nk_, bias, "none",
+    out.copy_(onednn_linear()->call(precision_.operand(a), onednn_weight(), bias, "none",
                                     c10::List<std::optional<at::Scalar>>(), std::nullopt));
   } else if (lib == Library::Mkl) {
     mkl_out(out, a);
@@ -163,7 +175,7 @@ void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const
 void StepGemm::mkl_out(at::Tensor& out, const at::Tensor& a) const {
   RECORD_FUNCTION("hyperfused::mkl_gemm", std::vector<c10::IValue>());
   const MklBlas& blas = *mkl_blas();
-  const int m = mkl_int(a.size(0)), n = mkl_int(w_nk_.size(0)), k = mkl_int(w_nk_.size(1));
+  const int m = mkl_int(a.size(0)), n = mkl_int(w_.size(1)), k = mkl_int(w_.size(0));
   float beta = 0.0f;
   if (bias_.defined()) {
     out.copy_(bias_.expand_as(out));
@@ -172,8 +184,8 @@ void StepGemm::mkl_out(at::Tensor& out, const at::Tensor& a) const {
   float* c = out.data_ptr<float>();
   const int ldc = mkl_int(out.stride(0));
   if (precision_.low) {
-    blas.gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, m, n, k, 1.0f, to_bfloat16(a), k, w_nk_.data_ptr(), k,
-                          beta, c, ldc);
+    blas.gemm_bf16bf16f32(kRowMajor, kNoTrans, mkl_trans_ ? kTrans : kNoTrans, m, n, k, 1.0f, to_bfloat16(a), k,
+                          w_.data_ptr(), mkl_int(mkl_ld_), beta, c, ldc);
   } else {
     blas.sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a.data_ptr<float>(), mkl_int(a.stride(0)),
                        packed_for(m).data_ptr<float>(), n, beta, c, ldc);
@@ -181,21 +193,21 @@ void StepGemm::mkl_out(at::Tensor& out, const at::Tensor& a) const {
 }
 
 // The weight packed for `rows` rows of a: packed at the first step, again if the batch size changes (the decode
-// step's cached StepGemm may serve several). Locked: decoding threads may share one StepGemm.
+// step's cached StepGemm may serve several).
 at::Tensor StepGemm::packed_for(int rows) const {
-  std::lock_guard<std::mutex> lock(packed_->mutex);
-  if (packed_->rows != rows) {
+  Prepared& p = *prepared_;
+  std::lock_guard<std::mutex> lock(p.mutex);
+  if (p.rows != rows) {
     RECORD_FUNCTION("hyperfused::mkl_pack", std::vector<c10::IValue>());
     const MklBlas& blas = *mkl_blas();
-    const int n = mkl_int(w_nk_.size(0)), k = mkl_int(w_nk_.size(1));
+    const int n = mkl_int(w_.size(1)), k = mkl_int(w_.size(0));
     const auto bytes = int64_t(blas.sgemm_pack_get_size(kBMatrix, rows, n, k));
-    packed_->weight = at::empty({(bytes + 3) / 4}, w_nk_.options());
-    // op(B) = w_nk_ᵀ, (K × N), from the (N, K) rows of w_nk_
-    blas.sgemm_pack(kRowMajor, kBMatrix, kTrans, rows, n, k, 1.0f, w_nk_.data_ptr<float>(), k,
-                    packed_->weight.data_ptr<float>());
-    packed_->rows = rows;
+    p.weight = at::empty({(bytes + 3) / 4}, w_.options());
+    blas.sgemm_pack(kRowMajor, kBMatrix, mkl_trans_ ? kTrans : kNoTrans, rows, n, k, 1.0f, w_.data_ptr<float>(),
+                    mkl_int(mkl_ld_), p.weight.data_ptr<float>());
+    p.rows = rows;
   }
-  return packed_->weight;
+  return p.weight;
 }
 
 // Which library is faster for this GEMM shape differs from CPU to CPU (oneDNN's kernels won by 1.5x on an AMD

@@ -36,7 +36,8 @@ struct GemmPrecision {
 
 class StepGemm {
  public:
-  // w: (K, N); a strided view is fine (it is copied once if oneDNN needs it row-major as (N, K)).
+  // w: (K, N); a strided view is fine (MKL reads either row-major layout as it is; oneDNN, which needs (N, K)
+  // rows, gets a copy made the first time it runs).
   // bias: (N), added to every row, or undefined.
   // runs: how many times run() will be called (a sequence's T steps), which weighs the one-time cost of
   // preparing a library (packing the weight) in the choice; 0: many (kept across calls).
@@ -57,16 +58,22 @@ class StepGemm {
   at::Tensor w_, bias_;  // the operand w, and the bias in the op's dtype
   int64_t runs_;
   bool onednn_ = false, mkl_ = false;  // which of oneDNN and MKL may run the product
-  at::Tensor w_nk_, bias_nk_;  // wᵀ contiguous and the bias in its dtype, defined when either may
+  at::Tensor bias_nk_;  // the bias in the weight's dtype, defined when either may
+  bool mkl_trans_ = false;  // MKL reads w_ as (N, K) rows (w_ is a transposed view) rather than (K, N) rows
+  int64_t mkl_ld_ = 0;      // and its leading dimension
   // chosen at the first run; atomic: a StepGemm kept across calls may serve several threads
   mutable std::atomic<Library> lib_{Library::Measure};
   at::Tensor packed_for(int rows) const;
-  struct Packed {
+  const at::Tensor& onednn_weight() const;
+  // Made on first use, under the lock: decoding threads may share one StepGemm.
+  struct Prepared {
     std::mutex mutex;
-    at::Tensor weight;  // w_nk_ packed by MKL for `rows` rows of a
+    at::Tensor weight;  // w_ packed by MKL for `rows` rows of a
     int rows = -1;
+    at::Tensor w_nk;  // wᵀ contiguous, for oneDNN: a copy only the first oneDNN run makes (a measured choice
+                      // of MKL or at::mm never needs it; at H = 256 the transposing copy took ~1.3 ms)
   };
-  std::shared_ptr<Packed> packed_ = std::make_shared<Packed>();
+  std::shared_ptr<Prepared> prepared_ = std::make_shared<Prepared>();
 };
 
 }  // namespace hyperfused
