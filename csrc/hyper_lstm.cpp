@@ -11,6 +11,7 @@
 // With save_for_backward=false (inference) g and ws are one step's scratch, reused: 2H + 2Ĥ per step and row,
 // and the op returns them empty (0, B, ·).
 #include "hyper_lstm.h"
+#include "cpu/buffer_pool.h"
 #include "cpu/step_gemm.h"
 #include "no_autocast.h"
 
@@ -88,6 +89,12 @@ Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
   return s;
 }
 
+// [a ; b] in a pooled buffer: a call with gradients builds the recurrent weight anew (18 MB at H = 1000).
+at::Tensor pooled_rows(const at::Tensor& a, const at::Tensor& b) {
+  auto out = pooled_empty({a.size(0) + b.size(0), a.size(1)}, a.options());
+  return at::cat_out(out, {a, b}, 0);
+}
+
 // Owns the transposed weight copies that StepParams points into, and the forward's recurrent weight
 // [W_h ; Ŵ_x[:, X:]] (4H+4Ĥ, H) as one contiguous block.
 struct Transposed {
@@ -101,7 +108,7 @@ struct Transposed {
       : z_weight_t(at::cat({p[Z_WEIGHT], p[BIAS_Z_WEIGHT]}, 0).t().contiguous()),
         scale_weight_t(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0)
                            .view({3, 4, s.H, s.Nz}).transpose(2, 3).contiguous()),
-        w_rec(at::cat({p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H)}, 0)),
+        w_rec(pooled_rows(p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H))),
         z_bias_full(at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())})),
         scale_rows(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0).view({12, s.H, s.Nz})) {
     if (!kept) return;
@@ -217,9 +224,15 @@ GemmPrecision gemm_precision(const std::optional<at::ScalarType>& gemm_dtype, co
 
 // x2 · w (+ bias) in `dtype`, the op's, with operands in P's precision: the input projections over all T·B rows.
 // x2 may be an operand already (rounded once for several GEMMs).
-at::Tensor input_gemm(const GemmPrecision& P, const at::Tensor& x2, const at::Tensor& w, at::ScalarType dtype,
-                      const at::Tensor& bias = at::Tensor()) {
-  return bias.defined() ? P.addmm(bias, x2, P.operand(w)) : P.mm(x2, P.operand(w), dtype);
+at::Tensor input_gemm(const GemmPrecision& P, const at::Tensor& x2, const at::Tensor& w,
+                      const at::TensorOptions& out_opts, const at::Tensor& bias = at::Tensor()) {
+  auto out = pooled_empty({x2.size(0), w.size(1)}, out_opts);
+  if (bias.defined() && !P.low) {
+    at::addmm_out(out, bias, x2, P.operand(w));
+    return out;
+  }
+  P.mm_out(out, x2, P.operand(w));
+  return bias.defined() ? out.add_(bias) : out;
 }
 
 // Whether this call runs the GEMM-shaped step (StepPhase): the device's default, or HYPERFUSED_STEP_DESIGN.
@@ -306,17 +319,16 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const Dims dims = s.dims();
   const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh;
   const auto x2 = P.operand(x.reshape({T * B, X}));  // rounded once for both projections
-  const auto dtype = x.scalar_type();
-  const auto gx = input_gemm(P, x2, p[WEIGHT_IH].t(), dtype).view({T, B, 4 * H});
-  const auto ghx =
-      input_gemm(P, x2, p[HYPER_WEIGHT_IH].narrow(1, 0, X).t(), dtype, p[HYPER_BIAS]).view({T, B, 4 * Hh});
-  const auto tr = prepared(p, s, k.stream(), /*decode=*/false, P);
   const auto opts = x.options();
-  auto hs = at::empty({T, B, H}, opts), cs = at::empty({T, B, H}, opts);
-  auto hhs = at::empty({T, B, Hh}, opts), hcs = at::empty({T, B, Hh}, opts);
+  const auto gx = input_gemm(P, x2, p[WEIGHT_IH].t(), opts).view({T, B, 4 * H});
+  const auto ghx =
+      input_gemm(P, x2, p[HYPER_WEIGHT_IH].narrow(1, 0, X).t(), opts, p[HYPER_BIAS]).view({T, B, 4 * Hh});
+  const auto tr = prepared(p, s, k.stream(), /*decode=*/false, P);
+  auto hs = pooled_empty({T, B, H}, opts), cs = pooled_empty({T, B, H}, opts);
+  auto hhs = pooled_empty({T, B, Hh}, opts), hcs = pooled_empty({T, B, Hh}, opts);
   const int64_t kept = save_for_backward ? T : 1;  // steps of g and ws held at once
-  auto g = at::empty({kept, B, dims.g_width()}, opts);
-  auto ws = at::empty({kept, B, WsLayout(dims).width}, opts);
+  auto g = pooled_empty({kept, B, dims.g_width()}, opts);
+  auto ws = pooled_empty({kept, B, WsLayout(dims).width}, opts);
   const StepParams sp = step_params(p, *tr);
   std::optional<StepGemm> own_rec, own_hyper;  // the recurrent GEMMs, unless the prepared copies hold them
   if (!tr->rec) tr->recurrent_gemms(p, P, T, own_rec, own_hyper);
@@ -404,10 +416,10 @@ std::vector<at::Tensor> hyper_lstm_backward(
 
   const auto dtype = x.scalar_type();
   const auto x2_op = P.operand(x.reshape({M, X}));  // rounded once for gx and the weight gradients
-  const auto gx = input_gemm(P, x2_op, p[WEIGHT_IH].t(), dtype).view({T, B, 4 * H});  // recomputed, not stored
   const auto opts = x.options();
-  auto dg = at::empty({T, B, GW}, opts);
-  auto dws = at::empty({T, B, D.width}, opts);
+  const auto gx = input_gemm(P, x2_op, p[WEIGHT_IH].t(), opts).view({T, B, 4 * H});  // recomputed, not stored
+  auto dg = pooled_empty({T, B, GW}, opts);
+  auto dws = pooled_empty({T, B, D.width}, opts);
   auto dc = at::zeros({B, H}, opts), dhc = at::zeros({B, Hh}, opts);
   auto dh_rec = at::empty({B, H}, opts), dhh_rec = at::empty({B, Hh}, opts);
   // With zoneout the kernel leaves the share of dh_t that skips the cell here; it joins dh_{t-1} after the GEMM.

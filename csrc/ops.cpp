@@ -4,13 +4,25 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/buffer_pool.h"
 #include "hyper_lstm.h"
 #include "static_hypernet.h"
 
 extern "C" {
-// A bare module: importing hyperfused._C runs the TORCH_LIBRARY registrations below; no pybind needed.
+static PyObject* empty_cpu_buffer_cache(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(hyperfused::empty_cpu_buffer_cache());
+}
+static PyObject* cpu_buffer_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(hyperfused::cpu_buffer_cache_bytes());
+}
+static PyMethodDef methods[] = {
+    {"empty_cpu_buffer_cache", empty_cpu_buffer_cache, METH_NOARGS, "Frees the cached CPU buffers; returns bytes."},
+    {"cpu_buffer_cache_bytes", cpu_buffer_cache_bytes, METH_NOARGS, "Bytes held in cached CPU buffers."},
+    {nullptr, nullptr, 0, nullptr}};
+// A bare module: importing hyperfused._C runs the TORCH_LIBRARY registrations below (no pybind needed), plus
+// the CPU buffer cache's two functions.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -19,3 +19,15 @@ else:
         EXTENSION_ERROR = f"hyperfused._C is not built ({e})"
 
 HAS_EXTENSION = _C is not None
+
+
+def empty_cpu_buffer_cache() -> int:
+    """Frees the memory the fused CPU ops keep for their next call (their large buffers, reused when freed:
+    HYPERFUSED_CPU_BUFFER_CACHE_MB caps it, default 1024, 0 turns the reuse off), as torch.cuda.empty_cache
+    does for CUDA's caching allocator. Returns the bytes freed (0 without the extension)."""
+    return _C.empty_cpu_buffer_cache() if _C is not None else 0
+
+
+def cpu_buffer_cache_bytes() -> int:
+    """Bytes the fused CPU ops hold cached for reuse now (0 without the extension)."""
+    return _C.cpu_buffer_cache_bytes() if _C is not None else 0

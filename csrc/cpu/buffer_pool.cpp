@@ -1,0 +1,120 @@
+#include "buffer_pool.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/alloc_cpu.h>
+
+#include <cstdlib>
+#include <list>
+#include <mutex>
+#include <string>
+
+namespace hyperfused {
+namespace {
+
+constexpr int64_t kMinBytes = int64_t(1) << 20;    // below this glibc keeps freed memory itself
+constexpr int64_t kRoundBytes = int64_t(2) << 20;  // a sequence a few steps longer still fits its old block
+
+// HYPERFUSED_CPU_BUFFER_CACHE_MB, read on each call so that a process can change it as it goes.
+int64_t limit_bytes() {
+  const char* v = std::getenv("HYPERFUSED_CPU_BUFFER_CACHE_MB");
+  if (!v || !*v) return int64_t(1024) << 20;
+  char* end = nullptr;
+  const long long mb = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end && *end == '\0' && mb >= 0,
+              "hyperfused: HYPERFUSED_CPU_BUFFER_CACHE_MB must be a non-negative integer (megabytes), got '", v, "'");
+  return int64_t(mb) << 20;
+}
+
+class Pool {
+ public:
+  void* take(int64_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = free_.begin(); it != free_.end(); ++it)
+        if (it->bytes == bytes) {
+          void* p = it->ptr;
+          cached_ -= bytes;
+          free_.erase(it);
+          return p;
+        }
+    }
+    return c10::alloc_cpu(bytes);
+  }
+
+  void give_back(void* p, int64_t bytes) {
+    const int64_t limit = limit_bytes_or_zero();
+    std::list<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (bytes <= limit) {
+        free_.push_front({p, bytes});
+        cached_ += bytes;
+        p = nullptr;
+      }
+      while (cached_ > limit) {  // the least recently freed first
+        cached_ -= free_.back().bytes;
+        evicted.splice(evicted.begin(), free_, std::prev(free_.end()));
+      }
+    }
+    if (p) c10::free_cpu(p);
+    for (const Block& b : evicted) c10::free_cpu(b.ptr);
+  }
+
+  int64_t release() {
+    std::list<Block> all;
+    int64_t bytes;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      all.swap(free_);
+      bytes = cached_;
+      cached_ = 0;
+    }
+    for (const Block& b : all) c10::free_cpu(b.ptr);
+    return bytes;
+  }
+
+  int64_t cached() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_;
+  }
+
+ private:
+  // A tensor freed while its deleter runs must not throw out of it: a malformed setting caches nothing.
+  static int64_t limit_bytes_or_zero() {
+    try {
+      return limit_bytes();
+    } catch (const c10::Error&) {
+      return 0;
+    }
+  }
+  struct Block {
+    void* ptr;
+    int64_t bytes;
+  };
+  std::mutex mutex_;
+  std::list<Block> free_;  // most recently freed first
+  int64_t cached_ = 0;
+};
+
+// Never destroyed: tensors from the pool may be freed during the interpreter's exit, after static destructors.
+Pool& pool() {
+  static Pool* p = new Pool();
+  return *p;
+}
+
+}  // namespace
+
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  if (!opts.device().is_cpu()) return at::empty(sizes, opts);
+  const int64_t bytes = c10::multiply_integers(sizes) * int64_t(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  if (bytes < kMinBytes || limit_bytes() == 0) return at::empty(sizes, opts);
+  const int64_t rounded = (bytes + kRoundBytes - 1) / kRoundBytes * kRoundBytes;
+  void* p = pool().take(rounded);
+  return at::from_blob(p, sizes, [rounded](void* q) { pool().give_back(q, rounded); }, opts);
+}
+
+int64_t empty_cpu_buffer_cache() { return pool().release(); }
+
+int64_t cpu_buffer_cache_bytes() { return pool().cached(); }
+
+}  // namespace hyperfused

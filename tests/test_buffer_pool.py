@@ -1,0 +1,89 @@
+"""The CPU ops' reused buffers (csrc/cpu/buffer_pool.h): a call reuses the memory of the previous call's
+freed buffers, never reads what that call left in them, and the cache obeys its size setting."""
+import pytest
+import torch
+
+import hyperfused
+from conftest import requires_extension
+from helpers import assert_same_run, make_pair, random_state
+
+pytestmark = requires_extension
+
+# Sizes whose buffers reach the pool's 1 MB minimum: g, ws, dg and dws hold T·B = 800 rows of 500-1000 floats.
+T, B, X, H, Hh, Nz = 40, 20, 16, 64, 32, 8
+F32 = dict(rtol=2e-4, atol=2e-5)
+
+
+def _forward(m, x, save=True):
+    h0 = torch.zeros(B, H)
+    hh0 = torch.zeros(B, Hh)
+    params = [p.detach() for p in m.cells[0].flat_params()]
+    return torch.ops.hyperfused.hyper_lstm_forward(x, h0, h0, hh0, hh0, params, None, None, True, 1.0,
+                                                   save_for_backward=save)
+
+
+@pytest.fixture
+def cache_mb(monkeypatch):
+    def set_to(mb):
+        monkeypatch.setenv("HYPERFUSED_CPU_BUFFER_CACHE_MB", str(mb))
+    hyperfused.empty_cpu_buffer_cache()
+    yield set_to
+    monkeypatch.delenv("HYPERFUSED_CPU_BUFFER_CACHE_MB", raising=False)
+    hyperfused.empty_cpu_buffer_cache()
+
+
+def test_freed_buffers_are_reused(cache_mb):
+    m = hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, backend="cpu")
+    x = torch.randn(T, B, X)
+    outs = _forward(m, x)
+    g, ws = outs[4], outs[5]
+    pointers = {g.data_ptr(), ws.data_ptr()}
+    sizes = g.numel() * 4 + ws.numel() * 4
+    del outs, g, ws
+    assert hyperfused.cpu_buffer_cache_bytes() >= sizes
+    again = _forward(m, x)
+    assert {again[4].data_ptr(), again[5].data_ptr()} == pointers
+
+
+def test_cache_size_setting(cache_mb):
+    m = hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, backend="cpu")
+    x = torch.randn(T, B, X)
+    cache_mb(0)  # reuse off: nothing is kept
+    del_outs = _forward(m, x)
+    del del_outs
+    assert hyperfused.cpu_buffer_cache_bytes() == 0
+    cache_mb(3)  # room for one 2 MB block (g), not for ws as well
+    outs = _forward(m, x)
+    del outs
+    assert 0 < hyperfused.cpu_buffer_cache_bytes() <= 3 * 2**20
+    cache_mb(1024)
+    outs = _forward(m, x)
+    del outs
+    held = hyperfused.cpu_buffer_cache_bytes()
+    assert held > 3 * 2**20
+    assert hyperfused.empty_cpu_buffer_cache() == held
+    assert hyperfused.cpu_buffer_cache_bytes() == 0
+
+
+def test_cache_setting_must_be_a_size(cache_mb, monkeypatch):
+    monkeypatch.setenv("HYPERFUSED_CPU_BUFFER_CACHE_MB", "lots")
+    m = hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, backend="cpu")
+    with pytest.raises(RuntimeError, match="HYPERFUSED_CPU_BUFFER_CACHE_MB must be a non-negative integer"):
+        _forward(m, torch.randn(T, B, X))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reused_buffers_hold_no_stale_values(dtype, cache_mb):
+    """A forward+backward whose every buffer is NaN (NaN input), then one on fresh inputs in the same memory:
+    it matches the reference exactly as a first call does. A value any kernel read before writing it would
+    carry a NaN into some output or gradient."""
+    ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, dtype=dtype)
+    state = random_state(ref, B, dtype)
+    poisoned = torch.full((T, B, X), float("nan"), dtype=dtype, requires_grad=True)
+    out, _ = fast(poisoned, state)
+    out.sum().backward()
+    assert out.isnan().all()
+    del out
+    assert hyperfused.cpu_buffer_cache_bytes() > 0
+    tol = F32 if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+    assert_same_run(ref, fast, torch.randn(T, B, X, dtype=dtype), state, **tol)
