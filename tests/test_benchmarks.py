@@ -144,3 +144,26 @@ def test_gpu_timings_times_the_other_cuda_launch_shape_with_the_setting_restored
     (row,) = gpu_timings.other_launch_shapes([Row()], large, 132)
     row.fwd_bwd()
     assert row.name == "hyperfused cuda, 4 thread groups per row" and seen == ["1", "4"]
+
+
+def test_alternate_runs_each_variant_in_its_settings_and_restores_them(capsys, monkeypatch):
+    import os
+
+    import pytest
+
+    from benchmarks import alternate
+    seen = []
+    real_fwd_bwd = alternate.Row.fwd_bwd
+    monkeypatch.setattr(alternate.Row, "fwd_bwd",
+                        lambda self: (seen.append(os.environ.get("HYPERFUSED_STEP_DESIGN")), real_fwd_bwd(self)))
+    monkeypatch.delenv("HYPERFUSED_STEP_DESIGN", raising=False)
+    rows = alternate.main(["--config", "3,2,4,8,4,2", "--rounds", "2", "--variant", "HYPERFUSED_STEP_DESIGN=gemm",
+                           "--variant", "@bf16"])
+    assert "HYPERFUSED_STEP_DESIGN" not in os.environ
+    assert [len(r.ms) for r in rows] == [2] * 4
+    # each row runs twice to warm up, then once per round: the gemm variant in its setting, nn.LSTM and @bf16 not
+    assert seen.count("gemm") == 4 and seen.count(None) == 8
+    printed = capsys.readouterr().out
+    assert "| hyperfused cpu HYPERFUSED_STEP_DESIGN=gemm |" in printed and "| hyperfused cpu @bf16 |" in printed
+    with pytest.raises(SystemExit, match="expected VAR=value"):
+        alternate.main(["--variant", "HYPERFUSED_STEP_DESIGN"])
