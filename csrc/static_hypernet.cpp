@@ -4,6 +4,7 @@
 //   kernels[layer][o, c, :, :]  <-  K[t, i, ...]     layout change straight into the conv weights
 // Backward: the layout change reversed, then dW_out, dB_out, dA, dW_i, dB_i, dZ as GEMMs/reductions.
 #include "static_hypernet.h"
+#include "cpu/buffer_pool.h"
 #include "no_autocast.h"
 
 #include <ATen/ATen.h>
@@ -134,7 +135,7 @@ at::Tensor generate_kernels(const TileKernels& k, const at::Tensor& z, const at:
   const c10::DeviceGuard guard(z.device());
   const NoAutocast no_autocast;
   check_meta_bounds(tile_meta, s, numel);
-  auto out = at::zeros({numel}, z.options());  // parts no tile covers stay zero
+  auto out = pooled_empty({numel}, z.options()).zero_();  // parts no tile covers stay zero
   const bool dbl = z.scalar_type() == at::kDouble;
   if (k.generate) {
     check_shared_memory(k, s, dbl);
@@ -144,7 +145,8 @@ at::Tensor generate_kernels(const TileKernels& k, const at::Tensor& z, const at:
     k.generate(a);
     return out;
   }
-  auto tiled = at::addmm(b_out, hidden_layer(z, w_in, b_in).reshape({-1, s.hidden}), w_out.t()).contiguous();
+  auto tiled = pooled_empty({s.tiles * s.in_tile, s.out_tile * s.kk}, z.options());
+  at::addmm_out(tiled, b_out, hidden_layer(z, w_in, b_in).reshape({-1, s.hidden}), w_out.t());
   TileLayoutArgs a{s.tiles, s.in_tile, s.out_tile, s.kk, dbl, tile_meta.data_ptr<int64_t>(), out.data_ptr(),
                    tiled.data_ptr(), numel, k.stream()};
   k.scatter(a);
@@ -164,7 +166,7 @@ std::vector<at::Tensor> generate_kernels_backward(const TileKernels& k, const at
               z.device());
   check_meta_bounds(tile_meta, s, grad.numel());
   const int64_t width = s.out_tile * s.kk;
-  auto dk = at::empty({s.tiles, s.in_tile, width}, z.options());
+  auto dk = pooled_empty({s.tiles, s.in_tile, width}, z.options());
   TileLayoutArgs a{s.tiles, s.in_tile, s.out_tile, s.kk, z.scalar_type() == at::kDouble,
                    tile_meta.data_ptr<int64_t>(), grad.data_ptr(), dk.data_ptr(), grad.numel(), k.stream()};
   k.gather(a);

@@ -5,7 +5,7 @@ import torch
 
 import hyperfused
 from conftest import requires_extension
-from helpers import assert_same_run, make_pair, random_state
+from helpers import assert_same_run, make_pair, random_state, randomize_
 
 pytestmark = requires_extension
 
@@ -87,3 +87,26 @@ def test_reused_buffers_hold_no_stale_values(dtype, cache_mb):
     assert hyperfused.cpu_buffer_cache_bytes() > 0
     tol = F32 if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
     assert_same_run(ref, fast, torch.randn(T, B, X, dtype=dtype), state, **tol)
+
+
+def test_reused_kernel_buffer_holds_no_stale_values(cache_mb):
+    """The tile generation's output comes from the pool too (≥ 1 MB here: 60 tiles of 16 × 16 × 3 × 3 in
+    float64, plus 5000 elements no tile covers). After a call with NaN weights, a call in the same memory
+    gives the reference's tiles and zeros where no tile lies."""
+    net = randomize_(hyperfused.StaticHyperNetwork(4, 16, 16, 3, dtype=torch.float64))
+    conv = hyperfused.HyperConv2d(16 * 10, 16 * 6, 3, hypernet=net, dtype=torch.float64)
+    meta, spans, numel = hyperfused.ops.tile_layout([(conv.out_channels, conv.in_channels)], 16, 16, 3)
+    op = torch.ops.hyperfused.generate_kernels
+    params = [p.detach() for p in (net.w_in, net.b_in, net.w_out, net.b_out)]
+    z = conv.z.detach()
+    first = op(z, params[0], params[1], params[2].clone().fill_(float("nan")), params[3], meta, numel + 5000, 3)
+    assert first[:numel].isnan().all()
+    pointer = first.data_ptr()
+    del first
+    flat = op(z, *params, meta, numel + 5000, 3)
+    assert flat.data_ptr() == pointer
+    net.backend = "reference"
+    (expected,) = net.generate([conv])
+    (offset, n), = spans
+    torch.testing.assert_close(flat[offset:offset + n].view_as(expected), expected.detach(), rtol=1e-10, atol=1e-12)
+    assert (flat[numel:] == 0).all()

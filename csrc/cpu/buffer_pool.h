@@ -1,6 +1,6 @@
-// at::empty for the large buffers the ops allocate on every call (the input projections, the saved
-// workspaces g and ws, the outputs, the backward's dg and dws), with the memory of freed ones kept for the next
-// call. On CUDA PyTorch's caching allocator does this already. On the CPU, freed memory goes back to glibc,
+// at::empty for the large buffers the ops allocate on every call (the HyperLSTM's input projections, saved
+// workspaces g and ws, outputs, and the backward's dg and dws; the tile generation's tiles and kernel buffer),
+// with the memory of freed ones kept for the next call. On CUDA PyTorch's caching allocator does this already. On the CPU, freed memory goes back to glibc,
 // which hands buffers of more than a few MB back to the OS, so every call faulted its buffers in again, page
 // by page: 15-50 MB of page faults per forward+backward at T = 100, B = 32, H = 256, about 10% of its time on a
 // 2-core Xeon VM (alternating processes, with and without glibc's trimming turned off).
