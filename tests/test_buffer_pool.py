@@ -45,6 +45,41 @@ def test_freed_buffers_are_reused(cache_mb):
     assert {again[4].data_ptr(), again[5].data_ptr()} == pointers
 
 
+def test_a_shorter_sequence_reuses_a_larger_block(cache_mb):
+    """A block serves a request up to a quarter smaller: ws at T = 160 (7.5 MB) reuses the 8 MB block that g
+    had at T = 200 rather than taking new memory."""
+    m = hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, backend="cpu")
+    outs = _forward(m, torch.randn(200, B, X))
+    pointers = {t.data_ptr() for t in outs}
+    del outs
+    again = _forward(m, torch.randn(160, B, X))
+    assert again[5].data_ptr() in pointers
+
+
+def test_threads_share_the_cache(cache_mb):
+    """Two threads running forward+backward at once, each many times: every result matches the reference."""
+    import threading
+    ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, dtype=torch.float32)
+    xs = [torch.randn(T, B, X) for _ in range(2)]
+    expected = [ref(x)[0].detach() for x in xs]
+    failures = []
+
+    def work(i):
+        for _ in range(5):
+            x = xs[i].clone().requires_grad_()
+            out, _ = fast(x)
+            out.sum().backward()
+            if not torch.allclose(out, expected[i], rtol=2e-4, atol=2e-5) or not x.grad.isfinite().all():
+                failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
 def test_cache_size_setting(cache_mb):
     m = hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, backend="cpu")
     x = torch.randn(T, B, X)

@@ -7,12 +7,13 @@
 #include <list>
 #include <mutex>
 #include <string>
+#include <utility>
 
 namespace hyperfused {
 namespace {
 
 constexpr int64_t kMinBytes = int64_t(1) << 20;    // below this glibc keeps freed memory itself
-constexpr int64_t kRoundBytes = int64_t(2) << 20;  // a sequence a few steps longer still fits its old block
+constexpr int64_t kRoundBytes = int64_t(2) << 20;  // sizes a few steps of T apart share blocks
 
 // HYPERFUSED_CPU_BUFFER_CACHE_MB, read on each call so that a process can change it as it goes.
 int64_t limit_bytes() {
@@ -27,18 +28,23 @@ int64_t limit_bytes() {
 
 class Pool {
  public:
-  void* take(int64_t bytes) {
+  // A block of at least `bytes` and its size: the smallest cached one up to a quarter larger (a shorter
+  // sequence, a smaller last batch), else a new one.
+  std::pair<void*, int64_t> take(int64_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      auto best = free_.end();
       for (auto it = free_.begin(); it != free_.end(); ++it)
-        if (it->bytes == bytes) {
-          void* p = it->ptr;
-          cached_ -= bytes;
-          free_.erase(it);
-          return p;
-        }
+        if (it->bytes >= bytes && it->bytes <= bytes + bytes / 4 && (best == free_.end() || it->bytes < best->bytes))
+          best = it;
+      if (best != free_.end()) {
+        const Block b = *best;
+        cached_ -= b.bytes;
+        free_.erase(best);
+        return {b.ptr, b.bytes};
+      }
     }
-    return c10::alloc_cpu(bytes);
+    return {c10::alloc_cpu(bytes), bytes};
   }
 
   void give_back(void* p, int64_t bytes) {
@@ -108,9 +114,8 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   if (!opts.device().is_cpu()) return at::empty(sizes, opts);
   const int64_t bytes = c10::multiply_integers(sizes) * int64_t(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
   if (bytes < kMinBytes || limit_bytes() == 0) return at::empty(sizes, opts);
-  const int64_t rounded = (bytes + kRoundBytes - 1) / kRoundBytes * kRoundBytes;
-  void* p = pool().take(rounded);
-  return at::from_blob(p, sizes, [rounded](void* q) { pool().give_back(q, rounded); }, opts);
+  const auto [p, held] = pool().take((bytes + kRoundBytes - 1) / kRoundBytes * kRoundBytes);
+  return at::from_blob(p, sizes, [held = held](void* q) { pool().give_back(q, held); }, opts);
 }
 
 int64_t empty_cpu_buffer_cache() { return pool().release(); }

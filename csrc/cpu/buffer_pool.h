@@ -5,8 +5,8 @@
 // by page: 15-50 MB of page faults per forward+backward at T = 100, B = 32, H = 256, about 10% of its time on a
 // 2-core Xeon VM (alternating processes, with and without glibc's trimming turned off).
 //
-// Blocks of at least kMinBytes, rounded up to a multiple of kRoundBytes, are reused when a request rounds to
-// the same size; at most HYPERFUSED_CPU_BUFFER_CACHE_MB megabytes (default 1024; 0 turns the reuse off) stay
+// Blocks of at least 1 MB, in multiples of 2 MB, are reused for a request they hold with at most a quarter to
+// spare (the smallest such); at most HYPERFUSED_CPU_BUFFER_CACHE_MB megabytes (default 1024; 0 turns the reuse off) stay
 // cached while unused, the least recently freed given back first. empty_cpu_buffer_cache() gives them all back.
 #pragma once
 #include <ATen/core/Tensor.h>
