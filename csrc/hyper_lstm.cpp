@@ -202,14 +202,16 @@ std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t)
 }
 
 // Σ_t dA_t^T v_{t-1} over all steps, with v_{-1} = v0: dA (T·B, n) against the states shifted by one step,
-// as two GEMMs rather than a concatenated copy of the states.
+// as the GEMM over steps 1..T-1 with step 0's product against v0 added in place: no concatenated copy of the
+// states, and no copy of a partial sum (addmm would copy its first term).
 at::Tensor times_prev(const GemmPrecision& P, const at::Tensor& dA, const at::Tensor& v0, const at::Tensor& vs) {
   const int64_t B = v0.size(0), M = dA.size(0);
   const auto dtype = v0.scalar_type();  // the op's (dA and vs may be operands already)
-  const auto first = P.mm(dA.narrow(0, 0, B).t(), P.operand(v0), dtype);
-  if (M == B) return first;
+  if (M == B) return P.mm(dA.t(), P.operand(v0), dtype);
   const auto prev = vs.narrow(0, 0, vs.size(0) - 1).reshape({M - B, v0.size(1)});
-  return P.addmm(first, dA.narrow(0, B, M - B).t(), P.operand(prev));
+  auto out = P.mm(dA.narrow(0, B, M - B).t(), P.operand(prev), dtype);
+  P.add_mm_(out, dA.narrow(0, 0, B).t(), P.operand(v0));
+  return out;
 }
 
 // The op's gemm_dtype argument: bfloat16/float16 GEMM operands (float32 ops only), or none.
@@ -480,7 +482,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
 
   // Weight gradients: each a reduction over all T·B rows.
   const auto dgm = dg.view({M, GW});
-  const auto dgh = dgm.narrow(1, 0, 4 * H), dah = dgm.narrow(1, 4 * H, 4 * Hh);
+  const auto dah = dgm.narrow(1, 4 * H, 4 * Hh);
   const auto dwsm = dws.view({M, D.width}), wsm = ws.view({M, L.width});
   const auto z3 = wsm.narrow(1, L.z, 12 * Nz).reshape({M, 3, 4, Nz});
   const auto hh_all = hhs.view({M, Hh});
@@ -537,8 +539,9 @@ std::vector<at::Tensor> hyper_lstm_backward(
   if (!layer_norm)
     for (int i = LN_WEIGHT; i <= HYPER_LN_CELL_BIAS; ++i) gp[i] = at::zeros_like(p[i]);
 
-  // Each operand rounded once (a no-op without a low precision): dgx, dah and hs feed several GEMMs each.
-  const auto dgx_op = P.operand(dgx), dah_op = P.operand(dah), hs_op = P.operand(hs);
+  // Each operand rounded once (a no-op without a low precision): dgx, dg and hs feed several GEMMs each.
+  const auto dgx_op = P.operand(dgx), dg_op = P.operand(dgm), hs_op = P.operand(hs);
+  const auto dah_op = dg_op.narrow(1, 4 * H, 4 * Hh);
   grads[0] = P.mm(dgx_op, P.operand(p[WEIGHT_IH]), dtype)
                  .add_(P.mm(dah_op, P.operand(p[HYPER_WEIGHT_IH].narrow(1, 0, X)), dtype))
                  .view({T, B, X});
@@ -547,8 +550,10 @@ std::vector<at::Tensor> hyper_lstm_backward(
   grads[3] = dhh_rec;
   grads[4] = dhc;
   gp[WEIGHT_IH] = P.mm(dgx_op.t(), x2_op, dtype);
-  gp[WEIGHT_HH] = times_prev(P, dgh, h0, hs_op);
-  gp[HYPER_WEIGHT_IH] = at::cat({P.mm(dah_op.t(), x2_op, dtype), times_prev(P, dah_op, h0, hs_op)}, 1);
+  // [dW_h ; dŴ_x,h] (4H+4Ĥ, H), the gradient of the recurrent product's weight, in one pass over dg
+  const auto d_rec = times_prev(P, dg_op, h0, hs_op);
+  gp[WEIGHT_HH] = d_rec.narrow(0, 0, 4 * H);
+  gp[HYPER_WEIGHT_IH] = at::cat({P.mm(dah_op.t(), x2_op, dtype), d_rec.narrow(0, 4 * H, 4 * Hh)}, 1);
   gp[HYPER_WEIGHT_HH] = times_prev(P, dah_op, hh0, hhs);
   const auto dz = dwsm.narrow(1, D.dz, 12 * Nz);
   gp[Z_WEIGHT] = dz.narrow(1, 0, 8 * Nz).t().mm(hh_all);

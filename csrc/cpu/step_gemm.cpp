@@ -106,9 +106,11 @@ at::Tensor GemmPrecision::mm(const at::Tensor& a, const at::Tensor& b, at::Scala
   return at::mm(operand(a), b).to(out_dtype);
 }
 
-at::Tensor GemmPrecision::addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) const {
-  if (!low) return at::addmm(bias, a, b);
-  return mm(a, b, bias.scalar_type()).add_(bias);
+void GemmPrecision::add_mm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
+  if (!low)
+    out.addmm_(a, b);
+  else
+    out.add_(mm(a, b, out.scalar_type()));
 }
 
 void GemmPrecision::mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {

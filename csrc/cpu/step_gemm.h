@@ -28,8 +28,8 @@ struct GemmPrecision {
   at::Tensor operand(const at::Tensor& t) const;
   // a · b in the op's dtype `out_dtype`, b already an operand
   at::Tensor mm(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype) const;
-  // bias + a · b in bias's dtype (one fused addmm without a low precision), b already an operand
-  at::Tensor addmm(const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) const;
+  // out += a · b in out's dtype (addmm_ in place without a low precision), b already an operand
+  void add_mm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const;
   // out = a · b, b already an operand
   void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const;
 };
