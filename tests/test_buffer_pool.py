@@ -145,3 +145,18 @@ def test_reused_kernel_buffer_holds_no_stale_values(cache_mb):
     (offset, n), = spans
     torch.testing.assert_close(flat[offset:offset + n].view_as(expected), expected.detach(), rtol=1e-10, atol=1e-12)
     assert (flat[numel:] == 0).all()
+
+
+def test_pooled_tensors_resize_and_serialise_like_any_tensor(cache_mb, tmp_path):
+    """A pooled tensor's storage is an ordinary one with the pool as its allocator: it can grow (into a new
+    block, its values kept), be saved and loaded, and shared between processes."""
+    m = hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, backend="cpu")
+    ws = _forward(m, torch.randn(T, B, X))[5]
+    assert ws.numel() * 4 >= 2**20  # from the pool
+    before = ws.clone()
+    ws.resize_(2 * T, B, ws.shape[2])
+    torch.testing.assert_close(ws[:T], before, rtol=0, atol=0)
+    torch.save(ws, tmp_path / "ws.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "ws.pt")[:T], before, rtol=0, atol=0)
+    assert ws.share_memory_().is_shared()
+    torch.testing.assert_close(ws[:T], before, rtol=0, atol=0)

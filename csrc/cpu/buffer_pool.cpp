@@ -1,6 +1,8 @@
 #include "buffer_pool.h"
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdlib>
@@ -25,6 +27,12 @@ int64_t limit_bytes() {
               "hyperfused: HYPERFUSED_CPU_BUFFER_CACHE_MB must be a non-negative integer (megabytes), got '", v, "'");
   return int64_t(mb) << 20;
 }
+
+// A block of memory and its size in the pool (at least what was asked for).
+struct Block {
+  void* ptr;
+  int64_t bytes;
+};
 
 class Pool {
  public:
@@ -93,10 +101,6 @@ class Pool {
       return 0;
     }
   }
-  struct Block {
-    void* ptr;
-    int64_t bytes;
-  };
   std::mutex mutex_;
   std::list<Block> free_;  // most recently freed first
   int64_t cached_ = 0;
@@ -108,14 +112,44 @@ Pool& pool() {
   return *p;
 }
 
+// A block handed out, the context of its DataPtr.
+void give_back_block(void* ctx) {
+  const Block* b = static_cast<const Block*>(ctx);
+  pool().give_back(b->ptr, b->bytes);
+  delete b;
+}
+
+// The pool as an allocator, so that its tensors have ordinary, resizable storages (a resize takes a new block
+// from it and gives the old one back); small requests go to the CPU allocator's functions directly.
+class PoolAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    const int64_t bytes = int64_t(n);
+    if (bytes < kMinBytes || limit_bytes() == 0) {
+      void* p = c10::alloc_cpu(n);
+      return {p, p, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
+    }
+    const auto [p, held] = pool().take((bytes + kRoundBytes - 1) / kRoundBytes * kRoundBytes);
+    return {p, new Block{p, held}, &give_back_block, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+PoolAllocator& pool_allocator() {
+  static PoolAllocator* a = new PoolAllocator();
+  return *a;
+}
+
 }  // namespace
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   if (!opts.device().is_cpu()) return at::empty(sizes, opts);
-  const int64_t bytes = c10::multiply_integers(sizes) * int64_t(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  const int64_t bytes = c10::multiply_integers(sizes) * int64_t(opts.dtype().itemsize());
   if (bytes < kMinBytes || limit_bytes() == 0) return at::empty(sizes, opts);
-  const auto [p, held] = pool().take((bytes + kRoundBytes - 1) / kRoundBytes * kRoundBytes);
-  return at::from_blob(p, sizes, [held = held](void* q) { pool().give_back(q, held); }, opts);
+  return at::detail::empty_generic(sizes, &pool_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(opts.dtype()), std::nullopt);
 }
 
 int64_t empty_cpu_buffer_cache() { return pool().release(); }
