@@ -53,6 +53,10 @@ class Variant:
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             seconds = timed(self.row.fwd_bwd, torch.device("cpu"))
             self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            # The variants share one module: each frees its gradients in its own settings (a buffer cache
+            # turned off would otherwise drop what the next variant kept).
+            for p in getattr(self.row, "_params", []):
+                p.grad = None
             return seconds * 1e3
         finally:
             for k, v in saved.items():

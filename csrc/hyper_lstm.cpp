@@ -206,10 +206,13 @@ std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t)
 // states, and no copy of a partial sum (addmm would copy its first term).
 at::Tensor times_prev(const GemmPrecision& P, const at::Tensor& dA, const at::Tensor& v0, const at::Tensor& vs) {
   const int64_t B = v0.size(0), M = dA.size(0);
-  const auto dtype = v0.scalar_type();  // the op's (dA and vs may be operands already)
-  if (M == B) return P.mm(dA.t(), P.operand(v0), dtype);
+  auto out = pooled_empty({dA.size(1), v0.size(1)}, v0.options());  // 18 MB for W_h's at H = 1000
+  if (M == B) {
+    P.mm_out(out, dA.t(), P.operand(v0));
+    return out;
+  }
   const auto prev = vs.narrow(0, 0, vs.size(0) - 1).reshape({M - B, v0.size(1)});
-  auto out = P.mm(dA.narrow(0, B, M - B).t(), P.operand(prev), dtype);
+  P.mm_out(out, dA.narrow(0, B, M - B).t(), P.operand(prev));
   P.add_mm_(out, dA.narrow(0, 0, B).t(), P.operand(v0));
   return out;
 }
