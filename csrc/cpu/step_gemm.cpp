@@ -1,4 +1,5 @@
 #include "step_gemm.h"
+#include "buffer_pool.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -96,14 +97,23 @@ int mkl_int(int64_t v) {
 
 }  // namespace
 
-at::Tensor GemmPrecision::operand(const at::Tensor& t) const { return low ? t.to(*low) : t; }
+at::Tensor GemmPrecision::operand(const at::Tensor& t) const {
+  if (!low) return t;
+  // Rows of a CPU activation (x, dg, the states: MBs per call) into the buffer cache; anything else, a
+  // transposed weight view say, keeps its layout through Tensor::to.
+  const bool rows = t.is_contiguous() || (t.dim() == 2 && t.stride(1) == 1);
+  if (!t.is_cpu() || !rows) return t.to(*low);
+  return pooled_empty(t.sizes(), t.options().dtype(*low)).copy_(t);
+}
 
 at::Tensor GemmPrecision::mm(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype) const {
   if (!low) return at::mm(a, b);
   // cuBLAS accumulates in float32 and returns it; the CPU's low-precision GEMMs accumulate in float32 too but
   // return their inputs' dtype (as nn.Linear under autocast does), cast back here.
   if (a.is_cuda()) return at::mm(operand(a), b, out_dtype);
-  return at::mm(operand(a), b).to(out_dtype);
+  auto out = pooled_empty({a.size(0), b.size(1)}, a.options().dtype(out_dtype));
+  mm_out(out, a, b);
+  return out;
 }
 
 void GemmPrecision::add_mm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
@@ -118,8 +128,11 @@ void GemmPrecision::mm_out(at::Tensor& out, const at::Tensor& a, const at::Tenso
     at::mm_out(out, a, b);
   else if (out.is_cuda())  // cuBLAS accumulates in float32 and writes it into out
     at::mm_out(out, operand(a), b, out.scalar_type());
-  else
-    out.copy_(mm(a, b, out.scalar_type()));
+  else {  // the low-precision result into a cached buffer, converted into out
+    auto low_out = pooled_empty(out.sizes(), out.options().dtype(*low));
+    at::mm_out(low_out, operand(a), b);
+    out.copy_(low_out);
+  }
 }
 
 StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision precision, int64_t runs)
