@@ -15,12 +15,19 @@ static PyObject* empty_cpu_buffer_cache(PyObject*, PyObject*) {
 static PyObject* cpu_buffer_cache_bytes(PyObject*, PyObject*) {
   return PyLong_FromLongLong(hyperfused::cpu_buffer_cache_bytes());
 }
+static PyObject* hold_cpu_buffer_cache_lock(PyObject*, PyObject* ms) {
+  const long long milliseconds = PyLong_AsLongLong(ms);
+  if (milliseconds == -1 && PyErr_Occurred()) return nullptr;
+  Py_BEGIN_ALLOW_THREADS hyperfused::hold_cpu_buffer_cache_lock(milliseconds);
+  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
 static PyMethodDef methods[] = {
     {"empty_cpu_buffer_cache", empty_cpu_buffer_cache, METH_NOARGS, "Frees the cached CPU buffers; returns bytes."},
     {"cpu_buffer_cache_bytes", cpu_buffer_cache_bytes, METH_NOARGS, "Bytes held in cached CPU buffers."},
+    {"_hold_cpu_buffer_cache_lock", hold_cpu_buffer_cache_lock, METH_O, "Tests: holds the cache's lock (ms)."},
     {nullptr, nullptr, 0, nullptr}};
 // A bare module: importing hyperfused._C runs the TORCH_LIBRARY registrations below (no pybind needed), plus
-// the CPU buffer cache's two functions.
+// the CPU buffer cache's functions.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

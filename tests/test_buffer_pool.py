@@ -160,3 +160,34 @@ def test_pooled_tensors_resize_and_serialise_like_any_tensor(cache_mb, tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "ws.pt")[:T], before, rtol=0, atol=0)
     assert ws.share_memory_().is_shared()
     torch.testing.assert_close(ws[:T], before, rtol=0, atol=0)
+
+
+def test_a_child_forked_while_a_thread_holds_the_cache_can_use_it(cache_mb):
+    """fork() while another thread is inside the cache (holding its lock): the pool holds the lock across
+    fork, so the fork waits for that thread and the child finds the lock free. Without that, the child would
+    inherit a lock taken by a thread it does not have, and hang at its first use of the cache."""
+    import os
+    import threading
+    import time
+
+    from hyperfused import _extension
+    holder = threading.Thread(target=_extension._C._hold_cpu_buffer_cache_lock, args=(300,))
+    holder.start()
+    time.sleep(0.05)  # the holder is inside the lock now
+    pid = os.fork()
+    if pid == 0:  # the child: only the cache's own functions (no OpenMP after fork)
+        hyperfused.cpu_buffer_cache_bytes()
+        hyperfused.empty_cpu_buffer_cache()
+        os._exit(0)
+    holder.join()
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung on the buffer cache's lock")
+        time.sleep(0.01)

@@ -5,10 +5,14 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <pthread.h>
+
+#include <chrono>
 #include <cstdlib>
 #include <list>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 
 namespace hyperfused {
@@ -92,6 +96,11 @@ class Pool {
     return cached_;
   }
 
+  // Held across fork() (pthread_atfork), so that a child never inherits the lock taken by a thread that
+  // does not exist there; the child keeps the cached blocks, its copies of the parent's memory.
+  void lock_for_fork() { mutex_.lock(); }
+  void unlock_after_fork() { mutex_.unlock(); }
+
  private:
   // A tensor freed while its deleter runs must not throw out of it: a malformed setting caches nothing.
   static int64_t limit_bytes_or_zero() {
@@ -108,7 +117,12 @@ class Pool {
 
 // Never destroyed: tensors from the pool may be freed during the interpreter's exit, after static destructors.
 Pool& pool() {
-  static Pool* p = new Pool();
+  static Pool* p = [] {
+    Pool* created = new Pool();
+    pthread_atfork([] { pool().lock_for_fork(); }, [] { pool().unlock_after_fork(); },
+                   [] { pool().unlock_after_fork(); });
+    return created;
+  }();
   return *p;
 }
 
@@ -150,6 +164,12 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   if (bytes < kMinBytes || limit_bytes() == 0) return at::empty(sizes, opts);
   return at::detail::empty_generic(sizes, &pool_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(opts.dtype()), std::nullopt);
+}
+
+void hold_cpu_buffer_cache_lock(int64_t milliseconds) {
+  pool().lock_for_fork();
+  std::this_thread::sleep_for(std::chrono::milliseconds(milliseconds));
+  pool().unlock_after_fork();
 }
 
 int64_t empty_cpu_buffer_cache() { return pool().release(); }

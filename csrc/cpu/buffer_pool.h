@@ -22,5 +22,7 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts);
 int64_t empty_cpu_buffer_cache();
 // Bytes held in cached blocks now.
 int64_t cpu_buffer_cache_bytes();
+// For tests: holds the cache's lock for a while, as a thread inside it does, to check what fork() does then.
+void hold_cpu_buffer_cache_lock(int64_t milliseconds);
 
 }  // namespace hyperfused
