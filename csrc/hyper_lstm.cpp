@@ -227,8 +227,9 @@ GemmPrecision gemm_precision(const std::optional<at::ScalarType>& gemm_dtype, co
   return {gemm_dtype};
 }
 
-// x2 · w (+ bias) in `dtype`, the op's, with operands in P's precision: the input projections over all T·B rows.
-// x2 may be an operand already (rounded once for several GEMMs).
+// x2 · w (+ bias) as a tensor of `out_opts` (the op's dtype), with operands in P's precision: the input
+// projections over all T·B rows, in a pooled buffer. x2 may be an operand already (rounded once for several
+// GEMMs).
 at::Tensor input_gemm(const GemmPrecision& P, const at::Tensor& x2, const at::Tensor& w,
                       const at::TensorOptions& out_opts, const at::Tensor& bias = at::Tensor()) {
   auto out = pooled_empty({x2.size(0), w.size(1)}, out_opts);
