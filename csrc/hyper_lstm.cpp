@@ -438,7 +438,8 @@ std::vector<at::Tensor> hyper_lstm_backward(
   // (4H+4Ĥ, H), (4Ĥ, Ĥ): the transposed products
   const StepGemm rec(tr.w_rec, {}, P, T), hyper(p[HYPER_WEIGHT_HH], {}, P, T);
   const AccumLayout A(dims);
-  auto accum = in_kernel ? at::zeros({int64_t(at::get_num_threads()), A.width}, opts) : at::Tensor();
+  // the kernel's per-thread sums (~0.8 MB per thread at H = 1000, N_z = 16), zeroed, from the cache
+  auto accum = in_kernel ? pooled_empty({int64_t(at::get_num_threads()), A.width}, opts).zero_() : at::Tensor();
   // The GEMM-shaped step's buffers: d_h (4, B, H), dd (12, B, H), dz (12, B, N_z), dz·Z (B, Ĥ).
   auto dh_all = split ? at::empty({4, B, H}, opts) : at::Tensor();
   auto dd_all = split ? at::empty({12, B, H}, opts) : at::Tensor();
