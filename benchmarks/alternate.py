@@ -14,14 +14,13 @@ the page faults per iteration.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import statistics
 
 import torch
 
 import hyperfused
-from benchmarks.hyper_lstm import Config, GemmFloorRow, Row, _under_autocast
+from benchmarks.hyper_lstm import Config, GemmFloorRow, Row, _under_autocast, with_env
 from benchmarks.timing import timed
 
 
@@ -47,23 +46,20 @@ class Variant:
         self.faults = 0
 
     def run(self) -> float:
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            seconds = timed(self.row.fwd_bwd, torch.device("cpu"))
-            self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-            # The variants share one module: each frees its gradients in its own settings (a buffer cache
-            # turned off would otherwise drop what the next variant kept).
-            for p in getattr(self.row, "_params", []):
-                p.grad = None
-            return seconds * 1e3
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        run = self._measured
+        for var, value in self.env.items():
+            run = with_env(var, value, run)
+        return run() * 1e3
+
+    def _measured(self) -> float:
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds = timed(self.row.fwd_bwd, torch.device("cpu"))
+        self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        # The variants share one module: each frees its gradients in its own settings (a buffer cache turned
+        # off would otherwise drop what the next variant kept).
+        for p in getattr(self.row, "_params", []):
+            p.grad = None
+        return seconds
 
 
 def make_variants(cfg: Config, specs: list[str], backend: str) -> list[Variant]:
