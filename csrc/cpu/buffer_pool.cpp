@@ -32,6 +32,9 @@ int64_t limit_bytes() {
   return int64_t(mb) << 20;
 }
 
+// Whether a request of `bytes` goes to the pool: large enough, and the cache not turned off.
+bool pooled(int64_t bytes) { return bytes >= kMinBytes && limit_bytes() > 0; }
+
 // A block of memory and its size in the pool (at least what was asked for).
 struct Block {
   void* ptr;
@@ -139,7 +142,7 @@ class PoolAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
     const int64_t bytes = int64_t(n);
-    if (bytes < kMinBytes || limit_bytes() == 0) {
+    if (!pooled(bytes)) {
       void* p = c10::alloc_cpu(n);
       return {p, p, &c10::free_cpu, c10::Device(c10::DeviceType::CPU)};
     }
@@ -160,8 +163,7 @@ PoolAllocator& pool_allocator() {
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   if (!opts.device().is_cpu()) return at::empty(sizes, opts);
-  const int64_t bytes = c10::multiply_integers(sizes) * int64_t(opts.dtype().itemsize());
-  if (bytes < kMinBytes || limit_bytes() == 0) return at::empty(sizes, opts);
+  if (!pooled(c10::multiply_integers(sizes) * int64_t(opts.dtype().itemsize()))) return at::empty(sizes, opts);
   return at::detail::empty_generic(sizes, &pool_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(opts.dtype()), std::nullopt);
 }
