@@ -250,15 +250,31 @@ bool gemm_shaped(const StepKernels& k) {
   return std::string(v) == "gemm";
 }
 
-// HYPERFUSED_CUDA_THREAD_GROUPS=1|4 fixes the CUDA step kernels' thread groups per block (hyper_lstm_simt.h),
-// so that both launch shapes can be timed on one GPU; unset, the launch picks by batch and multiprocessors.
-int thread_groups_setting() {
-  const char* v = std::getenv("HYPERFUSED_CUDA_THREAD_GROUPS");
+// A launch-shape setting of the CUDA step kernels: the environment variable's value, one of `allowed`, or 0
+// (the launch decides) when it is unset. They exist so that the shapes can be timed against each other on one
+// GPU: HYPERFUSED_CUDA_THREAD_GROUPS=1|4 (thread groups per block) and HYPERFUSED_CUDA_CLUSTER=1|2|4|8 (blocks
+// per row, on GPUs with thread-block clusters; hyper_lstm_simt.h).
+int launch_setting(const char* name, std::initializer_list<int> allowed) {
+  const char* v = std::getenv(name);
   if (!v || !*v) return 0;
-  TORCH_CHECK(std::string(v) == "1" || std::string(v) == "4",
-              "hyperfused: HYPERFUSED_CUDA_THREAD_GROUPS must be '1', '4' or unset, got '", v, "'");
-  return std::stoi(v);
+  std::string expected;
+  for (int a : allowed) {
+    if (std::to_string(a) == v) return a;
+    expected += (expected.empty() ? "'" : "', '") + std::to_string(a);
+  }
+  TORCH_CHECK(false, "hyperfused: ", name, " must be ", expected, "' or unset, got '", v, "'");
+  return 0;
 }
+
+struct LaunchShape {
+  int groups = launch_setting("HYPERFUSED_CUDA_THREAD_GROUPS", {1, 4});
+  int cluster = launch_setting("HYPERFUSED_CUDA_CLUSTER", {1, 2, 4, 8});
+  template <class Step>
+  void apply(Step& st) const {
+    st.thread_groups = groups;
+    st.cluster = cluster;
+  }
+};
 
 // Whether the backward kernel sums the per-row weight gradients itself. HYPERFUSED_ATEN_REDUCTIONS=1 makes
 // the CPU leave them to ATen as CUDA does, so that the tests can check that path without a GPU.
@@ -275,7 +291,7 @@ struct ForwardStepper {
   const StepGemm &rec, &hyper;
   const Dims dims;
   const bool split = gemm_shaped(k);
-  const int groups = thread_groups_setting();
+  const LaunchShape shape;
   const int64_t z_slot = WsLayout(dims).z;
   at::Tensor ghh;    // (B, 4Ĥ) Ŵ_h ĥ_{t-1}, the step's scratch
   at::Tensor d_all;  // the GEMM-shaped step's scaling vectors, (12, B, H)
@@ -291,7 +307,7 @@ struct ForwardStepper {
     rec.run(g_t, h_prev);
     hyper.run(ghh, hh_prev);
     st.ghh = ghh.data_ptr();
-    st.thread_groups = groups;
+    shape.apply(st);
     if (!split) {
       k.forward(st);
       return;
@@ -403,7 +419,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const Dims dims = s.dims();
   const WsLayout L(dims);
   const bool split = gemm_shaped(k);
-  const int groups = thread_groups_setting();
+  const LaunchShape shape;
   const bool in_kernel = sums_in_kernel(k) && !split;
   const DwsLayout D(dims, /*ln_rows=*/!in_kernel);
   const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, M = T * B, GW = dims.g_width();
@@ -463,7 +479,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
                     dc.data_ptr(), dhc.data_ptr(), zone ? dh_zone.data_ptr() : nullptr,
                     hzone ? dhh_zone.data_ptr() : nullptr, DG.at(t), DWs.at(t),
                     in_kernel ? accum.data_ptr() : nullptr, k.stream()};
-    st.thread_groups = groups;
+    shape.apply(st);
     if (split) {
       // d_h from the saved z (kind h), then the main cell; dz = dd·W_z for all rows at once, into the backward
       // workspace; dĥ's share dz·Z; then the hyper cell.

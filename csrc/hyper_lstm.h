@@ -80,4 +80,8 @@ std::vector<at::Tensor> backward_on(
                              gemm_dtype);
 }
 
+// Tests: the threads per batch row (a block, or a cluster's blocks together) of each step kernel the CUDA
+// emulator has launched since the last call, in launch order; the list is then emptied.
+std::vector<int64_t> take_emulated_step_widths();
+
 }  // namespace hyperfused

@@ -139,6 +139,7 @@ struct ForwardStep {
   StepPhase phase = StepPhase::Whole;
   const void* scale = nullptr;  // Main: (12, B, H) d for (kind h/x/b, gate i/f/g/o), kind-major
   int thread_groups = 0;        // CUDA: thread groups per block (1 or 4), or 0: the launch decides
+  int cluster = 0;              // CUDA sm_90+: blocks per row (1, 2, 4 or 8), or 0: the launch decides
 };
 
 struct BackwardStep {
@@ -177,6 +178,7 @@ struct BackwardStep {
   void* dd = nullptr;               // Main, out: (12, B, H) [da ⊙ W_h h | da ⊙ W_x x | da], kind-major
   const void* dhh_extra = nullptr;  // Hyper: (B, Hh) the embeddings' share of dĥ_t, dz·Z
   int thread_groups = 0;            // as in ForwardStep
+  int cluster = 0;                  // as in ForwardStep
 };
 
 // StepParams' pointers typed as the kernels' T, with the scaling and embedding weights' rows (the CPU and CUDA

@@ -3,14 +3,15 @@
 // deterministic SIMT emulator (cpu/simt_emulator.cpp) that runs every thread of a block to each barrier in
 // turn. No torch or CUDA headers: nvcc compiles it for the device, the host compiler for the emulator.
 //
-// One block owns one batch row (Blk::row()) for its phase of the step. Its threads form `groups()` equal
-// groups (1, 2 or 4); the four per-gate layer norms run side by side, gate k in group k mod groups(), so a
-// small batch gets up to 4 × 256 threads per row and a quarter of the reduction rounds. The cell update, its
-// layer norm and the projections use the whole block.
+// One block owns one batch row (Blk::row()) for its phase of the step; on sm_90+ a small batch's main cell
+// gets a cluster of 2–8 blocks per row instead, which Blk presents as one block (cuda_block.cuh). Its threads
+// form `groups()` equal groups (1, 2 or 4); the four per-gate layer norms run side by side, gate k in group
+// k mod groups(), so a small batch gets up to 4 × 256 threads per block and a quarter of the reduction
+// rounds. The cell update, its layer norm and the projections use the whole block.
 //
 // Blk provides:
 //   int64_t tid(), threads()        this thread, and the block's size (a multiple of 32·groups())
-//   int64_t row()                   the batch row (blockIdx.x)
+//   int64_t row()                   the batch row
 //   int groups(), group()           the thread groups and this thread's group (consecutive threads)
 //   int64_t lane(), group_threads() this thread's index in its group, and the group's size
 //   void sync()                     __syncthreads(): every thread of the block must reach it
@@ -41,6 +42,26 @@ HF_HD int step_groups(int64_t rows, int multiprocessors) { return rows < 2 * int
 template <class Step>
 HF_HD int launch_groups(const Step& s, int multiprocessors) {
   return s.thread_groups ? s.thread_groups : step_groups(s.dims.B, multiprocessors);
+}
+
+// Blocks per row (a thread-block cluster, on GPUs that have them): the step's own setting
+// (HYPERFUSED_CUDA_CLUSTER), else 1, except for the main cell of a batch that takes four thread groups: there
+// the largest power of two c ≤ kMaxCluster with c ≤ ⌈H/256⌉ (no more threads per gate than features, give or
+// take a round) and c·B ≤ the multiprocessors. In one block, each thread walks ⌈H/256⌉ features of its gate one
+// after another; at B = 8, H = 1000, four blocks per row give each thread one, and the step 32 of 132
+// multiprocessors instead of 8.
+constexpr int kMaxCluster = 8;
+
+template <class Step>
+HF_HD int launch_cluster(const Step& s, int multiprocessors, bool clusters) {
+  if (!clusters) return 1;
+  if (s.cluster) return s.cluster;
+  if (s.phase != StepPhase::Main || launch_groups(s, multiprocessors) != 4) return 1;
+  int c = 1;
+  while (2 * c <= kMaxCluster && int64_t(2 * c - 1) * kGroupThreads < s.dims.H &&
+         2 * c * s.dims.B <= int64_t(multiprocessors))
+    c *= 2;
+  return c;
 }
 
 // The activations the shared cell math (hyper_lstm_kernels.h) uses here.

@@ -21,13 +21,22 @@ static PyObject* hold_cpu_buffer_cache_lock(PyObject*, PyObject* ms) {
   Py_BEGIN_ALLOW_THREADS hyperfused::hold_cpu_buffer_cache_lock(milliseconds);
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
+static PyObject* take_emulated_step_widths(PyObject*, PyObject*) {
+  const auto widths = hyperfused::take_emulated_step_widths();
+  PyObject* list = PyList_New(Py_ssize_t(widths.size()));
+  if (!list) return nullptr;
+  for (size_t i = 0; i < widths.size(); ++i) PyList_SET_ITEM(list, Py_ssize_t(i), PyLong_FromLongLong(widths[i]));
+  return list;
+}
 static PyMethodDef methods[] = {
     {"empty_cpu_buffer_cache", empty_cpu_buffer_cache, METH_NOARGS, "Frees the cached CPU buffers; returns bytes."},
     {"cpu_buffer_cache_bytes", cpu_buffer_cache_bytes, METH_NOARGS, "Bytes held in cached CPU buffers."},
     {"_hold_cpu_buffer_cache_lock", hold_cpu_buffer_cache_lock, METH_O, "Tests: holds the cache's lock (ms)."},
+    {"_take_emulated_step_widths", take_emulated_step_widths, METH_NOARGS,
+     "Tests: threads per row of each emulated CUDA step launch since the last call."},
     {nullptr, nullptr, 0, nullptr}};
 // A bare module: importing hyperfused._C runs the TORCH_LIBRARY registrations below (no pybind needed), plus
-// the CPU buffer cache's functions.
+// the CPU buffer cache's functions and two test hooks.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

@@ -3,9 +3,11 @@ the CPU under the SIMT emulator (HYPERFUSED_EMULATE_CUDA, see csrc/cpu/simt_emul
 reference: every output, final state and gradient. These run on any machine, so the kernels' indexing,
 barriers, shared memory and thread-group reductions are checked where there is no GPU.
 
-The emulated GPU's multiprocessor count picks the launch as on a real one: with 132 multiprocessors these
-batches get four thread groups (the gate layer norms side by side, 1024 threads per row), with one they get
-one group of 256 threads (the gates in turn). "reverse" runs each block's threads in descending order, so
+The emulated GPU's multiprocessor count picks the launch as on a real one (an sm_90, with thread-block
+clusters): with 132 multiprocessors these batches get four thread groups (the gate layer norms side by side,
+1024 threads per block), and the GEMM-shaped step's main cell a cluster of blocks per row at H = 300 and 1000
+(2048 and 4096 threads, emulated as one block); with one multiprocessor they get one group of 256 threads (the
+gates in turn). "reverse" runs each block's threads in descending order, so
 that a read which needs a barrier before it sees stale data whichever thread wrote it (a missing barrier
 after the pre-activations, or after the generation kernel loads z, was checked to fail here). Threads that
 pass different numbers of barriers are an error of the emulator's own (a group that skips a gate's layer norm
@@ -131,6 +133,75 @@ def test_forced_thread_groups_match_the_reference(gpu, groups, emulated, monkeyp
     monkeypatch.setenv("HYPERFUSED_CUDA_THREAD_GROUPS", "2")
     with pytest.raises(RuntimeError, match="HYPERFUSED_CUDA_THREAD_GROUPS must be '1', '4' or unset, got '2'"):
         fast(torch.randn(2, 1, 6, dtype=torch.float64))
+
+
+def _launch_widths(fast, x):
+    """Threads per row of each step launch of one forward+backward, forward's first."""
+    from hyperfused import _C
+
+    _C._take_emulated_step_widths()
+    out, state = fast(x)
+    (out.sum() + state.hyper_c.sum()).backward()
+    return _C._take_emulated_step_widths()
+
+
+# (multiprocessors, B, H, design, HYPERFUSED_CUDA_CLUSTER) -> threads per row of the hyper cell's launches and
+# of the main cell's. Four 256-thread groups per row while B < 2 x multiprocessors; then, for the GEMM-shaped
+# step's main cell, a cluster of c blocks, c the largest power of two <= 8 with c <= ceil(H / 256) and
+# c * B <= multiprocessors.
+CLUSTER_RULE = [
+    (("132", 2, 1000, "gemm", None), (1024, 4096)),
+    (("132", 2, 300, "gemm", None), (1024, 2048)),
+    (("132", 2, 37, "gemm", None), (1024, 1024)),
+    (("8", 3, 1000, "gemm", None), (1024, 2048)),  # 4 blocks x 3 rows would take 12 of 8 multiprocessors
+    (("1", 2, 1000, "gemm", None), (256, 256)),  # a batch that fills the GPU: one group, one block
+    (("132", 2, 1000, "gemm", "1"), (1024, 1024)),
+    (("132", 1, 37, "gemm", "8"), (8192, 8192)),  # the setting holds for every launch, whatever the sizes
+]
+
+
+@pytest.mark.parametrize("case, widths", CLUSTER_RULE, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_launch_takes_the_cluster_rule(case, widths, emulated, monkeypatch):
+    gpu, B, H, design, cluster = case
+    fast = make_pair("cpu", 5, H, hyper_size=20, hyper_embed=4)[1]
+    emulated(gpu, design)
+    if cluster:
+        monkeypatch.setenv("HYPERFUSED_CUDA_CLUSTER", cluster)
+    hyper, main = widths
+    T = 2
+    # forward: hyper, main per step; backward: main, hyper per step
+    assert _launch_widths(fast, torch.randn(T, B, 5, dtype=torch.float64)) == [hyper, main] * T + [main, hyper] * T
+
+
+def test_emulated_one_kernel_step_takes_no_cluster(emulated):
+    """The one-kernel step (HYPERFUSED_STEP_DESIGN=fused) keeps one block per row: the rule is for the main cell
+    of the GEMM-shaped step."""
+    fast = make_pair("cpu", 5, 1000, hyper_size=20, hyper_embed=4)[1]
+    emulated("132", "fused")
+    assert _launch_widths(fast, torch.randn(2, 2, 5, dtype=torch.float64)) == [1024] * 4
+
+
+@pytest.mark.parametrize("gpu", ["132", "132,reverse"])
+@pytest.mark.parametrize("design", ["gemm", "fused"])
+@pytest.mark.parametrize("cluster, H", [("2", 300), ("4", 37), ("8", 300)])
+def test_forced_cluster_matches_the_reference(cluster, H, design, gpu, emulated, monkeypatch):
+    """HYPERFUSED_CUDA_CLUSTER fixes the blocks per row for every launch, both step designs (to time the sizes
+    against each other on a GPU): the kernels' loops and sums over a cluster's threads, each gate's layer norm
+    over 256·c threads (with c = 8 more threads than H = 300 has features), against the reference."""
+    T, B, X, Hh, Nz = 2, 2, 6, 20, 5
+    ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, zoneout=0.2, hyper_zoneout=0.1)
+    ref, fast = ref.eval(), fast.eval()
+    emulated(gpu, design)
+    monkeypatch.setenv("HYPERFUSED_CUDA_CLUSTER", cluster)
+    assert_same_run(ref, fast, torch.randn(T, B, X, dtype=torch.float64), random_state(ref, B), **F64)
+
+
+def test_cluster_setting_is_checked(emulated, monkeypatch):
+    fast = make_pair("cpu", 4, 9, hyper_size=6, hyper_embed=3)[1]
+    emulated("132")
+    monkeypatch.setenv("HYPERFUSED_CUDA_CLUSTER", "3")
+    with pytest.raises(RuntimeError, match="HYPERFUSED_CUDA_CLUSTER must be '1', '2', '4', '8' or unset, got '3'"):
+        fast(torch.randn(2, 1, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("value", ["yes", "0x10", "132,backwards", "-4"])

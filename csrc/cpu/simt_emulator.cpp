@@ -9,7 +9,8 @@
 // barrier that some threads skip or reach more often than others, undefined on a GPU, is an error here.
 //
 // HYPERFUSED_EMULATE_CUDA = "<multiprocessors>[,reverse]": the emulated GPU's multiprocessor count, which
-// picks the launch configuration as the CUDA launch does (simt::step_groups).
+// picks the launch configuration as the CUDA launch does (simt::launch_groups, simt::launch_cluster) on a GPU
+// with thread-block clusters.
 #include <c10/util/Exception.h>
 #include <ucontext.h>
 
@@ -18,9 +19,12 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "../hyper_lstm.h"
 #include "../hyper_lstm_simt.h"
 #include "../static_hypernet_simt.h"
 
@@ -177,12 +181,23 @@ void launch(int64_t blocks, int64_t group_threads, int groups, size_t shared_byt
   for (int64_t row = 0; row < blocks; ++row) block.run(row, body);
 }
 
-// The step kernels as cuda/hyper_lstm_cuda.cu configures them: one block per batch row, simt::launch_groups
-// groups of simt::kGroupThreads threads.
+// The step kernels as cuda/hyper_lstm_cuda.cu configures them on a GPU with thread-block clusters (sm_90):
+// per batch row simt::launch_cluster blocks of simt::launch_groups groups of simt::kGroupThreads threads. A
+// cluster's blocks are one Blk there (every barrier cluster-wide, sums over all its threads), so here they
+// are one emulated block of that many threads, each group cluster-size times as wide.
+std::mutex widths_mutex;
+std::vector<int64_t> widths;  // threads per row of each step launch, for take_emulated_step_widths
+
 template <typename T, class Step>
 void launch_step(const Step& s, void (*kernel)(EmulatedThread<T>&, const Step&)) {
-  const int groups = simt::launch_groups(s, emulated_gpu().multiprocessors);
-  launch<T>(s.dims.B, simt::kGroupThreads, groups, 0, s, kernel);
+  const int multiprocessors = emulated_gpu().multiprocessors;
+  const int groups = simt::launch_groups(s, multiprocessors);
+  const int cluster = simt::launch_cluster(s, multiprocessors, /*clusters=*/true);
+  {
+    const std::lock_guard<std::mutex> lock(widths_mutex);
+    widths.push_back(int64_t(simt::kGroupThreads) * cluster * groups);
+  }
+  launch<T>(s.dims.B, simt::kGroupThreads * cluster, groups, 0, s, kernel);
 }
 
 template <typename T>
@@ -200,6 +215,11 @@ void gather_kernel(EmulatedThread<T>& blk, const TileLayoutArgs& a) { simt::gath
 }  // namespace
 
 bool emulating_cuda() { return emulated_gpu().multiprocessors > 0; }
+
+std::vector<int64_t> take_emulated_step_widths() {
+  const std::lock_guard<std::mutex> lock(widths_mutex);
+  return std::exchange(widths, {});
+}
 
 void forward_step_emulated(const ForwardStep& s) {
   if (s.kind == ScalarKind::Float64) launch_step<double>(s, &forward_kernel<double>);

@@ -1,6 +1,7 @@
 // Fused per-step HyperLSTM kernels for CUDA: launch wrappers around the bodies in hyper_lstm_simt.h (the
-// same code the tests run on the CPU under the SIMT emulator). One thread block owns one batch row for its
-// phase of the step, so the layer norms are block (or thread-group) reductions with no global sync. The
+// same code the tests run on the CPU under the SIMT emulator). One thread block, or on sm_90+ one cluster of
+// blocks, owns one batch row for its phase of the step, so the layer norms are block (or cluster, or
+// thread-group) reductions with no grid-wide sync. The
 // recurrent GEMMs stay in cuBLAS (driven from hyper_lstm.cpp); this file includes no torch headers so nvcc
 // compiles it in seconds.
 #include <cuda_runtime.h>
@@ -30,31 +31,98 @@ __global__ void __launch_bounds__(simt::kGroupThreads * kGroups, kMinBlocks<kGro
   simt::backward_step<T>(blk, s);
 }
 
-// The device's multiprocessor count, asked once per device.
-int multiprocessors() {
-  static int count[64] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 1;
-  if (!count[device]) cudaDeviceGetAttribute(&count[device], cudaDevAttrMultiProcessorCount, device);
-  return count[device] > 0 ? count[device] : 1;
+// The same bodies with a cluster of blocks per row (launched only on sm_90+; older targets get a stub). The
+// last barrier keeps every block alive until the others have read its shared memory.
+template <typename T, int kGroups>
+__global__ void __launch_bounds__(simt::kGroupThreads * kGroups, 1) cluster_forward_kernel(ForwardStep s) {
+#if defined(HF_CLUSTERS)
+  __shared__ T red[33];
+  CudaCluster<T, kGroups> blk{red};
+  simt::forward_step<T>(blk, s);
+  blk.sync();
+#else
+  __trap();
+#endif
 }
 
-template <class Step, typename T>
-int launch(const Step& s, void (*one)(Step), void (*four)(Step)) {
-  const int groups = simt::launch_groups(s, multiprocessors());
-  const dim3 grid(unsigned(s.dims.B)), block(unsigned(simt::kGroupThreads * groups));
-  (groups == 4 ? four : one)<<<grid, block, 0, static_cast<cudaStream_t>(s.stream)>>>(s);
-  return int(cudaGetLastError());
+template <typename T, int kGroups>
+__global__ void __launch_bounds__(simt::kGroupThreads * kGroups, 1) cluster_backward_kernel(BackwardStep s) {
+#if defined(HF_CLUSTERS)
+  __shared__ T red[33];
+  CudaCluster<T, kGroups> blk{red};
+  simt::backward_step<T>(blk, s);
+  blk.sync();
+#else
+  __trap();
+#endif
+}
+
+// The device's multiprocessor count and whether it runs thread-block clusters (compute capability 9.0+),
+// asked once per device.
+struct Device {
+  int multiprocessors = 0;
+  bool clusters = false;
+};
+
+Device device() {
+  static Device known[64] = {};
+  int id = 0;
+  if (cudaGetDevice(&id) != cudaSuccess || id < 0 || id >= 64) return {1, false};
+  Device& d = known[id];
+  if (!d.multiprocessors) {
+    int count = 0, major = 0;
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, id);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, id);
+    d.clusters = major >= 9;
+    d.multiprocessors = count > 0 ? count : 1;
+  }
+  return d;
+}
+
+template <class Step>
+struct Kernels {
+  void (*one)(Step);
+  void (*four)(Step);
+  void (*cluster_one)(Step);
+  void (*cluster_four)(Step);
+};
+
+template <class Step>
+int launch(const Step& s, const Kernels<Step>& k) {
+  const Device dev = device();
+  const int groups = simt::launch_groups(s, dev.multiprocessors);
+  const int cluster = simt::launch_cluster(s, dev.multiprocessors, dev.clusters);
+  const dim3 block(unsigned(simt::kGroupThreads * groups));
+  const auto stream = static_cast<cudaStream_t>(s.stream);
+  if (cluster == 1) {
+    (groups == 4 ? k.four : k.one)<<<dim3(unsigned(s.dims.B)), block, 0, stream>>>(s);
+    return int(cudaGetLastError());
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(s.dims.B * cluster));
+  config.blockDim = block;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = unsigned(cluster);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, groups == 4 ? k.cluster_four : k.cluster_one, s);
+  return int(err != cudaSuccess ? err : cudaGetLastError());
 }
 
 template <typename T>
 int launch_forward(const ForwardStep& s) {
-  return launch<ForwardStep, T>(s, forward_kernel<T, 1>, forward_kernel<T, 4>);
+  return launch(s, Kernels<ForwardStep>{forward_kernel<T, 1>, forward_kernel<T, 4>, cluster_forward_kernel<T, 1>,
+                                        cluster_forward_kernel<T, 4>});
 }
 
 template <typename T>
 int launch_backward(const BackwardStep& s) {
-  return launch<BackwardStep, T>(s, backward_kernel<T, 1>, backward_kernel<T, 4>);
+  return launch(s, Kernels<BackwardStep>{backward_kernel<T, 1>, backward_kernel<T, 4>, cluster_backward_kernel<T, 1>,
+                                         cluster_backward_kernel<T, 4>});
 }
 
 }  // namespace
