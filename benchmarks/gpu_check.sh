@@ -112,11 +112,13 @@ else
   step timings 200 bash -c "$PY -m benchmarks.gpu_timings --repeats 5 --json '$OUT/timings.json' > '$OUT/timings.log' 2>&1"
   tail -30 "$OUT/timings.log"
   # The paper's batch and a small one (B = 8, where one block per row leaves most SMs idle), both backends;
-  # CUDA also with the other launch shape (cuda-g1: one thread group of 256 per row instead of the gate layer
-  # norms side by side in four, which both batches get on an H200).
-  step breakdown 120 bash -c "for b in 128 8; do for be in cuda cuda-g1 triton; do echo \"=== B=\$b \$be\"; \
-    HYPERFUSED_CUDA_THREAD_GROUPS=\$([ \$be = cuda-g1 ] && echo 1) $PY -m benchmarks.breakdown \
-    --config 100,\$b,128,1000 --backend \${be%-g1} --device cuda --iters 3 --top 8; done; done > '$OUT/breakdown.txt' 2>&1"
+  # CUDA also with the other launch shapes (cuda-g1: one thread group of 256 per row instead of the gate layer
+  # norms side by side in four, which both batches get on an H200; cuda-c1 at B = 8: one block per row
+  # instead of the main cell's cluster of four).
+  step breakdown 150 bash -c "for b in 128 8; do for be in cuda cuda-g1 \$([ \$b = 8 ] && echo cuda-c1) triton; do \
+    echo \"=== B=\$b \$be\"; HYPERFUSED_CUDA_THREAD_GROUPS=\$([ \$be = cuda-g1 ] && echo 1) \
+    HYPERFUSED_CUDA_CLUSTER=\$([ \$be = cuda-c1 ] && echo 1) $PY -m benchmarks.breakdown \
+    --config 100,\$b,128,1000 --backend \${be%-*} --device cuda --iters 3 --top 8; done; done > '$OUT/breakdown.txt' 2>&1"
   cat "$OUT/breakdown.txt"
 fi
 

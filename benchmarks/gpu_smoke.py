@@ -1,6 +1,7 @@
 """A small forward+backward of every fused GPU path, for compute-sanitizer (memcheck, racecheck, initcheck,
 synccheck) to watch: HyperLSTM with layer norm on and off, with and without masks, at an odd size (CUDA: in
-both launch shapes), and the static hypernetwork's kernel generation.
+each launch shape: four thread groups per row, one, and a cluster of blocks per row), and the static
+hypernetwork's kernel generation.
 
     compute-sanitizer --tool initcheck python -m benchmarks.gpu_smoke --backend cuda
 """
@@ -28,8 +29,10 @@ def lstm_cases(backend: str) -> None:
 def run(backend: str) -> None:
     torch.manual_seed(0)
     lstm_cases(backend)
-    if backend == "cuda":  # the other launch shape: this batch gets four thread groups per row, then one
+    if backend == "cuda":  # the other launch shapes: this batch gets four thread groups per row, then one;
+        # and one block per row, then a cluster of four (sm_90+; elsewhere the setting changes nothing)
         with_env("HYPERFUSED_CUDA_THREAD_GROUPS", "1", lstm_cases)(backend)
+        with_env("HYPERFUSED_CUDA_CLUSTER", "4", lstm_cases)(backend)
     net = hyperfused.StaticHyperNetwork(4, 4, 4, 3, backend=backend, device="cuda")
     convs = [hyperfused.HyperConv2d(8, 8, 3, hypernet=net, device="cuda"),
              hyperfused.HyperConv2d(4, 8, 3, hypernet=net, device="cuda")]

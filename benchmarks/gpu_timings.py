@@ -4,7 +4,8 @@ settings (TF32 on and off) and under bfloat16 autocast (the fused ops' GEMMs in 
 states; nn.LSTM's cuDNN in bfloat16), with the launches and the host time per step. In float32 each of
 nn.LSTM and the fused backends is timed a second time with its whole forward and backward captured once as
 a CUDA graph and replayed (torch.cuda.make_graphed_callables): graphs on against graphs off; with TF32 off
-the CUDA backend also runs in the launch shape its batch does not get (HYPERFUSED_CUDA_THREAD_GROUPS).
+the CUDA backend also runs in the launch shapes its batch does not get (HYPERFUSED_CUDA_THREAD_GROUPS,
+HYPERFUSED_CUDA_CLUSTER).
 
     python -m benchmarks.gpu_timings --json out.json [--configs 100,128,128,1000 100,8,128,1000 ...]
 
@@ -61,18 +62,25 @@ class _Autocast:
 
 class WithEnv:
     """A row run with one environment variable set for its calls (and restored after each): the CUDA backend
-    with a fixed launch shape (HYPERFUSED_CUDA_THREAD_GROUPS), beside the shape its batch rule picks."""
+    with a fixed launch shape (HYPERFUSED_CUDA_THREAD_GROUPS, HYPERFUSED_CUDA_CLUSTER), beside the shape its
+    batch rule picks."""
 
     def __init__(self, row, name: str, var: str, value: str):
         self.name, self.fwd_bwd = name, with_env(var, value, row.fwd_bwd)
 
 
 def other_launch_shapes(rows, cfg: Config, multiprocessors: int) -> list:
-    """The fused CUDA row again with the launch shape its batch does not get: one thread group of 256 per row
-    where the rule gives four (B < 2 x multiprocessors), four where it gives one."""
-    groups = "1" if cfg.B < 2 * multiprocessors else "4"
-    return [WithEnv(r, f"{r.name}, {groups} thread group{'s' if groups == '4' else ''} per row",
-                    "HYPERFUSED_CUDA_THREAD_GROUPS", groups) for r in rows if r.name == "hyperfused cuda"]
+    """The fused CUDA row again in the launch shapes its batch does not get: one thread group of 256 per row
+    where the rule gives four (B < 2 x multiprocessors), four where it gives one; and at such a batch, one
+    block per row and a cluster of eight beside the cluster the rule picks (sm_90+; HYPERFUSED_CUDA_CLUSTER)."""
+    small = cfg.B < 2 * multiprocessors
+    groups = "1" if small else "4"
+    shapes = [(f"{groups} thread group{'s' if groups == '4' else ''} per row", "HYPERFUSED_CUDA_THREAD_GROUPS", groups)]
+    if small:
+        shapes += [("1 block per row", "HYPERFUSED_CUDA_CLUSTER", "1"),
+                   ("8-block cluster per row", "HYPERFUSED_CUDA_CLUSTER", "8")]
+    return [WithEnv(r, f"{r.name}, {label}", var, value)
+            for r in rows if r.name == "hyperfused cuda" for label, var, value in shapes]
 
 
 class OutputOnly(torch.nn.Module):

@@ -119,31 +119,36 @@ def test_step_gemm_benchmark_checks_and_times_every_library(capsys):
         assert "MKL packed, into out" in line and "MKL bf16" in line
 
 
-def test_gpu_timings_times_the_other_cuda_launch_shape_with_the_setting_restored(monkeypatch):
-    """The CUDA row runs again with HYPERFUSED_CUDA_THREAD_GROUPS set to the shape its batch does not get, set
-    only during its calls."""
+def test_gpu_timings_times_the_other_cuda_launch_shapes_with_the_settings_restored(monkeypatch):
+    """The CUDA row runs again with HYPERFUSED_CUDA_THREAD_GROUPS set to the shape its batch does not get, and at
+    a small batch with HYPERFUSED_CUDA_CLUSTER at one block and at eight, each set only during its calls."""
     import os
 
     from benchmarks import gpu_timings
     from benchmarks.hyper_lstm import Config
 
     seen = []
+    names = ("HYPERFUSED_CUDA_THREAD_GROUPS", "HYPERFUSED_CUDA_CLUSTER")
 
     class Row:
         name = "hyperfused cuda"
 
         def fwd_bwd(self):
-            seen.append(os.environ.get("HYPERFUSED_CUDA_THREAD_GROUPS"))
+            seen.append(tuple(os.environ.get(n) for n in names))
 
-    monkeypatch.delenv("HYPERFUSED_CUDA_THREAD_GROUPS", raising=False)
+    for n in names:
+        monkeypatch.delenv(n, raising=False)
     small, large = (Config.parse(c) for c in ("100,8,128,1000", "100,512,128,1000"))
-    (row,) = gpu_timings.other_launch_shapes([Row(), type("Other", (), {"name": "nn.LSTM"})()], small, 132)
-    row.fwd_bwd()
-    assert row.name == "hyperfused cuda, 1 thread group per row" and seen == ["1"]
-    assert "HYPERFUSED_CUDA_THREAD_GROUPS" not in os.environ
+    rows = gpu_timings.other_launch_shapes([Row(), type("Other", (), {"name": "nn.LSTM"})()], small, 132)
+    for row in rows:
+        row.fwd_bwd()
+    assert [r.name for r in rows] == ["hyperfused cuda, 1 thread group per row", "hyperfused cuda, 1 block per row",
+                                      "hyperfused cuda, 8-block cluster per row"]
+    assert seen == [("1", None), (None, "1"), (None, "8")]
+    assert not [n for n in names if n in os.environ]
     (row,) = gpu_timings.other_launch_shapes([Row()], large, 132)
     row.fwd_bwd()
-    assert row.name == "hyperfused cuda, 4 thread groups per row" and seen == ["1", "4"]
+    assert row.name == "hyperfused cuda, 4 thread groups per row" and seen[-1] == ("4", None)
 
 
 def test_alternate_runs_each_variant_in_its_settings_and_restores_them(capsys, monkeypatch):
