@@ -17,44 +17,51 @@ namespace {
 template <int kGroups>
 constexpr int kMinBlocks = kGroups == 1 ? 2 : 1;
 
-template <typename T, int kGroups>
-__global__ void __launch_bounds__(simt::kGroupThreads * kGroups, kMinBlocks<kGroups>) forward_kernel(ForwardStep s) {
+template <typename T, class Blk>
+__device__ __forceinline__ void run_step(Blk& blk, const ForwardStep& s) { simt::forward_step<T>(blk, s); }
+template <typename T, class Blk>
+__device__ __forceinline__ void run_step(Blk& blk, const BackwardStep& s) { simt::backward_step<T>(blk, s); }
+
+// A step kernel's body with one block per row.
+template <typename T, int kGroups, class Step>
+__device__ __forceinline__ void block_body(const Step& s) {
   __shared__ T red[32];
   CudaBlock<T, kGroups> blk{red};
-  simt::forward_step<T>(blk, s);
+  run_step<T>(blk, s);
+}
+
+// The same with a cluster of blocks per row (launched only on sm_90+; older targets get a stub). The last
+// barrier keeps every block alive until the others have read its shared memory.
+template <typename T, int kGroups, class Step>
+__device__ __forceinline__ void cluster_body(const Step& s) {
+#if defined(HF_CLUSTERS)
+  __shared__ T red[33];
+  CudaCluster<T, kGroups> blk{red};
+  run_step<T>(blk, s);
+  blk.sync();
+#else
+  __trap();
+#endif
+}
+
+template <typename T, int kGroups>
+__global__ void __launch_bounds__(simt::kGroupThreads * kGroups, kMinBlocks<kGroups>) forward_kernel(ForwardStep s) {
+  block_body<T, kGroups>(s);
 }
 
 template <typename T, int kGroups>
 __global__ void __launch_bounds__(simt::kGroupThreads * kGroups, kMinBlocks<kGroups>) backward_kernel(BackwardStep s) {
-  __shared__ T red[32];
-  CudaBlock<T, kGroups> blk{red};
-  simt::backward_step<T>(blk, s);
+  block_body<T, kGroups>(s);
 }
 
-// The same bodies with a cluster of blocks per row (launched only on sm_90+; older targets get a stub). The
-// last barrier keeps every block alive until the others have read its shared memory.
 template <typename T, int kGroups>
 __global__ void __launch_bounds__(simt::kGroupThreads * kGroups, 1) cluster_forward_kernel(ForwardStep s) {
-#if defined(HF_CLUSTERS)
-  __shared__ T red[33];
-  CudaCluster<T, kGroups> blk{red};
-  simt::forward_step<T>(blk, s);
-  blk.sync();
-#else
-  __trap();
-#endif
+  cluster_body<T, kGroups>(s);
 }
 
 template <typename T, int kGroups>
 __global__ void __launch_bounds__(simt::kGroupThreads * kGroups, 1) cluster_backward_kernel(BackwardStep s) {
-#if defined(HF_CLUSTERS)
-  __shared__ T red[33];
-  CudaCluster<T, kGroups> blk{red};
-  simt::backward_step<T>(blk, s);
-  blk.sync();
-#else
-  __trap();
-#endif
+  cluster_body<T, kGroups>(s);
 }
 
 // The device's multiprocessor count and whether it runs thread-block clusters (compute capability 9.0+),
