@@ -21,12 +21,7 @@
 #include <cstdint>
 
 #include "hyper_lstm_kernels.h"
-
-#if defined(__CUDACC__)
-#define HF_SIMT __device__ __forceinline__
-#else
-#define HF_SIMT inline
-#endif
+#include "simt_sum.h"
 
 namespace hyperfused {
 namespace simt {

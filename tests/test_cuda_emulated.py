@@ -6,10 +6,11 @@ barriers, shared memory and thread-group reductions are checked where there is n
 The emulated GPU's multiprocessor count picks the launch as on a real one (an sm_90, with thread-block
 clusters): with 132 multiprocessors these batches get four thread groups (the gate layer norms side by side,
 1024 threads per block), and the GEMM-shaped step's main cell a cluster of blocks per row at H = 300 and 1000
-(2048 and 4096 threads, emulated as one block); with one multiprocessor they get one group of 256 threads (the
-gates in turn). "reverse" runs each block's threads in descending order, so
-that a read which needs a barrier before it sees stale data whichever thread wrote it (a missing barrier
-after the pre-activations, or after the generation kernel loads z, was checked to fail here). Threads that
+(2 and 4 blocks of 1024 threads); with one multiprocessor they get one group of 256 threads (the gates in
+turn). "reverse" runs the blocks of a cluster, the warps of a block and the threads of a warp in descending
+order, so that a read which needs a barrier before it sees stale data whichever thread wrote it (a missing
+barrier after the pre-activations, or after the generation kernel loads z, was checked to fail here; so was
+removing any of the sums' barriers in csrc/simt_sum.h, or summing a cluster's blocks from the wrong rank). Threads that
 pass different numbers of barriers are an error of the emulator's own (a group that skips a gate's layer norm
 was checked to raise it)."""
 import pytest

@@ -3,10 +3,15 @@
 // HYPERFUSED_EMULATE_CUDA set, the CPU ops run the CUDA backend's configuration with these kernels in place of
 // the CPU ones.
 //
-// Each CUDA thread is a fiber (ucontext) on the calling thread. The blocks of a launch run one after
-// another, and within a block every thread runs up to its next barrier before any thread passes it, in
-// ascending thread order (or descending, to expose a read that depends on which thread wrote first). A
-// barrier that some threads skip or reach more often than others, undefined on a GPU, is an error here.
+// Each CUDA thread is a fiber (ucontext) on the calling thread. A launch's rows (a block each, or a cluster of
+// blocks) run one after another. Barriers have scopes, as on a GPU: a warp (the shuffles of a warp sum), a
+// block (__syncthreads) and a cluster (its barrier; with one block per row, the block's). A fiber at a barrier
+// waits until every thread of its scope is at one of the same scope. Each block of a cluster runs as far as
+// it can before the next starts, each warp of a block likewise, and a warp's threads run to their next
+// barrier in ascending order (or all of it descending, to expose a read that depends on which thread, warp
+// or block wrote first). A barrier that some
+// threads skip or reach more often than others, undefined on a GPU, is an error here. The sums are
+// simt_sum (simt_sum.h), the same code as on the GPU, with each block's shared slots its own.
 //
 // HYPERFUSED_EMULATE_CUDA = "<multiprocessors>[,reverse]": the emulated GPU's multiprocessor count, which
 // picks the launch configuration as the CUDA launch does (simt::launch_groups, simt::launch_cluster) on a GPU
@@ -15,6 +20,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -53,18 +59,26 @@ EmulatedGpu emulated_gpu() {
   return gpu;
 }
 
-enum class Fiber { Ready, AtBarrier, Done };
+// Where a fiber stands: running or ready to, waiting at a barrier of a scope (its warp, its block, its
+// cluster), or finished.
+enum class Fiber { Ready, AtWarp, AtBlock, AtCluster, Done };
 
-// One block's threads as fibers.
-class Block {
+// One launch unit's threads as fibers: a cluster of `blocks` blocks (one block without clusters), each with
+// its own shared memory.
+class Cluster {
  public:
   static constexpr size_t kStackBytes = 64 * 1024;
 
-  Block(int64_t threads, int groups, bool reverse, size_t shared_bytes)
-      : threads_(threads), groups_(groups), reverse_(reverse), ctx_(threads), state_(threads), barriers_(threads),
-        stacks_(new char[threads * kStackBytes]), red_(threads), shared_((shared_bytes + 7) / 8) {}
+  Cluster(int blocks, int64_t block_threads, int groups, bool reverse, size_t shared_bytes)
+      : blocks_(blocks), block_threads_(block_threads), threads_(blocks * block_threads), groups_(groups),
+        reverse_(reverse), ctx_(threads_), state_(threads_), barriers_(threads_),
+        stacks_(new char[threads_ * kStackBytes]), slots_(blocks * simt::kSumSlots), lanes_(threads_),
+        shared_words_((shared_bytes + 7) / 8), shared_(blocks * shared_words_) {}
 
-  // Runs body(thread) for every thread of block `row` to completion.
+  // Runs body(thread) for every thread of the cluster that owns batch row `row` to completion. Each block
+  // runs as far as it can (through its warps' and its own barriers) before the next block starts, in
+  // ascending order or (reverse) descending, threads likewise, so that a read of another thread's or
+  // block's write that lacks the barrier between them sees stale data in one order or the other.
   void run(int64_t row, const std::function<void(int64_t)>& body) {
     row_ = row;
     body_ = &body;
@@ -73,57 +87,97 @@ class Block {
       ctx_[t].uc_stack.ss_sp = stacks_.get() + t * kStackBytes;
       ctx_[t].uc_stack.ss_size = kStackBytes;
       ctx_[t].uc_link = &scheduler_;
-      makecontext(&ctx_[t], &Block::entry, 0);
+      makecontext(&ctx_[t], &Cluster::entry, 0);
       state_[t] = Fiber::Ready;
-      barriers_[t] = 0;
+      barriers_[t] = {};
     }
     for (;;) {
-      int64_t done = 0;
-      for (int64_t i = 0; i < threads_; ++i) {
-        const int64_t t = reverse_ ? threads_ - 1 - i : i;
-        if (state_[t] == Fiber::Done) {
-          ++done;
-          continue;
-        }
-        current_ = t;
-        running_ = this;
-        swapcontext(&scheduler_, &ctx_[t]);
-        done += state_[t] == Fiber::Done;
-      }
-      // Every thread has passed as many barriers as every other (and ends after the same number): a
-      // __syncthreads() that only some threads reach, or that they reach a different number of times, is
-      // undefined on a GPU.
-      const auto [lo, hi] = std::minmax_element(barriers_.begin(), barriers_.end());
-      TORCH_CHECK(*lo == *hi, "hyperfused (CUDA emulator): in block ", row, ", threads ",
-                  lo - barriers_.begin(), " and ", hi - barriers_.begin(), " have reached ", *lo, " and ", *hi,
-                  " barriers (a __syncthreads() not every thread reaches)");
-      if (done == threads_) return;
-      TORCH_CHECK(done == 0, "hyperfused (CUDA emulator): in block ", row, ", ", done, " of ", threads_,
-                  " threads finished while the others wait at a barrier (a __syncthreads() not every thread "
-                  "reaches)");
+      for (int i = 0; i < blocks_; ++i) run_block(reverse_ ? blocks_ - 1 - i : i);
+      const int64_t done = std::count(state_.begin(), state_.end(), Fiber::Done);
+      const int64_t waiting = std::count(state_.begin(), state_.end(), Fiber::AtCluster);
+      if (done == threads_) break;
+      TORCH_CHECK(waiting == threads_, "hyperfused (CUDA emulator): row ", row, ": ", stuck_message());
+      std::fill(state_.begin(), state_.end(), Fiber::Ready);
     }
+    // Every thread has passed as many barriers of each scope as the others it shares them with: a barrier
+    // that some threads skip, undefined on a GPU, is an error here even when the counts happen to meet.
+    for (int64_t t = 1; t < threads_; ++t)
+      TORCH_CHECK(barriers_[t][2] == barriers_[0][2] && (t % block_threads_ == 0 || barriers_[t][1] == barriers_[t - 1][1]) &&
+                      (t % 32 == 0 || barriers_[t][0] == barriers_[t - 1][0]),
+                  "hyperfused (CUDA emulator): row ", row, ": threads ", t - 1, " and ", t,
+                  " have passed different numbers of barriers (a __syncthreads() not every thread reaches)");
   }
 
   int64_t threads() const { return threads_; }
+  int64_t block_threads() const { return block_threads_; }
   int groups() const { return groups_; }
   int64_t row() const { return row_; }
-  void sync(int64_t t) {
-    state_[t] = Fiber::AtBarrier;
-    ++barriers_[t];
+  // A barrier of this thread's warp, block or cluster: the fiber waits until every thread of that scope has
+  // reached one of the same scope.
+  void wait(int64_t t, Fiber scope) {
+    state_[t] = scope;
+    ++barriers_[t][scope == Fiber::AtWarp ? 0 : scope == Fiber::AtBlock ? 1 : 2];
     swapcontext(&ctx_[t], &scheduler_);
   }
-  double* red() { return red_.data(); }
-  void* shared() { return shared_.data(); }
+  template <typename T>
+  T* slots(int64_t block) { return reinterpret_cast<T*>(slots_.data() + block * simt::kSumSlots); }
+  double* lanes() { return lanes_.data(); }
+  void* shared(int64_t block) { return shared_.data() + block * shared_words_; }
 
  private:
   static void entry() {
-    Block* self = running_;
+    Cluster* self = running_;
     const int64_t t = self->current_;
     (*self->body_)(t);
     self->state_[t] = Fiber::Done;  // returning resumes the scheduler (uc_link)
   }
 
-  int64_t threads_;
+  // Runs block b's ready threads, releasing its warps and the block at their barriers, until none is ready.
+  // Each warp runs as far as it can before the next, so that a warp that races ahead (into the next sum, say)
+  // does so before the others have read what it overwrites.
+  void run_block(int b) {
+    const int64_t first = b * block_threads_, warps = block_threads_ / 32;
+    for (bool progress = true; progress;) {
+      progress = false;
+      for (int64_t i = 0; i < warps; ++i) {
+        const int64_t w = first + 32 * (reverse_ ? warps - 1 - i : i);
+        for (bool more = true; more;) {
+          more = false;
+          for (int64_t j = 0; j < 32; ++j) {
+            const int64_t t = w + (reverse_ ? 31 - j : j);
+            if (state_[t] != Fiber::Ready) continue;
+            current_ = t;
+            running_ = this;
+            swapcontext(&scheduler_, &ctx_[t]);
+            more = true;
+          }
+          more |= release(w, 32, Fiber::AtWarp);
+          progress |= more;
+        }
+      }
+      progress |= release(first, block_threads_, Fiber::AtBlock);
+    }
+  }
+
+  // Releases threads [first, first + n) if all of them wait at a barrier of `scope`.
+  bool release(int64_t first, int64_t n, Fiber scope) {
+    for (int64_t t = first; t < first + n; ++t)
+      if (state_[t] != scope) return false;
+    std::fill(state_.begin() + first, state_.begin() + first + n, Fiber::Ready);
+    return true;
+  }
+
+  std::string stuck_message() const {
+    const char* names[] = {"running", "at a warp barrier", "at __syncthreads()", "at the cluster barrier", "finished"};
+    for (int64_t t = 1; t < threads_; ++t)
+      if (state_[t] != state_[0])
+        return "thread 0 is " + std::string(names[int(state_[0])]) + " while thread " + std::to_string(t) + " is " +
+               names[int(state_[t])] + " (a barrier not every thread reaches)";
+    return "no thread can go on";
+  }
+
+  int blocks_;
+  int64_t block_threads_, threads_;
   int groups_;
   bool reverse_;
   int64_t row_ = 0, current_ = 0;
@@ -131,60 +185,69 @@ class Block {
   ucontext_t scheduler_;
   std::vector<ucontext_t> ctx_;
   std::vector<Fiber> state_;
-  std::vector<int64_t> barriers_;  // barriers each thread has reached
+  std::vector<std::array<int64_t, 3>> barriers_;  // warp, block and cluster barriers each thread has reached
   std::unique_ptr<char[]> stacks_;
-  std::vector<double> red_;     // one slot per thread: the reductions' shared memory
-  std::vector<double> shared_;  // the launch's dynamic shared memory (8-byte aligned)
-  static thread_local Block* running_;
+  std::vector<double> slots_;  // each block's simt::kSumSlots sum slots (shared memory)
+  std::vector<double> lanes_;  // one value per thread: the warp sums' exchange (the shuffles' registers)
+  size_t shared_words_;
+  std::vector<double> shared_;  // each block's dynamic shared memory (8-byte aligned)
+  static thread_local Cluster* running_;
 };
 
-thread_local Block* Block::running_ = nullptr;
+thread_local Cluster* Cluster::running_ = nullptr;
 
-// One emulated thread as hyper_lstm_simt.h's Blk. A reduction's sum runs in a fixed order, the same in
-// every thread, so that all threads get the same value (as the shared-memory sum on the GPU does).
+// One emulated thread as hyper_lstm_simt.h's Blk (a cluster's blocks presented as one block, as CudaCluster
+// does), and as simt_sum's Thr: the same sums as on a GPU, warp sums exchanged through a per-thread slot
+// between two warp barriers instead of shuffles.
 template <typename T>
 struct EmulatedThread {
-  Block* block;
+  Cluster* cluster;
   int64_t t;
   int64_t tid() const { return t; }
-  int64_t threads() const { return block->threads(); }
-  int64_t row() const { return block->row(); }
-  int groups() const { return block->groups(); }
+  int64_t threads() const { return cluster->threads(); }
+  int64_t row() const { return cluster->row(); }
+  int groups() const { return cluster->groups(); }
   int group() const { return int(t / group_threads()); }
-  int64_t group_threads() const { return block->threads() / block->groups(); }
+  int64_t group_threads() const { return cluster->threads() / cluster->groups(); }
   int64_t lane() const { return t % group_threads(); }
-  void sync() { block->sync(t); }
-  T* shared() { return static_cast<T*>(block->shared()); }
-  T reduce(T v, bool in_group) {
-    sync();  // earlier readers of the shared slots are done
-    block->red()[t] = double(v);
-    sync();
-    const int64_t n = in_group ? group_threads() : threads(), first = t / n * n;
+  void sync() { cluster->wait(t, Fiber::AtCluster); }
+  T* shared() { return static_cast<T*>(cluster->shared(rank())); }
+  T reduce(T v, bool in_group) { return simt::simt_sum(*this, v, in_group); }
+  // simt_sum's primitives
+  int64_t thread() const { return t % cluster->block_threads(); }
+  int64_t block_threads() const { return cluster->block_threads(); }
+  unsigned rank() const { return unsigned(t / cluster->block_threads()); }
+  T warp_sum(T v) {
+    double* lanes = cluster->lanes();
+    lanes[t] = double(v);
+    cluster->wait(t, Fiber::AtWarp);
     T total = 0;
-    for (int64_t i = first; i < first + n; ++i) total += T(block->red()[i]);
+    for (int64_t i = t / 32 * 32; i < t / 32 * 32 + 32; ++i) total += T(lanes[i]);
+    cluster->wait(t, Fiber::AtWarp);  // every lane has read before any writes again
     return total;
   }
+  void block_sync() { cluster->wait(t, Fiber::AtBlock); }
+  void cluster_sync() { cluster->wait(t, Fiber::AtCluster); }
+  T* slots() { return cluster->slots<T>(rank()); }
+  T block_total(unsigned r) { return cluster->slots<T>(r)[simt::kSumSlots - 1]; }
 };
 
-// A launch: `blocks` blocks (run one after another) of `groups` thread groups of `group_threads` threads, with
-// `shared_bytes` of dynamic shared memory; kernel(thread, args) is the body of one thread.
+// A launch: `rows` clusters (run one after another) of `cluster` blocks of `groups` thread groups of
+// `group_threads` threads, with `shared_bytes` of dynamic shared memory per block; kernel(thread, args) is the
+// body of one thread.
 template <typename T, class Args>
-void launch(int64_t blocks, int64_t group_threads, int groups, size_t shared_bytes, const Args& args,
+void launch(int64_t rows, int cluster, int64_t group_threads, int groups, size_t shared_bytes, const Args& args,
             void (*kernel)(EmulatedThread<T>&, const Args&)) {
   const EmulatedGpu gpu = emulated_gpu();
   TORCH_CHECK(gpu.multiprocessors > 0, "hyperfused: the CUDA emulator runs only with HYPERFUSED_EMULATE_CUDA set");
-  Block block(group_threads * groups, groups, gpu.reverse, shared_bytes);
+  Cluster unit(cluster, group_threads * groups, groups, gpu.reverse, shared_bytes);
   const std::function<void(int64_t)> body = [&](int64_t t) {
-    EmulatedThread<T> thread{&block, t};
+    EmulatedThread<T> thread{&unit, t};
     kernel(thread, args);
   };
-  for (int64_t row = 0; row < blocks; ++row) block.run(row, body);
+  for (int64_t row = 0; row < rows; ++row) unit.run(row, body);
 }
 
-// The step kernels as cuda/hyper_lstm_cuda.cu configures them on a GPU with thread-block clusters (sm_90):
-// per batch row simt::launch_cluster blocks of simt::launch_groups groups of simt::kGroupThreads threads. A
-// cluster's blocks are one Blk there (every barrier cluster-wide, sums over all its threads), so here they
-// are one emulated block of that many threads, each group cluster-size times as wide.
 std::mutex widths_mutex;
 std::vector<int64_t> widths;  // threads per row of each step launch, for take_emulated_step_widths
 
@@ -197,7 +260,7 @@ void launch_step(const Step& s, void (*kernel)(EmulatedThread<T>&, const Step&))
     const std::lock_guard<std::mutex> lock(widths_mutex);
     widths.push_back(int64_t(simt::kGroupThreads) * cluster * groups);
   }
-  launch<T>(s.dims.B, simt::kGroupThreads * cluster, groups, 0, s, kernel);
+  launch<T>(s.dims.B, cluster, simt::kGroupThreads, groups, 0, s, kernel);
 }
 
 template <typename T>
@@ -234,13 +297,13 @@ void backward_step_emulated(const BackwardStep& s) {
 // The tile kernels as cuda/static_hypernet_cuda.cu configures them: one block of simt::kTileThreads per tile.
 void generate_tiles_emulated(const TileGenArgs& a) {
   const size_t shared = generate_shared_bytes(a.z_dim, a.in_tile, a.hidden, a.is_double);
-  if (a.is_double) launch<double>(a.tiles, simt::kTileThreads, 1, shared, a, &generate_kernel<double>);
-  else launch<float>(a.tiles, simt::kTileThreads, 1, shared, a, &generate_kernel<float>);
+  if (a.is_double) launch<double>(a.tiles, 1, simt::kTileThreads, 1, shared, a, &generate_kernel<double>);
+  else launch<float>(a.tiles, 1, simt::kTileThreads, 1, shared, a, &generate_kernel<float>);
 }
 
 void gather_tiles_emulated(const TileLayoutArgs& a) {
-  if (a.is_double) launch<double>(a.tiles, simt::kTileThreads, 1, 0, a, &gather_kernel<double>);
-  else launch<float>(a.tiles, simt::kTileThreads, 1, 0, a, &gather_kernel<float>);
+  if (a.is_double) launch<double>(a.tiles, 1, simt::kTileThreads, 1, 0, a, &gather_kernel<double>);
+  else launch<float>(a.tiles, 1, simt::kTileThreads, 1, 0, a, &gather_kernel<float>);
 }
 
 }  // namespace hyperfused

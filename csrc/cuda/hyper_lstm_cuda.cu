@@ -25,8 +25,8 @@ __device__ __forceinline__ void run_step(Blk& blk, const BackwardStep& s) { simt
 // A step kernel's body with one block per row.
 template <typename T, int kGroups, class Step>
 __device__ __forceinline__ void block_body(const Step& s) {
-  __shared__ T red[32];
-  CudaBlock<T, kGroups> blk{red};
+  __shared__ T red[simt::kSumSlots];
+  CudaBlock<T, kGroups> blk{{red}};
   run_step<T>(blk, s);
 }
 
@@ -35,8 +35,8 @@ __device__ __forceinline__ void block_body(const Step& s) {
 template <typename T, int kGroups, class Step>
 __device__ __forceinline__ void cluster_body(const Step& s) {
 #if defined(HF_CLUSTERS)
-  __shared__ T red[33];
-  CudaCluster<T, kGroups> blk{red};
+  __shared__ T red[simt::kSumSlots];
+  CudaCluster<T, kGroups> blk{{red}};
   run_step<T>(blk, s);
   blk.sync();
 #else

@@ -13,13 +13,13 @@ namespace {
 template <typename T>
 __global__ void __launch_bounds__(simt::kTileThreads) generate_kernel(TileGenArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  CudaBlock<T, 1> blk{nullptr};  // no reductions
+  CudaBlock<T, 1> blk{{nullptr}};  // no reductions
   simt::generate_tile<T>(blk, a, reinterpret_cast<T*>(smem_raw));
 }
 
 template <typename T>
 __global__ void __launch_bounds__(simt::kTileThreads) gather_kernel(TileLayoutArgs a) {
-  CudaBlock<T, 1> blk{nullptr};
+  CudaBlock<T, 1> blk{{nullptr}};
   simt::gather_tile<T>(blk, a);
 }
 
