@@ -118,6 +118,19 @@ def graphed_rows(cfg: Config, device) -> tuple[list[Row], list[dict]]:
     return rows, errors
 
 
+def warmed_up(rows, cfg: Config) -> tuple[list, list[dict]]:
+    """Each row run once (Triton compiles, cuBLAS heuristics, the allocator): the rows that ran, and an error
+    record for each that raised, so that one failing launch shape does not lose the others' timings."""
+    ok, errors = [], []
+    for r in rows:
+        try:
+            r.fwd_bwd()
+            ok.append(r)
+        except Exception as e:
+            errors.append(dict(config=cfg.label(), row=r.name, error=f"{type(e).__name__}: {e}"))
+    return ok, errors
+
+
 def time_config(cfg: Config, device, repeats: int, tf32: bool, autocast=None) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
@@ -130,13 +143,13 @@ def time_config(cfg: Config, device, repeats: int, tf32: bool, autocast=None) ->
         if not tf32:
             rows += other_launch_shapes(rows, cfg, torch.cuda.get_device_properties(device).multi_processor_count)
         rows += graphed
+    rows, failed = warmed_up(rows, cfg)
+    errors += failed
     samples = {r.name: Samples() for r in rows}
-    for r in rows:
-        r.fwd_bwd()  # warm-up: Triton compiles, cuBLAS heuristics, the allocator
     for _ in range(repeats):
         for r in rows:  # interleaved
             samples[r.name].values.append(timed(r.fwd_bwd, device))
-    lstm = samples[rows[0].name].median
+    lstm = samples[rows[0].name].median if rows and rows[0].name.startswith("nn.LSTM") else float("nan")
     out = []
     for r in rows:
         rec = dict(config=cfg.label(), T=cfg.T, B=cfg.B, X=cfg.X, H=cfg.H, Hh=cfg.Hh, Nz=cfg.Nz, row=r.name,

@@ -151,6 +151,26 @@ def test_gpu_timings_times_the_other_cuda_launch_shapes_with_the_settings_restor
     assert row.name == "hyperfused cuda, 4 thread groups per row" and seen[-1] == ("4", None)
 
 
+def test_gpu_timings_keeps_the_rows_that_run_and_records_the_one_that_raises():
+    from benchmarks import gpu_timings
+    from benchmarks.hyper_lstm import Config
+
+    class Row:
+        def __init__(self, name, fails=False):
+            self.name, self.fails, self.calls = name, fails, 0
+
+        def fwd_bwd(self):
+            self.calls += 1
+            if self.fails:
+                raise RuntimeError("hyperfused: the CUDA kernel 'hyper_lstm forward step' failed to launch")
+
+    rows = [Row("nn.LSTM"), Row("hyperfused cuda, 8-block cluster per row", fails=True), Row("hyperfused cuda")]
+    ok, errors = gpu_timings.warmed_up(rows, Config.parse("100,8,128,1000"))
+    assert [r.name for r in ok] == ["nn.LSTM", "hyperfused cuda"] and [r.calls for r in rows] == [1, 1, 1]
+    assert errors == [dict(config=Config.parse("100,8,128,1000").label(), row="hyperfused cuda, 8-block cluster per row",
+                           error="RuntimeError: hyperfused: the CUDA kernel 'hyper_lstm forward step' failed to launch")]
+
+
 def test_alternate_runs_each_variant_in_its_settings_and_restores_them(capsys, monkeypatch):
     import os
 

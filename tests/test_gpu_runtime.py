@@ -40,6 +40,24 @@ def test_masks_match_reference(backend):
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("groups", ["", "1"], ids=["groups-rule", "groups-1"])
+@pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_every_cuda_launch_shape_matches_reference(backend, cluster, groups, layer_norm, monkeypatch):
+    """The CUDA step kernels with 1, 2, 4 and 8 blocks per row (a thread-block cluster on sm_90+; elsewhere the
+    setting is ignored) and one or four thread groups per block, at an odd H, every output and gradient against
+    the reference: the hardware's cluster barrier and shared-memory reads, which the CPU's emulator stands in
+    for."""
+    ref, fast = make_pair(backend, 16, 300, hyper_size=40, hyper_embed=8, layer_norm=layer_norm, dtype=torch.float32)
+    ref, fast = ref.cuda(), fast.cuda()
+    monkeypatch.setenv("HYPERFUSED_CUDA_CLUSTER", cluster)
+    monkeypatch.setenv("HYPERFUSED_CUDA_THREAD_GROUPS", groups)
+    x = torch.randn(3, 3, 16, device="cuda")
+    for a, b in zip(_fwd_bwd(fast, x), _fwd_bwd(ref, x)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def _on_side_stream(fn):
     """fn() on a fresh non-default stream, ordered after and before the current stream's work (the warm-up
     torch.cuda.graph requires is done this way too)."""
