@@ -5,7 +5,7 @@ states; nn.LSTM's cuDNN in bfloat16), with the launches and the host time per st
 nn.LSTM and the fused backends is timed a second time with its whole forward and backward captured once as
 a CUDA graph and replayed (torch.cuda.make_graphed_callables): graphs on against graphs off; with TF32 off
 the CUDA backend also runs in the launch shapes its batch does not get (HYPERFUSED_CUDA_THREAD_GROUPS,
-HYPERFUSED_CUDA_CLUSTER).
+HYPERFUSED_CUDA_CLUSTER) and, at a small batch, with the one-kernel step (HYPERFUSED_STEP_DESIGN=fused).
 
     python -m benchmarks.gpu_timings --json out.json [--configs 100,128,128,1000 100,8,128,1000 ...]
 
@@ -72,13 +72,15 @@ class WithEnv:
 def other_launch_shapes(rows, cfg: Config, multiprocessors: int) -> list:
     """The fused CUDA row again in the launch shapes its batch does not get: one thread group of 256 per row
     where the rule gives four (B < 2 x multiprocessors), four where it gives one; and at such a batch, one
-    block per row and a cluster of eight beside the cluster the rule picks (sm_90+; HYPERFUSED_CUDA_CLUSTER)."""
+    block per row and a cluster of eight beside the cluster the rule picks (sm_90+; HYPERFUSED_CUDA_CLUSTER),
+    and the one-kernel step design (HYPERFUSED_STEP_DESIGN=fused) beside the GEMM-shaped default."""
     small = cfg.B < 2 * multiprocessors
     groups = "1" if small else "4"
     shapes = [(f"{groups} thread group{'s' if groups == '4' else ''} per row", "HYPERFUSED_CUDA_THREAD_GROUPS", groups)]
-    if small:
+    if small:  # and the one-kernel step: 3 launches per step instead of 6-7, each weight read once per row
         shapes += [("1 block per row", "HYPERFUSED_CUDA_CLUSTER", "1"),
-                   ("8-block cluster per row", "HYPERFUSED_CUDA_CLUSTER", "8")]
+                   ("8-block cluster per row", "HYPERFUSED_CUDA_CLUSTER", "8"),
+                   ("one-kernel step", "HYPERFUSED_STEP_DESIGN", "fused")]
     return [WithEnv(r, f"{r.name}, {label}", var, value)
             for r in rows if r.name == "hyperfused cuda" for label, var, value in shapes]
 

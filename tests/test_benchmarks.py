@@ -121,14 +121,15 @@ def test_step_gemm_benchmark_checks_and_times_every_library(capsys):
 
 def test_gpu_timings_times_the_other_cuda_launch_shapes_with_the_settings_restored(monkeypatch):
     """The CUDA row runs again with HYPERFUSED_CUDA_THREAD_GROUPS set to the shape its batch does not get, and at
-    a small batch with HYPERFUSED_CUDA_CLUSTER at one block and at eight, each set only during its calls."""
+    a small batch with HYPERFUSED_CUDA_CLUSTER at one block and at eight and with the one-kernel step, each set
+    only during its calls."""
     import os
 
     from benchmarks import gpu_timings
     from benchmarks.hyper_lstm import Config
 
     seen = []
-    names = ("HYPERFUSED_CUDA_THREAD_GROUPS", "HYPERFUSED_CUDA_CLUSTER")
+    names = ("HYPERFUSED_CUDA_THREAD_GROUPS", "HYPERFUSED_CUDA_CLUSTER", "HYPERFUSED_STEP_DESIGN")
 
     class Row:
         name = "hyperfused cuda"
@@ -143,12 +144,12 @@ def test_gpu_timings_times_the_other_cuda_launch_shapes_with_the_settings_restor
     for row in rows:
         row.fwd_bwd()
     assert [r.name for r in rows] == ["hyperfused cuda, 1 thread group per row", "hyperfused cuda, 1 block per row",
-                                      "hyperfused cuda, 8-block cluster per row"]
-    assert seen == [("1", None), (None, "1"), (None, "8")]
+                                      "hyperfused cuda, 8-block cluster per row", "hyperfused cuda, one-kernel step"]
+    assert seen == [("1", None, None), (None, "1", None), (None, "8", None), (None, None, "fused")]
     assert not [n for n in names if n in os.environ]
     (row,) = gpu_timings.other_launch_shapes([Row()], large, 132)
     row.fwd_bwd()
-    assert row.name == "hyperfused cuda, 4 thread groups per row" and seen[-1] == ("4", None)
+    assert row.name == "hyperfused cuda, 4 thread groups per row" and seen[-1] == ("4", None, None)
 
 
 def test_gpu_timings_keeps_the_rows_that_run_and_records_the_one_that_raises():
