@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -83,5 +84,12 @@ std::vector<at::Tensor> backward_on(
 // Tests: the threads per batch row (a block, or a cluster's blocks together) of each step kernel the CUDA
 // emulator has launched since the last call, in launch order; the list is then emptied.
 std::vector<int64_t> take_emulated_step_widths();
+// Tests: the emulator itself, on one cluster of `blocks` blocks of `block_threads` threads in `groups` groups,
+// each thread's result: kind "sum" / "group_sum" (of tid + 1 over the cluster / the thread's group, by
+// simt_sum); "read_next_block" (block r writes r, passes __syncthreads, reads block r+1's value) and
+// "read_next_block_after_cluster_barrier"; "skip_block_barrier" / "skip_cluster_barrier" (thread 3 skips one:
+// an error).
+std::vector<double> emulator_probe(const std::string& kind, int blocks, int64_t block_threads, int groups,
+                                   bool reverse);
 
 }  // namespace hyperfused

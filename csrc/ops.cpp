@@ -28,15 +28,32 @@ static PyObject* take_emulated_step_widths(PyObject*, PyObject*) {
   for (size_t i = 0; i < widths.size(); ++i) PyList_SET_ITEM(list, Py_ssize_t(i), PyLong_FromLongLong(widths[i]));
   return list;
 }
+static PyObject* emulator_probe(PyObject*, PyObject* args) {
+  const char* kind = nullptr;
+  int blocks = 0, threads = 0, groups = 0, reverse = 0;
+  if (!PyArg_ParseTuple(args, "siiip", &kind, &blocks, &threads, &groups, &reverse)) return nullptr;
+  std::vector<double> out;
+  try {
+    out = hyperfused::emulator_probe(kind, blocks, threads, groups, reverse);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+  PyObject* list = PyList_New(Py_ssize_t(out.size()));
+  if (!list) return nullptr;
+  for (size_t i = 0; i < out.size(); ++i) PyList_SET_ITEM(list, Py_ssize_t(i), PyFloat_FromDouble(out[i]));
+  return list;
+}
 static PyMethodDef methods[] = {
     {"empty_cpu_buffer_cache", empty_cpu_buffer_cache, METH_NOARGS, "Frees the cached CPU buffers; returns bytes."},
     {"cpu_buffer_cache_bytes", cpu_buffer_cache_bytes, METH_NOARGS, "Bytes held in cached CPU buffers."},
     {"_hold_cpu_buffer_cache_lock", hold_cpu_buffer_cache_lock, METH_O, "Tests: holds the cache's lock (ms)."},
     {"_take_emulated_step_widths", take_emulated_step_widths, METH_NOARGS,
      "Tests: threads per row of each emulated CUDA step launch since the last call."},
+    {"_emulator_probe", emulator_probe, METH_VARARGS, "Tests: the CUDA emulator's barriers and sums."},
     {nullptr, nullptr, 0, nullptr}};
 // A bare module: importing hyperfused._C runs the TORCH_LIBRARY registrations below (no pybind needed), plus
-// the CPU buffer cache's functions and two test hooks.
+// the CPU buffer cache's functions and three test hooks.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

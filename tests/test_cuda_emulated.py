@@ -136,6 +136,45 @@ def test_forced_thread_groups_match_the_reference(gpu, groups, emulated, monkeyp
         fast(torch.randn(2, 1, 6, dtype=torch.float64))
 
 
+# -- the emulator itself ----------------------------------------------------------------------------------
+
+def _probe(kind, blocks, threads, groups=1, reverse=False):
+    from hyperfused import _C
+
+    return _C._emulator_probe(kind, blocks, threads, groups, reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["ascending", "reverse"])
+@pytest.mark.parametrize("blocks, threads, groups", [(1, 256, 1), (1, 1024, 4), (2, 1024, 4), (4, 256, 4), (8, 256, 4),
+                                                     (8, 1024, 1)])
+def test_emulated_sums_over_a_cluster_and_its_groups(blocks, threads, groups, reverse):
+    """simt_sum (the GPU's code) of tid + 1 over a cluster of blocks and over each thread group: within a block
+    (groups of 1024 / 4 threads), one block each, or across blocks; every thread gets its group's exact sum."""
+    n = blocks * threads
+    assert _probe("sum", blocks, threads, groups, reverse) == [n * (n + 1) / 2] * n
+    per = n // groups
+    want = [sum(range(g * per + 1, (g + 1) * per + 1)) for g in range(groups) for _ in range(per)]
+    assert _probe("group_sum", blocks, threads, groups, reverse) == want
+
+
+@pytest.mark.parametrize("reverse, stale", [(False, [0.0, -1.0]), (True, [1.0, -1.0])], ids=["ascending", "reverse"])
+def test_emulator_exposes_a_read_of_another_block_without_the_cluster_barrier(reverse, stale):
+    """Block r writes r, then reads block r+1's value: after __syncthreads alone the block that runs first reads
+    a value not yet written (-1), in either order; after the cluster's barrier every read is fresh."""
+    got = _probe("read_next_block", 2, 64, 1, reverse)
+    assert sorted(set(got)) == sorted(stale)
+    assert _probe("read_next_block_after_cluster_barrier", 2, 64, 1, reverse) == [1.0] * 64 + [0.0] * 64
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("kind, barrier", [("skip_block_barrier", "__syncthreads"),
+                                           ("skip_cluster_barrier", "the cluster barrier")])
+def test_emulator_refuses_a_barrier_that_a_thread_skips(kind, barrier, blocks):
+    with pytest.raises(RuntimeError, match=f"thread 0 is at {barrier}.* while thread 3 is finished "
+                                           r"\(a barrier not every thread reaches\)"):
+        _probe(kind, blocks, 64)
+
+
 def _launch_widths(fast, x):
     """Threads per row of each step launch of one forward+backward, forward's first."""
     from hyperfused import _C

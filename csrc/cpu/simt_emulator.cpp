@@ -301,6 +301,35 @@ void generate_tiles_emulated(const TileGenArgs& a) {
   else launch<float>(a.tiles, 1, simt::kTileThreads, 1, shared, a, &generate_kernel<float>);
 }
 
+std::vector<double> emulator_probe(const std::string& kind, int blocks, int64_t block_threads, int groups,
+                                   bool reverse) {
+  TORCH_CHECK(blocks >= 1 && blocks <= 8 && block_threads >= 32 && block_threads <= 1024 && block_threads % 32 == 0 &&
+                  (groups == 1 || groups == 2 || groups == 4) && block_threads * blocks % (32 * groups) == 0,
+              "hyperfused: emulator_probe: bad launch shape");
+  Cluster unit(blocks, block_threads, groups, reverse, 0);
+  std::vector<double> out(unit.threads(), 0.0), global(blocks, -1.0);
+  const std::function<void(int64_t)> body = [&](int64_t t) {
+    EmulatedThread<double> th{&unit, t};
+    const int64_t r = th.rank();
+    if (kind == "sum" || kind == "group_sum") {
+      out[t] = th.reduce(double(t + 1), kind == "group_sum");
+    } else if (kind == "skip_block_barrier") {
+      if (t != 3) th.block_sync();
+    } else if (kind == "skip_cluster_barrier") {
+      if (t != 3) th.sync();
+    } else if (kind == "read_next_block" || kind == "read_next_block_after_cluster_barrier") {
+      if (th.thread() == 0) global[r] = double(r);
+      if (kind == "read_next_block") th.block_sync();
+      else th.sync();
+      out[t] = global[(r + 1) % blocks];
+    } else {
+      TORCH_CHECK(false, "hyperfused: emulator_probe: unknown kind '", kind, "'");
+    }
+  };
+  unit.run(0, body);
+  return out;
+}
+
 void gather_tiles_emulated(const TileLayoutArgs& a) {
   if (a.is_double) launch<double>(a.tiles, 1, simt::kTileThreads, 1, 0, a, &gather_kernel<double>);
   else launch<float>(a.tiles, 1, simt::kTileThreads, 1, 0, a, &gather_kernel<float>);
