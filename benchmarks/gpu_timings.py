@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     meta = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
                 cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
                 multiprocessors=torch.cuda.get_device_properties(0).multi_processor_count
+                if torch.cuda.is_available() else None,
+                # 9.0+: the CUDA main cell's thread-block clusters at a small batch (hyper_lstm_simt.h)
+                compute_capability=".".join(map(str, torch.cuda.get_device_capability(0)))
                 if torch.cuda.is_available() else None)
     result = dict(meta=meta, records=[])
 
