@@ -8,6 +8,17 @@
 #include "hyper_lstm.h"
 #include "static_hypernet.h"
 
+namespace {
+// A Python list of `values`, each made by `item` (PyLong_FromLongLong, PyFloat_FromDouble).
+template <typename V, typename Item>
+PyObject* py_list(const std::vector<V>& values, Item item) {
+  PyObject* list = PyList_New(Py_ssize_t(values.size()));
+  if (!list) return nullptr;
+  for (size_t i = 0; i < values.size(); ++i) PyList_SET_ITEM(list, Py_ssize_t(i), item(values[i]));
+  return list;
+}
+}  // namespace
+
 extern "C" {
 static PyObject* empty_cpu_buffer_cache(PyObject*, PyObject*) {
   return PyLong_FromLongLong(hyperfused::empty_cpu_buffer_cache());
@@ -22,11 +33,7 @@ static PyObject* hold_cpu_buffer_cache_lock(PyObject*, PyObject* ms) {
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 static PyObject* take_emulated_step_widths(PyObject*, PyObject*) {
-  const auto widths = hyperfused::take_emulated_step_widths();
-  PyObject* list = PyList_New(Py_ssize_t(widths.size()));
-  if (!list) return nullptr;
-  for (size_t i = 0; i < widths.size(); ++i) PyList_SET_ITEM(list, Py_ssize_t(i), PyLong_FromLongLong(widths[i]));
-  return list;
+  return py_list(hyperfused::take_emulated_step_widths(), PyLong_FromLongLong);
 }
 static PyObject* emulator_probe(PyObject*, PyObject* args) {
   const char* kind = nullptr;
@@ -39,10 +46,7 @@ static PyObject* emulator_probe(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     return nullptr;
   }
-  PyObject* list = PyList_New(Py_ssize_t(out.size()));
-  if (!list) return nullptr;
-  for (size_t i = 0; i < out.size(); ++i) PyList_SET_ITEM(list, Py_ssize_t(i), PyFloat_FromDouble(out[i]));
-  return list;
+  return py_list(out, PyFloat_FromDouble);
 }
 static PyMethodDef methods[] = {
     {"empty_cpu_buffer_cache", empty_cpu_buffer_cache, METH_NOARGS, "Frees the cached CPU buffers; returns bytes."},

@@ -9,9 +9,9 @@
 // waits until every thread of its scope is at one of the same scope. Each block of a cluster runs as far as
 // it can before the next starts, each warp of a block likewise, and a warp's threads run to their next
 // barrier in ascending order (or all of it descending, to expose a read that depends on which thread, warp
-// or block wrote first). A barrier that some
-// threads skip or reach more often than others, undefined on a GPU, is an error here. The sums are
-// simt_sum (simt_sum.h), the same code as on the GPU, with each block's shared slots its own.
+// or block wrote first). A barrier that some threads skip or reach more often than others, undefined on a
+// GPU, is an error here. The sums are simt_sum (simt_sum.h), the same code as on the GPU, with each block's
+// shared slots its own.
 //
 // HYPERFUSED_EMULATE_CUDA = "<multiprocessors>[,reverse]": the emulated GPU's multiprocessor count, which
 // picks the launch configuration as the CUDA launch does (simt::launch_groups, simt::launch_cluster) on a GPU
@@ -20,7 +20,6 @@
 #include <ucontext.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -71,7 +70,7 @@ class Cluster {
 
   Cluster(int blocks, int64_t block_threads, int groups, bool reverse, size_t shared_bytes)
       : blocks_(blocks), block_threads_(block_threads), threads_(blocks * block_threads), groups_(groups),
-        reverse_(reverse), ctx_(threads_), state_(threads_), barriers_(threads_),
+        reverse_(reverse), ctx_(threads_), state_(threads_),
         stacks_(new char[threads_ * kStackBytes]), slots_(blocks * simt::kSumSlots), lanes_(threads_),
         shared_words_((shared_bytes + 7) / 8), shared_(blocks * shared_words_) {}
 
@@ -89,23 +88,17 @@ class Cluster {
       ctx_[t].uc_link = &scheduler_;
       makecontext(&ctx_[t], &Cluster::entry, 0);
       state_[t] = Fiber::Ready;
-      barriers_[t] = {};
     }
     for (;;) {
       for (int i = 0; i < blocks_; ++i) run_block(reverse_ ? blocks_ - 1 - i : i);
       const int64_t done = std::count(state_.begin(), state_.end(), Fiber::Done);
       const int64_t waiting = std::count(state_.begin(), state_.end(), Fiber::AtCluster);
-      if (done == threads_) break;
+      if (done == threads_) return;
+      // A barrier is released only when every thread of its scope waits at one, so a thread that skips one
+      // leaves the others waiting while it runs on or finishes: undefined on a GPU, an error here.
       TORCH_CHECK(waiting == threads_, "hyperfused (CUDA emulator): row ", row, ": ", stuck_message());
       std::fill(state_.begin(), state_.end(), Fiber::Ready);
     }
-    // Every thread has passed as many barriers of each scope as the others it shares them with: a barrier
-    // that some threads skip, undefined on a GPU, is an error here even when the counts happen to meet.
-    for (int64_t t = 1; t < threads_; ++t)
-      TORCH_CHECK(barriers_[t][2] == barriers_[0][2] && (t % block_threads_ == 0 || barriers_[t][1] == barriers_[t - 1][1]) &&
-                      (t % 32 == 0 || barriers_[t][0] == barriers_[t - 1][0]),
-                  "hyperfused (CUDA emulator): row ", row, ": threads ", t - 1, " and ", t,
-                  " have passed different numbers of barriers (a __syncthreads() not every thread reaches)");
   }
 
   int64_t threads() const { return threads_; }
@@ -116,7 +109,6 @@ class Cluster {
   // reached one of the same scope.
   void wait(int64_t t, Fiber scope) {
     state_[t] = scope;
-    ++barriers_[t][scope == Fiber::AtWarp ? 0 : scope == Fiber::AtBlock ? 1 : 2];
     swapcontext(&ctx_[t], &scheduler_);
   }
   template <typename T>
@@ -185,7 +177,6 @@ class Cluster {
   ucontext_t scheduler_;
   std::vector<ucontext_t> ctx_;
   std::vector<Fiber> state_;
-  std::vector<std::array<int64_t, 3>> barriers_;  // warp, block and cluster barriers each thread has reached
   std::unique_ptr<char[]> stacks_;
   std::vector<double> slots_;  // each block's simt::kSumSlots sum slots (shared memory)
   std::vector<double> lanes_;  // one value per thread: the warp sums' exchange (the shuffles' registers)
