@@ -47,6 +47,14 @@ HF_HD int launch_groups(const Step& s, int multiprocessors) {
 // multiprocessors instead of 8.
 constexpr int kMaxCluster = 8;
 
+// Whether a launch may give a row a cluster: the GPU runs thread-block clusters (compute capability 9.0+) and
+// the cluster kernels' code was compiled for such a GPU (`kernel_arch`, the virtual architecture of the code
+// the GPU runs, 90 for compute_90). A build for older targets only (TORCH_CUDA_ARCH_LIST="8.0+PTX", say) holds
+// stubs for them, which the driver JIT-compiles for a 9.0 GPU; launching those would trap.
+HF_HD bool clusters_runnable(int compute_capability, int kernel_arch) {
+  return compute_capability >= 90 && kernel_arch >= 90;
+}
+
 template <class Step>
 HF_HD int launch_cluster(const Step& s, int multiprocessors, bool clusters) {
   if (!clusters) return 1;

@@ -7,7 +7,7 @@ The emulated GPU's multiprocessor count picks the launch as on a real one (an sm
 clusters): with 132 multiprocessors these batches get four thread groups (the gate layer norms side by side,
 1024 threads per block), and the GEMM-shaped step's main cell a cluster of blocks per row at H = 300 and 1000
 (2 and 4 blocks of 1024 threads); with one multiprocessor they get one group of 256 threads (the gates in
-turn). "reverse" runs the blocks of a cluster, the warps of a block and the threads of a warp in descending
+turn); "sm80" emulates a GPU without clusters (one block per row). "reverse" runs the blocks of a cluster, the warps of a block and the threads of a warp in descending
 order, so that a read which needs a barrier before it sees stale data whichever thread wrote it (a missing
 barrier after the pre-activations, or after the generation kernel loads z, was checked to fail here; so was
 removing any of the sums' barriers in csrc/simt_sum.h, or summing a cluster's blocks from the wrong rank). Threads that
@@ -25,7 +25,7 @@ pytestmark = requires_extension
 # float64 runs the same sums in another order than the reference; float32 as in test_hyper_lstm_fused.
 F64 = dict(rtol=1e-9, atol=1e-10)
 F32 = dict(rtol=2e-4, atol=2e-5)
-GPUS = ["132", "132,reverse", "1", "1,reverse"]
+GPUS = ["132", "132,reverse", "1", "1,reverse", "108,sm80,reverse"]
 # H = 300 makes the 256-thread groups stride; H = 37, Ĥ = 20 and N_z = 5 leave partly idle warps; the paper's
 # H = 1000, Ĥ = 128, N_z = 16 at a short T.
 SIZES = [(3, 3, 6, 300, 20, 5), (2, 2, 5, 37, 40, 4), (1, 1, 3, 37, 20, 5), (2, 2, 16, 1000, 128, 16)]
@@ -197,6 +197,9 @@ CLUSTER_RULE = [
     (("1", 2, 1000, "gemm", None), (256, 256)),  # a batch that fills the GPU: one group, one block
     (("132", 2, 1000, "gemm", "1"), (1024, 1024)),
     (("132", 1, 37, "gemm", "8"), (8192, 8192)),  # the setting holds for every launch, whatever the sizes
+    # a GPU without clusters (an A100): one block per row, whatever the rule or the setting would give
+    (("108,sm80", 2, 1000, "gemm", None), (1024, 1024)),
+    (("108,sm80", 1, 37, "gemm", "8"), (1024, 1024)),
 ]
 
 
@@ -244,7 +247,7 @@ def test_cluster_setting_is_checked(emulated, monkeypatch):
         fast(torch.randn(2, 1, 4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("value", ["yes", "0x10", "132,backwards", "-4"])
+@pytest.mark.parametrize("value", ["yes", "0x10", "132,backwards", "-4", "132,sm80,sm80", "132,sm90", "132,"])
 def test_emulation_setting_is_checked(value, emulated):
     fast = make_pair("cpu", 4, 9, hyper_size=6, hyper_embed=3)[1]
     emulated(value)

@@ -13,9 +13,9 @@
 // GPU, is an error here. The sums are simt_sum (simt_sum.h), the same code as on the GPU, with each block's
 // shared slots its own.
 //
-// HYPERFUSED_EMULATE_CUDA = "<multiprocessors>[,reverse]": the emulated GPU's multiprocessor count, which
-// picks the launch configuration as the CUDA launch does (simt::launch_groups, simt::launch_cluster) on a GPU
-// with thread-block clusters.
+// HYPERFUSED_EMULATE_CUDA = "<multiprocessors>[,reverse][,sm80]": the emulated GPU's multiprocessor count, which
+// picks the launch configuration as the CUDA launch does (simt::launch_groups, simt::launch_cluster), on a GPU
+// with thread-block clusters (compute capability 9.0), or with `sm80` one without them (8.0).
 #include <c10/util/Exception.h>
 #include <ucontext.h>
 
@@ -39,22 +39,31 @@ namespace {
 struct EmulatedGpu {
   int multiprocessors = 0;  // 0: not emulating
   bool reverse = false;
+  int compute_capability = 90;
 };
 
 EmulatedGpu emulated_gpu() {
   const char* v = std::getenv("HYPERFUSED_EMULATE_CUDA");
   EmulatedGpu gpu;
   if (!v || !*v || std::string(v) == "0") return gpu;
-  const std::string s(v);
-  const auto comma = s.find(',');
-  const std::string count = s.substr(0, comma), order = comma == std::string::npos ? "" : s.substr(comma + 1);
+  const std::string spec(v);
+  std::vector<std::string> parts;
+  size_t from = 0;
+  for (size_t comma; (comma = spec.find(',', from)) != std::string::npos; from = comma + 1)
+    parts.push_back(spec.substr(from, comma - from));
+  parts.push_back(spec.substr(from));
   char* end = nullptr;
-  const long n = std::strtol(count.c_str(), &end, 10);
-  TORCH_CHECK(!count.empty() && *end == '\0' && n > 0 && n <= 100000 && (order.empty() || order == "reverse"),
-              "hyperfused: HYPERFUSED_EMULATE_CUDA must be '<multiprocessors>' or '<multiprocessors>,reverse' "
-              "(e.g. '132'), got '", v, "'");
+  const long n = std::strtol(parts[0].c_str(), &end, 10);
+  bool ok = !parts[0].empty() && *end == '\0' && n > 0 && n <= 100000;
+  for (size_t i = 1; i < parts.size(); ++i) {
+    const bool repeated = std::find(parts.begin() + 1, parts.begin() + i, parts[i]) != parts.begin() + i;
+    ok = ok && !repeated && (parts[i] == "reverse" || parts[i] == "sm80");
+  }
+  TORCH_CHECK(ok, "hyperfused: HYPERFUSED_EMULATE_CUDA must be '<multiprocessors>' followed by ',reverse' and/or "
+              "',sm80' (e.g. '132' or '108,sm80'), got '", v, "'");
   gpu.multiprocessors = int(n);
-  gpu.reverse = order == "reverse";
+  gpu.reverse = std::find(parts.begin() + 1, parts.end(), "reverse") != parts.end();
+  if (std::find(parts.begin() + 1, parts.end(), "sm80") != parts.end()) gpu.compute_capability = 80;
   return gpu;
 }
 
@@ -244,9 +253,11 @@ std::vector<int64_t> widths;  // threads per row of each step launch, for take_e
 
 template <typename T, class Step>
 void launch_step(const Step& s, void (*kernel)(EmulatedThread<T>&, const Step&)) {
-  const int multiprocessors = emulated_gpu().multiprocessors;
-  const int groups = simt::launch_groups(s, multiprocessors);
-  const int cluster = simt::launch_cluster(s, multiprocessors, /*clusters=*/true);
+  const EmulatedGpu gpu = emulated_gpu();
+  const int groups = simt::launch_groups(s, gpu.multiprocessors);
+  // the emulated kernels are the code for every target
+  const bool clusters = simt::clusters_runnable(gpu.compute_capability, gpu.compute_capability);
+  const int cluster = simt::launch_cluster(s, gpu.multiprocessors, clusters);
   {
     const std::lock_guard<std::mutex> lock(widths_mutex);
     widths.push_back(int64_t(simt::kGroupThreads) * cluster * groups);

@@ -64,8 +64,20 @@ __global__ void __launch_bounds__(simt::kGroupThreads * kGroups, 1) cluster_back
   cluster_body<T, kGroups>(s);
 }
 
-// The device's multiprocessor count and whether it runs thread-block clusters (compute capability 9.0+),
-// asked once per device.
+// The virtual architecture of the cluster kernels' code that this device runs (simt::clusters_runnable), or 0
+// when the runtime cannot say. A failed query must not linger as the thread's last error, which the next
+// launch's check reads.
+int cluster_kernel_arch() {
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, cluster_forward_kernel<float, 4>) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return attributes.ptxVersion;
+}
+
+// The device's multiprocessor count and whether its launches may use thread-block clusters, asked once per
+// device.
 struct Device {
   int multiprocessors = 0;
   bool clusters = false;
@@ -77,10 +89,11 @@ Device device() {
   if (cudaGetDevice(&id) != cudaSuccess || id < 0 || id >= 64) return {1, false};
   Device& d = known[id];
   if (!d.multiprocessors) {
-    int count = 0, major = 0;
+    int count = 0, major = 0, minor = 0;
     cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, id);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, id);
-    d.clusters = major >= 9;
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, id);
+    d.clusters = simt::clusters_runnable(10 * major + minor, cluster_kernel_arch());
     d.multiprocessors = count > 0 ? count : 1;
   }
   return d;
