@@ -6,6 +6,8 @@
 // compiles it in seconds.
 #include <cuda_runtime.h>
 
+#include <mutex>
+
 #include "../hyper_lstm_simt.h"
 #include "cuda_block.cuh"
 
@@ -85,18 +87,17 @@ struct Device {
 
 Device device() {
   static Device known[64] = {};
+  static std::once_flag asked[64];  // threads that launch at once on a new device ask it once, together
   int id = 0;
   if (cudaGetDevice(&id) != cudaSuccess || id < 0 || id >= 64) return {1, false};
-  Device& d = known[id];
-  if (!d.multiprocessors) {
+  std::call_once(asked[id], [id] {
     int count = 0, major = 0, minor = 0;
     cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, id);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, id);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, id);
-    d.clusters = simt::clusters_runnable(10 * major + minor, cluster_kernel_arch());
-    d.multiprocessors = count > 0 ? count : 1;
-  }
-  return d;
+    known[id] = Device{count > 0 ? count : 1, simt::clusters_runnable(10 * major + minor, cluster_kernel_arch())};
+  });
+  return known[id];
 }
 
 template <class Step>
