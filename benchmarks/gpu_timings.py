@@ -164,6 +164,15 @@ def time_config(cfg: Config, device, repeats: int, tf32: bool, autocast=None) ->
     return out + errors
 
 
+def _cuda_step_clusters():
+    """Whether the CUDA step launches use clusters on this GPU (the small-batch main cell's rule needs them),
+    as the extension decides it; None without a GPU or the CUDA backend."""
+    if not torch.cuda.is_available() or "cuda" not in hyperfused.available_backends():
+        return None
+    from hyperfused import _C
+    return _C._cuda_step_device()[1]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True, metavar="FILE")
@@ -178,7 +187,8 @@ def main(argv=None) -> int:
                 if torch.cuda.is_available() else None,
                 # 9.0+: the CUDA main cell's thread-block clusters at a small batch (hyper_lstm_simt.h)
                 compute_capability=".".join(map(str, torch.cuda.get_device_capability(0)))
-                if torch.cuda.is_available() else None)
+                if torch.cuda.is_available() else None,
+                cuda_step_clusters=_cuda_step_clusters())
     result = dict(meta=meta, records=[])
 
     def save():

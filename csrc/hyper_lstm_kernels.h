@@ -222,6 +222,9 @@ void backward_step_cpu(const BackwardStep& s);
 // it, so that this header and the .cu stay free of CUDA and torch headers respectively.
 int forward_step_cuda(const ForwardStep& s);
 int backward_step_cuda(const BackwardStep& s);
+// The current device's multiprocessor count and whether the step launches give a row a cluster there
+// (simt::clusters_runnable), as the launches see them: for the tests and the GPU timings' records.
+void cuda_step_device(int* multiprocessors, bool* clusters);
 // The CUDA kernels' code run on the CPU by the SIMT emulator (cpu/simt_emulator.cpp), for the tests: active
 // when HYPERFUSED_EMULATE_CUDA is set (emulating_cuda() also checks its value).
 bool emulating_cuda();

@@ -48,6 +48,14 @@ static PyObject* emulator_probe(PyObject*, PyObject* args) {
   }
   return py_list(out, PyFloat_FromDouble);
 }
+#ifdef WITH_CUDA
+static PyObject* cuda_step_device(PyObject*, PyObject*) {
+  int multiprocessors = 0;
+  bool clusters = false;
+  hyperfused::cuda_step_device(&multiprocessors, &clusters);
+  return Py_BuildValue("(iO)", multiprocessors, clusters ? Py_True : Py_False);
+}
+#endif
 static PyMethodDef methods[] = {
     {"empty_cpu_buffer_cache", empty_cpu_buffer_cache, METH_NOARGS, "Frees the cached CPU buffers; returns bytes."},
     {"cpu_buffer_cache_bytes", cpu_buffer_cache_bytes, METH_NOARGS, "Bytes held in cached CPU buffers."},
@@ -55,9 +63,13 @@ static PyMethodDef methods[] = {
     {"_take_emulated_step_widths", take_emulated_step_widths, METH_NOARGS,
      "Tests: threads per row of each emulated CUDA step launch since the last call."},
     {"_emulator_probe", emulator_probe, METH_VARARGS, "Tests: the CUDA emulator's barriers and sums."},
+#ifdef WITH_CUDA
+    {"_cuda_step_device", cuda_step_device, METH_NOARGS,
+     "Tests: (multiprocessors, clusters) of the current CUDA device, as the step launches see them."},
+#endif
     {nullptr, nullptr, 0, nullptr}};
 // A bare module: importing hyperfused._C runs the TORCH_LIBRARY registrations below (no pybind needed), plus
-// the CPU buffer cache's functions and three test hooks.
+// the CPU buffer cache's functions and the test hooks.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

@@ -58,6 +58,19 @@ def test_every_cuda_launch_shape_matches_reference(backend, cluster, groups, lay
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_cuda_launches_use_clusters_where_the_gpu_has_them(backend):
+    """The launches give a small batch's main cell a cluster on a 9.0+ GPU, when the extension holds code for
+    it (the check's build targets the GPU it runs on), and never below 9.0: csrc/hyper_lstm_simt.h,
+    clusters_runnable, from the device and the cluster kernels' ptxVersion. If the runtime reported that
+    version wrongly, every forced cluster above would silently run one block per row."""
+    from hyperfused import _C
+
+    multiprocessors, clusters = _C._cuda_step_device()
+    assert multiprocessors == torch.cuda.get_device_properties(0).multi_processor_count
+    assert clusters == (torch.cuda.get_device_capability(0) >= (9, 0))
+
+
 def _on_side_stream(fn):
     """fn() on a fresh non-default stream, ordered after and before the current stream's work (the warm-up
     torch.cuda.graph requires is done this way too)."""

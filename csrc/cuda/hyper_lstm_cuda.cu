@@ -148,6 +148,12 @@ int launch_backward(const BackwardStep& s) {
 
 }  // namespace
 
+void cuda_step_device(int* multiprocessors, bool* clusters) {
+  const Device d = device();
+  *multiprocessors = d.multiprocessors;
+  *clusters = d.clusters;
+}
+
 int forward_step_cuda(const ForwardStep& s) {
   return s.kind == ScalarKind::Float64 ? launch_forward<double>(s) : launch_forward<float>(s);
 }
