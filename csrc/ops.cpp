@@ -1,6 +1,7 @@
 // The hyperfused operator library: schemas and the CPU implementations. CUDA implementations of the same
-// schemas are registered from cuda/register_cuda.cpp when the extension is built with CUDA. Autograd and
-// fake (meta) implementations are registered from Python (hyperfused/ops/).
+// schemas are registered from cuda/register_cuda.cpp when the extension is built with CUDA. Fake (meta)
+// implementations are registered from Python (hyperfused/ops/), and so is autograd, except the sequence op's
+// (autograd.cpp).
 #include <Python.h>
 #include <torch/library.h>
 

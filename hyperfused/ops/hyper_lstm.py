@@ -94,9 +94,10 @@ def check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc
     _checks.lstm_grads(x, sizes, (grad_hs, grad_cs, grad_hhs, grad_hcs))
 
 
-def register_lstm_meta(forward_op: str, backward_op: str) -> None:
-    """Fake implementations and the autograd formula for a forward/backward op pair with the schemas of
-    hyperfused::hyper_lstm_forward/_backward (the C++ ops and the Triton ones share them)."""
+def register_lstm_meta(forward_op: str, backward_op: str, autograd: bool = True) -> None:
+    """Fake implementations and (with `autograd`) the autograd formula for a forward/backward op pair with the
+    schemas of hyperfused::hyper_lstm_forward/_backward (the C++ ops and the Triton ones share them). The C++
+    ops register their autograd in C++ (csrc/autograd.cpp: the same formula without Python on every call)."""
 
     @torch.library.register_fake(forward_op)
     def _(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask=None,
@@ -116,6 +117,8 @@ def register_lstm_meta(forward_op: str, backward_op: str) -> None:
         _checks.gemm_dtype(x, gemm_dtype)
         return [torch.empty_like(t) for t in (x, h0, c0, hh0, hc0, *params)]
 
+    if not autograd:
+        return
     backward_impl = getattr(torch.ops.hyperfused, backward_op.split("::")[1])
 
     def setup_context(ctx, inputs, output):
@@ -158,5 +161,5 @@ def register_step_meta(op: str) -> None:
 
 
 if HAS_EXTENSION:
-    register_lstm_meta("hyperfused::hyper_lstm_forward", "hyperfused::hyper_lstm_backward")
+    register_lstm_meta("hyperfused::hyper_lstm_forward", "hyperfused::hyper_lstm_backward", autograd=False)
     register_step_meta("hyperfused::hyper_lstm_step")
