@@ -145,6 +145,9 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
   // MKL: its packed sgemm for float32 operands, its bfloat16 GEMM (float32 out) for bfloat16 ones
   const bool mkl_dtype = (w_.scalar_type() == at::kFloat && !precision_.low) || w_.scalar_type() == at::kBFloat16;
   mkl_ = w.is_cpu() && mkl_dtype && mkl_blas() && (force == Library::Measure || force == Library::Mkl);
+  // Run once, a product gains nothing from a library that prepares its weight (MKL's packing, oneDNN's
+  // transposed copy) and pays for the preparation: a decode step's GEMMs took up to 1.45x as long measured.
+  if (runs == 1 && force == Library::Measure) onednn_ = mkl_ = false;
   if (onednn_ || mkl_) {
     if (bias_.defined()) bias_nk_ = bias_.to(w_.scalar_type());  // oneDNN takes the bias in the weight's dtype
   }
@@ -207,8 +210,8 @@ void StepGemm::mkl_out(at::Tensor& out, const at::Tensor& a) const {
   }
 }
 
-// The weight packed for `rows` rows of a: packed at the first step, again if the batch size changes (the decode
-// step's cached StepGemm may serve several).
+// The weight packed for `rows` rows of a: packed at the first step, again if a caller runs it with another
+// batch size.
 at::Tensor StepGemm::packed_for(int rows) const {
   Prepared& p = *prepared_;
   std::lock_guard<std::mutex> lock(p.mutex);

@@ -40,7 +40,7 @@ class StepGemm {
   // rows, gets a copy made the first time it runs).
   // bias: (N), added to every row, or undefined.
   // runs: how many times run() will be called (a sequence's T steps), which weighs the one-time cost of
-  // preparing a library (packing the weight) in the choice; 0: many (kept across calls).
+  // preparing a library (packing the weight) in the choice; 1: at::mm, unmeasured; 0: many.
   explicit StepGemm(const at::Tensor& w, const at::Tensor& bias = at::Tensor(), GemmPrecision precision = {},
                     int64_t runs = 0);
   // out (m, N) and a (m, K), each with contiguous rows, in the op's dtype.
@@ -61,11 +61,11 @@ class StepGemm {
   at::Tensor bias_nk_;  // the bias in the weight's dtype, defined when either may
   bool mkl_trans_ = false;  // MKL reads w_ as (N, K) rows (w_ is a transposed view) rather than (K, N) rows
   int64_t mkl_ld_ = 0;      // and its leading dimension
-  // chosen at the first run; atomic: a StepGemm kept across calls may serve several threads
+  // chosen at the first run; atomic, as run() is const and a caller may share a StepGemm between threads
   mutable std::atomic<Library> lib_{Library::Measure};
   at::Tensor packed_for(int rows) const;
   const at::Tensor& onednn_weight() const;
-  // Made on first use, under the lock: decoding threads may share one StepGemm.
+  // Made on first use, under the lock (run() is const: callers may share a StepGemm between threads).
   struct Prepared {
     std::mutex mutex;
     at::Tensor weight;  // w_ packed by MKL for `rows` rows of a
