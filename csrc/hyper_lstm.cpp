@@ -20,9 +20,6 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <cstdlib>
-#include <list>
-#include <memory>
-#include <mutex>
 #include <string>
 
 namespace hyperfused {
@@ -95,77 +92,75 @@ at::Tensor pooled_rows(const at::Tensor& a, const at::Tensor& b) {
   return at::cat_out(out, {a, b}, 0);
 }
 
-// Owns the transposed weight copies that StepParams points into, and the forward's recurrent weight
-// [W_h ; Ŵ_x[:, X:]] (4H+4Ĥ, H) as one contiguous block.
+// [a ; b]ᵀ for row-major a (m, n) and b (k, n): (n, m + k). On the CPU one pass over the sources (ATen's
+// cat, then a strided copy of the transposed view, took ~3x as long, which a decode step pays on every call).
+at::Tensor rows_transposed(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.is_cpu()) return at::cat({a, b}, 0).t().contiguous();
+  const int64_t m = a.size(0), k = b.size(0), n = a.size(1);
+  auto out = at::empty({n, m + k}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rows_transposed", [&] {
+    scalar_t* __restrict o = out.data_ptr<scalar_t>();
+    const scalar_t *pa = a.data_ptr<scalar_t>(), *pb = b.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < n; ++j) {  // contiguous writes; the sources' columns come from cache
+      for (int64_t i = 0; i < m; ++i) o[j * (m + k) + i] = pa[i * n + j];
+      for (int64_t i = 0; i < k; ++i) o[j * (m + k) + m + i] = pb[i * n + j];
+    }
+  });
+  return out;
+}
+
+// The scaling weights [scale_weight ; bias_scale_weight] ((2, 4H, N_z) and (4H, N_z)) as (3, 4, N_z, H): each
+// (kind, gate)'s (H, N_z) block transposed.
+at::Tensor scale_weight_transposed(const at::Tensor& sw, const at::Tensor& bsw, int64_t H, int64_t Nz) {
+  if (!sw.is_cpu())
+    return at::cat({sw, bsw.unsqueeze(0)}, 0).view({3, 4, H, Nz}).transpose(2, 3).contiguous();
+  auto out = at::empty({3, 4, Nz, H}, sw.options());
+  AT_DISPATCH_FLOATING_TYPES(sw.scalar_type(), "scale_weight_transposed", [&] {
+    scalar_t* __restrict o = out.data_ptr<scalar_t>();
+    for (int64_t q = 0; q < 12; ++q) {
+      const scalar_t* __restrict w = (q < 8 ? sw.data_ptr<scalar_t>() + q * H * Nz : bsw.data_ptr<scalar_t>() + (q - 8) * H * Nz);
+      scalar_t* __restrict dst = o + q * Nz * H;
+      for (int64_t n = 0; n < Nz; ++n)  // contiguous writes; the (H, N_z) block comes from cache
+        for (int64_t r = 0; r < H; ++r) dst[n * H + r] = w[r * Nz + n];
+    }
+  });
+  return out;
+}
+
+// What a call uses the weight copies for: the sequence forward, its backward, or a decode step; and whether the
+// step is GEMM-shaped (StepPhase), whose GEMMs read some of them.
+enum class Use { Forward, Backward, Decode };
+
+// Owns the transposed weight copies that StepParams points into, and the recurrent weight [W_h ; Ŵ_x[:, X:]]
+// (4H+4Ĥ, H) as one contiguous block, each made only where the call uses it. Made on every call, never kept
+// across calls: a kept copy is only as current as what tells it that its source changed, and an in-place
+// change through a parameter's .data (manual SGD, EMA and clipping code do this) bumps no version counter, so
+// a kept copy would silently give the previous weights' results.
 struct Transposed {
-  // z_bias_full: [z_bias ; 0] (12N_z); scale_rows: [scale_weight ; bias_scale_weight] as (12, H, N_z)
+  // z_weight_t: [z_weight ; bias_z_weight]ᵀ (Ĥ, 12N_z); scale_weight_t: [scale_weight ; bias_scale_weight]
+  // as (3, 4, N_z, H); z_bias_full: [z_bias ; 0] (12N_z); scale_rows: the scaling weights as (12, H, N_z).
   at::Tensor z_weight_t, scale_weight_t, w_rec, z_bias_full, scale_rows;
-  // When the copies are kept across calls (`prepared`), the forward's recurrent GEMMs with them, in the call's
-  // GEMM precision: the recurrent product and Ŵ_h ĥ (a StepGemm may pack its weight, which costs more than a
-  // short sequence's steps). The decode step's also: W_x x and Ŵ_x[:, :X] x + b̂. Empty otherwise.
-  std::optional<StepGemm> input, hyper_input, rec, hyper;
-  Transposed(at::TensorList p, const Sizes& s, bool kept = false, bool decode = false, GemmPrecision P = {})
-      : z_weight_t(at::cat({p[Z_WEIGHT], p[BIAS_Z_WEIGHT]}, 0).t().contiguous()),
-        scale_weight_t(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0)
-                           .view({3, 4, s.H, s.Nz}).transpose(2, 3).contiguous()),
-        w_rec(pooled_rows(p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H))),
-        z_bias_full(at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())})),
-        scale_rows(at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0).view({12, s.H, s.Nz})) {
-    if (!kept) return;
-    recurrent_gemms(p, P, /*runs=*/0, rec, hyper);
-    if (!decode) return;
-    input.emplace(p[WEIGHT_IH].t());
-    hyper_input.emplace(p[HYPER_WEIGHT_IH].narrow(1, 0, s.X).t(), p[HYPER_BIAS]);
-  }
-  // The forward's recurrent GEMMs over these copies into r and h: [W_h ; Ŵ_x,h] h_{t-1} (w_rec transposed,
-  // (H, 4H+4Ĥ)) and Ŵ_h ĥ_{t-1}; `runs` as StepGemm takes it.
-  void recurrent_gemms(at::TensorList p, const GemmPrecision& P, int64_t runs, std::optional<StepGemm>& r,
-                       std::optional<StepGemm>& h) const {
-    r.emplace(w_rec.t(), at::Tensor(), P, runs);
-    h.emplace(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P, runs);
+  // The decode step's GEMMs, each run once (so that a StepGemm does not pack its weight), all on the parameters
+  // themselves: W_h h and Ŵ_x,h h (two products, no concatenated copy), Ŵ_h ĥ, W_x x, Ŵ_x[:, :X] x + b̂.
+  std::optional<StepGemm> input, hyper_input, rec, rec_hyper, hyper;
+  Transposed(at::TensorList p, const Sizes& s, Use use, bool split) {
+    const auto scale_cat = [&] { return at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0); };
+    if (use != Use::Backward || split) z_weight_t = rows_transposed(p[Z_WEIGHT], p[BIAS_Z_WEIGHT]);
+    scale_weight_t = scale_weight_transposed(p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT], s.H, s.Nz);
+    if (use != Use::Decode) w_rec = pooled_rows(p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H));
+    if (split && use != Use::Backward)
+      z_bias_full = at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())});
+    if (split && use == Use::Backward) scale_rows = scale_cat().view({12, s.H, s.Nz});
+    if (use != Use::Decode) return;
+    rec.emplace(p[WEIGHT_HH].t(), at::Tensor(), GemmPrecision{}, 1);
+    rec_hyper.emplace(p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H).t(), at::Tensor(), GemmPrecision{}, 1);
+    hyper.emplace(p[HYPER_WEIGHT_HH].t(), at::Tensor(), GemmPrecision{}, 1);
+    input.emplace(p[WEIGHT_IH].t(), at::Tensor(), GemmPrecision{}, 1);
+    hyper_input.emplace(p[HYPER_WEIGHT_IH].narrow(1, 0, s.X).t(), p[HYPER_BIAS], GemmPrecision{}, 1);
   }
 };
 
-// Preparing those copies costs megabytes of memory traffic per call at the paper's size, more than a
-// decode step's arithmetic (B = 1, T = 1). When no gradient flows to the weights (inference: the Python
-// wrapper passes detached parameters then; the decode step, which never records a gradient), they are kept
-// across calls, keyed by the source tensors' storage and version counter (an in-place update invalidates
-// them); the entry holds the sources, so their memory cannot be reused under the same key while it lives.
-// A small LRU list: models hold one entry per layer and direction.
-std::shared_ptr<const Transposed> prepared(at::TensorList p, const Sizes& s, void* stream, bool decode = false,
-                                           const GemmPrecision& P = {}) {
-  const int sources[] = {WEIGHT_IH, WEIGHT_HH, HYPER_WEIGHT_IH, HYPER_WEIGHT_HH, HYPER_BIAS, Z_WEIGHT, Z_BIAS,
-                         BIAS_Z_WEIGHT, SCALE_WEIGHT, BIAS_SCALE_WEIGHT};
-  bool cacheable = true;
-  for (int i : sources) cacheable = cacheable && (decode || !p[i].requires_grad()) && !p[i].is_inference();
-  if (!cacheable) return std::make_shared<const Transposed>(p, s);
-  std::vector<int64_t> key = {s.X, s.H, s.Hh, s.Nz, int64_t(p[0].scalar_type()), int64_t(p[0].device().type()),
-                              int64_t(p[0].device().index()), reinterpret_cast<int64_t>(stream), decode,
-                              P.low ? int64_t(*P.low) : -1};
-  for (int i : sources) {
-    key.push_back(reinterpret_cast<int64_t>(p[i].data_ptr()));
-    key.push_back(int64_t(p[i]._version()));
-  }
-  struct Entry {
-    std::vector<int64_t> key;
-    std::vector<at::Tensor> sources;
-    std::shared_ptr<const Transposed> value;
-  };
-  static std::mutex mutex;
-  static std::list<Entry> cache;  // most recent first
-  constexpr size_t kEntries = 8;
-  std::lock_guard<std::mutex> lock(mutex);
-  for (auto it = cache.begin(); it != cache.end(); ++it)
-    if (it->key == key) {
-      cache.splice(cache.begin(), cache, it);
-      return cache.front().value;
-    }
-  Entry e{key, {}, std::make_shared<const Transposed>(p, s, /*kept=*/true, decode, P)};
-  for (int i : sources) e.sources.push_back(p[i]);
-  cache.push_front(std::move(e));
-  if (cache.size() > kEntries) cache.pop_back();
-  return cache.front().value;
-}
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 StepParams step_params(at::TensorList p, const Transposed& tr) {
   return StepParams{p[BIAS].data_ptr(),           p[Z_WEIGHT].data_ptr(),         p[Z_BIAS].data_ptr(),
@@ -173,7 +168,7 @@ StepParams step_params(at::TensorList p, const Transposed& tr) {
                     p[LN_WEIGHT].data_ptr(),      p[LN_BIAS].data_ptr(),          p[LN_CELL_WEIGHT].data_ptr(),
                     p[LN_CELL_BIAS].data_ptr(),   p[HYPER_LN_WEIGHT].data_ptr(),  p[HYPER_LN_BIAS].data_ptr(),
                     p[HYPER_LN_CELL_WEIGHT].data_ptr(), p[HYPER_LN_CELL_BIAS].data_ptr(),
-                    tr.z_weight_t.data_ptr(),     tr.scale_weight_t.data_ptr()};
+                    data_or_null(tr.z_weight_t),  tr.scale_weight_t.data_ptr()};
 }
 
 ScalarKind kind_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32; }
@@ -283,28 +278,36 @@ bool sums_in_kernel(const StepKernels& k) {
   return k.accumulates && !(v && *v && std::string(v) != "0");
 }
 
-// The forward's work for one step once a ForwardStep holds its pointers: the two recurrent GEMMs (into g_t
-// and ghh), then the step kernel, or the GEMM-shaped step's phases around the projections.
+// The forward's work for one step once a ForwardStep holds its pointers: the recurrent GEMMs (into g_t and
+// ghh), then the step kernel, or the GEMM-shaped step's phases around the projections.
 struct ForwardStepper {
   const StepKernels& k;
   const Transposed& tr;
-  const StepGemm &rec, &hyper;
+  // rec: [W_h ; Ŵ_x,h] h_{t-1} into all of g_t, or with rec_hyper, W_h h_{t-1} and Ŵ_x,h h_{t-1} into its parts
+  const StepGemm &rec, *rec_hyper, &hyper;
   const Dims dims;
-  const bool split = gemm_shaped(k);
+  const bool split;
   const LaunchShape shape;
   const int64_t z_slot = WsLayout(dims).z;
   at::Tensor ghh;    // (B, 4Ĥ) Ŵ_h ĥ_{t-1}, the step's scratch
   at::Tensor d_all;  // the GEMM-shaped step's scaling vectors, (12, B, H)
 
-  ForwardStepper(const StepKernels& k, const Transposed& tr, const StepGemm& rec, const StepGemm& hyper,
-                 const Dims& dims, const at::TensorOptions& opts)
-      : k(k), tr(tr), rec(rec), hyper(hyper), dims(dims), ghh(at::empty({dims.B, 4 * dims.Hh}, opts)),
+  ForwardStepper(const StepKernels& k, const Transposed& tr, bool split, const StepGemm& rec,
+                 const StepGemm* rec_hyper, const StepGemm& hyper, const Dims& dims, const at::TensorOptions& opts)
+      : k(k), tr(tr), rec(rec), rec_hyper(rec_hyper), hyper(hyper), dims(dims), split(split),
+        ghh(at::empty({dims.B, 4 * dims.Hh}, opts)),
         d_all(split ? at::empty({12, dims.B, dims.H}, opts) : at::Tensor()) {}
 
   // g_t (B, 4H+4Ĥ) and ws_t (B, WsLayout.width) are st.g and st.ws; hh_t (B, Ĥ) is st.hh.
   void run(ForwardStep& st, at::Tensor g_t, const at::Tensor& h_prev, const at::Tensor& hh_prev,
            const at::Tensor& hh_t, const at::Tensor& ws_t) {
-    rec.run(g_t, h_prev);
+    if (rec_hyper) {
+      auto main = g_t.narrow(1, 0, 4 * dims.H), hyper_x = g_t.narrow(1, 4 * dims.H, 4 * dims.Hh);
+      rec.run(main, h_prev);
+      rec_hyper->run(hyper_x, h_prev);
+    } else {
+      rec.run(g_t, h_prev);
+    }
     hyper.run(ghh, hh_prev);
     st.ghh = ghh.data_ptr();
     shape.apply(st);
@@ -345,16 +348,17 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const auto gx = input_gemm(P, x2, p[WEIGHT_IH].t(), opts).view({T, B, 4 * H});
   const auto ghx =
       input_gemm(P, x2, p[HYPER_WEIGHT_IH].narrow(1, 0, X).t(), opts, p[HYPER_BIAS]).view({T, B, 4 * Hh});
-  const auto tr = prepared(p, s, k.stream(), /*decode=*/false, P);
+  const bool split = gemm_shaped(k);
+  const Transposed tr(p, s, Use::Forward, split);
   auto hs = pooled_empty({T, B, H}, opts), cs = pooled_empty({T, B, H}, opts);
   auto hhs = pooled_empty({T, B, Hh}, opts), hcs = pooled_empty({T, B, Hh}, opts);
   const int64_t kept = save_for_backward ? T : 1;  // steps of g and ws held at once
   auto g = pooled_empty({kept, B, dims.g_width()}, opts);
   auto ws = pooled_empty({kept, B, WsLayout(dims).width}, opts);
-  const StepParams sp = step_params(p, *tr);
-  std::optional<StepGemm> own_rec, own_hyper;  // the recurrent GEMMs, unless the prepared copies hold them
-  if (!tr->rec) tr->recurrent_gemms(p, P, T, own_rec, own_hyper);
-  ForwardStepper stepper(k, *tr, tr->rec ? *tr->rec : *own_rec, tr->hyper ? *tr->hyper : *own_hyper, dims, opts);
+  const StepParams sp = step_params(p, tr);
+  // [W_h ; Ŵ_x,h] h_{t-1} (w_rec transposed, (H, 4H+4Ĥ)) and Ŵ_h ĥ_{t-1}, each run T times
+  const StepGemm rec(tr.w_rec.t(), at::Tensor(), P, T), hyper(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P, T);
+  ForwardStepper stepper(k, tr, split, rec, nullptr, hyper, dims, opts);
   // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
   const auto hs_t = hs.unbind(0), hhs_t = hhs.unbind(0), g_t = g.unbind(0), ws_t = ws.unbind(0);
   const Steps Hs(hs), Cs(cs), HHs(hhs), HCs(hcs), Gx(gx), GHx(ghx);
@@ -388,19 +392,20 @@ StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Ten
   const NoAutocast no_autocast;
   const Dims dims = s.dims();
   const int64_t B = s.B, H = s.H, Hh = s.Hh;
-  const auto tr = prepared(p, s, k.stream(), /*decode=*/true);
+  const bool split = gemm_shaped(k);
+  const Transposed tr(p, s, Use::Decode, split);
   const auto opts = x.options();
   auto gx = at::empty({B, 4 * H}, opts), ghx = at::empty({B, 4 * Hh}, opts);
   auto g = at::empty({B, dims.g_width()}, opts), ws = at::empty({B, WsLayout(dims).width}, opts);
   auto h1 = at::empty({B, H}, opts), c1 = at::empty({B, H}, opts);
   auto hh1 = at::empty({B, Hh}, opts), hc1 = at::empty({B, Hh}, opts);
-  tr->input->run(gx, x);
-  tr->hyper_input->run(ghx, x);
-  ForwardStep st{dims, kind_of(x), layer_norm, forget_bias, step_params(p, *tr),
+  tr.input->run(gx, x);
+  tr.hyper_input->run(ghx, x);
+  ForwardStep st{dims, kind_of(x), layer_norm, forget_bias, step_params(p, tr),
                  g.data_ptr(), nullptr, gx.data_ptr(), ghx.data_ptr(), c.data_ptr(), hc.data_ptr(),
                  nullptr, nullptr, nullptr, nullptr, h.data_ptr(), hh.data_ptr(),
                  h1.data_ptr(), c1.data_ptr(), hh1.data_ptr(), hc1.data_ptr(), ws.data_ptr(), k.stream()};
-  ForwardStepper(k, *tr, *tr->rec, *tr->hyper, dims, opts).run(st, g, h, hh, hh1, ws);
+  ForwardStepper(k, tr, split, *tr.rec, &*tr.rec_hyper, *tr.hyper, dims, opts).run(st, g, h, hh, hh1, ws);
   return {h1, c1, hh1, hc1};
 }
 
@@ -449,7 +454,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const bool hzone = hyper_zoneout_mask.has_value() && hyper_zoneout_mask->defined();
   auto dh_zone = zone ? at::empty({B, H}, opts) : at::Tensor();
   auto dhh_zone = hzone ? at::empty({B, Hh}, opts) : at::Tensor();
-  const Transposed tr(p, s);
+  const Transposed tr(p, s, Use::Backward, split);
   const StepParams sp = step_params(p, tr);
   // (4H+4Ĥ, H), (4Ĥ, Ĥ): the transposed products
   const StepGemm rec(tr.w_rec, {}, P, T), hyper(p[HYPER_WEIGHT_HH], {}, P, T);

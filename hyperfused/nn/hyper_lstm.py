@@ -14,6 +14,7 @@ from ..reference import PARAM_NAMES
 _BIAS_PARAMS = ("bias_z_weight", "bias_scale_weight")
 # A cell's parameters and constant buffers, by name: PARAM_NAMES with b_0 as nn.LSTMCell's bias_ih + bias_hh.
 CELL_PARAM_NAMES = PARAM_NAMES[:2] + ("bias_ih", "bias_hh") + PARAM_NAMES[3:]
+_BIAS_INDEX = PARAM_NAMES.index("bias")  # b_0's place in the ops' parameter list
 
 
 def _upgrade_bias(state_dict, old_key: str, new_prefix: str, suffix: str, has_bias: bool) -> None:
@@ -233,25 +234,25 @@ class HyperLSTMCell(nn.Module):
         return known[key]
 
     def _decode_params(self) -> list:
-        # Detached views share their parameter's storage and version counter, so an in-place update (an
-        # optimizer step, load_state_dict) shows through them; the op's own cache of prepared weights sees it
-        # by the version. What the list must follow is a parameter's storage changing (module.to(), .data =)
-        # and b_0 = bias_ih + bias_hh, which is computed here: those are the key. A float16/bfloat16 cell
-        # steps in float32 (the op's dtypes) from float32 copies, which follow nothing: every version is key.
+        # Detached views share their parameter's storage, so they see every change of its values however it is
+        # made: an optimizer step, load_state_dict, or an in-place change through .data, which no version
+        # counter records. What the list must follow is a parameter's storage changing (module.to(), .data =):
+        # that is the key. b_0 = bias_ih + bias_hh is derived, so it is summed again on every call, and a
+        # float16/bfloat16 cell steps in float32 from float32 copies made on every call: a kept copy could not
+        # tell that its source changed.
+        if self.weight_ih.dtype not in (torch.float32, torch.float64):
+            return [p.detach().float().contiguous() for p in self.flat_params()]
         tensors = [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
         key = [t.data_ptr() for t in tensors]
-        half = self.weight_ih.dtype not in (torch.float32, torch.float64)
-        if half:
-            key += [t._version for t in tensors]
-        elif self.use_bias:
-            key += (self.bias_ih._version, self.bias_hh._version)
         cached = self.__dict__.get("_decode_cache")
         if cached is None or cached[0] != key:
-            params = [p.detach().float() if half else p.detach() for p in self.flat_params()]
+            params = [p.detach() for p in self.flat_params()]
             if not all(p.is_contiguous() for p in params):  # a copy would not follow in-place updates
                 return [p.contiguous() for p in params]
             cached = (key, params)
             self.__dict__["_decode_cache"] = cached
+        elif self.use_bias:
+            torch.add(self.bias_ih.detach(), self.bias_hh.detach(), out=cached[1][_BIAS_INDEX])
         return cached[1]
 
     def _decode_step(self, x: torch.Tensor, hx: "HyperLSTMState") -> "HyperLSTMState":
