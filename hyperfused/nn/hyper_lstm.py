@@ -215,7 +215,7 @@ class HyperLSTMCell(nn.Module):
     # -- decoding: one step at a time without gradients ----------------------------------------------------------
     # Sampling from a trained model steps the cell with the state it returned, under no_grad. Most of such a
     # step's cost was bookkeeping around a small amount of arithmetic, so this path does only what that case
-    # needs: the prepared weight list is reused while no parameter changed (version counters and storage), and
+    # needs: the list of the parameters' detached views is reused while their storage stays (b_0 summed anew), and
     # the single-step op (hyperfused::hyper_lstm_step: (B, ·) in and out, nothing saved) is called below
     # autograd (nothing to record).
 

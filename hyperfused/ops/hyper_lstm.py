@@ -72,12 +72,8 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
             mask, hyper_mask, zoneout_mask, hyper_zoneout_mask = masks
         op = torch.ops.hyperfused.hyper_lstm_triton_forward if backend == "triton" else \
             torch.ops.hyperfused.hyper_lstm_forward
+        # When no gradient can be asked for, nothing is saved for a backward (g and ws become one step's scratch)
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, hh0, hc0, *params))
-        if not training:
-            # No gradient will be asked for: detached weights let the op keep its prepared copies of them
-            # across calls (csrc/hyper_lstm.cpp, `prepared`), which is most of a decode step's cost; and
-            # nothing is saved for a backward (g and ws become one step's scratch).
-            params = [p.detach() for p in params]
         outs = op(
             x.contiguous(), h0.contiguous(), c0.contiguous(), hh0.contiguous(), hc0.contiguous(),
             [p.contiguous() for p in params], mask, hyper_mask, layer_norm, float(forget_bias), zoneout_mask,
