@@ -92,19 +92,23 @@ at::Tensor pooled_rows(const at::Tensor& a, const at::Tensor& b) {
   return at::cat_out(out, {a, b}, 0);
 }
 
-// [a ; b]ᵀ for row-major a (m, n) and b (k, n): (n, m + k). On the CPU one pass over the sources (ATen's
-// cat, then a strided copy of the transposed view, took ~3x as long, which a decode step pays on every call).
+// dst[j·ld + i] = src[i·cols + j] for a row-major (rows, cols) src: its transpose, into rows of ld values. One
+// pass with contiguous writes (the source's columns come from cache); on the CPU ATen's cat and then a strided
+// copy of the transposed view took ~3x as long, which a decode step pays on every call.
+template <typename T>
+void transpose_into(const T* __restrict src, int64_t rows, int64_t cols, T* __restrict dst, int64_t ld) {
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t i = 0; i < rows; ++i) dst[j * ld + i] = src[i * cols + j];
+}
+
+// [a ; b]ᵀ for row-major a (m, n) and b (k, n): (n, m + k).
 at::Tensor rows_transposed(const at::Tensor& a, const at::Tensor& b) {
   if (!a.is_cpu()) return at::cat({a, b}, 0).t().contiguous();
   const int64_t m = a.size(0), k = b.size(0), n = a.size(1);
   auto out = at::empty({n, m + k}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rows_transposed", [&] {
-    scalar_t* __restrict o = out.data_ptr<scalar_t>();
-    const scalar_t *pa = a.data_ptr<scalar_t>(), *pb = b.data_ptr<scalar_t>();
-    for (int64_t j = 0; j < n; ++j) {  // contiguous writes; the sources' columns come from cache
-      for (int64_t i = 0; i < m; ++i) o[j * (m + k) + i] = pa[i * n + j];
-      for (int64_t i = 0; i < k; ++i) o[j * (m + k) + m + i] = pb[i * n + j];
-    }
+    transpose_into(a.data_ptr<scalar_t>(), m, n, out.data_ptr<scalar_t>(), m + k);
+    transpose_into(b.data_ptr<scalar_t>(), k, n, out.data_ptr<scalar_t>() + m, m + k);
   });
   return out;
 }
@@ -116,12 +120,9 @@ at::Tensor scale_weight_transposed(const at::Tensor& sw, const at::Tensor& bsw, 
     return at::cat({sw, bsw.unsqueeze(0)}, 0).view({3, 4, H, Nz}).transpose(2, 3).contiguous();
   auto out = at::empty({3, 4, Nz, H}, sw.options());
   AT_DISPATCH_FLOATING_TYPES(sw.scalar_type(), "scale_weight_transposed", [&] {
-    scalar_t* __restrict o = out.data_ptr<scalar_t>();
     for (int64_t q = 0; q < 12; ++q) {
-      const scalar_t* __restrict w = (q < 8 ? sw.data_ptr<scalar_t>() + q * H * Nz : bsw.data_ptr<scalar_t>() + (q - 8) * H * Nz);
-      scalar_t* __restrict dst = o + q * Nz * H;
-      for (int64_t n = 0; n < Nz; ++n)  // contiguous writes; the (H, N_z) block comes from cache
-        for (int64_t r = 0; r < H; ++r) dst[n * H + r] = w[r * Nz + n];
+      const scalar_t* w = q < 8 ? sw.data_ptr<scalar_t>() + q * H * Nz : bsw.data_ptr<scalar_t>() + (q - 8) * H * Nz;
+      transpose_into(w, H, Nz, out.data_ptr<scalar_t>() + q * Nz * H, H);
     }
   });
   return out;
@@ -144,13 +145,13 @@ struct Transposed {
   // themselves: W_h h and Ŵ_x,h h (two products, no concatenated copy), Ŵ_h ĥ, W_x x, Ŵ_x[:, :X] x + b̂.
   std::optional<StepGemm> input, hyper_input, rec, rec_hyper, hyper;
   Transposed(at::TensorList p, const Sizes& s, Use use, bool split) {
-    const auto scale_cat = [&] { return at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0); };
     if (use != Use::Backward || split) z_weight_t = rows_transposed(p[Z_WEIGHT], p[BIAS_Z_WEIGHT]);
     scale_weight_t = scale_weight_transposed(p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT], s.H, s.Nz);
     if (use != Use::Decode) w_rec = pooled_rows(p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H));
     if (split && use != Use::Backward)
       z_bias_full = at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())});
-    if (split && use == Use::Backward) scale_rows = scale_cat().view({12, s.H, s.Nz});
+    if (split && use == Use::Backward)
+      scale_rows = at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0).view({12, s.H, s.Nz});
     if (use != Use::Decode) return;
     rec.emplace(p[WEIGHT_HH].t(), at::Tensor(), GemmPrecision{}, 1);
     rec_hyper.emplace(p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H).t(), at::Tensor(), GemmPrecision{}, 1);

@@ -7,8 +7,8 @@ The emulated GPU's multiprocessor count picks the launch as on a real one (an sm
 clusters): with 132 multiprocessors these batches get four thread groups (the gate layer norms side by side,
 1024 threads per block), and the GEMM-shaped step's main cell a cluster of blocks per row at H = 300 and 1000
 (2 and 4 blocks of 1024 threads); with one multiprocessor they get one group of 256 threads (the gates in
-turn); "sm80" emulates a GPU without clusters (one block per row). "reverse" runs the blocks of a cluster, the warps of a block and the threads of a warp in descending
-order, so that a read which needs a barrier before it sees stale data whichever thread wrote it (a missing
+turn); "sm80" emulates a GPU without clusters (one block per row). "reverse" runs the blocks of a cluster,
+the warps of a block and the threads of a warp in descending order, so that a read which needs a barrier before it sees stale data whichever thread wrote it (a missing
 barrier after the pre-activations, or after the generation kernel loads z, was checked to fail here; so was
 removing any of the sums' barriers in csrc/simt_sum.h, or summing a cluster's blocks from the wrong rank). Threads that
 pass different numbers of barriers are an error of the emulator's own (a group that skips a gate's layer norm
