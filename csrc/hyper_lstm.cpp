@@ -132,26 +132,25 @@ at::Tensor scale_weight_transposed(const at::Tensor& sw, const at::Tensor& bsw, 
 // step is GEMM-shaped (StepPhase), whose GEMMs read some of them.
 enum class Use { Forward, Backward, Decode };
 
-// Owns the transposed weight copies that StepParams points into, and the recurrent weight [W_h ; Ŵ_x[:, X:]]
-// (4H+4Ĥ, H) as one contiguous block, each made only where the call uses it. Made on every call, never kept
-// across calls: a kept copy is only as current as what tells it that its source changed, and an in-place
-// change through a parameter's .data (manual SGD, EMA and clipping code do this) bumps no version counter, so
-// a kept copy would silently give the previous weights' results.
+// Owns the transposed weight copies that the one-kernel step (StepPhase::Whole) reads through StepParams, and
+// the recurrent weight [W_h ; Ŵ_x[:, X:]] (4H+4Ĥ, H) as one contiguous block, each made only where the call
+// uses it; the GEMM-shaped step's projections run on the parameters themselves (ScaleGemms) and need no copy.
+// Made on every call, never kept across calls: a kept copy is only as current as what tells it that its source
+// changed, and an in-place change through a parameter's .data (manual SGD, EMA and clipping code do this)
+// bumps no version counter, so a kept copy would silently give the previous weights' results.
 struct Transposed {
   // z_weight_t: [z_weight ; bias_z_weight]ᵀ (Ĥ, 12N_z); scale_weight_t: [scale_weight ; bias_scale_weight]
-  // as (3, 4, N_z, H); z_bias_full: [z_bias ; 0] (12N_z); scale_rows: the scaling weights as (12, H, N_z).
-  at::Tensor z_weight_t, scale_weight_t, w_rec, z_bias_full, scale_rows;
+  // as (3, 4, N_z, H).
+  at::Tensor z_weight_t, scale_weight_t, w_rec;
   // The decode step's GEMMs, each run once (so that a StepGemm does not pack its weight), all on the parameters
   // themselves: W_h h and Ŵ_x,h h (two products, no concatenated copy), Ŵ_h ĥ, W_x x, Ŵ_x[:, :X] x + b̂.
   std::optional<StepGemm> input, hyper_input, rec, rec_hyper, hyper;
   Transposed(at::TensorList p, const Sizes& s, Use use, bool split) {
-    if (use != Use::Backward || split) z_weight_t = rows_transposed(p[Z_WEIGHT], p[BIAS_Z_WEIGHT]);
-    scale_weight_t = scale_weight_transposed(p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT], s.H, s.Nz);
+    if (!split) {
+      if (use != Use::Backward) z_weight_t = rows_transposed(p[Z_WEIGHT], p[BIAS_Z_WEIGHT]);
+      scale_weight_t = scale_weight_transposed(p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT], s.H, s.Nz);
+    }
     if (use != Use::Decode) w_rec = pooled_rows(p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H));
-    if (split && use != Use::Backward)
-      z_bias_full = at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())});
-    if (split && use == Use::Backward)
-      scale_rows = at::cat({p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT].unsqueeze(0)}, 0).view({12, s.H, s.Nz});
     if (use != Use::Decode) return;
     rec.emplace(p[WEIGHT_HH].t(), at::Tensor(), GemmPrecision{}, 1);
     rec_hyper.emplace(p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H).t(), at::Tensor(), GemmPrecision{}, 1);
@@ -159,6 +158,74 @@ struct Transposed {
     input.emplace(p[WEIGHT_IH].t(), at::Tensor(), GemmPrecision{}, 1);
     hyper_input.emplace(p[HYPER_WEIGHT_IH].narrow(1, 0, s.X).t(), p[HYPER_BIAS], GemmPrecision{}, 1);
   }
+};
+
+// The GEMM-shaped step's projections, their weights in the parameters' own layouts (a BLAS reads the
+// transposes it needs in place). Over several steps the kinds' weights are concatenated once per call, so that
+// each projection is one GEMM per step; a single step (decoding) runs them on the parameters themselves, two
+// GEMMs each (kinds h and x from z_weight and scale_weight, kind b from bias_z_weight and bias_scale_weight),
+// since a copy costs more than a step's second GEMM there. z and dz (B, 12N_z) hold the (kind, gate) blocks in
+// that order; d and dd are (12, B, H), kind-major.
+class ScaleGemms {
+ public:
+  ScaleGemms(at::TensorList p, const Sizes& s) : Nz_(s.Nz) {
+    const auto sw = p[SCALE_WEIGHT].view({8, s.H, s.Nz}), bsw = p[BIAS_SCALE_WEIGHT].view({4, s.H, s.Nz});
+    if (s.T == 1) {
+      parts_ = {{0, 8, p[Z_WEIGHT], p[Z_BIAS], sw}, {8, 4, p[BIAS_Z_WEIGHT], at::Tensor(), bsw}};
+      return;
+    }
+    const auto zb = at::cat({p[Z_BIAS], at::zeros({4 * s.Nz}, p[Z_BIAS].options())});
+    parts_ = {{0, 12, at::cat({p[Z_WEIGHT], p[BIAS_Z_WEIGHT]}), zb, at::cat({sw, bsw})}};
+  }
+  // z = [z_bias ; 0] + ĥ·[z_weight ; bias_z_weight]ᵀ, into z (a (B, 12N_z) view with unit column stride)
+  void embeddings(const at::Tensor& z, const at::Tensor& hh) const {
+    for (const Part& q : parts_) {
+      auto out = z.narrow(1, q.first * Nz_, q.count * Nz_);
+      if (q.zb.defined())
+        at::addmm_out(out, q.zb, hh, q.zw.t());
+      else
+        at::mm_out(out, hh, q.zw.t());
+    }
+  }
+  // d = z_kz·W_kzᵀ for the first `blocks` (kind, gate) blocks (12, or 4 for the backward's d_h), into d
+  // (blocks, B, H) from z (B, ≥ blocks·N_z)
+  void scales(const at::Tensor& d, const at::Tensor& z, int64_t blocks = 12) const {
+    const int64_t B = z.size(0);
+    for (const Part& q : parts_) {
+      const int64_t n = std::min(q.count, blocks - q.first);
+      if (n <= 0) continue;
+      auto out = d.narrow(0, q.first, n);
+      at::bmm_out(out, z.narrow(1, q.first * Nz_, n * Nz_).view({B, n, Nz_}).transpose(0, 1),
+                  q.sw.narrow(0, 0, n).transpose(1, 2));
+    }
+  }
+  // dz = dd·W_kz per (kind, gate), into dz (12, B, N_z) from dd (12, B, H)
+  void scale_grads(const at::Tensor& dz, const at::Tensor& dd) const {
+    for (const Part& q : parts_) {
+      auto out = dz.narrow(0, q.first, q.count);
+      at::bmm_out(out, dd.narrow(0, q.first, q.count), q.sw);
+    }
+  }
+  // dĥ's share dz·[z_weight ; bias_z_weight], into out (B, Ĥ), from dz (B, 12N_z)
+  void embedding_grads(at::Tensor& out, const at::Tensor& dz) const {
+    for (size_t i = 0; i < parts_.size(); ++i) {
+      const Part& q = parts_[i];
+      const auto dzq = dz.narrow(1, q.first * Nz_, q.count * Nz_);
+      if (i == 0)
+        at::mm_out(out, dzq, q.zw);
+      else
+        out.addmm_(dzq, q.zw);
+    }
+  }
+
+ private:
+  struct Part {
+    int64_t first, count;  // the (kind, gate) blocks it holds
+    at::Tensor zw, zb;     // (count·N_z, Ĥ), (count·N_z) or undefined
+    at::Tensor sw;         // (count, H, N_z)
+  };
+  int64_t Nz_;
+  std::vector<Part> parts_;
 };
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
@@ -169,7 +236,7 @@ StepParams step_params(at::TensorList p, const Transposed& tr) {
                     p[LN_WEIGHT].data_ptr(),      p[LN_BIAS].data_ptr(),          p[LN_CELL_WEIGHT].data_ptr(),
                     p[LN_CELL_BIAS].data_ptr(),   p[HYPER_LN_WEIGHT].data_ptr(),  p[HYPER_LN_BIAS].data_ptr(),
                     p[HYPER_LN_CELL_WEIGHT].data_ptr(), p[HYPER_LN_CELL_BIAS].data_ptr(),
-                    data_or_null(tr.z_weight_t),  tr.scale_weight_t.data_ptr()};
+                    data_or_null(tr.z_weight_t),  data_or_null(tr.scale_weight_t)};
 }
 
 ScalarKind kind_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32; }
@@ -237,10 +304,13 @@ at::Tensor input_gemm(const GemmPrecision& P, const at::Tensor& x2, const at::Te
   return bias.defined() ? out.add_(bias) : out;
 }
 
-// Whether this call runs the GEMM-shaped step (StepPhase): the device's default, or HYPERFUSED_STEP_DESIGN.
-bool gemm_shaped(const StepKernels& k) {
+// Whether this call runs the GEMM-shaped step (StepPhase): HYPERFUSED_STEP_DESIGN, or else the device's
+// default for sequences, and for a decode step the GEMM-shaped one on every device: its projections then run on
+// the parameters themselves (ScaleGemms), where the one-kernel step needs transposed copies made per call,
+// which on the CPU cost more than the GEMMs save (30% of a step at B = 1, H = 256).
+bool gemm_shaped(const StepKernels& k, bool decode = false) {
   const char* v = std::getenv("HYPERFUSED_STEP_DESIGN");
-  if (!v || !*v) return k.gemm_shaped_forward;
+  if (!v || !*v) return decode || k.gemm_shaped_forward;
   TORCH_CHECK(std::string(v) == "gemm" || std::string(v) == "fused",
               "hyperfused: HYPERFUSED_STEP_DESIGN must be 'gemm', 'fused' or unset, got '", v, "'");
   return std::string(v) == "gemm";
@@ -283,7 +353,7 @@ bool sums_in_kernel(const StepKernels& k) {
 // ghh), then the step kernel, or the GEMM-shaped step's phases around the projections.
 struct ForwardStepper {
   const StepKernels& k;
-  const Transposed& tr;
+  const ScaleGemms& proj;
   // rec: [W_h ; Ŵ_x,h] h_{t-1} into all of g_t, or with rec_hyper, W_h h_{t-1} and Ŵ_x,h h_{t-1} into its parts
   const StepGemm &rec, *rec_hyper, &hyper;
   const Dims dims;
@@ -293,9 +363,9 @@ struct ForwardStepper {
   at::Tensor ghh;    // (B, 4Ĥ) Ŵ_h ĥ_{t-1}, the step's scratch
   at::Tensor d_all;  // the GEMM-shaped step's scaling vectors, (12, B, H)
 
-  ForwardStepper(const StepKernels& k, const Transposed& tr, bool split, const StepGemm& rec,
+  ForwardStepper(const StepKernels& k, const ScaleGemms& proj, bool split, const StepGemm& rec,
                  const StepGemm* rec_hyper, const StepGemm& hyper, const Dims& dims, const at::TensorOptions& opts)
-      : k(k), tr(tr), rec(rec), rec_hyper(rec_hyper), hyper(hyper), dims(dims), split(split),
+      : k(k), proj(proj), rec(rec), rec_hyper(rec_hyper), hyper(hyper), dims(dims), split(split),
         ghh(at::empty({dims.B, 4 * dims.Hh}, opts)),
         d_all(split ? at::empty({12, dims.B, dims.H}, opts) : at::Tensor()) {}
 
@@ -320,10 +390,9 @@ struct ForwardStepper {
     k.forward(st);
     // z (B, 12N_z), written into the workspace's z slot (the backward reads it there), then d = z·W_kz per
     // (kind, gate): each weight read once for all B rows.
-    const int64_t B = dims.B, Nz = dims.Nz;
-    auto z = ws_t.narrow(1, z_slot, 12 * Nz);
-    at::addmm_out(z, tr.z_bias_full, hh_t, tr.z_weight_t);
-    at::bmm_out(d_all, z.view({B, 12, Nz}).transpose(0, 1), tr.scale_weight_t.view({12, Nz, dims.H}));
+    auto z = ws_t.narrow(1, z_slot, 12 * dims.Nz);
+    proj.embeddings(z, hh_t);
+    proj.scales(d_all, z);
     st.phase = StepPhase::Main;
     st.scale = d_all.data_ptr();
     k.forward(st);
@@ -359,7 +428,8 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const StepParams sp = step_params(p, tr);
   // [W_h ; Ŵ_x,h] h_{t-1} (w_rec transposed, (H, 4H+4Ĥ)) and Ŵ_h ĥ_{t-1}, each run T times
   const StepGemm rec(tr.w_rec.t(), at::Tensor(), P, T), hyper(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P, T);
-  ForwardStepper stepper(k, tr, split, rec, nullptr, hyper, dims, opts);
+  const ScaleGemms proj(p, s);
+  ForwardStepper stepper(k, proj, split, rec, nullptr, hyper, dims, opts);
   // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
   const auto hs_t = hs.unbind(0), hhs_t = hhs.unbind(0), g_t = g.unbind(0), ws_t = ws.unbind(0);
   const Steps Hs(hs), Cs(cs), HHs(hhs), HCs(hcs), Gx(gx), GHx(ghx);
@@ -380,9 +450,8 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
 }
 
 // The sequence forward with T = 1 and nothing saved, minus what a decode step does not need: its per-call
-// views and reshapes cost as much as the step's GEMMs at B = 1, H = 256. The weights it prepares (the
-// copies and the four GEMMs' operands) are cached whatever requires_grad says, since this op records no
-// gradient.
+// views and reshapes cost as much as the step's GEMMs at B = 1, H = 256. All its GEMMs run on the parameters
+// themselves, with no copy made.
 StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
                         const at::Tensor& hh, const at::Tensor& hc, at::TensorList p, bool layer_norm,
                         double forget_bias) {
@@ -393,7 +462,7 @@ StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Ten
   const NoAutocast no_autocast;
   const Dims dims = s.dims();
   const int64_t B = s.B, H = s.H, Hh = s.Hh;
-  const bool split = gemm_shaped(k);
+  const bool split = gemm_shaped(k, /*decode=*/true);
   const Transposed tr(p, s, Use::Decode, split);
   const auto opts = x.options();
   auto gx = at::empty({B, 4 * H}, opts), ghx = at::empty({B, 4 * Hh}, opts);
@@ -406,7 +475,8 @@ StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Ten
                  g.data_ptr(), nullptr, gx.data_ptr(), ghx.data_ptr(), c.data_ptr(), hc.data_ptr(),
                  nullptr, nullptr, nullptr, nullptr, h.data_ptr(), hh.data_ptr(),
                  h1.data_ptr(), c1.data_ptr(), hh1.data_ptr(), hc1.data_ptr(), ws.data_ptr(), k.stream()};
-  ForwardStepper(k, tr, split, *tr.rec, &*tr.rec_hyper, *tr.hyper, dims, opts).run(st, g, h, hh, hh1, ws);
+  const ScaleGemms proj(p, s);
+  ForwardStepper(k, proj, split, *tr.rec, &*tr.rec_hyper, *tr.hyper, dims, opts).run(st, g, h, hh, hh1, ws);
   return {h1, c1, hh1, hc1};
 }
 
@@ -467,7 +537,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   auto dd_all = split ? at::empty({12, B, H}, opts) : at::Tensor();
   auto dz_all = split ? at::empty({12, B, Nz}, opts) : at::Tensor();
   auto dhh_extra = split ? at::empty({B, Hh}, opts) : at::Tensor();
-  const auto swt_h = tr.scale_weight_t.view({12, Nz, H}).narrow(0, 0, 4);
+  const ScaleGemms proj(p, s);
   // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
   const auto dg_t = dg.unbind(0), dg_hyper_t = dg.narrow(2, 4 * H, 4 * Hh).unbind(0);
   const auto ws_t = split ? ws.unbind(0) : std::vector<at::Tensor>();
@@ -489,14 +559,14 @@ std::vector<at::Tensor> hyper_lstm_backward(
     if (split) {
       // d_h from the saved z (kind h), then the main cell; dz = dd·W_z for all rows at once, into the backward
       // workspace; dĥ's share dz·Z; then the hyper cell.
-      at::bmm_out(dh_all, ws_t[t].narrow(1, L.z, 4 * Nz).view({B, 4, Nz}).transpose(0, 1), swt_h);
+      proj.scales(dh_all, ws_t[t].narrow(1, L.z, 4 * Nz), /*blocks=*/4);
       st.phase = StepPhase::Main;
       st.scale = dh_all.data_ptr();
       st.dd = dd_all.data_ptr();
       k.backward(st);
-      at::bmm_out(dz_all, dd_all, tr.scale_rows);
+      proj.scale_grads(dz_all, dd_all);
       dz_t[t].view({B, 12, Nz}).copy_(dz_all.transpose(0, 1));
-      at::mm_out(dhh_extra, dz_t[t], tr.z_weight_t.t());
+      proj.embedding_grads(dhh_extra, dz_t[t]);
       st.phase = StepPhase::Hyper;
       st.dhh_extra = dhh_extra.data_ptr();
     }

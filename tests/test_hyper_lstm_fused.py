@@ -92,12 +92,14 @@ def test_cpu_weight_gradient_sums_either_way(aten, layer_norm, dtype, monkeypatc
      for dtype in (torch.float64, torch.float32)]
     + [("triton", design, torch.float32) for design in ("fused", "gemm")]))
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
-def test_step_designs_match_the_reference(backend, design, dtype, layer_norm, monkeypatch):
+@pytest.mark.parametrize("T", [4, 1])
+def test_step_designs_match_the_reference(backend, design, dtype, layer_norm, T, monkeypatch):
     """The step as one kernel (the CPU's default), or GEMM-shaped (CUDA's and Triton's default: forward, the hyper cell,
     then z and the 12 scaling vectors as two GEMMs that read each weight once for all rows, then the main
     cell; backward, the main cell, then dz and dĥ as GEMMs, then the hyper cell): HYPERFUSED_STEP_DESIGN
-    picks it, and both agree with the reference, zoneout included."""
-    T, B, X, H, Hh, Nz = 4, 5, 6, 37, 20, 4
+    picks it, and both agree with the reference, zoneout included. With T = 1 the GEMM-shaped step's projections
+    run on the parameters themselves (two GEMMs each); with more steps, on copies concatenated once per call."""
+    B, X, H, Hh, Nz = 5, 6, 37, 20, 4
     device = device_for(backend)
     ref, fast = make_pair(backend, X, H, hyper_size=Hh, hyper_embed=Nz, layer_norm=layer_norm, dtype=dtype,
                           zoneout=0.2, hyper_zoneout=0.1)

@@ -611,7 +611,7 @@ def _forward(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_b
               for p in ((1, 2) if split else (0,))]
     if split:  # z and the 12 scaling vectors as GEMMs between the hyper and the main cell: weights read once
         zwt, zbias = torch.cat([zw, bzw]).T, torch.cat([zb, zb.new_zeros(4 * Nz)])
-        swt = torch.cat([sw, bsw[None]]).view(3, 4, H, Nz).transpose(2, 3).reshape(12, Nz, H)
+        swt = torch.cat([sw, bsw[None]]).view(12, H, Nz).transpose(1, 2)  # cuBLAS reads the transpose in place
         d = new(12, B, H)
         off_z = layouts.ws_layout(H, Hh, Nz)["z"]
         z_slot = _per_step(ws[:, :, off_z:off_z + 12 * Nz])
@@ -672,7 +672,7 @@ def _backward(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params,
     split = gemm_shaped()
     if split:  # d_h, dz and dĥ's share dz·Z as GEMMs between the main and the hyper cell: weights read once
         scale = torch.cat([sw, bsw[None]])  # (3, 4H, N_z)
-        swt_h = scale[0].view(4, H, Nz).transpose(1, 2).contiguous()
+        swt_h = scale[0].view(4, H, Nz).transpose(1, 2)
         scale_rows, zcat = scale.view(12, H, Nz), torch.cat([zw, bzw])
         dh_all, dd_all, dhh_extra = new(4, B, H), new(12, B, H), new(B, Hh)
         off_z, off_dz = layouts.ws_layout(H, Hh, Nz)["z"], layouts.dws_layout(H, Hh, Nz)["dz"]
