@@ -114,12 +114,14 @@ def test_opcheck_generate_kernels(family, device):
 
 @pytest.mark.parametrize("family, device", CPP_CASES, ids=lambda v: v)
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
-def test_opcheck_hyper_lstm_step(family, device, layer_norm):
-    """The decoding step: opcheck, and bit for bit the sequence op's T = 1 forward."""
+def test_opcheck_hyper_lstm_step(family, device, layer_norm, monkeypatch):
+    """The decoding step: opcheck, and bit for bit the sequence op's T = 1 forward in the step design a decode
+    step runs (GEMM-shaped)."""
     _skip_unless_built("cpp")
     args = _lstm_args(device, layer_norm, False, torch.float64)
     step = [args[0][0].detach(), *(a.detach() for a in args[1:5]), [p.detach() for p in args[5]], layer_norm, 1.0]
     torch.library.opcheck(ops.hyper_lstm_step, step)
+    monkeypatch.setenv("HYPERFUSED_STEP_DESIGN", "gemm")
     seq = ops.hyper_lstm_forward(step[0][None], *step[1:6], None, None, layer_norm, 1.0)
     for a, b in zip(ops.hyper_lstm_step(*step), seq[:4]):
         assert torch.equal(a, b[0])
