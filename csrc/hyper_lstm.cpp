@@ -20,6 +20,7 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 namespace hyperfused {
@@ -657,6 +658,115 @@ std::vector<at::Tensor> hyper_lstm_backward(
   gp[Z_BIAS] = dz.narrow(1, 0, 8 * Nz).sum(0);
   gp[BIAS_Z_WEIGHT] = dz.narrow(1, 8 * Nz, 4 * Nz).t().mm(hh_all);
   return grads;
+}
+
+namespace {
+
+// What besides the tensors fixes what a recorded op does: its flags, and the settings its body reads when it
+// runs (the environment's step design and launch shape, torch's GEMM precision).
+std::vector<int64_t> recorded_settings(const StepKernels& k, std::initializer_list<int64_t> flags) {
+  const LaunchShape shape;
+  const auto& ctx = at::globalContext();
+  std::vector<int64_t> v(flags);
+  v.insert(v.end(), {gemm_shaped(k), shape.groups, shape.cluster, sums_in_kernel(k), ctx.allowTF32CuBLAS(),
+                     static_cast<int64_t>(ctx.allowFP16ReductionCuBLAS()),
+                     static_cast<int64_t>(ctx.allowBF16ReductionCuBLAS())});
+  return v;
+}
+
+int64_t bits_of(double v) {
+  int64_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
+
+// The parameters a recording reads in place, keyed by address, and b_0 (bias), which it copies like an input:
+// the layer derives b_0 = bias_ih + bias_hh on every call, in memory at a new address each time.
+std::vector<at::Tensor> in_place_params(at::TensorList p) {
+  TORCH_CHECK(p.size() == NUM_PARAMS, "hyperfused::hyper_lstm: 'params' must hold ", int(NUM_PARAMS),
+              " tensors, got ", p.size());
+  std::vector<at::Tensor> kept(p.begin(), p.end());
+  kept.erase(kept.begin() + BIAS);
+  return kept;
+}
+std::vector<at::Tensor> with_bias(std::vector<at::Tensor> kept, const at::Tensor& bias) {
+  kept.insert(kept.begin() + BIAS, bias);
+  return kept;
+}
+
+int64_t dtype_or_none(const std::optional<at::ScalarType>& t) { return t ? static_cast<int64_t>(*t) : -1; }
+at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); }
+std::optional<at::Tensor> or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+}  // namespace
+
+ForwardOut hyper_lstm_forward_recorded(const StepKernels& k, const at::Tensor& x, const at::Tensor& h0,
+                                       const at::Tensor& c0, const at::Tensor& hh0, const at::Tensor& hc0,
+                                       at::TensorList p, const std::optional<at::Tensor>& mask,
+                                       const std::optional<at::Tensor>& hyper_mask, bool layer_norm,
+                                       double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
+                                       const std::optional<at::Tensor>& hyper_zoneout_mask, bool save_for_backward,
+                                       const std::optional<at::ScalarType>& gemm_dtype) {
+  const c10::DeviceGuard guard(x.device());  // the streams a recording is keyed by and captured on are x's device's
+  const StepKernels* kp = &k;
+  const auto kept = in_place_params(p);
+  const auto body = [kp, kept, layer_norm, forget_bias, save_for_backward, gemm_dtype](
+                        const std::vector<at::Tensor>& in) {
+    const auto [hs, cs, hhs, hcs, g, ws] =
+        hyper_lstm_forward(*kp, in[0], in[1], in[2], in[3], in[4], with_bias(kept, in[9]), or_none(in[5]),
+                           or_none(in[6]), layer_norm, forget_bias, or_none(in[7]), or_none(in[8]), save_for_backward,
+                           gemm_dtype);
+    return std::vector<at::Tensor>{hs, cs, hhs, hcs, g, ws};
+  };
+  const auto out = run_recorded(
+      *k.graphs, /*op=*/0,
+      {x, h0, c0, hh0, hc0, or_undefined(mask), or_undefined(hyper_mask), or_undefined(zoneout_mask),
+       or_undefined(hyper_zoneout_mask), p[BIAS]},
+      kept, recorded_settings(k, {layer_norm, bits_of(forget_bias), save_for_backward, dtype_or_none(gemm_dtype)}),
+      body);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+std::vector<at::Tensor> hyper_lstm_backward_recorded(
+    const StepKernels& k, const std::optional<at::Tensor>& grad_hs, const std::optional<at::Tensor>& grad_cs,
+    const std::optional<at::Tensor>& grad_hhs, const std::optional<at::Tensor>& grad_hcs, const at::Tensor& x,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList p,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask, const at::Tensor& hs,
+    const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
+    bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
+    const std::optional<at::Tensor>& hyper_zoneout_mask, const std::optional<at::ScalarType>& gemm_dtype) {
+  const c10::DeviceGuard guard(x.device());
+  const StepKernels* kp = &k;
+  const auto kept = in_place_params(p);
+  const auto body = [kp, kept, layer_norm, forget_bias, gemm_dtype](const std::vector<at::Tensor>& in) {
+    return hyper_lstm_backward(*kp, or_none(in[0]), or_none(in[1]), or_none(in[2]), or_none(in[3]), in[4], in[5],
+                               in[6], in[7], in[8], with_bias(kept, in[19]), or_none(in[9]), or_none(in[10]), in[11],
+                               in[12], in[13], in[14], in[15], in[16], layer_norm, forget_bias, or_none(in[17]),
+                               or_none(in[18]), gemm_dtype);
+  };
+  return run_recorded(*k.graphs, /*op=*/1,
+                      {or_undefined(grad_hs), or_undefined(grad_cs), or_undefined(grad_hhs), or_undefined(grad_hcs),
+                       x, h0, c0, hh0, hc0, or_undefined(mask), or_undefined(hyper_mask), hs, cs, hhs, hcs, g, ws,
+                       or_undefined(zoneout_mask), or_undefined(hyper_zoneout_mask), p[BIAS]},
+                      kept, recorded_settings(k, {layer_norm, bits_of(forget_bias), dtype_or_none(gemm_dtype)}), body);
+}
+
+StepOut hyper_lstm_step_recorded(const StepKernels& k, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                                 const at::Tensor& hh, const at::Tensor& hc, at::TensorList p, bool layer_norm,
+                                 double forget_bias) {
+  const c10::DeviceGuard guard(x.device());
+  const StepKernels* kp = &k;
+  const auto kept = in_place_params(p);
+  const auto body = [kp, kept, layer_norm, forget_bias](const std::vector<at::Tensor>& in) {
+    const auto [h1, c1, hh1, hc1] =
+        hyper_lstm_step(*kp, in[0], in[1], in[2], in[3], in[4], with_bias(kept, in[5]), layer_norm, forget_bias);
+    return std::vector<at::Tensor>{h1, c1, hh1, hc1};
+  };
+  const auto out = run_recorded(*k.graphs, /*op=*/2, {x, h, c, hh, hc, p[BIAS]}, kept,
+                                recorded_settings(k, {layer_norm, bits_of(forget_bias), gemm_shaped(k, true)}), body);
+  return {out[0], out[1], out[2], out[3]};
 }
 
 }  // namespace hyperfused

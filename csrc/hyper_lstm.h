@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "graphs.h"
 #include "hyper_lstm_kernels.h"
 
 namespace hyperfused {
@@ -22,6 +23,8 @@ struct StepKernels {
   // GEMM-shaped step (StepPhase: the projections as GEMMs that read each weight once per step between a
   // hyper-cell and a main-cell launch). HYPERFUSED_STEP_DESIGN=fused|gemm overrides it (the tests run both).
   bool gemm_shaped_forward;
+  // How the device records a whole op to replay it (graphs.h), or null: HYPERFUSED_CUDA_GRAPHS=1 asks for it.
+  const GraphBackend* graphs = nullptr;
 };
 
 using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -49,6 +52,28 @@ std::vector<at::Tensor> hyper_lstm_backward(
     bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
     const std::optional<at::Tensor>& hyper_zoneout_mask, const std::optional<at::ScalarType>& gemm_dtype);
 
+// hyper_lstm_forward, hyper_lstm_backward and hyper_lstm_step through the device's recordings (graphs.h:
+// run_recorded).
+ForwardOut hyper_lstm_forward_recorded(const StepKernels& k, const at::Tensor& x, const at::Tensor& h0,
+                                       const at::Tensor& c0, const at::Tensor& hh0, const at::Tensor& hc0,
+                                       at::TensorList params, const std::optional<at::Tensor>& mask,
+                                       const std::optional<at::Tensor>& hyper_mask, bool layer_norm,
+                                       double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
+                                       const std::optional<at::Tensor>& hyper_zoneout_mask, bool save_for_backward,
+                                       const std::optional<at::ScalarType>& gemm_dtype);
+std::vector<at::Tensor> hyper_lstm_backward_recorded(
+    const StepKernels& k, const std::optional<at::Tensor>& grad_hs, const std::optional<at::Tensor>& grad_cs,
+    const std::optional<at::Tensor>& grad_hhs, const std::optional<at::Tensor>& grad_hcs, const at::Tensor& x,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0, const at::Tensor& hc0, at::TensorList params,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& hyper_mask, const at::Tensor& hs,
+    const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
+    bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
+    const std::optional<at::Tensor>& hyper_zoneout_mask, const std::optional<at::ScalarType>& gemm_dtype);
+
+StepOut hyper_lstm_step_recorded(const StepKernels& k, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                                 const at::Tensor& hh, const at::Tensor& hc, at::TensorList params, bool layer_norm,
+                                 double forget_bias);
+
 // The op entry points for one device: a registration file binds forward_on<its_kernels> to a dispatch key,
 // its_kernels returning the device's StepKernels (the CPU's may change with HYPERFUSED_EMULATE_CUDA).
 template <const StepKernels& (*K)()>
@@ -57,14 +82,21 @@ ForwardOut forward_on(const at::Tensor& x, const at::Tensor& h0, const at::Tenso
                       const std::optional<at::Tensor>& hyper_mask, bool layer_norm, double forget_bias,
                       const std::optional<at::Tensor>& zoneout_mask, const std::optional<at::Tensor>& hyper_zoneout_mask,
                       bool save_for_backward, std::optional<at::ScalarType> gemm_dtype) {
-  return hyper_lstm_forward(K(), x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
+  const StepKernels& k = K();
+  if (k.graphs && graphs_requested())
+    return hyper_lstm_forward_recorded(k, x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias,
+                                       zoneout_mask, hyper_zoneout_mask, save_for_backward, gemm_dtype);
+  return hyper_lstm_forward(k, x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
                             hyper_zoneout_mask, save_for_backward, gemm_dtype);
 }
 
 template <const StepKernels& (*K)()>
 StepOut step_on(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const at::Tensor& hh,
                 const at::Tensor& hc, at::TensorList params, bool layer_norm, double forget_bias) {
-  return hyper_lstm_step(K(), x, h, c, hh, hc, params, layer_norm, forget_bias);
+  const StepKernels& k = K();
+  if (k.graphs && graphs_requested())
+    return hyper_lstm_step_recorded(k, x, h, c, hh, hc, params, layer_norm, forget_bias);
+  return hyper_lstm_step(k, x, h, c, hh, hc, params, layer_norm, forget_bias);
 }
 
 template <const StepKernels& (*K)()>
@@ -76,7 +108,12 @@ std::vector<at::Tensor> backward_on(
     const at::Tensor& cs, const at::Tensor& hhs, const at::Tensor& hcs, const at::Tensor& g, const at::Tensor& ws,
     bool layer_norm, double forget_bias, const std::optional<at::Tensor>& zoneout_mask,
     const std::optional<at::Tensor>& hyper_zoneout_mask, std::optional<at::ScalarType> gemm_dtype) {
-  return hyper_lstm_backward(K(), grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
+  const StepKernels& k = K();
+  if (k.graphs && graphs_requested())
+    return hyper_lstm_backward_recorded(k, grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask,
+                                        hyper_mask, hs, cs, hhs, hcs, g, ws, layer_norm, forget_bias, zoneout_mask,
+                                        hyper_zoneout_mask, gemm_dtype);
+  return hyper_lstm_backward(k, grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
                              hs, cs, hhs, hcs, g, ws, layer_norm, forget_bias, zoneout_mask, hyper_zoneout_mask,
                              gemm_dtype);
 }

@@ -49,6 +49,10 @@ static PyObject* emulator_probe(PyObject*, PyObject* args) {
   }
   return py_list(out, PyFloat_FromDouble);
 }
+static PyObject* recording_counts(PyObject*, PyObject*) {
+  const auto [recorded, replayed] = hyperfused::recording_counts();
+  return Py_BuildValue("(LL)", static_cast<long long>(recorded), static_cast<long long>(replayed));
+}
 #ifdef WITH_CUDA
 static PyObject* cuda_step_device(PyObject*, PyObject*) {
   int multiprocessors = 0;
@@ -64,6 +68,8 @@ static PyMethodDef methods[] = {
     {"_take_emulated_step_widths", take_emulated_step_widths, METH_NOARGS,
      "Tests: threads per row of each emulated CUDA step launch since the last call."},
     {"_emulator_probe", emulator_probe, METH_VARARGS, "Tests: the CUDA emulator's barriers and sums."},
+    {"_recording_counts", recording_counts, METH_NOARGS,
+     "Tests: (recordings made, replays run) of the sequence ops (HYPERFUSED_CUDA_GRAPHS)."},
 #ifdef WITH_CUDA
     {"_cuda_step_device", cuda_step_device, METH_NOARGS,
      "Tests: (multiprocessors, clusters) of the current CUDA device, as the step launches see them."},
@@ -81,10 +87,32 @@ namespace hyperfused {
 namespace {
 
 void* no_stream() { return nullptr; }
+
+// The emulated CUDA backend's recordings: a replay runs the body again and writes the outputs a CUDA graph would
+// write, in place; so the tests check the recordings' keys, input copies and output clones without a GPU.
+struct Rerun : Recording {
+  Body body;
+  std::vector<at::Tensor> outputs;
+  void replay() override {
+    const auto fresh = body();
+    for (size_t i = 0; i < outputs.size(); ++i)
+      if (outputs[i].defined()) outputs[i].copy_(fresh[i]);
+  }
+};
+bool never_capturing() { return false; }
+std::unique_ptr<Recording> rerun(const Body& body, std::vector<at::Tensor>& outputs) {
+  auto r = std::make_unique<Rerun>();
+  r->body = body;
+  outputs = body();
+  r->outputs = outputs;
+  return r;
+}
+const GraphBackend kEmulatedGraphs{&never_capturing, &rerun, &no_stream};
 // One pass per batch row reads the projections from cache on the CPU: the whole step in one kernel.
 const StepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &no_stream, true, false};
 // The CUDA backend's configuration (cuda/register_cuda.cpp) with its kernels' code under the SIMT emulator.
-const StepKernels kEmulatedCudaKernels{&forward_step_emulated, &backward_step_emulated, &no_stream, false, true};
+const StepKernels kEmulatedCudaKernels{&forward_step_emulated, &backward_step_emulated, &no_stream, false, true,
+                                        &kEmulatedGraphs};
 const StepKernels& cpu_kernels() { return emulating_cuda() ? kEmulatedCudaKernels : kCpuKernels; }
 // The CPU generates tiles with two BLAS GEMMs over all tiles, then the layout kernel.
 const TileKernels kCpuTileKernels{nullptr, &scatter_tiles_cpu, &gather_tiles_cpu, &no_stream, nullptr};

@@ -14,17 +14,23 @@ ops = torch.ops.hyperfused
 
 # (op family, device): the C++ ops on the CPU (and the GPU where there is one), the same ops on the CPU running
 # the CUDA backend's configuration and kernel code under the SIMT emulator ("cpp-emulated-cuda": its outputs'
-# shapes must match the fakes as the GPU's do), the Triton ops on DEVICE.
-CPP_CASES = [("cpp", "cpu"), ("cpp-emulated-cuda", "cpu")] + ([("cpp", "cuda")] if HAS_GPU else [])
+# shapes must match the fakes as the GPU's do), the same with the sequence ops recorded and replayed
+# ("-graphs": HYPERFUSED_CUDA_GRAPHS=1, CUDA graphs on a GPU; opcheck calls each op several times with the same
+# inputs, so later calls replay), the Triton ops on DEVICE.
+CPP_CASES = [("cpp", "cpu"), ("cpp-emulated-cuda", "cpu"), ("cpp-emulated-cuda-graphs", "cpu")] + (
+    [("cpp", "cuda"), ("cpp-graphs", "cuda")] if HAS_GPU else [])
 LSTM_CASES = CPP_CASES + ([("triton", DEVICE)] if HAS_TRITON else [])
 
 
 @pytest.fixture(autouse=True)
 def _emulate_cuda_for_its_family(request, monkeypatch):
-    """The cpp-emulated-cuda cases run with HYPERFUSED_EMULATE_CUDA set (an H200's 132 multiprocessors)."""
+    """The cpp-emulated-cuda cases run with HYPERFUSED_EMULATE_CUDA set (an H200's 132 multiprocessors), the
+    -graphs ones with HYPERFUSED_CUDA_GRAPHS=1."""
     family = getattr(request.node, "callspec", None) and request.node.callspec.params.get("family")
-    if family == "cpp-emulated-cuda":
+    if family and family.startswith("cpp-emulated-cuda"):
         monkeypatch.setenv("HYPERFUSED_EMULATE_CUDA", "132")
+    if family and family.endswith("-graphs"):
+        monkeypatch.setenv("HYPERFUSED_CUDA_GRAPHS", "1")
 
 
 def _skip_unless_built(family):
