@@ -3,8 +3,8 @@ the GEMMs-alone floor, at the paper's size with a large and a small batch, under
 settings (TF32 on and off) and under bfloat16 autocast (the fused ops' GEMMs in bfloat16 with float32
 states; nn.LSTM's cuDNN in bfloat16), with the launches and the host time per step. In float32 each of
 nn.LSTM and the fused backends is timed a second time with its whole forward and backward captured once as
-a CUDA graph and replayed (torch.cuda.make_graphed_callables): graphs on against graphs off, and the CUDA
-backend with its ops' own graphs (HYPERFUSED_CUDA_GRAPHS=1); with TF32 off
+a CUDA graph and replayed (torch.cuda.make_graphed_callables): graphs on against graphs off, and the fused
+backends with their ops' own graphs (HYPERFUSED_CUDA_GRAPHS=1); with TF32 off
 the CUDA backend also runs in the launch shapes its batch does not get (HYPERFUSED_CUDA_THREAD_GROUPS,
 HYPERFUSED_CUDA_CLUSTER) and, at a small batch, with the one-kernel step (HYPERFUSED_STEP_DESIGN=fused).
 
@@ -71,7 +71,7 @@ class WithEnv:
 
 
 class Recorded(WithEnv):
-    """The CUDA row with the ops' own recordings (HYPERFUSED_CUDA_GRAPHS=1: each op's whole body replayed as a
+    """A fused row with the ops' own recordings (HYPERFUSED_CUDA_GRAPHS=1: each op's whole body replayed as a
     CUDA graph from a key's second call); warmed up twice, so that the timed calls replay."""
     warmups = 2
 
@@ -153,7 +153,7 @@ def time_config(cfg: Config, device, repeats: int, tf32: bool, autocast=None) ->
         rows = [_Autocast(r, autocast) for r in rows if not r.name.startswith("HyperLSTM GEMMs alone")]
     else:
         graphed, errors = graphed_rows(cfg, device)
-        graphed += [Recorded(r) for r in rows if r.name == "hyperfused cuda"]
+        graphed += [Recorded(r) for r in rows if r.name in ("hyperfused cuda", "hyperfused triton")]
         if not tf32:
             rows += other_launch_shapes(rows, cfg, torch.cuda.get_device_properties(device).multi_processor_count)
         rows += graphed

@@ -16,10 +16,10 @@ ops = torch.ops.hyperfused
 # the CUDA backend's configuration and kernel code under the SIMT emulator ("cpp-emulated-cuda": its outputs'
 # shapes must match the fakes as the GPU's do), the same with the sequence ops recorded and replayed
 # ("-graphs": HYPERFUSED_CUDA_GRAPHS=1, CUDA graphs on a GPU; opcheck calls each op several times with the same
-# inputs, so later calls replay), the Triton ops on DEVICE.
+# inputs, so later calls replay), the Triton ops on DEVICE, also recorded.
 CPP_CASES = [("cpp", "cpu"), ("cpp-emulated-cuda", "cpu"), ("cpp-emulated-cuda-graphs", "cpu")] + (
     [("cpp", "cuda"), ("cpp-graphs", "cuda")] if HAS_GPU else [])
-LSTM_CASES = CPP_CASES + ([("triton", DEVICE)] if HAS_TRITON else [])
+LSTM_CASES = CPP_CASES + ([("triton", DEVICE), ("triton-graphs", DEVICE)] if HAS_TRITON else [])
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ def _emulate_cuda_for_its_family(request, monkeypatch):
 def _skip_unless_built(family):
     if not hyperfused.HAS_EXTENSION:
         pytest.skip("hyperfused._C not built (run scripts/bootstrap.sh)")
-    if family == "triton" and not HAS_TRITON:
+    if family.startswith("triton") and not HAS_TRITON:
         pytest.skip("Triton is not installed, or neither a GPU nor TRITON_INTERPRET=1 is present")
 
 
@@ -60,8 +60,8 @@ def _lstm_args(device, layer_norm, masks, dtype):
 @pytest.mark.parametrize("layer_norm, masks", [(True, False), (False, True)], ids=["ln", "noln-dropout-zoneout"])
 def test_opcheck_hyper_lstm(family, device, layer_norm, masks):
     _skip_unless_built(family)
-    dtype = torch.float64 if family != "triton" else torch.float32
-    fwd, bwd = (ops.hyper_lstm_forward, ops.hyper_lstm_backward) if family != "triton" else \
+    dtype = torch.float64 if not family.startswith("triton") else torch.float32
+    fwd, bwd = (ops.hyper_lstm_forward, ops.hyper_lstm_backward) if not family.startswith("triton") else \
         (ops.hyper_lstm_triton_forward, ops.hyper_lstm_triton_backward)
     args = _lstm_args(device, layer_norm, masks, dtype)
     torch.library.opcheck(fwd, args)
@@ -85,7 +85,7 @@ def test_opcheck_hyper_lstm(family, device, layer_norm, masks):
 def test_opcheck_hyper_lstm_with_low_precision_gemms(family, device):
     """gemm_dtype (bfloat16 GEMM operands, float32 everywhere else) through the schema, fakes and autograd."""
     _skip_unless_built(family)
-    fwd, bwd = (ops.hyper_lstm_forward, ops.hyper_lstm_backward) if family != "triton" else \
+    fwd, bwd = (ops.hyper_lstm_forward, ops.hyper_lstm_backward) if not family.startswith("triton") else \
         (ops.hyper_lstm_triton_forward, ops.hyper_lstm_triton_backward)
     args = _lstm_args(device, True, False, torch.float32)
     torch.library.opcheck(fwd, args, {"gemm_dtype": torch.bfloat16})
@@ -99,19 +99,20 @@ def test_opcheck_hyper_lstm_with_low_precision_gemms(family, device):
         fwd(*args, gemm_dtype=torch.float64)
 
 
-GEN_CASES = CPP_CASES + ([("triton", DEVICE)] if HAS_TRITON else [])
+# (the kernel generation records nothing: its cases without -graphs)
+GEN_CASES = [c for c in CPP_CASES if not c[0].endswith("-graphs")] + ([("triton", DEVICE)] if HAS_TRITON else [])
 
 
 @pytest.mark.parametrize("family, device", GEN_CASES, ids=lambda v: v)
 def test_opcheck_generate_kernels(family, device):
     _skip_unless_built(family)
-    dtype = torch.float64 if family != "triton" else torch.float32
+    dtype = torch.float64 if not family.startswith("triton") else torch.float32
     net = randomize_(hyperfused.StaticHyperNetwork(3, 2, 3, 3, dtype=dtype, device=device))
     meta, _, numel = hyperfused.ops.tile_layout([(6, 2), (3, 4)], 3, 2, 3)
     meta = meta.to(device)
     z = torch.randn(meta.shape[0], 3, dtype=dtype, device=device, requires_grad=True)
     params = [p.detach().clone().requires_grad_() for p in (net.w_in, net.b_in, net.w_out, net.b_out)]
-    fwd, bwd = (ops.generate_kernels, ops.generate_kernels_backward) if family != "triton" else \
+    fwd, bwd = (ops.generate_kernels, ops.generate_kernels_backward) if not family.startswith("triton") else \
         (ops.generate_kernels_triton, ops.generate_kernels_triton_backward)
     torch.library.opcheck(fwd, [z, *params, meta, numel, 3])
     grad = torch.randn(numel, dtype=dtype, device=device)

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from . import recorded
 from ._checks import gemm_dtype as gemm_dtype_check, lstm_sizes
 from .hyper_lstm import check_backward_args, register_lstm_meta
 from .static_hypernet import check_generation_args, check_generation_backward_args, register_generation_meta
@@ -50,6 +51,14 @@ def _without_autocast(fn):
     return run
 
 
+def _settings(*flags) -> tuple:
+    """What besides the tensors fixes what a recorded Triton op does (recorded.py): its flags, the step design
+    and torch's GEMM precision switches, as the body reads them when it runs."""
+    m = torch.backends.cuda.matmul
+    return (*map(str, flags), _kernels.gemm_shaped(), m.allow_tf32, m.allow_fp16_reduced_precision_reduction,
+            m.allow_bf16_reduced_precision_reduction)
+
+
 if _kernels is not None:
 
     @torch.library.custom_op("hyperfused::hyper_lstm_triton_forward", mutates_args=())
@@ -63,6 +72,12 @@ if _kernels is not None:
         lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask,
                    op="hyperfused::hyper_lstm_triton")
         gemm_dtype_check(x, gemm_dtype, op="hyperfused::hyper_lstm_triton")
+        if recorded.requested():
+            return tuple(recorded.run_recorded(
+                "forward", [x, h0, c0, hh0, hc0, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask], params,
+                _settings(layer_norm, forget_bias, save_for_backward, gemm_dtype),
+                lambda t, p: _without_autocast(_kernels.forward)(*t[:5], p, *t[5:7], layer_norm, forget_bias, *t[7:],
+                                                                 save_for_backward, gemm_dtype)))
         return _without_autocast(_kernels.forward)(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm,
                                                    forget_bias, zoneout_mask, hyper_zoneout_mask, save_for_backward,
                                                    gemm_dtype)
@@ -80,6 +95,13 @@ if _kernels is not None:
         check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs,
                             cs, hhs, hcs, g, ws, zoneout_mask, hyper_zoneout_mask)
         gemm_dtype_check(x, gemm_dtype, op="hyperfused::hyper_lstm_triton")
+        if recorded.requested():
+            return recorded.run_recorded(
+                "backward", [grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, mask, hyper_mask, hs, cs, hhs,
+                             hcs, g, ws, zoneout_mask, hyper_zoneout_mask], params,
+                _settings(layer_norm, forget_bias, gemm_dtype),
+                lambda t, p: _without_autocast(_kernels.backward)(*t[:9], p, *t[9:17], layer_norm, forget_bias,
+                                                                  *t[17:], gemm_dtype))
         return _without_autocast(_kernels.backward)(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0,
                                                     params, mask, hyper_mask, hs, cs, hhs, hcs, g, ws, layer_norm,
                                                     forget_bias, zoneout_mask, hyper_zoneout_mask, gemm_dtype)
