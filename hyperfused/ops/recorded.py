@@ -101,7 +101,8 @@ def run_recorded(op: str, copied: Sequence[Optional[torch.Tensor]], params: Sequ
     eagerly. copied: the activation inputs (None for an absent optional one); params: the op's parameters, of
     which b_0 is copied and the rest read in place; config: every other setting the body reads."""
     device = params[0].device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    # (no_grad: the static copies must not carry the first call's autograd history)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(), torch.no_grad():
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return list(body(list(copied), list(params)))  # inside the caller's own capture
         return _run(op, copied, params, config, body, device)
