@@ -109,6 +109,21 @@ def weights_once(costs: list[KernelCost], B: int) -> float:
     return sum(c.read - (c.weights * (B - 1) / B if "1 block per row" in c.name else 0.0) for c in costs)
 
 
+def recorded_copies(T, B, X, H, Hh, Nz) -> dict[str, tuple[float, float]]:
+    """Bytes a call copies (in, out) when the ops replay their own CUDA graphs (HYPERFUSED_CUDA_GRAPHS=1, no
+    masks): the activation inputs and b_0 into the graph's own, and clones of its outputs. Forward: x, the four
+    initial states and b_0 in; h, c, ĥ, ĉ, g and ws out. Backward: the four output gradients, x, the states,
+    the six forward outputs and b_0 in; the gradients of x, the states and every parameter out."""
+    M, GW, WS = T * B, 4 * H + 4 * Hh, workspace_width(H, Hh, Nz)
+    states = B * (2 * H + 2 * Hh)
+    outputs = M * (2 * H + 2 * Hh + GW + WS)
+    params = (4 * H * (X + H + 1) + 4 * Hh * (X + H + Hh + 1) + 12 * Nz * Hh + 8 * Nz + 12 * H * Nz
+              + 4 * H * 2 + 2 * H + 4 * Hh * 2 + 2 * Hh)  # the layer norms' gains and biases last
+    return {"forward": ((M * X + states + 4 * H) * F32, outputs * F32),
+            "backward": ((M * (2 * H + 2 * Hh) + M * X + states + outputs + 4 * H) * F32,
+                         (M * X + states + params) * F32)}
+
+
 def traffic_markdown(T, B, X, H, Hh, Nz, layer_norm=True) -> str:
     lines = [f"### Per-step traffic of the step designs (model, T={T}, B={B}, X={X}, H={H}, Ĥ={Hh}, N_z={Nz}, "
              "float32)", "",
@@ -126,9 +141,18 @@ def traffic_markdown(T, B, X, H, Hh, Nz, layer_norm=True) -> str:
                      f"{sum(c.weights for c in costs) / 1e6:.1f} | {sum(c.written for c in costs) / 1e6:.1f} | "
                      f"{sum(c.flops for c in costs) / 1e9:.3f} | weights read once: {weights_once(costs, B) / 1e6:.1f}"
                      " MB read |")
+    lines += ["", f"With the ops' own CUDA graphs (HYPERFUSED_CUDA_GRAPHS=1) a call is one graph launch plus "
+              "copies of its inputs into the graph's own and clones of its outputs, once per call, not per step:", "",
+              "| pass | MB copied in | MB cloned out | of the GEMM-shaped steps' reads over T steps |",
+              "|---|---:|---:|---:|"]
+    steps = {"forward": forward_step_gemm(B, X, H, Hh, Nz, layer_norm),
+             "backward": backward_step_gemm(B, X, H, Hh, Nz, layer_norm)}
+    for name, (cin, cout) in recorded_copies(T, B, X, H, Hh, Nz).items():
+        reads = T * sum(c.read for c in steps[name])
+        lines.append(f"| {name} | {cin / 1e6:.1f} | {cout / 1e6:.1f} | {100 * (cin + cout) / reads:.1f}% |")
     lines += ["", "Bytes are global-memory reads and writes as the kernels' loops issue them. The one-kernel step reads "
               "the 12 scaling projections once per batch row; the GEMM-shaped step reads them once per step, "
               "with three (forward) or four (backward) more launches. Host work per step (C++ driver): the GEMM calls, the kernel launches and "
-              "about a dozen tensor views; the Triton driver (one kernel per row) slices in Python and launches "
-              "with ~60 arguments."]
+              "about a dozen tensor views; the Triton driver makes every per-step argument before its loop and "
+              "launches from Python with ~60 arguments."]
     return "\n".join(lines)

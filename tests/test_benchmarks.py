@@ -6,6 +6,7 @@ import torch
 
 import hyperfused
 from benchmarks.__main__ import main
+from conftest import requires_extension
 
 
 def test_benchmark_suite_smoke(tmp_path, capfd):
@@ -193,3 +194,21 @@ def test_alternate_runs_each_variant_in_its_settings_and_restores_them(capsys, m
     assert "| hyperfused cpu HYPERFUSED_STEP_DESIGN=gemm |" in printed and "| hyperfused cpu @bf16 |" in printed
     with pytest.raises(SystemExit, match="expected VAR=value"):
         alternate.main(["--variant", "HYPERFUSED_STEP_DESIGN"])
+
+
+@requires_extension
+def test_the_recorded_copies_model_counts_what_the_ops_take_and_give():
+    """The traffic model's copies per recorded call are the bytes of the ops' real inputs and outputs."""
+    from benchmarks import traffic
+    T, B, X, H, Hh, Nz = 3, 2, 5, 7, 6, 2
+    m = hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, backend="cpu")
+    params = [p.detach() for p in m.cells[0].flat_params()]
+    x = torch.randn(T, B, X)
+    states = [torch.zeros(B, n) for n in (H, H, Hh, Hh)]
+    outs = torch.ops.hyperfused.hyper_lstm_forward(x, *states, params, None, None, True, 1.0)
+    grads = torch.ops.hyperfused.hyper_lstm_backward(*[torch.ones_like(o) for o in outs[:4]], x, *states, params, None,
+                                               None, *outs, True, 1.0)
+    size = lambda ts: sum(t.numel() * 4 for t in ts)  # noqa: E731
+    copies = traffic.recorded_copies(T, B, X, H, Hh, Nz)
+    assert copies["forward"] == (size([x, *states, params[2]]), size(outs))
+    assert copies["backward"] == (size([*outs[:4], x, *states, *outs, params[2]]), size(grads))
