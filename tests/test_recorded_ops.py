@@ -4,10 +4,10 @@ recording of their whole body instead of launching each step's work.
 
 On a GPU the recording is a CUDA graph. Without one, the CUDA backend's configuration under the SIMT emulator,
 and the Triton ops under the interpreter, record by keeping the body and replay by running it again into the
-outputs a graph would write in place, so
-everything but the capture itself is checked here: the keys (shapes, settings, parameter addresses), the copies
-of the inputs into the recording's own, and the clones of its outputs. A replay that read a previous call's
-inputs, or returned outputs that the next call overwrites, gives other numbers than the plain op."""
+outputs a graph would write in place, so everything but the capture itself is checked here: the keys (shapes,
+settings, parameter addresses), the copies of the inputs into the recording's own, and the clones of its
+outputs. A replay that skipped the copies, or returned its own outputs (which the next call overwrites), was
+checked to fail these tests."""
 import dataclasses
 
 import pytest
