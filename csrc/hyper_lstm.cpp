@@ -169,7 +169,9 @@ struct Transposed {
 // that order; d and dd are (12, B, H), kind-major.
 class ScaleGemms {
  public:
-  ScaleGemms(at::TensorList p, const Sizes& s) : Nz_(s.Nz) {
+  // used: the call's step is GEMM-shaped (the one-kernel step reads Transposed's copies: nothing made here)
+  ScaleGemms(at::TensorList p, const Sizes& s, bool used) : Nz_(s.Nz) {
+    if (!used) return;
     const auto sw = p[SCALE_WEIGHT].view({8, s.H, s.Nz}), bsw = p[BIAS_SCALE_WEIGHT].view({4, s.H, s.Nz});
     if (s.T == 1) {
       parts_ = {{0, 8, p[Z_WEIGHT], p[Z_BIAS], sw}, {8, 4, p[BIAS_Z_WEIGHT], at::Tensor(), bsw}};
@@ -429,7 +431,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const StepParams sp = step_params(p, tr);
   // [W_h ; Ŵ_x,h] h_{t-1} (w_rec transposed, (H, 4H+4Ĥ)) and Ŵ_h ĥ_{t-1}, each run T times
   const StepGemm rec(tr.w_rec.t(), at::Tensor(), P, T), hyper(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P, T);
-  const ScaleGemms proj(p, s);
+  const ScaleGemms proj(p, s, split);
   ForwardStepper stepper(k, proj, split, rec, nullptr, hyper, dims, opts);
   // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
   const auto hs_t = hs.unbind(0), hhs_t = hhs.unbind(0), g_t = g.unbind(0), ws_t = ws.unbind(0);
@@ -476,7 +478,7 @@ StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Ten
                  g.data_ptr(), nullptr, gx.data_ptr(), ghx.data_ptr(), c.data_ptr(), hc.data_ptr(),
                  nullptr, nullptr, nullptr, nullptr, h.data_ptr(), hh.data_ptr(),
                  h1.data_ptr(), c1.data_ptr(), hh1.data_ptr(), hc1.data_ptr(), ws.data_ptr(), k.stream()};
-  const ScaleGemms proj(p, s);
+  const ScaleGemms proj(p, s, split);
   ForwardStepper(k, proj, split, *tr.rec, &*tr.rec_hyper, *tr.hyper, dims, opts).run(st, g, h, hh, hh1, ws);
   return {h1, c1, hh1, hc1};
 }
@@ -538,7 +540,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   auto dd_all = split ? at::empty({12, B, H}, opts) : at::Tensor();
   auto dz_all = split ? at::empty({12, B, Nz}, opts) : at::Tensor();
   auto dhh_extra = split ? at::empty({B, Hh}, opts) : at::Tensor();
-  const ScaleGemms proj(p, s);
+  const ScaleGemms proj(p, s, split);
   // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
   const auto dg_t = dg.unbind(0), dg_hyper_t = dg.narrow(2, 4 * H, 4 * Hh).unbind(0);
   const auto ws_t = split ? ws.unbind(0) : std::vector<at::Tensor>();
