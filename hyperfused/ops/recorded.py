@@ -119,30 +119,36 @@ def _run(op, copied, params, config, body, device):
     key = (op, stream, config, tuple(map(_layout, copied)), tuple((_layout(p), p.data_ptr()) for p in kept))
     with _lock:
         entry = _entries.get(key)
-        if entry is None:  # first sight: remember the key, run eagerly
+        if entry is None:  # first sight: remember the key, run eagerly (below, without the lock)
             _entries[key] = _Entry()
             while len(_entries) > MAX_ENTRIES:
                 _entries.popitem(last=False)[1].release()
         else:
             _entries.move_to_end(key)
-        if entry is None or entry.failed:
+        if entry is not None and not entry.failed:
+            return _replayed(entry, body_on, copied, device)
+    return list(body_on(copied))
+
+
+def _replayed(entry, body_on, copied, device):
+    """The entry's outputs for this call's inputs, recording it first at the key's second call (under the lock,
+    which keeps the static inputs one call's at a time)."""
+    if entry.replay is None:
+        entry.inputs = _clones(copied)
+        recording = _record_cuda(body_on, entry.inputs, device) if device.type == "cuda" else \
+            _record_rerun(body_on, entry.inputs)
+        if recording is None:
+            entry.failed, entry.inputs = True, []
             return list(body_on(copied))
-        if entry.replay is None:
-            entry.inputs = _clones(copied)
-            recording = _record_cuda(body_on, entry.inputs, device) if device.type == "cuda" else \
-                _record_rerun(body_on, entry.inputs)
-            if recording is None:
-                entry.failed, entry.inputs = True, []
-                return list(body_on(copied))
-            entry.replay, entry.outputs = recording
-            _counts[0] += 1
-        else:
-            for static, t in zip(entry.inputs, copied):
-                if t is not None:
-                    static.copy_(t)
-        entry.replay()
-        if device.type == "cuda":
-            entry.replayed = entry.replayed or torch.cuda.Event()
-            entry.replayed.record()
-        _counts[1] += 1
-        return _clones(entry.outputs)
+        entry.replay, entry.outputs = recording
+        _counts[0] += 1
+    else:
+        for static, t in zip(entry.inputs, copied):
+            if t is not None:
+                static.copy_(t)
+    entry.replay()
+    if device.type == "cuda":
+        entry.replayed = entry.replayed or torch.cuda.Event()
+        entry.replayed.record()
+    _counts[1] += 1
+    return _clones(entry.outputs)
