@@ -11,6 +11,8 @@
 #include <optional>
 #include <vector>
 
+#include "optionals.h"
+
 namespace hyperfused {
 namespace {
 
@@ -42,11 +44,6 @@ const auto& backward_op() {
   return op;
 }
 
-// An absent optional tensor as the undefined tensor save_for_backward keeps, and back.
-at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); }
-std::optional<at::Tensor> or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
 
 // Saved, in order: x, h0, c0, ĥ0, ĉ0, the four masks, the six outputs, then the parameters.
 constexpr int kInputs = 5, kMasks = 4, kOutputs = 6;
@@ -70,7 +67,7 @@ struct HyperLSTMFunction : public torch::autograd::Function<HyperLSTMFunction> {
     ctx->saved_data["layer_norm"] = layer_norm;
     ctx->saved_data["forget_bias"] = forget_bias;
     ctx->saved_data["saved"] = save_for_backward;
-    ctx->saved_data["gemm_dtype"] = gemm_dtype ? int64_t(*gemm_dtype) : int64_t(-1);
+    ctx->saved_data["gemm_dtype"] = dtype_code(gemm_dtype);
     ctx->saved_data["params"] = int64_t(params.size());
     ctx->mark_non_differentiable({g, ws});
     ctx->set_materialize_grads(false);  // unused outputs (cs, often) need no zero-filled gradients
@@ -96,7 +93,7 @@ struct HyperLSTMFunction : public torch::autograd::Function<HyperLSTMFunction> {
         or_none(grad_outputs[0]), or_none(grad_outputs[1]), or_none(grad_outputs[2]), or_none(grad_outputs[3]), s[0],
         s[1], s[2], s[3], s[4], params, or_none(m[0]), or_none(m[1]), out[0], out[1], out[2], out[3], out[4], out[5],
         ctx->saved_data["layer_norm"].toBool(), ctx->saved_data["forget_bias"].toDouble(), or_none(m[2]),
-        or_none(m[3]), dtype < 0 ? std::nullopt : std::optional<at::ScalarType>(at::ScalarType(dtype)));
+        or_none(m[3]), dtype_of_code(dtype));
     TORCH_INTERNAL_ASSERT(int64_t(grads.size()) == kInputs + n);
     // then mask, hyper_mask, layer_norm, forget_bias, the zoneout masks, save_for_backward, gemm_dtype
     grads.resize(grads.size() + 8);

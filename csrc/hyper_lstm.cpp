@@ -14,6 +14,7 @@
 #include "cpu/buffer_pool.h"
 #include "cpu/step_gemm.h"
 #include "no_autocast.h"
+#include "optionals.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -129,8 +130,7 @@ at::Tensor scale_weight_transposed(const at::Tensor& sw, const at::Tensor& bsw, 
   return out;
 }
 
-// What a call uses the weight copies for: the sequence forward, its backward, or a decode step; and whether the
-// step is GEMM-shaped (StepPhase), whose GEMMs read some of them.
+// What a call uses the weight copies for: the sequence forward, its backward, or a decode step.
 enum class Use { Forward, Backward, Decode };
 
 // Owns the transposed weight copies that the one-kernel step (StepPhase::Whole) reads through StepParams, and
@@ -696,12 +696,6 @@ std::vector<at::Tensor> with_bias(std::vector<at::Tensor> kept, const at::Tensor
   return kept;
 }
 
-int64_t dtype_or_none(const std::optional<at::ScalarType>& t) { return t ? static_cast<int64_t>(*t) : -1; }
-at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); }
-std::optional<at::Tensor> or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
 }  // namespace
 
 ForwardOut hyper_lstm_forward_recorded(const StepKernels& k, const at::Tensor& x, const at::Tensor& h0,
@@ -726,7 +720,7 @@ ForwardOut hyper_lstm_forward_recorded(const StepKernels& k, const at::Tensor& x
       *k.graphs, /*op=*/0,
       {x, h0, c0, hh0, hc0, or_undefined(mask), or_undefined(hyper_mask), or_undefined(zoneout_mask),
        or_undefined(hyper_zoneout_mask), p[BIAS]},
-      kept, recorded_settings(k, {layer_norm, bits_of(forget_bias), save_for_backward, dtype_or_none(gemm_dtype)}),
+      kept, recorded_settings(k, {layer_norm, bits_of(forget_bias), save_for_backward, dtype_code(gemm_dtype)}),
       body);
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
@@ -752,7 +746,7 @@ std::vector<at::Tensor> hyper_lstm_backward_recorded(
                       {or_undefined(grad_hs), or_undefined(grad_cs), or_undefined(grad_hhs), or_undefined(grad_hcs),
                        x, h0, c0, hh0, hc0, or_undefined(mask), or_undefined(hyper_mask), hs, cs, hhs, hcs, g, ws,
                        or_undefined(zoneout_mask), or_undefined(hyper_zoneout_mask), p[BIAS]},
-                      kept, recorded_settings(k, {layer_norm, bits_of(forget_bias), dtype_or_none(gemm_dtype)}), body);
+                      kept, recorded_settings(k, {layer_norm, bits_of(forget_bias), dtype_code(gemm_dtype)}), body);
 }
 
 StepOut hyper_lstm_step_recorded(const StepKernels& k, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
