@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -233,13 +234,14 @@ class ScaleGemms {
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-StepParams step_params(at::TensorList p, const Transposed& tr) {
+// The kernels' pointers to the parameters, and to tr's transposed copies (null without tr: the GEMM-shaped step).
+StepParams step_params(at::TensorList p, const Transposed* tr = nullptr) {
   return StepParams{p[BIAS].data_ptr(),           p[Z_WEIGHT].data_ptr(),         p[Z_BIAS].data_ptr(),
                     p[BIAS_Z_WEIGHT].data_ptr(),  p[SCALE_WEIGHT].data_ptr(),     p[BIAS_SCALE_WEIGHT].data_ptr(),
                     p[LN_WEIGHT].data_ptr(),      p[LN_BIAS].data_ptr(),          p[LN_CELL_WEIGHT].data_ptr(),
                     p[LN_CELL_BIAS].data_ptr(),   p[HYPER_LN_WEIGHT].data_ptr(),  p[HYPER_LN_BIAS].data_ptr(),
                     p[HYPER_LN_CELL_WEIGHT].data_ptr(), p[HYPER_LN_CELL_BIAS].data_ptr(),
-                    data_or_null(tr.z_weight_t),  data_or_null(tr.scale_weight_t)};
+                    tr ? data_or_null(tr->z_weight_t) : nullptr, tr ? data_or_null(tr->scale_weight_t) : nullptr};
 }
 
 ScalarKind kind_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32; }
@@ -428,7 +430,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const int64_t kept = save_for_backward ? T : 1;  // steps of g and ws held at once
   auto g = pooled_empty({kept, B, dims.g_width()}, opts);
   auto ws = pooled_empty({kept, B, WsLayout(dims).width}, opts);
-  const StepParams sp = step_params(p, tr);
+  const StepParams sp = step_params(p, &tr);
   // [W_h ; Ŵ_x,h] h_{t-1} (w_rec transposed, (H, 4H+4Ĥ)) and Ŵ_h ĥ_{t-1}, each run T times
   const StepGemm rec(tr.w_rec.t(), at::Tensor(), P, T), hyper(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P, T);
   const ScaleGemms proj(p, s, split);
@@ -452,6 +454,72 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   return {hs, cs, hhs, hcs, g, ws};
 }
 
+namespace {
+
+// A decode step's scratch, (B, ·) blocks: gx, ghx, g, ghh, ws and the 12 scaling vectors (12, B, H). Kept per
+// thread for the thread's life, so that a step allocates none of it.
+float* decode_scratch(const Dims& d, const WsLayout& L) {
+  static thread_local std::vector<float> scratch;
+  const size_t n = size_t(d.B) * (4 * d.H + 4 * d.Hh + d.g_width() + 4 * d.Hh + L.width + 12 * d.H);
+  if (scratch.size() < n) scratch.resize(n);
+  return scratch.data();
+}
+
+// The decode step of the CPU in float32 with MKL: the GEMM-shaped step's 19 products as eight direct calls of
+// MKL's batch GEMM on the memory of the parameters and states, around the hyper-cell and main-cell kernels. As
+// ATen ops (ForwardStepper) the same products took ~60 views, allocations and dispatches per step, more time
+// than the products themselves at B = 1, H = 256. The input and recurrent products go one per call: in one
+// batch MKL gave each product a single thread, and at H = 1000 W_h h alone then took longer than the step had.
+StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& x, const at::Tensor& h,
+                        const at::Tensor& c, const at::Tensor& hh, const at::Tensor& hc, at::TensorList p,
+                        bool layer_norm, double forget_bias) {
+  const Dims d = s.dims();
+  const WsLayout L(d);
+  const int64_t B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, GW = d.g_width();
+  const auto f = [](const at::Tensor& t) { return t.data_ptr<float>(); };
+  float* const gx = decode_scratch(d, L);
+  float *const ghx = gx + B * 4 * H, *const g = ghx + B * 4 * Hh, *const ghh = g + B * GW;
+  float *const ws = ghh + B * 4 * Hh, *const scale = ws + B * L.width, *const z = ws + L.z;
+  const auto opts = x.options();
+  auto h1 = at::empty({B, H}, opts), c1 = at::empty({B, H}, opts);
+  auto hh1 = at::empty({B, Hh}, opts), hc1 = at::empty({B, Hh}, opts);
+  const float* wx_hyper = f(p[HYPER_WEIGHT_IH]);  // (4Ĥ, X + H): [Ŵ_x,x | Ŵ_x,h]
+  for (int64_t b = 0; b < B; ++b) std::copy_n(f(p[HYPER_BIAS]), 4 * Hh, ghx + b * 4 * Hh);
+  // Every weight is read transposed in place (op(w) = wᵀ) from its (out, in) rows.
+  const RawGemm inputs[] = {
+      {f(x), X, f(p[WEIGHT_IH]), X, true, gx, 4 * H, B, 4 * H, X, 0.0f},                  // W_x x
+      {f(x), X, wx_hyper, X + H, true, ghx, 4 * Hh, B, 4 * Hh, X, 1.0f},                   // Ŵ_x,x x + b̂
+      {f(h), H, f(p[WEIGHT_HH]), H, true, g, GW, B, 4 * H, H, 0.0f},                       // W_h h
+      {f(h), H, wx_hyper + X, X + H, true, g + 4 * H, GW, B, 4 * Hh, H, 0.0f},             // Ŵ_x,h h
+      {f(hh), Hh, f(p[HYPER_WEIGHT_HH]), Hh, true, ghh, 4 * Hh, B, 4 * Hh, Hh, 0.0f}};     // Ŵ_h ĥ
+  for (const RawGemm& product : inputs) mkl_batch(&product, 1);
+  ForwardStep st{d, ScalarKind::Float32, layer_norm, forget_bias, step_params(p),
+                 g, ghh, gx, ghx, c.data_ptr(), hc.data_ptr(), nullptr, nullptr, nullptr, nullptr, h.data_ptr(),
+                 hh.data_ptr(), h1.data_ptr(), c1.data_ptr(), hh1.data_ptr(), hc1.data_ptr(), ws, k.stream()};
+  st.phase = StepPhase::Hyper;
+  k.forward(st);
+  // z = [z_bias ; 0] + ĥ_t·[z_weight ; bias_z_weight]ᵀ into the workspace's z slot
+  for (int64_t b = 0; b < B; ++b) std::copy_n(f(p[Z_BIAS]), 8 * Nz, z + b * L.width);
+  const RawGemm embeddings[] = {
+      {f(hh1), Hh, f(p[Z_WEIGHT]), Hh, true, z, L.width, B, 8 * Nz, Hh, 1.0f},
+      {f(hh1), Hh, f(p[BIAS_Z_WEIGHT]), Hh, true, z + 8 * Nz, L.width, B, 4 * Nz, Hh, 0.0f}};
+  for (const RawGemm& product : embeddings) mkl_batch(&product, 1);
+  // d[q] = z_q·W_qᵀ for the 12 (kind, gate) blocks q, W_q (H, N_z) from scale_weight (8 blocks) and
+  // bias_scale_weight (4)
+  RawGemm scales[12];
+  for (int64_t q = 0; q < 12; ++q) {
+    const float* w = q < 8 ? f(p[SCALE_WEIGHT]) + q * H * Nz : f(p[BIAS_SCALE_WEIGHT]) + (q - 8) * H * Nz;
+    scales[q] = {z + q * Nz, L.width, w, Nz, true, scale + q * B * H, H, B, H, Nz, 0.0f};
+  }
+  mkl_batch(scales, 12);
+  st.phase = StepPhase::Main;
+  st.scale = scale;
+  k.forward(st);
+  return {h1, c1, hh1, hc1};
+}
+
+}  // namespace
+
 // The sequence forward with T = 1 and nothing saved, minus what a decode step does not need: its per-call
 // views and reshapes cost as much as the step's GEMMs at B = 1, H = 256. All its GEMMs run on the parameters
 // themselves, with no copy made.
@@ -466,6 +534,8 @@ StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Ten
   const Dims dims = s.dims();
   const int64_t B = s.B, H = s.H, Hh = s.Hh;
   const bool split = gemm_shaped(k, /*decode=*/true);
+  if (split && k.raw_blas && x.scalar_type() == at::kFloat && StepGemm::batch_allowed())
+    return decode_step_raw(k, s, x, h, c, hh, hc, p, layer_norm, forget_bias);
   const Transposed tr(p, s, Use::Decode, split);
   const auto opts = x.options();
   auto gx = at::empty({B, 4 * H}, opts), ghx = at::empty({B, 4 * Hh}, opts);
@@ -474,7 +544,7 @@ StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Ten
   auto hh1 = at::empty({B, Hh}, opts), hc1 = at::empty({B, Hh}, opts);
   tr.input->run(gx, x);
   tr.hyper_input->run(ghx, x);
-  ForwardStep st{dims, kind_of(x), layer_norm, forget_bias, step_params(p, tr),
+  ForwardStep st{dims, kind_of(x), layer_norm, forget_bias, step_params(p, &tr),
                  g.data_ptr(), nullptr, gx.data_ptr(), ghx.data_ptr(), c.data_ptr(), hc.data_ptr(),
                  nullptr, nullptr, nullptr, nullptr, h.data_ptr(), hh.data_ptr(),
                  h1.data_ptr(), c1.data_ptr(), hh1.data_ptr(), hc1.data_ptr(), ws.data_ptr(), k.stream()};
@@ -529,7 +599,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   auto dh_zone = zone ? at::empty({B, H}, opts) : at::Tensor();
   auto dhh_zone = hzone ? at::empty({B, Hh}, opts) : at::Tensor();
   const Transposed tr(p, s, Use::Backward, split);
-  const StepParams sp = step_params(p, tr);
+  const StepParams sp = step_params(p, &tr);
   // (4H+4Ĥ, H), (4Ĥ, Ĥ): the transposed products
   const StepGemm rec(tr.w_rec, {}, P, T), hyper(p[HYPER_WEIGHT_HH], {}, P, T);
   const AccumLayout A(dims);

@@ -109,7 +109,7 @@ std::unique_ptr<Recording> rerun(const Body& body, std::vector<at::Tensor>& outp
 }
 const GraphBackend kEmulatedGraphs{&never_capturing, &rerun, &no_stream};
 // One pass per batch row reads the projections from cache on the CPU: the whole step in one kernel.
-const StepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &no_stream, true, false};
+const StepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &no_stream, true, false, nullptr, true};
 // The CUDA backend's configuration (cuda/register_cuda.cpp) with its kernels' code under the SIMT emulator.
 const StepKernels kEmulatedCudaKernels{&forward_step_emulated, &backward_step_emulated, &no_stream, false, true,
                                         &kEmulatedGraphs};

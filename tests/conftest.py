@@ -15,6 +15,8 @@ from benchmarks.step_gemm import mkl_cblas  # noqa: E402
 HAS_GPU = torch.cuda.is_available()
 # MKL's CBLAS as the CPU op finds it (exported by libtorch_cpu): its MKL GEMM candidates exist only then.
 HAS_MKL_CBLAS = mkl_cblas() is not None
+# MKL's batch GEMM, which the CPU's float32 decode step calls directly where this torch exports it.
+HAS_MKL_BATCH = HAS_MKL_CBLAS and hasattr(mkl_cblas(), "cblas_sgemm_batch")
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU on this machine; CUDA tests need one")
 requires_extension = pytest.mark.skipif(not hyperfused.HAS_EXTENSION,
                                         reason="hyperfused._C not built (run scripts/bootstrap.sh)")

@@ -197,6 +197,30 @@ def test_alternate_runs_each_variant_in_its_settings_and_restores_them(capsys, m
 
 
 @requires_extension
+def test_decode_ab_times_each_variant_in_its_settings_and_restores_them(capsys, monkeypatch):
+    import os
+
+    import pytest
+
+    from benchmarks import decode_ab
+    seen = []
+    real = decode_ab.per_step_us
+    monkeypatch.setattr(decode_ab, "per_step_us",
+                        lambda *a: (seen.append(os.environ.get("HYPERFUSED_STEP_GEMM")), real(*a))[1])
+    monkeypatch.delenv("HYPERFUSED_STEP_GEMM", raising=False)
+    decode_ab.main(["--sizes", "1x8,2x5", "--rounds", "2", "--steps", "2", "--variant", "",
+                    "--variant", "HYPERFUSED_STEP_GEMM=mm"])
+    assert "HYPERFUSED_STEP_GEMM" not in os.environ
+    # per size and round: the default and nn.LSTMCell outside the setting, the mm variant inside it
+    assert seen.count("mm") == 4 and seen.count(None) == 8
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1, 8 |") or
+            line.startswith("| 2, 5 |")]
+    assert len(rows) == 2 and all(row.count("|") == 5 and "%)" in row for row in rows)
+    with pytest.raises(SystemExit, match="expected VAR=value"):
+        decode_ab.main(["--variant", "HYPERFUSED_STEP_GEMM"])
+
+
+@requires_extension
 def test_the_recorded_copies_model_counts_what_the_ops_take_and_give():
     """The traffic model's copies per recorded call are the bytes of the ops' real inputs and outputs."""
     from benchmarks import traffic

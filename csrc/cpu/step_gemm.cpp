@@ -53,13 +53,20 @@ struct MklBlas {
                            int lda, const void* b, int ldb, float beta, float* c, int ldc);
 };
 
+// A function that the library holding ATen's CPU kernels exports (MKL's, when torch is built with MKL), or null.
+void* torch_cpu_symbol(const char* name) {
+  Dl_info info{};
+  // any function defined in libtorch_cpu locates it
+  if (!dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) || !info.dli_fname) return nullptr;
+  void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+  if (!lib) return nullptr;
+  void* fn = dlsym(lib, name);
+  dlclose(lib);  // RTLD_NOLOAD took a reference to a library that stays loaded; give it back
+  return fn;
+}
+
 const MklBlas* mkl_blas() {
   static const auto blas = []() -> std::optional<MklBlas> {
-    Dl_info info{};
-    // any function defined in libtorch_cpu locates it
-    if (!dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) || !info.dli_fname) return std::nullopt;
-    void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
-    if (!lib) return std::nullopt;
     MklBlas b{};
     const std::pair<void**, const char*> symbols[] = {
         {reinterpret_cast<void**>(&b.sgemm_pack_get_size), "cblas_sgemm_pack_get_size"},
@@ -67,12 +74,21 @@ const MklBlas* mkl_blas() {
         {reinterpret_cast<void**>(&b.sgemm_compute), "cblas_sgemm_compute"},
         {reinterpret_cast<void**>(&b.gemm_bf16bf16f32), "cblas_gemm_bf16bf16f32"}};
     bool found = true;
-    for (const auto& [fn, name] : symbols) found = (*fn = dlsym(lib, name)) != nullptr && found;
-    dlclose(lib);  // RTLD_NOLOAD took a reference to a library that stays loaded; give it back
+    for (const auto& [fn, name] : symbols) found = (*fn = torch_cpu_symbol(name)) != nullptr && found;
     if (!found) return std::nullopt;
     return b;
   }();
   return blas ? &*blas : nullptr;
+}
+
+// MKL's cblas_sgemm_batch: group i holds group_size[i] products of one shape, op(a)·op(b) scaled by alpha[i]
+// plus beta[i]·c; the arrays of pointers list every product of every group in order.
+using SgemmBatch = void(int layout, const int* transa, const int* transb, const int* m, const int* n, const int* k,
+                        const float* alpha, const float** a, const int* lda, const float** b, const int* ldb,
+                        const float* beta, float** c, const int* ldc, int group_count, const int* group_size);
+SgemmBatch* mkl_sgemm_batch() {
+  static auto* const fn = reinterpret_cast<SgemmBatch*>(torch_cpu_symbol("cblas_sgemm_batch"));
+  return fn;
 }
 
 // a (m, K) rounded to bfloat16 as a contiguous (m, K) block in this thread's scratch, valid until its next
@@ -286,6 +302,34 @@ void StepGemm::mm_out(at::Tensor& out, const at::Tensor& a) const {
   } else {
     at::mm_out(out, a, w_);
   }
+}
+
+bool StepGemm::batch_allowed() {
+  const Library force = forced();
+  return mkl_sgemm_batch() && (force == Library::Measure || force == Library::Mkl);
+}
+
+void mkl_batch(const RawGemm* gemms, int count) {
+  RECORD_FUNCTION("hyperfused::mkl_batch", std::vector<c10::IValue>());
+  constexpr int kMax = 16;
+  TORCH_CHECK(count <= kMax, "hyperfused: mkl_batch takes at most ", kMax, " products, got ", count);
+  int transa[kMax], transb[kMax], m[kMax], n[kMax], k[kMax], lda[kMax], ldb[kMax], ldc[kMax], one[kMax];
+  float alpha[kMax], beta[kMax];
+  const float *a[kMax], *b[kMax];
+  float* c[kMax];
+  for (int i = 0; i < count; ++i) {
+    const RawGemm& g = gemms[i];
+    transa[i] = kNoTrans;
+    transb[i] = g.w_transposed ? kTrans : kNoTrans;
+    m[i] = mkl_int(g.m), n[i] = mkl_int(g.n), k[i] = mkl_int(g.k);
+    // MKL wants each leading dimension at least its row's length, whatever stride a single row carries
+    lda[i] = mkl_int(std::max(g.lda, g.k));
+    ldb[i] = mkl_int(std::max(g.ldw, g.w_transposed ? g.k : g.n));
+    ldc[i] = mkl_int(std::max(g.ldo, g.n));
+    a[i] = g.a, b[i] = g.w, c[i] = g.out;
+    alpha[i] = 1.0f, beta[i] = g.beta, one[i] = 1;
+  }
+  mkl_sgemm_batch()(kRowMajor, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, count, one);
 }
 
 void StepGemm::run(at::Tensor& out, const at::Tensor& a) const {

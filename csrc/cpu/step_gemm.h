@@ -45,6 +45,8 @@ class StepGemm {
                     int64_t runs = 0);
   // out (m, N) and a (m, K), each with contiguous rows, in the op's dtype.
   void run(at::Tensor& out, const at::Tensor& a) const;
+  // Whether mkl_batch may run: torch has MKL's batch GEMM, and HYPERFUSED_STEP_GEMM forces no other library.
+  static bool batch_allowed();
 
  private:
   enum class Library { Measure, OneDnn, Mm, Mkl };
@@ -75,5 +77,24 @@ class StepGemm {
   };
   std::shared_ptr<Prepared> prepared_ = std::make_shared<Prepared>();
 };
+
+// A float32 product on raw row-major memory, beside any tensor: out (m, n) = a (m, k) · op(w) + beta · out,
+// where op(w) is w read as (k, n) rows, or (w_transposed) wᵀ with w read as (n, k) rows. lda, ldw and ldo are
+// the rows' strides in elements.
+struct RawGemm {
+  const float* a;
+  int64_t lda;
+  const float* w;
+  int64_t ldw;
+  bool w_transposed;
+  float* out;
+  int64_t ldo;
+  int64_t m, n, k;
+  float beta;
+};
+
+// Runs up to 16 products in one call of MKL's batch GEMM (StepGemm::batch_allowed() says whether it can): no
+// dispatch, view or allocation per product, which at B = 1 cost more than the products themselves.
+void mkl_batch(const RawGemm* gemms, int count);
 
 }  // namespace hyperfused
