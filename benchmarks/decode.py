@@ -1,5 +1,6 @@
-"""Decode section: one step of a cell, as sampling a character at a time from a char-LM runs it (no gradient,
-batch 1 and a small beam), HyperLSTMCell on each backend beside nn.LSTMCell."""
+"""Decode section: one step without gradients, as sampling a character at a time from a char-LM runs it (batch 1
+and a small beam): HyperLSTMCell on each backend beside nn.LSTMCell, and HyperLSTM called with T = 1 (a
+sampling loop written for nn.LSTM) beside nn.LSTM called so."""
 from __future__ import annotations
 
 import sys
@@ -33,19 +34,25 @@ def _step_gemms(B, X, H, device):
 
 
 def _rows(B, X, H, device):
+    """The cells' steps, then the layers called with T = 1 (a sampling loop written for nn.LSTM)."""
     torch.manual_seed(0)
     x = torch.randn(B, X, device=device)
-    lstm = torch.nn.LSTMCell(X, H, device=device)
+    x1 = x[None]
+    lstm, seq = torch.nn.LSTMCell(X, H, device=device), torch.nn.LSTM(X, H, device=device)
+    seq_state = seq(x1)[1]
     rows = [("nn.LSTMCell", lambda: lstm(x)),
             ("HyperLSTMCell step's GEMMs alone (torch.mm)", _step_gemms(B, X, H, device))]
+    layers = [("nn.LSTM called with T = 1", lambda: seq(x1, seq_state))]
     for backend in hyperfused.ops.backends_for(device):
         if backend == "triton" and device.type != "cuda":
             continue  # the interpreter is for tests, not timings
-        cell = hyperfused.HyperLSTMCell(X, H, device=device, hyper_size=HYPER_SIZE,
-                                       hyper_embed=HYPER_EMBED, backend=backend)
-        state = cell(x)  # steps continue from a state, as when sampling
+        kw = dict(device=device, hyper_size=HYPER_SIZE, hyper_embed=HYPER_EMBED, backend=backend)
+        cell, layer = hyperfused.HyperLSTMCell(X, H, **kw), hyperfused.HyperLSTM(X, H, **kw)
+        state, layer_state = cell(x), layer(x1)[1]  # steps continue from a state, as when sampling
         rows.append((f"HyperLSTMCell {backend}", lambda cell=cell, state=state: cell(x, state)))
-    return rows
+        layers.append((f"HyperLSTM {backend} called with T = 1",
+                       lambda layer=layer, s=layer_state: layer(x1, s)))
+    return rows + layers
 
 
 @torch.no_grad()
@@ -70,7 +77,8 @@ def run_decode_section(device: torch.device, repeats: int) -> list[dict]:
 
 
 def decode_markdown(results) -> str:
-    lines = ["", "### Decode: one step of a cell without gradients (Ĥ = 128, N_z = 16)", "",
+    lines = ["", "### Decode: one step without gradients, of a cell or of a layer called with T = 1 (Ĥ = 128, "
+             "N_z = 16)", "",
              "| B, X, H | implementation | µs per step | time vs nn.LSTMCell |", "|---|---|---:|---:|"]
     for r in results:
         lines.append(f"| {r['B']}, {r['X']}, {r['H']} | {r['row']} | {r['us_per_step']:.0f} ± {r['iqr_us']:.0f} | "

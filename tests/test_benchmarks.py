@@ -32,6 +32,7 @@ def test_benchmark_suite_smoke(tmp_path, capfd):
     assert png.stat().st_size > 10_000
     decode = {r["row"] for r in data["decode"]}
     assert "nn.LSTMCell" in decode and "HyperLSTMCell reference" in decode
+    assert "nn.LSTM called with T = 1" in decode and "HyperLSTM reference called with T = 1" in decode
     assert all(r["us_per_step"] > 0 for r in data["decode"])
     captured = capfd.readouterr()
     printed = captured.out

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hyperfused
-from conftest import (HAS_GPU, HAS_MKL_CBLAS, backend_cases, device_for, requires_extension, requires_gpu,
+from conftest import (HAS_GPU, HAS_MKL_BATCH, HAS_MKL_CBLAS, backend_cases, device_for, requires_extension, requires_gpu,
                       size_id)
 from helpers import assert_same_run, make_pair, random_state, randomize_
 
@@ -143,9 +143,10 @@ def test_cpu_float32_step_gemm_every_way(library, mkldnn, runs, absent, monkeypa
 
 
 @pytest.mark.skipif(not HAS_MKL_CBLAS, reason="this torch exports no MKL CBLAS")
-def test_cpu_packed_weight_follows_the_batch_size(monkeypatch):
-    """The decode step with MKL's GEMMs: a packed weight is for one batch size, so a cell that decodes batches
-    of 2, then 3, then 2 rows must get each right."""
+def test_cpu_decode_in_mkl_follows_the_batch_size(monkeypatch):
+    """Decode steps with MKL's GEMMs (HYPERFUSED_STEP_GEMM=mkl: the direct batch calls where torch exports them,
+    else StepGemm's packed weights, each for one batch size) over batches of 2, then 3, then 2 rows: the
+    per-thread scratch grows and is reused, and each step matches the reference."""
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", "mkl")
     ref = randomize_(hyperfused.HyperLSTMCell(5, 37, hyper_size=20, hyper_embed=4, backend="reference"))
     cell = hyperfused.HyperLSTMCell(5, 37, hyper_size=20, hyper_embed=4, backend="cpu")
@@ -158,7 +159,8 @@ def test_cpu_packed_weight_follows_the_batch_size(monkeypatch):
                 s, s_ref = cell(x_t, s), ref(x_t, s_ref)
                 for a, b in zip(s.tensors(), s_ref.tensors()):
                     torch.testing.assert_close(a, b, **F32)
-    assert MKL in {e.name for e in prof.events()}
+    names = {e.name for e in prof.events()}
+    assert ("hyperfused::mkl_batch" if HAS_MKL_BATCH else MKL) in names
 
 
 @pytest.mark.skipif(not HAS_MKL_CBLAS, reason="this torch exports no MKL CBLAS")

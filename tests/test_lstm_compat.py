@@ -308,6 +308,45 @@ def test_decode_products_direct_or_through_aten(B, layer_norm, monkeypatch):
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
+@pytest.mark.parametrize("layers, bidirectional, batch_first, batched", [
+    (1, False, False, True), (2, True, True, True), (2, False, False, False)],
+    ids=["1-layer", "2-layer-bidirectional-batch-first", "2-layer-unbatched"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+def test_a_hyper_lstm_called_one_step_at_a_time_decodes(layers, bidirectional, batch_first, batched, layer_norm):
+    """A HyperLSTM called with T = 1 under no_grad (a sampling loop written for nn.LSTM) runs every layer and
+    direction through the decode op instead of the sequence op, and gives what the general path gives with
+    gradients on, to float32 rounding (the decode op's GEMM-shaped step sums in another order; 1e-5 allowed).
+    Dropping the forget bias moves the states by more than 0.1."""
+    X, H, B = 5, 37, 3
+
+    def model(forget_bias):
+        torch.manual_seed(1)
+        return randomize_(hyperfused.HyperLSTM(X, H, num_layers=layers, bidirectional=bidirectional,
+                                               batch_first=batch_first, hyper_size=7, hyper_embed=3,
+                                               layer_norm=layer_norm, forget_bias=forget_bias, backend="cpu"),
+                          scale=0.3)
+
+    m, no_forget_bias = model(1.0), model(0.0)
+    xs = torch.randn(4, B, X) if batched else torch.randn(4, X)
+    step = (lambda x: x[:, None] if batch_first else x[None]) if batched else (lambda x: x[None])
+    general = decoded = wrong = None
+    for x in xs:
+        out_g, general = m(step(x), general)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            out_d, decoded = m(step(x), decoded)
+            _, wrong = no_forget_bias(step(x), wrong)
+        names = [e.name for e in prof.events()]
+        assert names.count("hyperfused::hyper_lstm_step") == 2 * layers * (2 if bidirectional else 1)
+        assert "hyperfused::hyper_lstm_forward" not in names
+        assert out_d.shape == out_g.shape
+        torch.testing.assert_close(out_d, out_g.detach(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(decoded.tensors(), general.tensors()):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+    assert (wrong.tensors()[1] - decoded.tensors()[1]).abs().max() > 0.1
+
+
+@pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
 def test_a_bfloat16_cell_steps_without_gradients(monkeypatch):
     """Sampling from a bfloat16 cell: the decode path steps in float32 from float32 copies of the weights (made
     on every call) and gives what a float32 copy of the cell gives, rounded to bfloat16."""

@@ -163,13 +163,13 @@ def test_recorded_decode_steps(case, monkeypatch):
         monkeypatch.setenv("HYPERFUSED_CUDA_GRAPHS", "1" if rec else "0")
         start = case.counts()
         with torch.no_grad():
-            states = [cell(xs[0])]  # from no state: the sequence op
+            states = [cell(xs[0])]  # from no state: a step too (a call with T = 1 and no grad decodes)
             for x in xs[1:]:
                 states.append(cell(x, states[-1]))
         runs.append(([t.clone() for st in states for t in st.tensors()], since(case, start)))
     (plain, plain_counts), (recorded, recorded_counts) = runs
     assert plain_counts == (0, 0)
-    assert recorded_counts == (1, 4)  # five decode steps: plain, then recorded, then replayed
+    assert recorded_counts == (1, 5)  # six decode steps: plain, then recorded, then replayed
     for a, b in zip(recorded, plain):
         torch.testing.assert_close(a, b, **case.tol)
 
