@@ -143,6 +143,29 @@ def test_initialising_by_name_as_for_nn_lstm_reaches_the_layers():
 
 
 @pytest.mark.parametrize("bias", [True, False])
+def test_the_layers_follow_every_change_of_the_modules_tensors(bias):
+    """The layers (HyperLSTM.cells) hold the module's own tensors, looked up again on every call: after a copy
+    of the module (the copy's cells hold the copy's tensors), load_state_dict(assign=True), a parameter replaced
+    by a new one, and eval()."""
+    m = hyperfused.HyperLSTM(4, 6, 2, bias=bias, bidirectional=True, hyper_size=5, hyper_embed=2)
+
+    def held_by_the_layers(module):
+        return all(getattr(cell, name) is getattr(module, name + module._suffix(k))
+                   for k, cell in enumerate(module.cells) for name, t in cell.named_parameters(recurse=False))
+
+    assert held_by_the_layers(m)
+    c = copy.deepcopy(m)
+    assert held_by_the_layers(c) and held_by_the_layers(m)
+    assert all(a is not b for a, b in zip(c.cells[3].parameters(), m.cells[3].parameters()))
+    c.load_state_dict({k: torch.zeros_like(v) for k, v in m.state_dict().items()}, assign=True)
+    assert held_by_the_layers(c) and not any(p.abs().sum() for p in c.cells[1].parameters())
+    c.weight_hh_l1_reverse = torch.nn.Parameter(torch.ones(24, 6))
+    assert c.cells[3].weight_hh is c.weight_hh_l1_reverse
+    c.eval()
+    assert not any(cell.training for cell in c.cells) and all(cell.training for cell in m.cells)
+
+
+@pytest.mark.parametrize("bias", [True, False])
 def test_from_lstm_and_to_lstm_are_inverse(bias):
     lstm = torch.nn.LSTM(4, 6, 2, bias=bias, bidirectional=True)
     m = hyperfused.HyperLSTM.from_lstm(lstm, hyper_size=5, hyper_embed=2)
