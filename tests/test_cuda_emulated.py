@@ -116,8 +116,8 @@ def test_emulation_runs_the_cuda_configuration(emulated):
 
 @pytest.mark.parametrize("masks", [False, True], ids=["plain", "masks"])
 def test_emulated_cuda_inference_saves_nothing_and_computes_the_same(masks, emulated):
-    """save_for_backward=False in the CUDA configuration: one step's scratch reused, the same outputs bit for bit
-    (the GPU test of test_hyper_lstm_fused, on the emulator)."""
+    """save_for_backward=False in the CUDA configuration: one step's scratch reused, the same outputs to float32
+    rounding (the GPU test of test_hyper_lstm_fused, on the emulator)."""
     from test_hyper_lstm_fused import test_inference_forward_saves_nothing_and_computes_the_same as check
 
     emulated("132")

@@ -380,7 +380,11 @@ def _op_for(backend):
 @pytest.mark.parametrize("masks", [False, True], ids=["nomask", "masks"])
 def test_inference_forward_saves_nothing_and_computes_the_same(backend, size, masks):
     """save_for_backward=False: g and ws come back empty (one step's scratch is reused instead of T steps'),
-    and every output equals the training forward's bit for bit."""
+    and every output equals the training forward's to float32 rounding. Not always bit for bit: in the
+    GEMM-shaped step the embeddings and scaling vectors are GEMMs on the z slot of the step's workspace, which
+    sits at another address in the one reused step than in the training forward's T steps, and MKL's kernels
+    may round differently by operand alignment (1-2 ulp on an AMD EPYC; equal on an Intel Xeon). 1e-6 is
+    allowed; dropping the forget bias moves the outputs by more than 0.01 (checked below)."""
     T, B, X, H, Hh, Nz = size
     device = device_for(backend)
     m = randomize_(hyperfused.HyperLSTM(X, H, hyper_size=Hh, hyper_embed=Nz, device=device))
@@ -395,7 +399,10 @@ def test_inference_forward_saves_nothing_and_computes_the_same(backend, size, ma
     assert train[4].shape == (T, B, 4 * H + 4 * Hh) and infer[4].shape == (0, B, 4 * H + 4 * Hh)
     assert infer[5].shape == (0, B, train[5].shape[2])
     for a, b in zip(train[:4], infer[:4]):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    args[-3] = 0.0  # forget_bias
+    wrong = _op_for(backend)(*args, save_for_backward=False)
+    assert (wrong[1] - train[1]).abs().max() > 0.01
 
 
 @pytest.mark.parametrize("backend", [p for p in ("cpu", "triton")])
