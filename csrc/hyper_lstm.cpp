@@ -470,6 +470,7 @@ float* decode_scratch(const Dims& d, const WsLayout& L) {
 // ATen ops (ForwardStepper) the same products took ~60 views, allocations and dispatches per step, more time
 // than the products themselves at B = 1, H = 256. The input and recurrent products go one per call: in one
 // batch MKL gave each product a single thread, and at H = 1000 W_h h alone then took longer than the step had.
+// Those of them on a whole parameter run in MKL or oneDNN, as measured (StepGemm::decode_gemm).
 StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& x, const at::Tensor& h,
                         const at::Tensor& c, const at::Tensor& hh, const at::Tensor& hc, at::TensorList p,
                         bool layer_norm, double forget_bias) {
@@ -492,7 +493,10 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
       {f(h), H, f(p[WEIGHT_HH]), H, true, g, GW, B, 4 * H, H, 0.0f},                       // W_h h
       {f(h), H, wx_hyper + X, X + H, true, g + 4 * H, GW, B, 4 * Hh, H, 0.0f},             // Ŵ_x,h h
       {f(hh), Hh, f(p[HYPER_WEIGHT_HH]), Hh, true, ghh, 4 * Hh, B, 4 * Hh, Hh, 0.0f}};     // Ŵ_h ĥ
-  for (const RawGemm& product : inputs) mkl_batch(&product, 1);
+  // W_x, W_h and Ŵ_h are whole parameters, which oneDNN can read too; the Ŵ_x slices go to MKL
+  const at::Tensor* weights[] = {&p[WEIGHT_IH], &p[HYPER_WEIGHT_IH], &p[WEIGHT_HH], &p[HYPER_WEIGHT_IH],
+                                 &p[HYPER_WEIGHT_HH]};
+  for (int i = 0; i < 5; ++i) StepGemm::decode_gemm(inputs[i], *weights[i]);
   ForwardStep st{d, ScalarKind::Float32, layer_norm, forget_bias, step_params(p),
                  g, ghh, gx, ghx, c.data_ptr(), hc.data_ptr(), nullptr, nullptr, nullptr, nullptr, h.data_ptr(),
                  hh.data_ptr(), h1.data_ptr(), c1.data_ptr(), hh1.data_ptr(), hc1.data_ptr(), ws, k.stream()};

@@ -25,8 +25,8 @@ struct StepKernels {
   bool gemm_shaped_forward;
   // How the device records a whole op to replay it (graphs.h), or null: HYPERFUSED_CUDA_GRAPHS=1 asks for it.
   const GraphBackend* graphs = nullptr;
-  // The decode step may run its float32 products as raw MKL calls on the tensors' memory (the CPU's kernels;
-  // StepGemm::batch_allowed()), rather than as ATen ops.
+  // The decode step may run its float32 products as direct MKL (or oneDNN) calls on the tensors' memory (the
+  // CPU's kernels; StepGemm::batch_allowed()), rather than as ATen ops.
   bool raw_blas = false;
 };
 

@@ -266,19 +266,23 @@ def test_decode_path_gives_what_the_general_path_gives(monkeypatch, design):
             cell(xs[0], hyperfused.HyperLSTMState(*decoded[-1].tensors()[:3], torch.zeros(3, 5)))
 
 
-PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "hyperfused::mkl_gemm", "hyperfused::mkl_batch")
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "hyperfused::mkl_gemm", "hyperfused::mkl_batch",
+            "hyperfused::onednn_gemm")
 COPIES = ("aten::cat", "aten::clone", "aten::contiguous", "aten::copy_", "aten::_to_copy")
+MKL_BATCH, ONEDNN = "hyperfused::mkl_batch", "hyperfused::onednn_gemm"
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
-@pytest.mark.parametrize("library", ["", "mm"], ids=["default", "aten"])
+@pytest.mark.parametrize("library", ["", "mkl", "onednn", "mm"], ids=["measured", "mkl", "onednn", "aten"])
 def test_a_decode_step_copies_no_weight(library, monkeypatch):
     """A decode step runs every product on the parameters themselves, with no concatenated or transposed copy of
-    a weight. By default on a torch with MKL, a float32 step makes the products as eight direct calls of MKL's
-    batch GEMM (the five input and recurrent products, the two embeddings, then the 12 scaling vectors in one)
-    and no ATen op at all; as ATen ops (HYPERFUSED_STEP_GEMM=mm, or a torch without MKL) the 12 scaling vectors
-    are two batched GEMMs (kinds h and x from scale_weight, kind b from bias_scale_weight), and the one copy
-    allowed is addmm's of a bias into its (B, ·) output."""
+    a weight. On a torch with MKL's batch GEMM a float32 step makes the products as eight direct calls: the five
+    input and recurrent products one by one (W_x x, W_h h and Ŵ_h ĥ, whole parameters, in MKL or oneDNN as
+    measured or forced; the Ŵ_x slices in MKL), the two embeddings, then the 12 scaling vectors in one MKL call.
+    The only copy allowed there is of a oneDNN product into its slice of the step's scratch. As ATen ops
+    (HYPERFUSED_STEP_GEMM=mm, or a torch without MKL's batch GEMM) the 12 scaling vectors are two batched GEMMs
+    (kinds h and x from scale_weight, kind b from bias_scale_weight), and the one copy allowed is addmm's of a
+    bias into its (B, ·) output."""
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
     torch.manual_seed(0)
     cell = hyperfused.HyperLSTMCell(5, 37, hyper_size=6, hyper_embed=3, backend="cpu")
@@ -290,23 +294,43 @@ def test_a_decode_step_copies_no_weight(library, monkeypatch):
     names = [e.name for e in prof.events()]
     assert names.count("hyperfused::hyper_lstm_step") == 1
     copies = [e for e in prof.events() if e.name in COPIES]
-    if HAS_MKL_BATCH and not library:
-        assert [n for n in names if n in PRODUCTS] == ["hyperfused::mkl_batch"] * 8
-        assert not copies, [e.name for e in copies]
+    products = [n for n in names if n in PRODUCTS]
+    if HAS_MKL_BATCH and library != "mm":
+        assert len(products) == 8 and products[1] == products[3] == MKL_BATCH and products[5:] == [MKL_BATCH] * 3
+        whole = products[0:5:2]  # W_x x, W_h h, Ŵ_h ĥ
+        assert set(whole) <= {MKL_BATCH, ONEDNN}
+        if library == "mkl" or not torch.backends.mkldnn.is_available():
+            assert whole == [MKL_BATCH] * 3
+        elif library == "onednn":
+            assert whole == [ONEDNN] * 3
+        assert all(e.cpu_parent.name == ONEDNN for e in copies), [e.cpu_parent.name for e in copies]
         return
-    assert names.count("aten::bmm") == 2 and "hyperfused::mkl_batch" not in names
-    assert all(e.name == "aten::copy_" and e.cpu_parent.name == "aten::addmm" for e in copies), \
-        [(e.name, e.cpu_parent and e.cpu_parent.name) for e in copies]
+    assert names.count("aten::bmm") == 2 and MKL_BATCH not in names
+    if library != "onednn":  # a forced oneDNN takes its (N, K) copies of the weights there
+        assert all(e.name == "aten::copy_" and e.cpu_parent.name == "aten::addmm" for e in copies), \
+            [(e.name, e.cpu_parent and e.cpu_parent.name) for e in copies]
+
+
+@pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
+def test_decode_leaves_onednn_when_it_is_disabled(monkeypatch):
+    """torch.backends.mkldnn.enabled = False rules oneDNN out of the decode step, even where it is forced."""
+    monkeypatch.setenv("HYPERFUSED_STEP_GEMM", "onednn")
+    cell = hyperfused.HyperLSTMCell(5, 37, hyper_size=6, hyper_embed=3, backend="cpu")
+    x = torch.randn(2, 5)
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), torch.profiler.profile() as prof:
+        cell(x, cell(x))
+    assert ONEDNN not in {e.name for e in prof.events()}
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
 def test_decode_products_direct_or_through_aten(B, layer_norm, monkeypatch):
-    """The float32 decode step's products as direct MKL calls (the default where torch has MKL) and as ATen ops
-    (HYPERFUSED_STEP_GEMM=mm) agree with the reference over several steps, and with each other to float32
-    rounding: bit for bit here, 1e-6 allowed. Dropping the forget bias moves the states by more than 0.1 (checked
-    below), so a product read with a wrong offset or transposition cannot hide inside either tolerance."""
+    """The float32 decode step's products made each way (as measured, the default; forced into MKL or oneDNN;
+    as ATen ops, HYPERFUSED_STEP_GEMM=mm) agree with the reference over several steps, and MKL's direct calls
+    with the ATen ops (MKL's too) to float32 rounding: bit for bit here, 1e-6 allowed. Dropping the forget
+    bias moves the states by more than 0.1 (checked below), so a product read with a wrong offset or
+    transposition cannot hide inside either tolerance."""
     X, H, Hh, Nz = 5, 37, 7, 3
     ref = randomize_(hyperfused.HyperLSTMCell(X, H, hyper_size=Hh, hyper_embed=Nz, layer_norm=layer_norm,
                                               backend="reference"), scale=0.3)
@@ -316,16 +340,19 @@ def test_decode_products_direct_or_through_aten(B, layer_norm, monkeypatch):
                                               forget_bias=0.0, backend="cpu")
     no_forget_bias.load_state_dict(ref.state_dict())
     xs = torch.randn(4, B, X)
+    libraries = ("", "mkl", "onednn", "mm")
     with torch.no_grad():
-        s_ref = s_direct = s_aten = s_wrong = ref(xs[0])
+        s_ref = s_wrong = ref(xs[0])
+        states = dict.fromkeys(libraries, s_ref)
         for x in xs[1:]:
-            s_ref, s_direct, s_wrong = ref(x, s_ref), cell(x, s_direct), no_forget_bias(x, s_wrong)
-            monkeypatch.setenv("HYPERFUSED_STEP_GEMM", "mm")
-            s_aten = cell(x, s_aten)
-            monkeypatch.delenv("HYPERFUSED_STEP_GEMM")
-    for direct, aten, expected, wrong in zip(s_direct.tensors(), s_aten.tensors(), s_ref.tensors(),
-                                             s_wrong.tensors()):
-        torch.testing.assert_close(direct, expected, rtol=1e-5, atol=1e-5)
+            s_ref, s_wrong = ref(x, s_ref), no_forget_bias(x, s_wrong)
+            for library in libraries:
+                monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
+                states[library] = cell(x, states[library])
+    for library, state in states.items():
+        for got, expected in zip(state.tensors(), s_ref.tensors()):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{library!r}: {m}")
+    for direct, aten in zip(states["mkl"].tensors(), states["mm"].tensors()):
         torch.testing.assert_close(direct, aten, rtol=1e-6, atol=1e-6)
     assert (s_wrong.tensors()[1] - s_ref.tensors()[1]).abs().max() > 0.1
 

@@ -105,6 +105,14 @@ const c10::BFloat16* to_bfloat16(const at::Tensor& a) {
   return scratch.data();
 }
 
+// The wall time of fn() in seconds.
+template <typename Fn>
+double seconds_of(Fn&& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 // MKL's LP64 interface takes sizes as int.
 int mkl_int(int64_t v) {
   TORCH_CHECK(v <= std::numeric_limits<int>::max(), "hyperfused: a GEMM dimension (", v, ") exceeds MKL's int");
@@ -269,11 +277,6 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
     m.candidates = {Library::Mm};
     if (onednn_) m.candidates.push_back(Library::OneDnn);
     if (mkl_) m.candidates.push_back(Library::Mkl);
-    const auto seconds_of = [](auto&& fn) {
-      const auto t0 = std::chrono::steady_clock::now();
-      fn();
-      return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    };
     if (mkl_ && !precision_.low) m.pack_seconds = seconds_of([&] { packed_for(mkl_int(a.size(0))); });
     m.seconds.assign(m.candidates.size(), 1e30);
     for (int round = 0; round < 16; ++round)
@@ -305,8 +308,7 @@ void StepGemm::mm_out(at::Tensor& out, const at::Tensor& a) const {
 }
 
 bool StepGemm::batch_allowed() {
-  const Library force = forced();
-  return mkl_sgemm_batch() && (force == Library::Measure || force == Library::Mkl);
+  return mkl_sgemm_batch() && forced() != Library::Mm;
 }
 
 void mkl_batch(const RawGemm* gemms, int count) {
@@ -330,6 +332,61 @@ void mkl_batch(const RawGemm* gemms, int count) {
     alpha[i] = 1.0f, beta[i] = g.beta, one[i] = 1;
   }
   mkl_sgemm_batch()(kRowMajor, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, count, one);
+}
+
+namespace {
+
+// Whether oneDNN can make product g: w is the (n, k) contiguous float32 tensor g reads transposed, g's beta is 0
+// or 1, and torch has oneDNN, enabled.
+bool onednn_reads(const RawGemm& g, const at::Tensor& w) {
+  return g.w_transposed && w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 &&
+         w.size(0) == g.n && w.size(1) == g.k && w.data_ptr<float>() == g.w && (g.beta == 0.0f || g.beta == 1.0f) &&
+         at::globalContext().userEnabledMkldnn() && onednn_linear();
+}
+
+// g.out (+)= g.a · wᵀ by oneDNN, its result copied (or added) into g.out's rows.
+void onednn_gemm(const RawGemm& g, const at::Tensor& w) {
+  RECORD_FUNCTION("hyperfused::onednn_gemm", std::vector<c10::IValue>());
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const auto a = at::from_blob(const_cast<float*>(g.a), {g.m, g.k}, {g.lda, 1}, f32);
+  auto out = at::from_blob(g.out, {g.m, g.n}, {g.ldo, 1}, f32);
+  const auto product =
+      onednn_linear()->call(a, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  g.beta == 0.0f ? out.copy_(product) : out.add_(product);
+}
+
+// Whether oneDNN made g's product faster than MKL: measured at the first call with its shape (m, n, k), the best
+// of 8 runs each, alternating, after one to warm each up, into scratch (g.out may hold a bias), and remembered.
+bool onednn_faster(const RawGemm& g, const at::Tensor& w) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, bool> faster;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(g.m, g.n, g.k);
+  auto it = faster.find(key);
+  if (it == faster.end()) {
+    std::vector<float> scratch(size_t(g.m * g.n));
+    RawGemm trial = g;
+    trial.out = scratch.data(), trial.ldo = g.n, trial.beta = 0.0f;
+    double mkl = 1e30, onednn = 1e30;
+    for (int round = 0; round < 9; ++round) {
+      const double t_mkl = seconds_of([&] { mkl_batch(&trial, 1); });
+      const double t_onednn = seconds_of([&] { onednn_gemm(trial, w); });
+      if (round > 0) mkl = std::min(mkl, t_mkl), onednn = std::min(onednn, t_onednn);
+    }
+    it = faster.emplace(key, onednn < mkl).first;
+  }
+  return it->second;
+}
+
+}  // namespace
+
+void StepGemm::decode_gemm(const RawGemm& g, const at::Tensor& w) {
+  const Library force = forced();
+  const bool onednn = force != Library::Mkl && onednn_reads(g, w);
+  if (onednn && (force == Library::OneDnn || onednn_faster(g, w)))
+    onednn_gemm(g, w);
+  else
+    mkl_batch(&g, 1);
 }
 
 void StepGemm::run(at::Tensor& out, const at::Tensor& a) const {

@@ -34,6 +34,8 @@ struct GemmPrecision {
   void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const;
 };
 
+struct RawGemm;
+
 class StepGemm {
  public:
   // w: (K, N); a strided view is fine (MKL reads either row-major layout as it is; oneDNN, which needs (N, K)
@@ -45,8 +47,15 @@ class StepGemm {
                     int64_t runs = 0);
   // out (m, N) and a (m, K), each with contiguous rows, in the op's dtype.
   void run(at::Tensor& out, const at::Tensor& a) const;
-  // Whether mkl_batch may run: torch has MKL's batch GEMM, and HYPERFUSED_STEP_GEMM forces no other library.
+  // Whether a decode step may make its products directly (mkl_batch, decode_gemm): torch has MKL's batch GEMM,
+  // and HYPERFUSED_STEP_GEMM is not mm (which keeps the ATen ops).
   static bool batch_allowed();
+  // One product of a decode step: by MKL straight into g.out, or by oneDNN's matmul (the result copied into
+  // g.out), whichever measured faster for the shape on this machine, once per shape and process. oneDNN only
+  // where `w` is the float32 tensor whose contiguous (n, k) rows g reads transposed and g.beta is 0 or 1; MKL
+  // otherwise. Neither wins everywhere: on an AMD EPYC MKL took 2.5x oneDNN's time for W_h h at B = 1,
+  // H = 1000, and oneDNN up to 4x MKL's for the small products. HYPERFUSED_STEP_GEMM=mkl or onednn forces one.
+  static void decode_gemm(const RawGemm& g, const at::Tensor& w);
 
  private:
   enum class Library { Measure, OneDnn, Mm, Mkl };
