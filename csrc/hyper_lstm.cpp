@@ -39,16 +39,25 @@ const char* const kParamNames[NUM_PARAMS] = {
     "scale_weight", "bias_z_weight", "bias_scale_weight", "ln_weight", "ln_bias", "ln_cell_weight", "ln_cell_bias",
     "hyper_ln_weight", "hyper_ln_bias", "hyper_ln_cell_weight", "hyper_ln_cell_bias"};
 
+// The four weights of the input and recurrent products: a decode step takes them in bfloat16 too.
+bool is_gemm_weight(int i) {
+  return i == WEIGHT_IH || i == WEIGHT_HH || i == HYPER_WEIGHT_IH || i == HYPER_WEIGHT_HH;
+}
+
 struct Sizes {
   int64_t T, B, X, H, Hh, Nz;
   Dims dims() const { return Dims{B, H, Hh, Nz}; }
 };
 
-void check_arg(const at::Tensor& t, const char* name, std::vector<int64_t> shape, const at::Tensor& x) {
+// bf16_ok: t may also be bfloat16 where x is float32 (a decode step's GEMM weights).
+void check_arg(const at::Tensor& t, const char* name, std::vector<int64_t> shape, const at::Tensor& x,
+               bool bf16_ok = false) {
   TORCH_CHECK(t.device() == x.device(), "hyperfused::hyper_lstm: '", name, "' is on ", t.device(),
               " but 'x' is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "hyperfused::hyper_lstm: '", name, "' has dtype ",
-              t.scalar_type(), ", expected ", x.scalar_type(), " (the dtype of 'x')");
+  bf16_ok = bf16_ok && x.scalar_type() == at::kFloat;
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() || (bf16_ok && t.scalar_type() == at::kBFloat16),
+              "hyperfused::hyper_lstm: '", name, "' has dtype ", t.scalar_type(), ", expected ", x.scalar_type(),
+              " (the dtype of 'x')", bf16_ok ? " or BFloat16" : "");
   TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "hyperfused::hyper_lstm: '", name, "' has shape ", t.sizes(),
               ", expected ", at::IntArrayRef(shape));
   TORCH_CHECK(t.is_contiguous(), "hyperfused::hyper_lstm: '", name, "' must be contiguous");
@@ -57,7 +66,7 @@ void check_arg(const at::Tensor& t, const char* name, std::vector<int64_t> shape
 Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0,
                    const at::Tensor& hc0, at::TensorList p, const std::optional<at::Tensor>& mask,
                    const std::optional<at::Tensor>& hyper_mask, const std::optional<at::Tensor>& zoneout_mask,
-                   const std::optional<at::Tensor>& hyper_zoneout_mask) {
+                   const std::optional<at::Tensor>& hyper_zoneout_mask, bool bf16_gemm_weights = false) {
   TORCH_CHECK(x.dim() == 3, "hyperfused::hyper_lstm: 'x' must have shape (T, B, input_size), got ", x.sizes());
   TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 0,
               "hyperfused::hyper_lstm: 'x' must be non-empty, got shape ", x.sizes());
@@ -81,7 +90,8 @@ Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
       {4 * H, X}, {4 * H, H},   {4 * H},     {4 * Hh, X + H}, {4 * Hh, Hh}, {4 * Hh}, {8 * Nz, Hh},
       {8 * Nz},   {2, 4 * H, Nz}, {4 * Nz, Hh}, {4 * H, Nz},   {4 * H},      {4 * H},  {H},
       {H},        {4 * Hh},     {4 * Hh},    {Hh},            {Hh}};
-  for (int i = 0; i < NUM_PARAMS; ++i) check_arg(p[i], kParamNames[i], shapes[i], x);
+  for (int i = 0; i < NUM_PARAMS; ++i)
+    check_arg(p[i], kParamNames[i], shapes[i], x, bf16_gemm_weights && is_gemm_weight(i));
   if (mask) check_arg(*mask, "mask", {s.T, B, H}, x);
   if (hyper_mask) check_arg(*hyper_mask, "hyper_mask", {s.T, B, Hh}, x);
   if (zoneout_mask) check_arg(*zoneout_mask, "zoneout_mask", {s.T, B, H}, x);
@@ -456,21 +466,24 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
 
 namespace {
 
-// A decode step's scratch, (B, ·) blocks: gx, ghx, g, ghh, ws and the 12 scaling vectors (12, B, H). Kept per
-// thread for the thread's life, so that a step allocates none of it.
-float* decode_scratch(const Dims& d, const WsLayout& L) {
+// A decode step's scratch, (B, ·) blocks: gx, ghx, g, ghh, ws and the 12 scaling vectors (12, B, H), then
+// xh_width more values ([x, h], B × (X + H)). Kept per thread for the thread's life, so that a step allocates
+// none of it.
+float* decode_scratch(const Dims& d, const WsLayout& L, int64_t xh_width) {
   static thread_local std::vector<float> scratch;
-  const size_t n = size_t(d.B) * (4 * d.H + 4 * d.Hh + d.g_width() + 4 * d.Hh + L.width + 12 * d.H);
+  const size_t n = size_t(d.B) * (4 * d.H + 4 * d.Hh + d.g_width() + 4 * d.Hh + L.width + 12 * d.H) + xh_width;
   if (scratch.size() < n) scratch.resize(n);
   return scratch.data();
 }
 
-// The decode step of the CPU in float32 with MKL: the GEMM-shaped step's 19 products as eight direct calls of
-// MKL's batch GEMM on the memory of the parameters and states, around the hyper-cell and main-cell kernels. As
-// ATen ops (ForwardStepper) the same products took ~60 views, allocations and dispatches per step, more time
-// than the products themselves at B = 1, H = 256. The input and recurrent products go one per call: in one
-// batch MKL gave each product a single thread, and at H = 1000 W_h h alone then took longer than the step had.
-// Those of them on a whole parameter run in MKL or oneDNN, as measured (StepGemm::decode_gemm).
+// The decode step of the CPU in float32 with MKL: the GEMM-shaped step's products as seven direct calls on the
+// memory of the parameters and states, around the hyper-cell and main-cell kernels. As ATen ops
+// (ForwardStepper) the same products took ~60 views, allocations and dispatches per step, more time than the
+// products themselves at B = 1, H = 256. The four input and recurrent products go one per call (in one batch
+// MKL gave each product a single thread, and at H = 1000 W_h h alone then took longer than the step had), each
+// in MKL or oneDNN as measured (StepGemm::decode_gemm), on whole weights: Ŵ_x's two products as one, on
+// [x, h]. A bfloat16 cell's four weights are read as they are. The embeddings and the 12 scaling vectors are
+// small, MKL's ground: three calls of its batch GEMM.
 StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& x, const at::Tensor& h,
                         const at::Tensor& c, const at::Tensor& hh, const at::Tensor& hc, at::TensorList p,
                         bool layer_norm, double forget_bias) {
@@ -478,25 +491,35 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
   const WsLayout L(d);
   const int64_t B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, GW = d.g_width();
   const auto f = [](const at::Tensor& t) { return t.data_ptr<float>(); };
-  float* const gx = decode_scratch(d, L);
+  float* const gx = decode_scratch(d, L, B * (X + H));
   float *const ghx = gx + B * 4 * H, *const g = ghx + B * 4 * Hh, *const ghh = g + B * GW;
   float *const ws = ghh + B * 4 * Hh, *const scale = ws + B * L.width, *const z = ws + L.z;
+  float* const xh = scale + 12 * B * H;  // [x, h] rows, for one product with the whole of Ŵ_x
+  for (int64_t b = 0; b < B; ++b) {
+    std::copy_n(f(x) + b * X, X, xh + b * (X + H));
+    std::copy_n(f(h) + b * H, H, xh + b * (X + H) + X);
+  }
   const auto opts = x.options();
   auto h1 = at::empty({B, H}, opts), c1 = at::empty({B, H}, opts);
   auto hh1 = at::empty({B, Hh}, opts), hc1 = at::empty({B, Hh}, opts);
-  const float* wx_hyper = f(p[HYPER_WEIGHT_IH]);  // (4Ĥ, X + H): [Ŵ_x,x | Ŵ_x,h]
+  // a weight's memory from element `at` on (float32, or bfloat16 for a bfloat16 module's step)
+  const auto w = [](const at::Tensor& t, int64_t at = 0) -> const void* {
+    return static_cast<const char*>(t.data_ptr()) + at * t.element_size();
+  };
+  const auto bf16 = [](const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; };
+  // The hyper cell sums ghx + g[4H:] + ghh: b̂ in ghx, and Ŵ_x [x, h] (both of Ŵ_x's products) in g[4H:].
   for (int64_t b = 0; b < B; ++b) std::copy_n(f(p[HYPER_BIAS]), 4 * Hh, ghx + b * 4 * Hh);
-  // Every weight is read transposed in place (op(w) = wᵀ) from its (out, in) rows.
+  // Every weight is a whole parameter, read transposed in place (op(w) = wᵀ) from its (out, in) rows, so that
+  // oneDNN can run any of them too.
+  const int weights[] = {WEIGHT_IH, HYPER_WEIGHT_IH, WEIGHT_HH, HYPER_WEIGHT_HH};
   const RawGemm inputs[] = {
-      {f(x), X, f(p[WEIGHT_IH]), X, true, gx, 4 * H, B, 4 * H, X, 0.0f},                  // W_x x
-      {f(x), X, wx_hyper, X + H, true, ghx, 4 * Hh, B, 4 * Hh, X, 1.0f},                   // Ŵ_x,x x + b̂
-      {f(h), H, f(p[WEIGHT_HH]), H, true, g, GW, B, 4 * H, H, 0.0f},                       // W_h h
-      {f(h), H, wx_hyper + X, X + H, true, g + 4 * H, GW, B, 4 * Hh, H, 0.0f},             // Ŵ_x,h h
-      {f(hh), Hh, f(p[HYPER_WEIGHT_HH]), Hh, true, ghh, 4 * Hh, B, 4 * Hh, Hh, 0.0f}};     // Ŵ_h ĥ
-  // W_x, W_h and Ŵ_h are whole parameters, which oneDNN can read too; the Ŵ_x slices go to MKL
-  const at::Tensor* weights[] = {&p[WEIGHT_IH], &p[HYPER_WEIGHT_IH], &p[WEIGHT_HH], &p[HYPER_WEIGHT_IH],
-                                 &p[HYPER_WEIGHT_HH]};
-  for (int i = 0; i < 5; ++i) StepGemm::decode_gemm(inputs[i], *weights[i]);
+      {f(x), X, w(p[WEIGHT_IH]), X, true, gx, 4 * H, B, 4 * H, X, 0.0f, bf16(p[WEIGHT_IH])},  // W_x x
+      {xh, X + H, w(p[HYPER_WEIGHT_IH]), X + H, true, g + 4 * H, GW, B, 4 * Hh, X + H, 0.0f,
+       bf16(p[HYPER_WEIGHT_IH])},                                                                  // Ŵ_x [x, h]
+      {f(h), H, w(p[WEIGHT_HH]), H, true, g, GW, B, 4 * H, H, 0.0f, bf16(p[WEIGHT_HH])},      // W_h h
+      {f(hh), Hh, w(p[HYPER_WEIGHT_HH]), Hh, true, ghh, 4 * Hh, B, 4 * Hh, Hh, 0.0f,
+       bf16(p[HYPER_WEIGHT_HH])}};  // Ŵ_h ĥ
+  for (int i = 0; i < 4; ++i) StepGemm::decode_gemm(inputs[i], p[weights[i]]);
   ForwardStep st{d, ScalarKind::Float32, layer_norm, forget_bias, step_params(p),
                  g, ghh, gx, ghx, c.data_ptr(), hc.data_ptr(), nullptr, nullptr, nullptr, nullptr, h.data_ptr(),
                  hh.data_ptr(), h1.data_ptr(), c1.data_ptr(), hh1.data_ptr(), hc1.data_ptr(), ws, k.stream()};
@@ -532,14 +555,22 @@ StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Ten
                         double forget_bias) {
   TORCH_CHECK(x.dim() == 2, "hyperfused::hyper_lstm_step: 'x' must have shape (B, input_size), got ", x.sizes());
   const Sizes s = check_inputs(x.unsqueeze(0), h, c, hh, hc, p, std::nullopt, std::nullopt, std::nullopt,
-                               std::nullopt);
+                               std::nullopt, /*bf16_gemm_weights=*/true);
   const c10::DeviceGuard guard(x.device());
   const NoAutocast no_autocast;
   const Dims dims = s.dims();
   const int64_t B = s.B, H = s.H, Hh = s.Hh;
   const bool split = gemm_shaped(k, /*decode=*/true);
-  if (split && k.raw_blas && x.scalar_type() == at::kFloat && StepGemm::batch_allowed())
+  bool bf16_weights = false;
+  for (int i = 0; i < NUM_PARAMS; ++i) bf16_weights = bf16_weights || p[i].scalar_type() == at::kBFloat16;
+  if (split && k.raw_blas && x.scalar_type() == at::kFloat && StepGemm::batch_allowed() &&
+      (!bf16_weights || StepGemm::bf16_allowed()))
     return decode_step_raw(k, s, x, h, c, hh, hc, p, layer_norm, forget_bias);
+  if (bf16_weights) {  // elsewhere the bfloat16 weights are read as float32 copies made here
+    std::vector<at::Tensor> q(p.begin(), p.end());
+    for (auto& t : q) t = t.to(at::kFloat);
+    return hyper_lstm_step(k, x, h, c, hh, hc, q, layer_norm, forget_bias);
+  }
   const Transposed tr(p, s, Use::Decode, split);
   const auto opts = x.options();
   auto gx = at::empty({B, 4 * H}, opts), ghx = at::empty({B, 4 * Hh}, opts);

@@ -94,15 +94,17 @@ SgemmBatch* mkl_sgemm_batch() {
 // a (m, K) rounded to bfloat16 as a contiguous (m, K) block in this thread's scratch, valid until its next
 // call: a plain loop, where at::Tensor::to took ~50 µs per step at B = 32 (a dispatch, an allocation, and a
 // copy kernel parallelised over the threads the GEMM had just left).
-const c10::BFloat16* to_bfloat16(const at::Tensor& a) {
+const c10::BFloat16* to_bfloat16(const float* src, int64_t m, int64_t k, int64_t lda) {
   static thread_local std::vector<c10::BFloat16> scratch;
-  const int64_t m = a.size(0), k = a.size(1), lda = a.stride(0);
   if (int64_t(scratch.size()) < m * k) scratch.resize(m * k);
-  const float* src = a.data_ptr<float>();
   c10::BFloat16* __restrict dst = scratch.data();
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < k; ++j) dst[i * k + j] = c10::BFloat16(src[i * lda + j]);  // round to nearest even
   return scratch.data();
+}
+
+const c10::BFloat16* to_bfloat16(const at::Tensor& a) {
+  return to_bfloat16(a.data_ptr<float>(), a.size(0), a.size(1), a.stride(0));
 }
 
 // The wall time of fn() in seconds.
@@ -328,7 +330,8 @@ void mkl_batch(const RawGemm* gemms, int count) {
     lda[i] = mkl_int(std::max(g.lda, g.k));
     ldb[i] = mkl_int(std::max(g.ldw, g.w_transposed ? g.k : g.n));
     ldc[i] = mkl_int(std::max(g.ldo, g.n));
-    a[i] = g.a, b[i] = g.w, c[i] = g.out;
+    TORCH_CHECK(!g.w_bf16, "hyperfused: mkl_batch takes float32 weights");
+    a[i] = g.a, b[i] = static_cast<const float*>(g.w), c[i] = g.out;
     alpha[i] = 1.0f, beta[i] = g.beta, one[i] = 1;
   }
   mkl_sgemm_batch()(kRowMajor, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, count, one);
@@ -339,29 +342,42 @@ namespace {
 // Whether oneDNN can make product g: w is the (n, k) contiguous float32 tensor g reads transposed, g's beta is 0
 // or 1, and torch has oneDNN, enabled.
 bool onednn_reads(const RawGemm& g, const at::Tensor& w) {
-  return g.w_transposed && w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 &&
-         w.size(0) == g.n && w.size(1) == g.k && w.data_ptr<float>() == g.w && (g.beta == 0.0f || g.beta == 1.0f) &&
+  return g.w_transposed && w.scalar_type() == (g.w_bf16 ? at::kBFloat16 : at::kFloat) && w.is_contiguous() &&
+         w.dim() == 2 &&
+         w.size(0) == g.n && w.size(1) == g.k && w.data_ptr() == g.w && (g.beta == 0.0f || g.beta == 1.0f) &&
          at::globalContext().userEnabledMkldnn() && onednn_linear();
 }
 
-// g.out (+)= g.a · wᵀ by oneDNN, its result copied (or added) into g.out's rows.
+// g.out (+)= g.a · wᵀ by oneDNN, its result copied (or added) into g.out's rows. With a bfloat16 weight, a is
+// rounded to bfloat16 and oneDNN returns its float32 sums rounded to bfloat16.
 void onednn_gemm(const RawGemm& g, const at::Tensor& w) {
   RECORD_FUNCTION("hyperfused::onednn_gemm", std::vector<c10::IValue>());
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const auto a = at::from_blob(const_cast<float*>(g.a), {g.m, g.k}, {g.lda, 1}, f32);
+  const auto a = g.w_bf16 ? at::from_blob(const_cast<c10::BFloat16*>(to_bfloat16(g.a, g.m, g.k, g.lda)),
+                                          {g.m, g.k}, f32.dtype(at::kBFloat16))
+                          : at::from_blob(const_cast<float*>(g.a), {g.m, g.k}, {g.lda, 1}, f32);
   auto out = at::from_blob(g.out, {g.m, g.n}, {g.ldo, 1}, f32);
   const auto product =
       onednn_linear()->call(a, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
   g.beta == 0.0f ? out.copy_(product) : out.add_(product);
 }
 
+// g with a bfloat16 weight: a rounded to bfloat16 in this thread's scratch, float32 accumulation and result.
+void mkl_bf16(const RawGemm& g) {
+  RECORD_FUNCTION("hyperfused::mkl_bf16", std::vector<c10::IValue>());
+  mkl_blas()->gemm_bf16bf16f32(kRowMajor, kNoTrans, g.w_transposed ? kTrans : kNoTrans, mkl_int(g.m), mkl_int(g.n),
+                               mkl_int(g.k), 1.0f, to_bfloat16(g.a, g.m, g.k, g.lda), mkl_int(g.k), g.w,
+                               mkl_int(std::max(g.ldw, g.w_transposed ? g.k : g.n)), g.beta, g.out,
+                               mkl_int(std::max(g.ldo, g.n)));
+}
+
 // Whether oneDNN made g's product faster than MKL: measured at the first call with its shape (m, n, k), the best
 // of 8 runs each, alternating, after one to warm each up, into scratch (g.out may hold a bias), and remembered.
 bool onednn_faster(const RawGemm& g, const at::Tensor& w) {
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t>, bool> faster;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, bool>, bool> faster;
   std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(g.m, g.n, g.k);
+  const auto key = std::make_tuple(g.m, g.n, g.k, g.w_bf16);
   auto it = faster.find(key);
   if (it == faster.end()) {
     std::vector<float> scratch(size_t(g.m * g.n));
@@ -369,7 +385,7 @@ bool onednn_faster(const RawGemm& g, const at::Tensor& w) {
     trial.out = scratch.data(), trial.ldo = g.n, trial.beta = 0.0f;
     double mkl = 1e30, onednn = 1e30;
     for (int round = 0; round < 9; ++round) {
-      const double t_mkl = seconds_of([&] { mkl_batch(&trial, 1); });
+      const double t_mkl = seconds_of([&] { g.w_bf16 ? mkl_bf16(trial) : mkl_batch(&trial, 1); });
       const double t_onednn = seconds_of([&] { onednn_gemm(trial, w); });
       if (round > 0) mkl = std::min(mkl, t_mkl), onednn = std::min(onednn, t_onednn);
     }
@@ -380,11 +396,17 @@ bool onednn_faster(const RawGemm& g, const at::Tensor& w) {
 
 }  // namespace
 
+bool StepGemm::bf16_allowed() {
+  return mkl_blas() != nullptr;
+}
+
 void StepGemm::decode_gemm(const RawGemm& g, const at::Tensor& w) {
   const Library force = forced();
   const bool onednn = force != Library::Mkl && onednn_reads(g, w);
   if (onednn && (force == Library::OneDnn || onednn_faster(g, w)))
     onednn_gemm(g, w);
+  else if (g.w_bf16)
+    mkl_bf16(g);
   else
     mkl_batch(&g, 1);
 }

@@ -55,7 +55,10 @@ class StepGemm {
   // where `w` is the float32 tensor whose contiguous (n, k) rows g reads transposed and g.beta is 0 or 1; MKL
   // otherwise. Neither wins everywhere: on an AMD EPYC MKL took 2.5x oneDNN's time for W_h h at B = 1,
   // H = 1000, and oneDNN up to 4x MKL's for the small products. HYPERFUSED_STEP_GEMM=mkl or onednn forces one.
+  // A bfloat16 weight (g.w_bf16) runs MKL's bfloat16 GEMM, which returns float32.
   static void decode_gemm(const RawGemm& g, const at::Tensor& w);
+  // Whether MKL's bfloat16 GEMM can run (torch exports it).
+  static bool bf16_allowed();
 
  private:
   enum class Library { Measure, OneDnn, Mm, Mkl };
@@ -87,19 +90,21 @@ class StepGemm {
   std::shared_ptr<Prepared> prepared_ = std::make_shared<Prepared>();
 };
 
-// A float32 product on raw row-major memory, beside any tensor: out (m, n) = a (m, k) · op(w) + beta · out,
-// where op(w) is w read as (k, n) rows, or (w_transposed) wᵀ with w read as (n, k) rows. lda, ldw and ldo are
-// the rows' strides in elements.
+// A product on raw row-major memory, beside any tensor: out (m, n) = a (m, k) · op(w) + beta · out, where op(w)
+// is w read as (k, n) rows, or (w_transposed) wᵀ with w read as (n, k) rows. lda, ldw and ldo are the rows'
+// strides in elements. a and out are float32; w is float32, or bfloat16 (w_bf16: a is rounded to bfloat16 and
+// the products accumulate in float32).
 struct RawGemm {
   const float* a;
   int64_t lda;
-  const float* w;
+  const void* w;
   int64_t ldw;
   bool w_transposed;
   float* out;
   int64_t ldo;
   int64_t m, n, k;
   float beta;
+  bool w_bf16 = false;
 };
 
 // Runs up to 16 products in one call of MKL's batch GEMM (StepGemm::batch_allowed() says whether it can): no

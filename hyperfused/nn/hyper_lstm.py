@@ -15,6 +15,9 @@ _BIAS_PARAMS = ("bias_z_weight", "bias_scale_weight")
 # A cell's parameters and constant buffers, by name: PARAM_NAMES with b_0 as nn.LSTMCell's bias_ih + bias_hh.
 CELL_PARAM_NAMES = PARAM_NAMES[:2] + ("bias_ih", "bias_hh") + PARAM_NAMES[3:]
 _BIAS_INDEX = PARAM_NAMES.index("bias")  # b_0's place in the ops' parameter list
+# The weights of the input and recurrent products, which the decode op also takes in bfloat16
+_GEMM_WEIGHTS = frozenset(PARAM_NAMES.index(n) for n in ("weight_ih", "weight_hh", "hyper_weight_ih",
+                                                          "hyper_weight_hh"))
 
 
 def _upgrade_bias(state_dict, old_key: str, new_prefix: str, suffix: str, has_bias: bool) -> None:
@@ -246,8 +249,13 @@ class HyperLSTMCell(nn.Module):
         # made: an optimizer step, load_state_dict, or an in-place change through .data, which no version
         # counter records. What the list must follow is a parameter's storage changing (module.to(), .data =):
         # that is the key. b_0 = bias_ih + bias_hh is derived, so it is summed again on every call, and a
-        # float16/bfloat16 cell steps in float32 from float32 copies made on every call: a kept copy could not
-        # tell that its source changed.
+        # float16/bfloat16 cell steps in float32 from float32 copies made on every call (a kept copy could not
+        # tell that its source changed), except for a bfloat16 cell's four large weights, which the op reads as
+        # they are (the products with bfloat16 operands, accumulated in float32): at H = 1000 their float32
+        # copies cost a bfloat16 step more than the step itself.
+        if self.weight_ih.dtype == torch.bfloat16:
+            return [p.detach().contiguous() if i in _GEMM_WEIGHTS else p.detach().float().contiguous()
+                    for i, p in enumerate(self.flat_params())]
         if self.weight_ih.dtype not in (torch.float32, torch.float64):
             return [p.detach().float().contiguous() for p in self.flat_params()]
         tensors = [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
@@ -281,7 +289,7 @@ class HyperLSTMCell(nn.Module):
     def _step(self, x, h, c, hh, hc) -> tuple:
         """The decode op on checked (B, ·) tensors: the next (h, c, ĥ, ĉ) in x's dtype."""
         dtype = x.dtype
-        if dtype not in (torch.float32, torch.float64):  # half-precision cells step in float32
+        if dtype not in (torch.float32, torch.float64):  # half-precision cells step in float32 (_decode_params)
             x, h, c, hh, hc = (t.float() for t in (x, h, c, hh, hc))
         with torch._C._AutoDispatchBelowAutograd():
             out = torch.ops.hyperfused.hyper_lstm_step.default(
