@@ -502,10 +502,7 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
   const auto opts = x.options();
   auto h1 = at::empty({B, H}, opts), c1 = at::empty({B, H}, opts);
   auto hh1 = at::empty({B, Hh}, opts), hc1 = at::empty({B, Hh}, opts);
-  // a weight's memory from element `at` on (float32, or bfloat16 for a bfloat16 module's step)
-  const auto w = [](const at::Tensor& t, int64_t at = 0) -> const void* {
-    return static_cast<const char*>(t.data_ptr()) + at * t.element_size();
-  };
+  // a weight is float32, or bfloat16 for a bfloat16 cell's step
   const auto bf16 = [](const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; };
   // The hyper cell sums ghx + g[4H:] + ghh: b̂ in ghx, and Ŵ_x [x, h] (both of Ŵ_x's products) in g[4H:].
   for (int64_t b = 0; b < B; ++b) std::copy_n(f(p[HYPER_BIAS]), 4 * Hh, ghx + b * 4 * Hh);
@@ -513,12 +510,16 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
   // oneDNN can run any of them too.
   const int weights[] = {WEIGHT_IH, HYPER_WEIGHT_IH, WEIGHT_HH, HYPER_WEIGHT_HH};
   const RawGemm inputs[] = {
-      {f(x), X, w(p[WEIGHT_IH]), X, true, gx, 4 * H, B, 4 * H, X, 0.0f, bf16(p[WEIGHT_IH])},  // W_x x
-      {xh, X + H, w(p[HYPER_WEIGHT_IH]), X + H, true, g + 4 * H, GW, B, 4 * Hh, X + H, 0.0f,
-       bf16(p[HYPER_WEIGHT_IH])},                                                                  // Ŵ_x [x, h]
-      {f(h), H, w(p[WEIGHT_HH]), H, true, g, GW, B, 4 * H, H, 0.0f, bf16(p[WEIGHT_HH])},      // W_h h
-      {f(hh), Hh, w(p[HYPER_WEIGHT_HH]), Hh, true, ghh, 4 * Hh, B, 4 * Hh, Hh, 0.0f,
-       bf16(p[HYPER_WEIGHT_HH])}};  // Ŵ_h ĥ
+      // W_x x
+      {f(x), X, p[WEIGHT_IH].data_ptr(), X, true, gx, 4 * H, B, 4 * H, X, 0.0f, bf16(p[WEIGHT_IH])},
+      // Ŵ_x [x, h]
+      {xh, X + H, p[HYPER_WEIGHT_IH].data_ptr(), X + H, true, g + 4 * H, GW, B, 4 * Hh, X + H, 0.0f,
+       bf16(p[HYPER_WEIGHT_IH])},
+      // W_h h
+      {f(h), H, p[WEIGHT_HH].data_ptr(), H, true, g, GW, B, 4 * H, H, 0.0f, bf16(p[WEIGHT_HH])},
+      // Ŵ_h ĥ
+      {f(hh), Hh, p[HYPER_WEIGHT_HH].data_ptr(), Hh, true, ghh, 4 * Hh, B, 4 * Hh, Hh, 0.0f,
+       bf16(p[HYPER_WEIGHT_HH])}};
   for (int i = 0; i < 4; ++i) StepGemm::decode_gemm(inputs[i], p[weights[i]]);
   ForwardStep st{d, ScalarKind::Float32, layer_norm, forget_bias, step_params(p),
                  g, ghh, gx, ghx, c.data_ptr(), hc.data_ptr(), nullptr, nullptr, nullptr, nullptr, h.data_ptr(),
