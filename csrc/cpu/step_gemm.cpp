@@ -121,6 +121,11 @@ int mkl_int(int64_t v) {
   return static_cast<int>(v);
 }
 
+// g's weight and output leading dimensions for MKL, which wants each at least its row's length, whatever
+// stride a single row carries.
+int mkl_ldw(const RawGemm& g) { return mkl_int(std::max(g.ldw, g.w_transposed ? g.k : g.n)); }
+int mkl_ldo(const RawGemm& g) { return mkl_int(std::max(g.ldo, g.n)); }
+
 }  // namespace
 
 at::Tensor GemmPrecision::operand(const at::Tensor& t) const {
@@ -326,10 +331,7 @@ void mkl_batch(const RawGemm* gemms, int count) {
     transa[i] = kNoTrans;
     transb[i] = g.w_transposed ? kTrans : kNoTrans;
     m[i] = mkl_int(g.m), n[i] = mkl_int(g.n), k[i] = mkl_int(g.k);
-    // MKL wants each leading dimension at least its row's length, whatever stride a single row carries
-    lda[i] = mkl_int(std::max(g.lda, g.k));
-    ldb[i] = mkl_int(std::max(g.ldw, g.w_transposed ? g.k : g.n));
-    ldc[i] = mkl_int(std::max(g.ldo, g.n));
+    lda[i] = mkl_int(std::max(g.lda, g.k)), ldb[i] = mkl_ldw(g), ldc[i] = mkl_ldo(g);
     TORCH_CHECK(!g.w_bf16, "hyperfused: mkl_batch takes float32 weights");
     a[i] = g.a, b[i] = static_cast<const float*>(g.w), c[i] = g.out;
     alpha[i] = 1.0f, beta[i] = g.beta, one[i] = 1;
@@ -367,8 +369,7 @@ void mkl_bf16(const RawGemm& g) {
   RECORD_FUNCTION("hyperfused::mkl_bf16", std::vector<c10::IValue>());
   mkl_blas()->gemm_bf16bf16f32(kRowMajor, kNoTrans, g.w_transposed ? kTrans : kNoTrans, mkl_int(g.m), mkl_int(g.n),
                                mkl_int(g.k), 1.0f, to_bfloat16(g.a, g.m, g.k, g.lda), mkl_int(g.k), g.w,
-                               mkl_int(std::max(g.ldw, g.w_transposed ? g.k : g.n)), g.beta, g.out,
-                               mkl_int(std::max(g.ldo, g.n)));
+                               mkl_ldw(g), g.beta, g.out, mkl_ldo(g));
 }
 
 // Whether oneDNN made g's product faster than MKL: measured at the first call with its shape (m, n, k), the best

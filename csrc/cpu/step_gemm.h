@@ -51,11 +51,12 @@ class StepGemm {
   // and HYPERFUSED_STEP_GEMM is not mm (which keeps the ATen ops).
   static bool batch_allowed();
   // One product of a decode step: by MKL straight into g.out, or by oneDNN's matmul (the result copied into
-  // g.out), whichever measured faster for the shape on this machine, once per shape and process. oneDNN only
-  // where `w` is the float32 tensor whose contiguous (n, k) rows g reads transposed and g.beta is 0 or 1; MKL
-  // otherwise. Neither wins everywhere: on an AMD EPYC MKL took 2.5x oneDNN's time for W_h h at B = 1,
-  // H = 1000, and oneDNN up to 4x MKL's for the small products. HYPERFUSED_STEP_GEMM=mkl or onednn forces one.
-  // A bfloat16 weight (g.w_bf16) runs MKL's bfloat16 GEMM, which returns float32.
+  // g.out), whichever measured faster for the shape and weight dtype on this machine, once per process. oneDNN
+  // only where `w` is the tensor (float32, or bfloat16 for g.w_bf16) whose contiguous (n, k) rows g reads
+  // transposed and g.beta is 0 or 1; MKL otherwise. Neither wins everywhere: on an AMD EPYC MKL took 2.5x
+  // oneDNN's time for W_h h at B = 1, H = 1000, and oneDNN up to 4x MKL's for the small products.
+  // HYPERFUSED_STEP_GEMM=mkl or onednn forces one. With a bfloat16 weight both round a to bfloat16 and
+  // accumulate in float32 (MKL returns float32, oneDNN bfloat16).
   static void decode_gemm(const RawGemm& g, const at::Tensor& w);
   // Whether MKL's bfloat16 GEMM can run (torch exports it).
   static bool bf16_allowed();

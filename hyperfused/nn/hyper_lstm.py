@@ -9,15 +9,14 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ._args import finite_real, flag, positive_int, probability, real
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
+from ..ops._checks import DECODE_BF16_WEIGHTS
 from ..reference import PARAM_NAMES
 
 _BIAS_PARAMS = ("bias_z_weight", "bias_scale_weight")
 # A cell's parameters and constant buffers, by name: PARAM_NAMES with b_0 as nn.LSTMCell's bias_ih + bias_hh.
 CELL_PARAM_NAMES = PARAM_NAMES[:2] + ("bias_ih", "bias_hh") + PARAM_NAMES[3:]
 _BIAS_INDEX = PARAM_NAMES.index("bias")  # b_0's place in the ops' parameter list
-# The weights of the input and recurrent products, which the decode op also takes in bfloat16
-_GEMM_WEIGHTS = frozenset(PARAM_NAMES.index(n) for n in ("weight_ih", "weight_hh", "hyper_weight_ih",
-                                                          "hyper_weight_hh"))
+_DECODE_BF16 = frozenset(PARAM_NAMES.index(n) for n in DECODE_BF16_WEIGHTS)  # their places in that list
 
 
 def _upgrade_bias(state_dict, old_key: str, new_prefix: str, suffix: str, has_bias: bool) -> None:
@@ -254,7 +253,7 @@ class HyperLSTMCell(nn.Module):
         # they are (the products with bfloat16 operands, accumulated in float32): at H = 1000 their float32
         # copies cost a bfloat16 step more than the step itself.
         if self.weight_ih.dtype == torch.bfloat16:
-            return [p.detach().contiguous() if i in _GEMM_WEIGHTS else p.detach().float().contiguous()
+            return [p.detach().contiguous() if i in _DECODE_BF16 else p.detach().float().contiguous()
                     for i, p in enumerate(self.flat_params())]
         if self.weight_ih.dtype not in (torch.float32, torch.float64):
             return [p.detach().float().contiguous() for p in self.flat_params()]

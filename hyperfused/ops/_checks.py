@@ -11,7 +11,9 @@ import torch
 from ..reference import PARAM_NAMES
 
 _FLOATS = (torch.float32, torch.float64)
-_GEMM_WEIGHTS = ("weight_ih", "weight_hh", "hyper_weight_ih", "hyper_weight_hh")
+# The weights of the input and recurrent products, which the decode op (hyperfused::hyper_lstm_step) also takes
+# in bfloat16 beside float32 states and small parameters (csrc/hyper_lstm.cpp: is_gemm_weight)
+DECODE_BF16_WEIGHTS = ("weight_ih", "weight_hh", "hyper_weight_ih", "hyper_weight_hh")
 
 
 def _check_arg(op: str, t, name: str, shape: Sequence, x: torch.Tensor, x_name: str = "x",
@@ -49,7 +51,7 @@ def lstm_sizes(x, h0, c0, hh0, hc0, params, mask: Optional[torch.Tensor], hyper_
               (2, 4 * H, Nz), (4 * Nz, Hh), (4 * H, Nz), (4 * H,), (4 * H,), (H,), (H,), (4 * Hh,), (4 * Hh,), (Hh,),
               (Hh,)]
     for name, t, shape in zip(PARAM_NAMES, params, shapes):
-        _check_arg(op, t, name, shape, x, bf16_ok=bf16_gemm_weights and name in _GEMM_WEIGHTS)
+        _check_arg(op, t, name, shape, x, bf16_ok=bf16_gemm_weights and name in DECODE_BF16_WEIGHTS)
     for name, m, n in (("mask", mask, H), ("hyper_mask", hyper_mask, Hh), ("zoneout_mask", zoneout_mask, H),
                        ("hyper_zoneout_mask", hyper_zoneout_mask, Hh)):
         if m is not None:
