@@ -429,29 +429,57 @@ def test_a_hyper_lstm_called_one_step_at_a_time_decodes(layers, bidirectional, b
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
-def test_a_bfloat16_cell_steps_without_gradients(monkeypatch):
-    """Sampling from a bfloat16 cell: the decode path steps in float32 from float32 copies of the weights (made
-    on every call) and gives what a float32 copy of the cell gives, rounded to bfloat16."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_half_precision_cell_steps_without_gradients(dtype, monkeypatch):
+    """Sampling from a bfloat16 or float16 cell: the decode path steps in float32 (from float32 copies of the
+    weights refreshed on every call, a bfloat16 cell's four large weights read as they are) and gives what a
+    float32 copy of the cell gives, rounded to the cell's dtype. In-place changes through .data, which no
+    version counter records, reach the next step: to a large weight, a small one and b_0's two halves."""
     torch.manual_seed(0)
     cell = randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2, backend="cpu"), scale=0.3)
-    low = copy.deepcopy(cell).to(torch.bfloat16)
+    low = copy.deepcopy(cell).to(dtype)
     cell.load_state_dict({k: v.float() for k, v in low.state_dict().items()})  # the same bfloat16-exact weights
     calls = []
     real = hyperfused.HyperLSTMCell._decode_step
     monkeypatch.setattr(hyperfused.HyperLSTMCell, "_decode_step", lambda self, *a: calls.append(1) or real(self, *a))
-    x = torch.randn(3, 5).to(torch.bfloat16)
+    x = torch.randn(3, 5).to(dtype)
     with torch.no_grad():
         s_low = low(x)
         s_low = low(x, s_low)
         first = [t.clone() for t in s_low.tensors()]
         s = cell(x.float(), HyperLSTMState(*(t.float() for t in cell(x.float()).tensors())))
         assert len(calls) == 2  # both cells' second steps took the decode path
-        assert s_low[0].dtype == torch.bfloat16 and s_low.hyper_h.dtype == torch.bfloat16
+        assert s_low[0].dtype == dtype and s_low.hyper_h.dtype == dtype
         for a, b in zip(s_low.tensors(), s.tensors()):
             torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
-        low.weight_hh.data.mul_(-1.0)  # in place, past the version counter: the float32 copies must follow
-        cell.weight_hh.data.mul_(-1.0)
-        again = low(x, low(x))
-        ref = cell(x.float(), HyperLSTMState(*(t.float() for t in cell(x.float()).tensors())))
-    assert not torch.equal(again[0], first[0])
-    torch.testing.assert_close(again[0].float(), ref[0], rtol=2e-2, atol=2e-2)
+        # each change moves h by 0.25 or more; a stale step then differs from the reference by that much
+        for name, change in (("weight_hh", -1.0), ("scale_weight", 3.0), ("bias_hh", -2.0), ("bias_ih", -0.25)):
+            for m in (low, cell):  # in place, past the version counter: the float32 copies must follow
+                getattr(m, name).data.mul_(change)
+            again = low(x, low(x))
+            ref = cell(x.float(), HyperLSTMState(*(t.float() for t in cell(x.float()).tensors())))
+            assert not torch.equal(again[0], first[0]), name
+            torch.testing.assert_close(again[0].float(), ref[0], rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
+            first = [t.clone() for t in again.tensors()]
+
+
+@pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_cell_decodes_in_and_out_of_inference_mode(dtype):
+    """The decode step keeps the parameter list it made (and its float32 buffers); made under inference_mode,
+    they are inference tensors, which no step outside inference_mode may write (the step raised
+    "Inplace update to inference tensor outside InferenceMode"). Steps alternating between the two modes
+    compute the same numbers."""
+    torch.manual_seed(0)
+    cell = randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2, backend="cpu"), scale=0.3)
+    cell = cell.to(dtype)
+    x = torch.randn(3, 5, dtype=dtype)
+    with torch.inference_mode():
+        start = cell(x)
+        first = cell(x, start)
+    with torch.no_grad():
+        second = cell(x, HyperLSTMState(*(t.clone() for t in start.tensors())))
+    with torch.inference_mode():
+        third = cell(x, start)
+    for a, b, c in zip(first.tensors(), second.tensors(), third.tensors()):
+        assert torch.equal(a, b) and torch.equal(a, c)
