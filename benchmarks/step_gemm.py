@@ -2,7 +2,8 @@
 
 Each step multiplies the same weight by a (B × K) batch. at::mm (MKL's sgemm) packs the weight on every call;
 mkl::_mkl_linear takes it packed once but returns a new tensor; MKL's cblas_sgemm_compute, which hyperfused
-calls, takes the packed weight and writes into the caller's buffer; oneDNN's matmul caches its primitive.
+calls, takes the packed weight and writes into the caller's buffer; oneDNN's matmul caches its primitive, and
+runs against the weight as it is or reordered once into its blocked layout for the batch size.
 With bfloat16 operands (autocast): at::mm and oneDNN return bfloat16, converted here to float32 as the op
 does; MKL's cblas_gemm_bf16bf16f32 returns float32. hyperfused's StepGemm measures these once per shape and
 process and runs the fastest (csrc/cpu/step_gemm.cpp); this prints what each takes, the operand conversion
@@ -70,12 +71,21 @@ def libraries(a: torch.Tensor, w: torch.Tensor) -> dict:
                                     n, zero, ptr(out.data_ptr()), n)
             return out
         fns["MKL packed, into out"] = packed_into_out
-    if torch.backends.mkldnn.is_available():
-        fns["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], None)
+    onednn = torch.backends.mkldnn.is_available()
+    reorder = onednn and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    linear = lambda x, weight: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], None)  # noqa: E731
+    if onednn:
+        fns["oneDNN"] = lambda: linear(a, w)
+    if reorder:  # the weight in oneDNN's blocked layout for m rows, made once
+        w_blocked = torch.ops.mkldnn._reorder_linear_weight(w, m)
+        fns["oneDNN reordered"] = lambda: linear(a, w_blocked)
     wb, wtb = w.bfloat16(), wt.bfloat16()
     fns["at::mm bf16"] = lambda: torch.mm(a.bfloat16(), wtb).float()
-    if torch.backends.mkldnn.is_available():
-        fns["oneDNN bf16"] = lambda: torch.ops.mkldnn._linear_pointwise(a.bfloat16(), wb, None, "none", [], None).float()
+    if onednn:
+        fns["oneDNN bf16"] = lambda: linear(a.bfloat16(), wb).float()
+    if reorder:
+        wb_blocked = torch.ops.mkldnn._reorder_linear_weight(wb, m)
+        fns["oneDNN reordered bf16"] = lambda: linear(a.bfloat16(), wb_blocked).float()
     if lib is not None:
         def mkl_bf16():
             ab = a.bfloat16()

@@ -75,16 +75,19 @@ def test_low_precision_gemms_match_the_float32_reference(backend):
 
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and HAS_MKL_CBLAS),
                     reason="this torch has no oneDNN or exports no MKL CBLAS")
-@pytest.mark.parametrize("library, runs", [("onednn", "mkldnn::_linear_pointwise"), ("mkl", "hyperfused::mkl_gemm"),
-                                           ("mm", "aten::mm")])
+@pytest.mark.parametrize("library, runs", [("onednn", "mkldnn::_linear_pointwise"),
+                                           ("onednn-packed", "mkldnn::_linear_pointwise"),
+                                           ("mkl", "hyperfused::mkl_gemm"), ("mm", "aten::mm")])
 def test_cpu_bfloat16_step_gemms_every_way(library, runs, monkeypatch):
     """The recurrent GEMMs with bfloat16 operands in each CPU library the op measures (HYPERFUSED_STEP_GEMM
-    forces one): oneDNN and at::mm return bfloat16 and MKL float32, so the tolerances above cover all three."""
+    forces one): oneDNN (against the weight as it is, or reordered for the batch size) and at::mm return
+    bfloat16 and MKL float32, so the tolerances above cover them all."""
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
     ref_out, ref_grads = _sequence_run("reference", "cpu", None)
     with torch.profiler.profile() as prof:
         out, grads = _sequence_run("cpu", "cpu", torch.bfloat16)
     assert sum(e.name == runs for e in prof.events()) >= 7  # every forward step at least
+    assert any(e.name == "hyperfused::onednn_pack" for e in prof.events()) == (library == "onednn-packed")
     assert _relative_error(out, ref_out) < TOL_OUT
     assert _relative_error(grads, ref_grads) < TOL_GRAD
     assert _relative_error(out, _sequence_run("cpu", "cpu", None)[0]) > 1e-4  # the GEMMs did run in bfloat16

@@ -119,17 +119,21 @@ def test_step_designs_match_the_reference(backend, design, dtype, layer_norm, T,
         assert bmms == 0
 
 
-ONEDNN, MKL = "mkldnn::_linear_pointwise", "hyperfused::mkl_gemm"
+ONEDNN, MKL, ONEDNN_PACK = "mkldnn::_linear_pointwise", "hyperfused::mkl_gemm", "hyperfused::onednn_pack"
 
 
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and HAS_MKL_CBLAS),
                     reason="this torch has no oneDNN or exports no MKL CBLAS")
 @pytest.mark.parametrize("library, mkldnn, runs, absent", [
-    ("onednn", True, {ONEDNN}, {MKL}), ("mkl", True, {MKL}, {ONEDNN}), ("mm", True, set(), {ONEDNN, MKL}),
-    ("onednn", False, set(), {ONEDNN, MKL}), ("", False, set(), {ONEDNN}), ("", True, set(), set())],
-    ids=["onednn", "mkl-packed", "mm", "onednn-but-mkldnn-disabled", "measured-mkldnn-disabled", "measured"])
+    ("onednn", True, {ONEDNN}, {MKL, ONEDNN_PACK}), ("onednn-packed", True, {ONEDNN, ONEDNN_PACK}, {MKL}),
+    ("mkl", True, {MKL}, {ONEDNN}), ("mm", True, set(), {ONEDNN, MKL}),
+    ("onednn", False, set(), {ONEDNN, MKL}), ("onednn-packed", False, set(), {ONEDNN, MKL}),
+    ("", False, set(), {ONEDNN}), ("", True, set(), set())],
+    ids=["onednn", "onednn-packed", "mkl-packed", "mm", "onednn-but-mkldnn-disabled",
+         "onednn-packed-but-mkldnn-disabled", "measured-mkldnn-disabled", "measured"])
 def test_cpu_float32_step_gemm_every_way(library, mkldnn, runs, absent, monkeypatch):
-    """float32 recurrent GEMMs run in oneDNN, MKL, or MKL with the weight packed once per call, whichever
+    """float32 recurrent GEMMs run in oneDNN (against the weight as it is, or reordered once per call into
+    oneDNN's blocked layout for the batch size), at::mm, or MKL with the weight packed once per call, whichever
     measured fastest for the shape on this machine (HYPERFUSED_STEP_GEMM forces one;
     torch.backends.mkldnn.enabled=False rules oneDNN out). Every way agrees with the reference."""
     T, B, X, H, Hh, Nz = 5, 17, 7, 37, 20, 4

@@ -372,7 +372,7 @@ def test_decode_products_direct_or_through_aten(B, layer_norm, monkeypatch):
                                               forget_bias=0.0, backend="cpu")
     no_forget_bias.load_state_dict(ref.state_dict())
     xs = torch.randn(4, B, X)
-    libraries = ("", "mkl", "onednn", "mm")
+    libraries = ("", "mkl", "onednn", "onednn-packed", "mm")  # run once, a forced onednn-packed runs unpacked
     with torch.no_grad():
         s_ref = s_wrong = ref(xs[0])
         states = dict.fromkeys(libraries, s_ref)

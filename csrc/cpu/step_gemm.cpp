@@ -36,6 +36,19 @@ const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
   return handle ? &*handle : nullptr;
 }
 
+using ReorderFn = at::Tensor(const at::Tensor&, std::optional<int64_t>);
+
+// mkldnn::_reorder_linear_weight(weight (N, K), batch_size?): the weight in oneDNN's blocked layout for a GEMM
+// of batch_size rows (an opaque tensor _linear_pointwise takes as its weight). Absent without oneDNN.
+const c10::TypedOperatorHandle<ReorderFn>* onednn_reorder() {
+  static const auto handle = []() -> std::optional<c10::TypedOperatorHandle<ReorderFn>> {
+    const auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""});
+    if (!h) return std::nullopt;
+    return h->typed<ReorderFn>();
+  }();
+  return handle ? &*handle : nullptr;
+}
+
 // MKL's CBLAS entry points (LP64: 32-bit MKL_INT), looked up at run time in the library holding ATen's CPU
 // kernels, which links MKL in and exports them when torch is built with MKL; null otherwise. Called directly
 // rather than through torch's mkl::_mkl_linear so that the product lands in `out` (a step's slice of the
@@ -172,13 +185,14 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
   // userEnabledMkldnn: torch.backends.mkldnn.enabled, which a user may turn off to rule oneDNN out
   const bool onednn_dtype = w_.scalar_type() == at::kFloat || w_.scalar_type() == at::kBFloat16;
   onednn_ = w.is_cpu() && onednn_dtype && at::globalContext().userEnabledMkldnn() && onednn_linear() &&
-            (force == Library::Measure || force == Library::OneDnn);
+            (force == Library::Measure || force == Library::OneDnn || force == Library::OneDnnPacked);
+  onednn_packed_ = onednn_ && onednn_reorder() && force != Library::OneDnn;
   // MKL: its packed sgemm for float32 operands, its bfloat16 GEMM (float32 out) for bfloat16 ones
   const bool mkl_dtype = (w_.scalar_type() == at::kFloat && !precision_.low) || w_.scalar_type() == at::kBFloat16;
   mkl_ = w.is_cpu() && mkl_dtype && mkl_blas() && (force == Library::Measure || force == Library::Mkl);
   // Run once, a product gains nothing from a library that prepares its weight (MKL's packing, oneDNN's
   // transposed copy) and pays for the preparation: a decode step's GEMMs took up to 1.45x as long measured.
-  if (runs == 1 && force == Library::Measure) onednn_ = mkl_ = false;
+  if (runs == 1 && force == Library::Measure) onednn_ = onednn_packed_ = mkl_ = false;
   if (onednn_ || mkl_) {
     if (bias_.defined()) bias_nk_ = bias_.to(w_.scalar_type());  // oneDNN takes the bias in the weight's dtype
   }
@@ -197,21 +211,37 @@ const at::Tensor& StepGemm::onednn_weight() const {
   return prepared_->w_nk;
 }
 
-// HYPERFUSED_STEP_GEMM=onednn|mkl|mm forces a library (the tests run each); anything else, or nothing,
+// The weight in oneDNN's layout for `rows` rows of a: reordered at the first step, again if a caller runs it
+// with another batch size.
+at::Tensor StepGemm::onednn_packed_for(int64_t rows) const {
+  const at::Tensor& w_nk = onednn_weight();
+  Prepared& p = *prepared_;
+  std::lock_guard<std::mutex> lock(p.mutex);
+  if (p.onednn_rows != rows) {
+    RECORD_FUNCTION("hyperfused::onednn_pack", std::vector<c10::IValue>());
+    p.onednn_packed = onednn_reorder()->call(w_nk, rows);
+    p.onednn_rows = rows;
+  }
+  return p.onednn_packed;
+}
+
+// HYPERFUSED_STEP_GEMM=onednn|onednn-packed|mkl|mm forces a library (the tests run each); anything else, or nothing,
 // measures.
 StepGemm::Library StepGemm::forced() {
   const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
   if (v && std::string(v) == "onednn") return Library::OneDnn;
+  if (v && std::string(v) == "onednn-packed") return Library::OneDnnPacked;
   if (v && std::string(v) == "mkl") return Library::Mkl;
   if (v && std::string(v) == "mm") return Library::Mm;
   return Library::Measure;
 }
 
 void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const {
-  if (lib == Library::OneDnn) {
+  if (lib == Library::OneDnn || lib == Library::OneDnnPacked) {
     const auto bias = bias_nk_.defined() ? std::optional<at::Tensor>(bias_nk_) : std::nullopt;
-    out.copy_(onednn_linear()->call(precision_.operand(a), onednn_weight(), bias, "none",
-                                    c10::List<std::optional<at::Scalar>>(), std::nullopt));
+    const at::Tensor w = lib == Library::OneDnn ? onednn_weight() : onednn_packed_for(a.size(0));
+    out.copy_(onednn_linear()->call(precision_.operand(a), w, bias, "none", c10::List<std::optional<at::Scalar>>(),
+                                    std::nullopt));
   } else if (lib == Library::Mkl) {
     mkl_out(out, a);
   } else {
@@ -267,11 +297,12 @@ at::Tensor StepGemm::packed_for(int rows) const {
 // H = 1000 packing costs as much as ~15 steps save, and a short sequence is faster unpacked.
 StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   const Library force = forced();
+  if (force == Library::OneDnnPacked && !onednn_packed_) return Library::OneDnn;  // a torch without the reorder
   if (force != Library::Measure) return force;
   struct Measured {
     std::vector<Library> candidates;
     std::vector<double> seconds;  // per run, best of the rounds
-    double pack_seconds = 0;      // MKL's packing of the weight, once per StepGemm
+    std::vector<double> setup;    // preparing the weight (MKL's packing, oneDNN's reorder), once per StepGemm
   };
   static std::mutex mutex;
   static std::map<std::tuple<int64_t, int64_t, int64_t, bool, int, bool, bool>, Measured> measured;
@@ -283,8 +314,18 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
     Measured m;
     m.candidates = {Library::Mm};
     if (onednn_) m.candidates.push_back(Library::OneDnn);
+    if (onednn_packed_) m.candidates.push_back(Library::OneDnnPacked);
     if (mkl_) m.candidates.push_back(Library::Mkl);
-    if (mkl_ && !precision_.low) m.pack_seconds = seconds_of([&] { packed_for(mkl_int(a.size(0))); });
+    for (const Library lib : m.candidates) {
+      if (lib == Library::OneDnnPacked) {
+        onednn_weight();  // the (N, K) copy that oneDNN's unpacked run makes too
+        m.setup.push_back(seconds_of([&] { onednn_packed_for(a.size(0)); }));
+      } else if (lib == Library::Mkl && !precision_.low) {
+        m.setup.push_back(seconds_of([&] { packed_for(mkl_int(a.size(0))); }));
+      } else {
+        m.setup.push_back(0.0);
+      }
+    }
     m.seconds.assign(m.candidates.size(), 1e30);
     for (int round = 0; round < 16; ++round)
       for (size_t i = 0; i < m.candidates.size(); ++i) {
@@ -297,7 +338,7 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   size_t best = 0;
   double best_cost = 1e30;
   for (size_t i = 0; i < m.candidates.size(); ++i) {
-    const double setup = m.candidates[i] == Library::Mkl && runs_ > 0 ? m.pack_seconds / double(runs_) : 0.0;
+    const double setup = runs_ > 0 ? m.setup[i] / double(runs_) : 0.0;
     if (m.seconds[i] + setup < best_cost) best = i, best_cost = m.seconds[i] + setup;
   }
   return m.candidates[best];
@@ -404,7 +445,8 @@ bool StepGemm::bf16_allowed() {
 void StepGemm::decode_gemm(const RawGemm& g, const at::Tensor& w) {
   const Library force = forced();
   const bool onednn = force != Library::Mkl && onednn_reads(g, w);
-  if (onednn && (force == Library::OneDnn || onednn_faster(g, w)))
+  // (run once, a product gains nothing from oneDNN's reorder: a forced onednn-packed runs it unpacked)
+  if (onednn && (force == Library::OneDnn || force == Library::OneDnnPacked || onednn_faster(g, w)))
     onednn_gemm(g, w);
   else if (g.w_bf16)
     mkl_bf16(g);

@@ -1,10 +1,11 @@
 // out = a · w (+ bias) for a weight w used on every step of the time loop, with few rows in a (the batch).
 // On the CPU in float32 this runs oneDNN's matmul (torch's mkldnn::_linear_pointwise op, which caches the
-// primitive per shape; the library behind nn.LSTM on the CPU), MKL's sgemm (at::mm_out, which packs the
-// weight on every call), or MKL's sgemm against the weight packed once for the batch size and writing into
-// out (cblas_sgemm_compute), whichever is fastest on this machine for this shape: measured once per shape and
-// process. None wins everywhere (oneDNN by up to 1.5x on an AMD EPYC, MKL on an Intel Xeon, packed MKL by
-// 1.3-1.6x more there). Elsewhere (CUDA, float64, a torch built without oneDNN and MKL) it is at::mm_out;
+// primitive per shape; the library behind nn.LSTM on the CPU), the same against the weight reordered once
+// into oneDNN's blocked layout for the batch size (mkldnn::_reorder_linear_weight, as nn.LSTM's RNN primitive
+// keeps its weights), MKL's sgemm (at::mm_out, which packs the weight on every call), or MKL's sgemm against
+// the weight packed once for the batch size and writing into out (cblas_sgemm_compute), whichever is fastest
+// on this machine for this shape: measured once per shape and process. None wins everywhere (oneDNN by up to
+// 1.5x on an AMD EPYC, MKL on an Intel Xeon, packed MKL by 1.3-1.6x more there). Elsewhere (CUDA, float64, a torch built without oneDNN and MKL) it is at::mm_out;
 // with torch.backends.mkldnn disabled, oneDNN is ruled out.
 //
 // With a GemmPrecision of bfloat16/float16 the operands are rounded to it and the products accumulated in
@@ -62,7 +63,7 @@ class StepGemm {
   static bool bf16_allowed();
 
  private:
-  enum class Library { Measure, OneDnn, Mm, Mkl };
+  enum class Library { Measure, OneDnn, OneDnnPacked, Mm, Mkl };
   static Library forced();
   Library choose(at::Tensor& out, const at::Tensor& a) const;
   void run_with(Library lib, at::Tensor& out, const at::Tensor& a) const;
@@ -73,6 +74,7 @@ class StepGemm {
   at::Tensor w_, bias_;  // the operand w, and the bias in the op's dtype
   int64_t runs_;
   bool onednn_ = false, mkl_ = false;  // which of oneDNN and MKL may run the product
+  bool onednn_packed_ = false;         // and oneDNN against the weight reordered for the batch size
   at::Tensor bias_nk_;  // the bias in the weight's dtype, defined when either may
   bool mkl_trans_ = false;  // MKL reads w_ as (N, K) rows (w_ is a transposed view) rather than (K, N) rows
   int64_t mkl_ld_ = 0;      // and its leading dimension
@@ -80,6 +82,7 @@ class StepGemm {
   mutable std::atomic<Library> lib_{Library::Measure};
   at::Tensor packed_for(int rows) const;
   const at::Tensor& onednn_weight() const;
+  at::Tensor onednn_packed_for(int64_t rows) const;
   // Made on first use, under the lock (run() is const: callers may share a StepGemm between threads).
   struct Prepared {
     std::mutex mutex;
@@ -87,6 +90,8 @@ class StepGemm {
     int rows = -1;
     at::Tensor w_nk;  // wᵀ contiguous, for oneDNN: a copy only the first oneDNN run makes (a measured choice
                       // of MKL or at::mm never needs it; at H = 256 the transposing copy took ~1.3 ms)
+    at::Tensor onednn_packed;  // w_nk in oneDNN's blocked layout for `onednn_rows` rows of a
+    int64_t onednn_rows = -1;
   };
   std::shared_ptr<Prepared> prepared_ = std::make_shared<Prepared>();
 };
