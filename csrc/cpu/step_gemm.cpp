@@ -25,14 +25,18 @@ namespace {
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                             c10::string_view, c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
 
+// The operator `name` of type Fn, or none where this torch lacks it (built without oneDNN, or older).
+template <typename Fn>
+std::optional<c10::TypedOperatorHandle<Fn>> find_op(const char* name) {
+  const auto h = c10::Dispatcher::singleton().findSchema({name, ""});
+  if (!h) return std::nullopt;
+  return h->typed<Fn>();
+}
+
 // mkldnn::_linear_pointwise(input, weight (N, K), bias?, attr, scalars, algorithm): y = input · weightᵀ.
 // Looked up once; absent when torch was built without oneDNN.
 const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
-  static const auto handle = []() -> std::optional<c10::TypedOperatorHandle<LinearFn>> {
-    const auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-    if (!h) return std::nullopt;
-    return h->typed<LinearFn>();
-  }();
+  static const auto handle = find_op<LinearFn>("mkldnn::_linear_pointwise");
   return handle ? &*handle : nullptr;
 }
 
@@ -41,11 +45,7 @@ using ReorderFn = at::Tensor(const at::Tensor&, std::optional<int64_t>);
 // mkldnn::_reorder_linear_weight(weight (N, K), batch_size?): the weight in oneDNN's blocked layout for a GEMM
 // of batch_size rows (an opaque tensor _linear_pointwise takes as its weight). Absent without oneDNN.
 const c10::TypedOperatorHandle<ReorderFn>* onednn_reorder() {
-  static const auto handle = []() -> std::optional<c10::TypedOperatorHandle<ReorderFn>> {
-    const auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""});
-    if (!h) return std::nullopt;
-    return h->typed<ReorderFn>();
-  }();
+  static const auto handle = find_op<ReorderFn>("mkldnn::_reorder_linear_weight");
   return handle ? &*handle : nullptr;
 }
 
