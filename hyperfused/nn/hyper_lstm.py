@@ -17,6 +17,8 @@ _BIAS_PARAMS = ("bias_z_weight", "bias_scale_weight")
 CELL_PARAM_NAMES = PARAM_NAMES[:2] + ("bias_ih", "bias_hh") + PARAM_NAMES[3:]
 _BIAS_INDEX = PARAM_NAMES.index("bias")  # b_0's place in the ops' parameter list
 _DECODE_BF16 = frozenset(PARAM_NAMES.index(n) for n in DECODE_BF16_WEIGHTS)  # their places in that list
+# The cell's tensors that flat_params() reads: b_0's halves (with bias), then the rest of PARAM_NAMES.
+_READ_NAMES = ("bias_ih", "bias_hh") + tuple(n for n in PARAM_NAMES if n != "bias")
 
 
 def _upgrade_bias(state_dict, old_key: str, new_prefix: str, suffix: str, has_bias: bool) -> None:
@@ -253,14 +255,19 @@ class HyperLSTMCell(nn.Module):
         # copies, a third of their time one by one), except a bfloat16 cell's four large weights, which the op
         # reads as they are (the products with bfloat16 operands, accumulated in float32): at H = 1000 their
         # float32 copies cost a bfloat16 step more than the step itself.
-        tensors = [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
-        key = [t.data_ptr() for t in tensors]
+        params, buffers = self._parameters, self._buffers
+        if not all(name in params or name in buffers for name in (_READ_NAMES if self.use_bias else _READ_NAMES[2:])):
+            # A parametrized (torch.nn.utils.parametrize) or pruned tensor is computed anew on every access, from
+            # tensors that are not the ones it replaced: nothing can be kept (a kept list stepped with the
+            # weight as it was when the list was made).
+            return _decode_list(self.flat_params())
+        key = [t.data_ptr() for t in (*params.values(), *buffers.values()) if t is not None]
         cached = self.__dict__.get("_decode_cache")
         # buffers made under inference_mode are inference tensors, which nothing outside it may write
         if cached is None or cached.key != key or (cached.inference and not torch.is_inference_mode_enabled()):
             cached = _DecodeParams(key, [p.detach() for p in self.flat_params()])
             if cached.params is None:  # a non-contiguous float32 parameter: a copy would not follow it
-                return [p.detach().contiguous() for p in self.flat_params()]
+                return _decode_list(self.flat_params())
             self.__dict__["_decode_cache"] = cached
         if self.use_bias:
             torch.add(self.bias_ih.detach(), self.bias_hh.detach(), out=cached.bias)
@@ -297,6 +304,17 @@ class HyperLSTMCell(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, hyper_size={self.hyper_size}, "
                 f"hyper_embed={self.hyper_embed}, layer_norm={self.layer_norm}, bias={self.use_bias}")
+
+
+def _decode_list(params: list) -> list:
+    """The decode op's parameter list made anew from flat_params(): contiguous, in float32 for a
+    half-precision cell except a bfloat16 cell's four large weights (_DecodeParams keeps this list)."""
+    views = [p.detach() for p in params]
+    dtype = views[0].dtype
+    if dtype in (torch.float32, torch.float64):
+        return [v.contiguous() for v in views]
+    return [v.contiguous() if dtype == torch.bfloat16 and i in _DECODE_BF16 else v.float().contiguous()
+            for i, v in enumerate(views)]
 
 
 class _DecodeParams:
