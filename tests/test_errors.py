@@ -133,3 +133,14 @@ def test_an_unknown_step_design_is_refused(backend, monkeypatch):
     with pytest.raises((RuntimeError, ValueError), match="HYPERFUSED_STEP_DESIGN must be 'gemm', 'fused' or unset, "
                                                          "got 'gemm-shaped'"):
         m(torch.randn(2, 1, 3))
+
+
+@pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
+@pytest.mark.parametrize("decode", [False, True], ids=["sequence", "decode"])
+def test_an_unknown_step_gemm_library_is_refused(decode, monkeypatch):
+    """HYPERFUSED_STEP_GEMM mistyped must not silently measure the libraries."""
+    m = hyperfused.HyperLSTM(3, 5, hyper_size=4, hyper_embed=2, backend="cpu")
+    monkeypatch.setenv("HYPERFUSED_STEP_GEMM", "onednn_packed")
+    with pytest.raises(RuntimeError, match="HYPERFUSED_STEP_GEMM must be 'onednn', 'onednn-packed', 'mkl', 'mm' or "
+                                           "unset, got 'onednn_packed'"), torch.set_grad_enabled(not decode):
+        m(torch.randn(1 if decode else 4, 2, 3))

@@ -225,14 +225,18 @@ at::Tensor StepGemm::onednn_packed_for(int64_t rows) const {
   return p.onednn_packed;
 }
 
-// HYPERFUSED_STEP_GEMM=onednn|onednn-packed|mkl|mm forces a library (the tests run each); anything else, or nothing,
-// measures.
+// HYPERFUSED_STEP_GEMM=onednn|onednn-packed|mkl|mm forces a library (the tests run each); unset or empty, the
+// library is measured. Anything else is refused: a mistyped value must not silently measure.
 StepGemm::Library StepGemm::forced() {
   const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
-  if (v && std::string(v) == "onednn") return Library::OneDnn;
-  if (v && std::string(v) == "onednn-packed") return Library::OneDnnPacked;
-  if (v && std::string(v) == "mkl") return Library::Mkl;
-  if (v && std::string(v) == "mm") return Library::Mm;
+  if (!v || !*v) return Library::Measure;
+  const std::string s(v);
+  if (s == "onednn") return Library::OneDnn;
+  if (s == "onednn-packed") return Library::OneDnnPacked;
+  if (s == "mkl") return Library::Mkl;
+  if (s == "mm") return Library::Mm;
+  TORCH_CHECK(false, "hyperfused: HYPERFUSED_STEP_GEMM must be 'onednn', 'onednn-packed', 'mkl', 'mm' or unset, got '",
+              s, "'");
   return Library::Measure;
 }
 
