@@ -191,7 +191,7 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
   const bool mkl_dtype = (w_.scalar_type() == at::kFloat && !precision_.low) || w_.scalar_type() == at::kBFloat16;
   mkl_ = w.is_cpu() && mkl_dtype && mkl_blas() && (force == Library::Measure || force == Library::Mkl);
   // Run once, a product gains nothing from a library that prepares its weight (MKL's packing, oneDNN's
-  // transposed copy) and pays for the preparation: a decode step's GEMMs took up to 1.45x as long measured.
+  // transposed copy or reorder) and pays for the preparation: a decode step's GEMMs took up to 1.45x as long measured.
   if (runs == 1 && force == Library::Measure) onednn_ = onednn_packed_ = mkl_ = false;
   if (onednn_ || mkl_) {
     if (bias_.defined()) bias_nk_ = bias_.to(w_.scalar_type());  // oneDNN takes the bias in the weight's dtype

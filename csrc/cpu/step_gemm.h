@@ -5,8 +5,9 @@
 // keeps its weights), MKL's sgemm (at::mm_out, which packs the weight on every call), or MKL's sgemm against
 // the weight packed once for the batch size and writing into out (cblas_sgemm_compute), whichever is fastest
 // on this machine for this shape: measured once per shape and process. None wins everywhere (oneDNN by up to
-// 1.5x on an AMD EPYC, MKL on an Intel Xeon, packed MKL by 1.3-1.6x more there). Elsewhere (CUDA, float64, a torch built without oneDNN and MKL) it is at::mm_out;
-// with torch.backends.mkldnn disabled, oneDNN is ruled out.
+// 1.5x on an AMD EPYC and its reordered weight by 1.1-1.6x more there, MKL on an Intel Xeon and its packed
+// weight by 1.3-1.6x more there). Elsewhere (CUDA, float64, a torch built without oneDNN and MKL) it is
+// at::mm_out; with torch.backends.mkldnn disabled, oneDNN is ruled out.
 //
 // With a GemmPrecision of bfloat16/float16 the operands are rounded to it and the products accumulated in
 // float32 (the library's low-precision GEMM: on the CPU oneDNN's, ATen's, or MKL's bfloat16 GEMM, which
