@@ -3,9 +3,10 @@
 # machine's torch for the GPU that is there, refuses to go on without the CUDA backend, runs every GPU test
 # (no -x; each test with a timeout; Triton compiles in parallel), runs small cases of the CUDA and Triton
 # paths under compute-sanitizer, then times the fused backends against cuDNN and the GEMM floor with TF32 on
-# and off, under bfloat16 autocast, and replayed as CUDA graphs, and profiles where the time goes (both
-# backends, at B = 128 and B = 8). Every step has its own time limit and its own line in
-# summary.txt; the exit status is non-zero if any step failed. Nothing goes to /dev/null.
+# and off, under bfloat16 autocast, and replayed as CUDA graphs, profiles where the time goes (both
+# backends, at B = 128 and B = 8), and times a sampling step (decode) with the ops' own graphs off and on.
+# Every step has its own time limit and its own line in summary.txt; the exit status is non-zero if any step
+# failed. Nothing goes to /dev/null.
 #
 #   device run: bash benchmarks/gpu_check.sh            (timeout_s=540; about 8 minutes on an H200)
 #   here:       bash benchmarks/gpu_check.sh --rehearse (no GPU: every step that can run without one)
@@ -122,6 +123,16 @@ else
     --config 100,\$b,128,1000 --backend \${be%-*} --device cuda --iters 3 --top 8; done; done > '$OUT/breakdown.txt' 2>&1"
   cat "$OUT/breakdown.txt"
 fi
+
+# -- sampling latency: one decode step of a cell, and a layer called with T = 1, beside nn.LSTMCell and nn.LSTM,
+# with the ops' own CUDA graphs off and on. Last, so that running out of time loses only this; appended to
+# timings.log (the device tool brings back eight files).
+DECODE_DEVICE=cuda
+[ $REHEARSE = 1 ] && DECODE_DEVICE=cpu
+step decode 150 bash -c "set -o pipefail; for g in 0 1; do echo \"=== decode, HYPERFUSED_CUDA_GRAPHS=\$g\"; \
+  HYPERFUSED_CUDA_GRAPHS=\$g $PY -m benchmarks --device $DECODE_DEVICE --sections decode --repeats 5 --compile none \
+  2>&1 | grep -v 'it/s\|run/s\|s/run' || exit 1; done >> '$OUT/timings.log' 2>&1"
+tail -40 "$OUT/timings.log"
 
 echo "== summary"
 cat "$SUMMARY"
