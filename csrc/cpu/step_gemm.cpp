@@ -207,7 +207,12 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
 
 const at::Tensor& StepGemm::onednn_weight() const {
   std::lock_guard<std::mutex> lock(prepared_->mutex);
-  if (!prepared_->w_nk.defined()) prepared_->w_nk = w_.t().contiguous();
+  if (!prepared_->w_nk.defined()) {
+    const auto nk = w_.t();
+    // a transposed copy where w_ is (K, N) rows (the backward's products), into the buffer cache: a fresh 1.5 MB
+    // at H = 256 faulted its pages in on every call, and the copy took ~1 ms where it took 0.2 ms warm
+    prepared_->w_nk = nk.is_contiguous() ? nk : pooled_empty(nk.sizes(), nk.options()).copy_(nk);
+  }
   return prepared_->w_nk;
 }
 
@@ -296,9 +301,10 @@ at::Tensor StepGemm::packed_for(int rows) const {
 // Which library is faster for this GEMM shape differs from CPU to CPU (oneDNN's kernels won by 1.5x on an AMD
 // EPYC where MKL took a generic path; MKL won on an Intel Xeon with AMX, and its packed sgemm by 1.1-1.7x
 // more there), so it is measured, once per shape, set of candidates and process: the best of a few runs of
-// each, on the call's own operands, and the time MKL takes to pack the weight. A StepGemm that will run
-// `runs` times (a sequence's T steps) pays that packing once, so it counts a 1/runs share of it: at
-// H = 1000 packing costs as much as ~15 steps save, and a short sequence is faster unpacked.
+// each, on the call's own operands, and the time each takes to prepare the weight (MKL's packing; oneDNN's
+// transposed copy, where w_ is (K, N) rows, and its reorder). A StepGemm that will run `runs` times (a
+// sequence's T steps) prepares once, so it counts a 1/runs share: at H = 1000 packing costs as much as ~15
+// steps save, and a short sequence is faster unprepared.
 StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   const Library force = forced();
   if (force == Library::OneDnnPacked && !onednn_packed_) return Library::OneDnn;  // a torch without the reorder
@@ -306,7 +312,7 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   struct Measured {
     std::vector<Library> candidates;
     std::vector<double> seconds;  // per run, best of the rounds
-    std::vector<double> setup;    // preparing the weight (MKL's packing, oneDNN's reorder), once per StepGemm
+    std::vector<double> setup;    // preparing the weight (MKL's packing, oneDNN's copy and reorder), per call
   };
   static std::mutex mutex;
   static std::map<std::tuple<int64_t, int64_t, int64_t, bool, int, bool, bool>, Measured> measured;
@@ -320,10 +326,13 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
     if (onednn_) m.candidates.push_back(Library::OneDnn);
     if (onednn_packed_) m.candidates.push_back(Library::OneDnnPacked);
     if (mkl_) m.candidates.push_back(Library::Mkl);
+    // oneDNN reads (N, K) rows: where w_ is (K, N) rows, each call makes a transposed copy first
+    const double transpose = onednn_ ? seconds_of([&] { onednn_weight(); }) : 0.0;
     for (const Library lib : m.candidates) {
-      if (lib == Library::OneDnnPacked) {
-        onednn_weight();  // the (N, K) copy that oneDNN's unpacked run makes too
-        m.setup.push_back(seconds_of([&] { onednn_packed_for(a.size(0)); }));
+      if (lib == Library::OneDnn) {
+        m.setup.push_back(transpose);
+      } else if (lib == Library::OneDnnPacked) {
+        m.setup.push_back(transpose + seconds_of([&] { onednn_packed_for(a.size(0)); }));
       } else if (lib == Library::Mkl && !precision_.low) {
         m.setup.push_back(seconds_of([&] { packed_for(mkl_int(a.size(0))); }));
       } else {
