@@ -589,10 +589,17 @@ class HyperLSTM(nn.Module):
         rev = _reverse_index(T, lengths, x.device) if D == 2 else None
         finals = []
         layer_input = x
+        # One step without gradients (a sampling loop written for nn.LSTM): each cell's decode op, its (B, ·)
+        # states passed on as they are (the general path's unsqueeze and last-step views cost ~10 µs a cell).
+        step = T == 1 and backend in ("cpu", "cuda") and cells[0]._needs_no_masks_or_grad()
         for layer in range(L):
             outs = []
             for direction in range(D):
                 k = layer * D + direction
+                if step:
+                    finals.append(cells[k]._step(layer_input[0], *(s[k] for s in state)))
+                    outs.append(finals[-1][0].unsqueeze(0))
+                    continue
                 xi = layer_input if direction == 0 else _time_gather(layer_input, rev)
                 seqs = cells[k].run(backend, xi, [s[k] for s in state])
                 finals.append([_last_step(s, lengths) for s in seqs])
