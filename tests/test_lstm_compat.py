@@ -526,3 +526,26 @@ def test_a_parametrized_or_pruned_cell_decodes_from_its_weights_as_they_are(wrap
             s, r, old = cell(x, s), ref(x, r), stale(x, r)
             torch.testing.assert_close(s.tensors(), r.tensors(), rtol=1e-5, atol=1e-5)
     assert (old[0] - r[0]).abs().max() > 0.05
+
+
+@pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
+def test_a_cell_with_a_non_contiguous_weight_decodes_from_its_values_as_they_are():
+    """A parameter whose storage is not contiguous (here scale_weight, set through .data to a transposed layout)
+    reaches the decode op as a contiguous copy made on every call: after an in-place change it agrees with the
+    reference to float32 rounding (1e-5 allowed), where a step from the old copy was 1.06 off."""
+    torch.manual_seed(0)
+    cell = randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2, backend="cpu"), scale=0.3)
+    ref = hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2, backend="reference")
+    ref.load_state_dict(cell.state_dict())
+    for m in (cell, ref):
+        m.scale_weight.data = m.scale_weight.data.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not cell.scale_weight.is_contiguous()
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        s = r = cell(x)
+        for step in range(3):
+            if step == 2:
+                for m in (cell, ref):
+                    m.scale_weight.mul_(-2.0)
+            s, r = cell(x, s), ref(x, r)
+            torch.testing.assert_close(s.tensors(), r.tensors(), rtol=1e-5, atol=1e-5)

@@ -193,7 +193,7 @@ class HyperLSTMCell(nn.Module):
 
     def run(self, backend: str, x: torch.Tensor, state):
         """The whole sequence x (T, B, X) from state (h, c, ĥ, ĉ); returns per-step (h, c, ĥ, ĉ)."""
-        if x.shape[0] == 1 and backend in ("cpu", "cuda") and self._needs_no_masks_or_grad():
+        if self._steps_alone(backend, x.shape[0]):
             # One step without gradients (a HyperLSTM called with T = 1 in a sampling loop, as nn.LSTM is): the
             # decode op, which took 38-62% off such a call on the CPU, where the sequence op spent most of a
             # one-step call on per-call weight copies.
@@ -232,6 +232,10 @@ class HyperLSTMCell(nn.Module):
         return (isinstance(hx, HyperLSTMState) and input.dim() == 2 and self._needs_no_masks_or_grad()
                 and self._fused_backend(input.device))
 
+    def _steps_alone(self, backend: str, T: int) -> bool:
+        """Whether T steps on `backend` run as one decode op: T = 1 on a C++ backend, without gradients or masks."""
+        return T == 1 and backend in ("cpu", "cuda") and self._needs_no_masks_or_grad()
+
     def _needs_no_masks_or_grad(self) -> bool:
         # Zoneout needs masks even in evaluation, recurrent dropout in training: the general path draws them.
         return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -259,21 +263,15 @@ class HyperLSTMCell(nn.Module):
         if not all(name in params or name in buffers for name in (_READ_NAMES if self.use_bias else _READ_NAMES[2:])):
             # A parametrized (torch.nn.utils.parametrize) or pruned tensor is computed anew on every access, from
             # tensors that are not the ones it replaced: nothing can be kept (a kept list stepped with the
-            # weight as it was when the list was made).
-            return _decode_list(self.flat_params())
+            # weight as it was when the list was made). flat_params() has just summed b_0.
+            return _DecodeParams(None, self.flat_params()).refresh(None)
         key = [t.data_ptr() for t in (*params.values(), *buffers.values()) if t is not None]
         cached = self.__dict__.get("_decode_cache")
         # buffers made under inference_mode are inference tensors, which nothing outside it may write
         if cached is None or cached.key != key or (cached.inference and not torch.is_inference_mode_enabled()):
-            cached = _DecodeParams(key, [p.detach() for p in self.flat_params()])
-            if cached.params is None:  # a non-contiguous float32 parameter: a copy would not follow it
-                return _decode_list(self.flat_params())
+            cached = _DecodeParams(key, self.flat_params())
             self.__dict__["_decode_cache"] = cached
-        if self.use_bias:
-            torch.add(self.bias_ih.detach(), self.bias_hh.detach(), out=cached.bias)
-        if cached.sources:
-            torch._foreach_copy_(cached.copies, cached.sources)
-        return cached.params
+        return cached.refresh((self.bias_ih.detach(), self.bias_hh.detach()) if self.use_bias else None)
 
     def _decode_step(self, x: torch.Tensor, hx: "HyperLSTMState") -> "HyperLSTMState":
         B, H, Hh = x.shape[0], self.hidden_size, self.hyper_size
@@ -306,35 +304,34 @@ class HyperLSTMCell(nn.Module):
                 f"hyper_embed={self.hyper_embed}, layer_norm={self.layer_norm}, bias={self.use_bias}")
 
 
-def _decode_list(params: list) -> list:
-    """The decode op's parameter list made anew from flat_params(): contiguous, in float32 for a
-    half-precision cell except a bfloat16 cell's four large weights (_DecodeParams keeps this list)."""
-    views = [p.detach() for p in params]
-    dtype = views[0].dtype
-    if dtype in (torch.float32, torch.float64):
-        return [v.contiguous() for v in views]
-    return [v.contiguous() if dtype == torch.bfloat16 and i in _DECODE_BF16 else v.float().contiguous()
-            for i, v in enumerate(views)]
-
-
 class _DecodeParams:
-    """The decode op's parameter list for a cell whose parameters have the storages in `key` (views made once),
-    and what to refresh on each call: `bias` (b_0, to sum into) and the float32 buffers `copies` of `sources`."""
+    """The decode op's parameter list for a cell whose parameters have the storages in `key`, made once from
+    flat_params(): detached views of the tensors the op reads as they are (contiguous, in the cell's float32 or
+    float64, or a bfloat16 cell's four large weights), and contiguous buffers, float32 for a half-precision
+    cell, for the rest. refresh() sums b_0 and copies into the buffers on every call: a kept copy could not
+    tell that its source changed."""
 
-    def __init__(self, key: list, views: list):
+    def __init__(self, key: Optional[list], params: list):
         self.key, self.inference = key, torch.is_inference_mode_enabled()
-        self.params, self.copies, self.sources = views, [], []
-        self.bias = views[_BIAS_INDEX]  # flat_params' sum, a tensor of its own
-        if views[0].dtype in (torch.float32, torch.float64):
-            if not all(v.is_contiguous() for v in views):
-                self.params = None
-            return
-        bf16 = views[0].dtype == torch.bfloat16
-        for i, v in enumerate(views):
-            if not (bf16 and i in _DECODE_BF16 and v.is_contiguous()):
-                self.params[i] = torch.empty(v.shape, dtype=torch.float32, device=v.device)
-                self.copies.append(self.params[i])
-                self.sources.append(v)
+        self.params = [p.detach() for p in params]
+        self.bias = self.params[_BIAS_INDEX]  # flat_params' sum, a tensor of its own
+        self.copies, self.sources = [], []
+        dtype = self.params[0].dtype
+        full = dtype in (torch.float32, torch.float64)
+        for i, v in enumerate(self.params):
+            if v.is_contiguous() and (full or (dtype == torch.bfloat16 and i in _DECODE_BF16)):
+                continue
+            self.params[i] = torch.empty(v.shape, dtype=dtype if full else torch.float32, device=v.device)
+            self.copies.append(self.params[i])
+            self.sources.append(v)
+
+    def refresh(self, bias_halves: Optional[tuple]) -> list:
+        """The list with b_0 = the sum of `bias_halves` (None: as made) and every buffer copied anew."""
+        if bias_halves is not None:
+            torch.add(*bias_halves, out=self.bias)
+        if self.sources:
+            torch._foreach_copy_(self.copies, self.sources)
+        return self.params
 
 
 def _check_tensor(name: str, t, ref: torch.Tensor, ndims: tuple, features: int) -> None:
@@ -591,7 +588,7 @@ class HyperLSTM(nn.Module):
         layer_input = x
         # One step without gradients (a sampling loop written for nn.LSTM): each cell's decode op, its (B, ·)
         # states passed on as they are (the general path's unsqueeze and last-step views cost ~10 µs a cell).
-        step = T == 1 and backend in ("cpu", "cuda") and cells[0]._needs_no_masks_or_grad()
+        step = cells[0]._steps_alone(backend, T)
         for layer in range(L):
             outs = []
             for direction in range(D):
