@@ -502,25 +502,20 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
   const auto opts = x.options();
   auto h1 = at::empty({B, H}, opts), c1 = at::empty({B, H}, opts);
   auto hh1 = at::empty({B, Hh}, opts), hc1 = at::empty({B, Hh}, opts);
-  // a weight is float32, or bfloat16 for a bfloat16 cell's step
-  const auto bf16 = [](const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; };
   // The hyper cell sums ghx + g[4H:] + ghh: b̂ in ghx, and Ŵ_x [x, h] (both of Ŵ_x's products) in g[4H:].
   for (int64_t b = 0; b < B; ++b) std::copy_n(f(p[HYPER_BIAS]), 4 * Hh, ghx + b * 4 * Hh);
-  // Every weight is a whole parameter, read transposed in place (op(w) = wᵀ) from its (out, in) rows, so that
-  // oneDNN can run any of them too.
-  const int weights[] = {WEIGHT_IH, HYPER_WEIGHT_IH, WEIGHT_HH, HYPER_WEIGHT_HH};
-  const RawGemm inputs[] = {
-      // W_x x
-      {f(x), X, p[WEIGHT_IH].data_ptr(), X, true, gx, 4 * H, B, 4 * H, X, 0.0f, bf16(p[WEIGHT_IH])},
-      // Ŵ_x [x, h]
-      {xh, X + H, p[HYPER_WEIGHT_IH].data_ptr(), X + H, true, g + 4 * H, GW, B, 4 * Hh, X + H, 0.0f,
-       bf16(p[HYPER_WEIGHT_IH])},
-      // W_h h
-      {f(h), H, p[WEIGHT_HH].data_ptr(), H, true, g, GW, B, 4 * H, H, 0.0f, bf16(p[WEIGHT_HH])},
-      // Ŵ_h ĥ
-      {f(hh), Hh, p[HYPER_WEIGHT_HH].data_ptr(), Hh, true, ghh, 4 * Hh, B, 4 * Hh, Hh, 0.0f,
-       bf16(p[HYPER_WEIGHT_HH])}};
-  for (int i = 0; i < 4; ++i) StepGemm::decode_gemm(inputs[i], p[weights[i]]);
+  // out (B, n) = a (B, k) · p[i]ᵀ: every weight is a whole (n, k) parameter, float32 or (a bfloat16 cell's)
+  // bfloat16, read transposed in place, so that oneDNN can run any of them too.
+  const auto product = [&](const float* a, int64_t lda, int i, float* out, int64_t ldo) {
+    const at::Tensor& w = p[i];
+    const int64_t n = w.size(0), k = w.size(1);
+    const bool bf16 = w.scalar_type() == at::kBFloat16;
+    StepGemm::decode_gemm({a, lda, w.data_ptr(), k, /*w_transposed=*/true, out, ldo, B, n, k, 0.0f, bf16}, w);
+  };
+  product(f(x), X, WEIGHT_IH, gx, 4 * H);              // W_x x
+  product(xh, X + H, HYPER_WEIGHT_IH, g + 4 * H, GW);  // Ŵ_x [x, h]
+  product(f(h), H, WEIGHT_HH, g, GW);                  // W_h h
+  product(f(hh), Hh, HYPER_WEIGHT_HH, ghh, 4 * Hh);    // Ŵ_h ĥ
   ForwardStep st{d, ScalarKind::Float32, layer_norm, forget_bias, step_params(p),
                  g, ghh, gx, ghx, c.data_ptr(), hc.data_ptr(), nullptr, nullptr, nullptr, nullptr, h.data_ptr(),
                  hh.data_ptr(), h1.data_ptr(), c1.data_ptr(), hh1.data_ptr(), hc1.data_ptr(), ws, k.stream()};
