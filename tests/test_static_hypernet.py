@@ -50,6 +50,19 @@ def test_generate_refuses_layers_of_another_hypernet():
         a.generate([conv])
 
 
+def test_calling_the_hypernetwork_generates_as_generate_does():
+    net = hyperfused.StaticHyperNetwork(z_dim=8, kernel_size=3)
+    convs = [hyperfused.HyperConv2d(16, 32, 3, hypernet=net), hyperfused.HyperConv2d(32, 16, 3, hypernet=net)]
+    seen = []
+    net.register_forward_hook(lambda module, args, out: seen.append(len(out)))
+    kernels = net(convs)
+    assert seen == [2]  # called as a module: its hooks run
+    for got, want in zip(kernels, net.generate(convs)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"layers: expected a sequence of HyperConv2d"):
+        net(torch.randn(3, 8))
+
+
 # -- the fused generation op against the per-tile reference ----------------------------------------------
 
 from conftest import HAS_GPU, backend_cases, device_for, requires_extension  # noqa: E402

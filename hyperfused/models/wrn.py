@@ -67,7 +67,7 @@ class HyperWRN(nn.Module):
         self.hyper_convs = [m for m in self.modules() if isinstance(m, HyperConv2d)]
 
     def generate_kernels(self) -> list[torch.Tensor]:
-        return self.hypernet.generate(self.hyper_convs) if self.hyper else []
+        return self.hypernet(self.hyper_convs) if self.hyper else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = iter(self.generate_kernels())

@@ -72,6 +72,10 @@ class StaticHyperNetwork(nn.Module):
         parts = flat.split([n for _, n in spans])
         return [part.view(layer.out_channels, layer.in_channels, k, k) for part, layer in zip(parts, layers)]
 
+    def forward(self, layers: Sequence["HyperConv2d"]) -> list[torch.Tensor]:
+        """``net(layers)`` is ``net.generate(layers)``, called as a module: forward hooks and wrappers see it."""
+        return self.generate(layers)
+
     def extra_repr(self) -> str:
         return f"z_dim={self.z_dim}, in_tile={self.in_tile}, out_tile={self.out_tile}, kernel_size={self.kernel_size}"
 
@@ -116,7 +120,7 @@ class HyperConv2d(nn.Module):
         if input.device != self.z.device:
             raise ValueError(f"input: expected a tensor on {self.z.device} (the layer's device), got {input.device}")
         if weight is None:
-            weight = self.hypernet.generate([self])[0]
+            weight = self.hypernet([self])[0]
         return F.conv2d(input, weight, None, self.stride, self.padding)
 
     def extra_repr(self) -> str:
