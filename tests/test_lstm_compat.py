@@ -2,6 +2,7 @@
 rebuild the state as a plain tuple keep the hyper state, the constructor's positional arguments mean what
 they mean for nn.LSTM."""
 import copy
+import io
 
 import pytest
 import torch
@@ -165,6 +166,33 @@ def test_the_layers_follow_every_change_of_the_modules_tensors(bias):
     assert c.cells[3].weight_hh is c.weight_hh_l1_reverse
     c.eval()
     assert not any(cell.training for cell in c.cells) and all(cell.training for cell in m.cells)
+
+
+def test_a_module_called_through_functional_call_copies_and_saves_as_itself():
+    """torch.func.functional_call runs the module with other tensors (here non-leaf ones, as a meta-learning
+    loop makes); afterwards the module deep-copies and pickles with its own parameters, and computes with them."""
+    m = _model(bidirectional=True)
+    x = torch.randn(4, 3, 5)
+    out = m(x)[0]
+    fast = {name: p - 0.1 * torch.ones_like(p) for name, p in m.named_parameters()}
+    f_out = torch.func.functional_call(m, fast, (x,))[0]
+    moved = copy.deepcopy(m)
+    with torch.no_grad():
+        for name, p in moved.named_parameters():
+            p.copy_(fast[name])
+    torch.testing.assert_close(f_out, moved(x)[0], rtol=0, atol=0)
+    assert (f_out - out).abs().max() > 0.05  # the fast weights change the output: the check above can fail
+    for copied in (copy.deepcopy(m), _pickled(m)):
+        assert all(not p.requires_grad or p.is_leaf for cell in copied.cells for p in cell.parameters())
+        torch.testing.assert_close(copied(x)[0], out, rtol=0, atol=0)
+    torch.testing.assert_close(m(x)[0], out, rtol=0, atol=0)
+
+
+def _pickled(module):
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -532,6 +532,13 @@ class HyperLSTM(nn.Module):
             self.__dict__["_links"] = links
         return links[1]
 
+    def __getstate__(self) -> dict:
+        # (copy.deepcopy and pickle) The cells' tables hold what this module's held at its last call: after
+        # torch.func.functional_call, the tensors it was called with, which may be non-leaf tensors (they
+        # cannot be deep-copied) and are not this module's. Refill them with its own first, as every call does.
+        self.cells
+        return super().__getstate__()
+
     @property
     def cells(self) -> list:
         """One HyperLSTMCell per layer and direction (layer-major), holding this module's tensors: the one-step
