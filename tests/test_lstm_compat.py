@@ -188,6 +188,27 @@ def test_a_module_called_through_functional_call_copies_and_saves_as_itself():
     torch.testing.assert_close(m(x)[0], out, rtol=0, atol=0)
 
 
+def test_modules_built_on_the_meta_device_infer_shapes_and_materialise():
+    """As nn.LSTM: built under torch.device("meta") (no memory), a module runs on meta inputs to give its
+    outputs' shapes, with and without gradients; to_empty() and reset_parameters() make it a real one."""
+    with torch.device("meta"):
+        m = hyperfused.HyperLSTM(5, 12, num_layers=2, bidirectional=True, hyper_size=6, hyper_embed=3)
+        cell = hyperfused.HyperLSTMCell(5, 12, hyper_size=6, hyper_embed=3)
+        x = torch.randn(4, 3, 5)
+    out, state = m(x)
+    assert out.device.type == "meta" and out.shape == (4, 3, 24)
+    assert state[0].shape == (4, 3, 12) and state.hyper_h.shape == (4, 3, 6)
+    with torch.no_grad():
+        assert cell(x[0], cell(x[0]))[1].shape == (3, 12)
+    m.to_empty(device="cpu")
+    m.reset_parameters()
+    plain = hyperfused.HyperLSTM(5, 12, num_layers=2, bidirectional=True, hyper_size=6, hyper_embed=3)
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(4, 3, 5)
+    torch.testing.assert_close(m(x)[0], plain(x)[0], rtol=0, atol=0)
+    assert m.weight_hh_l1_reverse.abs().sum() > 0
+
+
 def _pickled(module):
     buffer = io.BytesIO()
     torch.save(module, buffer)

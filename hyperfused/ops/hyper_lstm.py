@@ -42,7 +42,9 @@ def gemm_dtype_for(dtype: torch.dtype, device: torch.device) -> Optional[torch.d
     bfloat16, and only where oneDNN has bfloat16 kernels (AVX512-BF16 or AMX): elsewhere float32."""
     if dtype in (torch.float16, torch.bfloat16):
         low = dtype
-    elif dtype == torch.float32 and torch.is_autocast_enabled(device.type):
+    # (a device without autocast, such as meta for shape inference, has no autocast to ask about)
+    elif dtype == torch.float32 and torch.amp.is_autocast_available(device.type) and \
+            torch.is_autocast_enabled(device.type):
         low = torch.get_autocast_dtype(device.type)
     else:
         return None
