@@ -209,6 +209,31 @@ def test_modules_built_on_the_meta_device_infer_shapes_and_materialise():
     assert m.weight_hh_l1_reverse.abs().sum() > 0
 
 
+def test_torch_export_captures_the_layer_and_its_state():
+    """torch.export.export of a HyperLSTM given a HyperLSTMState and of a HyperLSTMCell: the program, saved and
+    loaded (its example inputs hold the state), returns the HyperLSTMState the module returns, hyper part
+    included."""
+    m = _model(bidirectional=True)
+    x = torch.randn(4, 3, 5)
+    _, state = m(x)
+    program = torch.export.export(m, (x, state))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    out, got = torch.export.load(buffer).module()(x, state)
+    want_out, want = m(x, state)
+    assert isinstance(got, HyperLSTMState)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    for a, b in zip(got.tensors(), want.tensors()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    cell = randomize_(hyperfused.HyperLSTMCell(5, 12, hyper_size=6, hyper_embed=3), scale=0.3)
+    start = cell(x[0])
+    got = torch.export.export(cell, (x[1], start)).module()(x[1], start)
+    assert isinstance(got, HyperLSTMState)
+    for a, b in zip(got.tensors(), cell(x[1], start).tensors()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _pickled(module):
     buffer = io.BytesIO()
     torch.save(module, buffer)

@@ -5,6 +5,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.utils import _pytree
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ._args import finite_real, flag, positive_int, probability, real
@@ -75,6 +76,23 @@ class HyperLSTMState(tuple):
     def to(self, *args, **kwargs) -> "HyperLSTMState":
         """Every tensor moved/cast like Tensor.to."""
         return HyperLSTMState(*(t.to(*args, **kwargs) for t in self.tensors()))
+
+def _state_keyed_tensors(state: HyperLSTMState) -> tuple:
+    keys = (_pytree.SequenceKey(0), _pytree.SequenceKey(1), _pytree.GetAttrKey("hyper_h"),
+            _pytree.GetAttrKey("hyper_c"))
+    return list(zip(keys, state.tensors())), None
+
+
+# HyperLSTMState is a pytree node of its four tensors, so that torch.export and the tools built on
+# torch.utils._pytree see the hyper state too, not a tuple subclass they cannot look into.
+_pytree.register_pytree_node(HyperLSTMState, lambda s: (list(s.tensors()), None),
+                             lambda values, _: HyperLSTMState(*values),
+                             serialized_type_name="hyperfused.HyperLSTMState",
+                             flatten_with_keys_fn=_state_keyed_tensors)
+# torch.load(weights_only=True) rebuilds one (its __reduce__ calls the constructor with four tensors): a saved
+# program's example inputs, or a checkpoint that keeps a state.
+torch.serialization.add_safe_globals([HyperLSTMState])
+
 
 
 def _orthogonal_(w: torch.Tensor) -> None:
