@@ -234,6 +234,18 @@ def test_torch_export_captures_the_layer_and_its_state():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: hyperfused.HyperLSTM(5, 12, hyper_size=6, hyper_embed=3),
+    lambda: hyperfused.HyperLSTMCell(5, 12, hyper_size=6, hyper_embed=3),
+    lambda: hyperfused.StaticHyperNetwork(z_dim=4),
+    lambda: torch.nn.Sequential(hyperfused.HyperConv2d(16, 16, 3), torch.nn.ReLU()),  # found inside a model
+], ids=["HyperLSTM", "HyperLSTMCell", "StaticHyperNetwork", "HyperConv2d in a model"])
+def test_torchscript_is_refused_with_the_way_that_works(make):
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script: \w+ cannot be compiled by TorchScript; "
+                                           r"capture it with torch\.export\.export"):
+        torch.jit.script(make())
+
+
 def _pickled(module):
     buffer = io.BytesIO()
     torch.save(module, buffer)

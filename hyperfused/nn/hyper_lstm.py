@@ -9,6 +9,7 @@ from torch.utils import _pytree
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ._args import finite_real, flag, positive_int, probability, real
+from ._module import Module
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
 from ..ops._checks import DECODE_BF16_WEIGHTS
 from ..reference import PARAM_NAMES
@@ -109,7 +110,7 @@ def _orthogonal_blocks_(w: torch.Tensor, blocks: int) -> None:
         _orthogonal_(chunk)
 
 
-class HyperLSTMCell(nn.Module):
+class HyperLSTMCell(Module):
     """One HyperLSTM step, like nn.LSTMCell: ``h_1, c_1 = cell(x, (h_0, c_0))``.
 
     The main cell's parameters have nn.LSTMCell's names and shapes: ``weight_ih`` (4H, X), ``weight_hh``
@@ -478,7 +479,7 @@ def _last_step(seq: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tens
     return seq[L - 1, torch.arange(seq.shape[1], device=seq.device)]
 
 
-class HyperLSTM(nn.Module):
+class HyperLSTM(Module):
     """A multi-layer HyperLSTM (Ha, Dai & Le 2016) with the constructor and call of :class:`torch.nn.LSTM`.
 
     ``out, (h_n, c_n) = m(x, hx)`` accepts (T, B, X), (B, T, X) with ``batch_first``, unbatched (T, X) and
