@@ -34,12 +34,13 @@ def per_step_us(step, state, steps: int) -> float:
     return best * 1e6
 
 
-def compare(B: int, H: int, variants: list[str], rounds: int, steps: int) -> dict[str, float]:
-    """Median µs per step of each variant (and 'nn.LSTMCell') at batch B and hidden size H."""
+def compare(B: int, H: int, variants: list[str], rounds: int, steps: int,
+            dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Median µs per step of each variant (and 'nn.LSTMCell') at batch B and hidden size H, both in `dtype`."""
     torch.manual_seed(0)
-    cell = hyperfused.HyperLSTMCell(128, H, hyper_size=128, hyper_embed=16, backend="cpu")
-    lstm = torch.nn.LSTMCell(128, H)
-    x = torch.randn(B, 128)
+    cell = hyperfused.HyperLSTMCell(128, H, hyper_size=128, hyper_embed=16, backend="cpu", dtype=dtype)
+    lstm = torch.nn.LSTMCell(128, H, dtype=dtype)
+    x = torch.randn(B, 128, dtype=dtype)
     timings: dict[str, list[float]] = {name: [] for name in [*variants, "nn.LSTMCell"]}
     with torch.no_grad():
         start = cell(x, cell(x))  # steps continue from a state, as when sampling
@@ -62,18 +63,21 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=100, help="steps per timed run")
     parser.add_argument("--sizes", default="1x256,8x256,1x1000,8x1000", help="BxH,... (batch x hidden size)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="the cell's and nn.LSTMCell's dtype")
     args = parser.parse_args(argv)
     variants = args.variant or [""]
     for v in variants:
         parse_variant(v)  # a malformed variant fails before anything runs
     sizes = [tuple(int(n) for n in s.split("x")) for s in args.sizes.split(",")]
     label = lambda v: v or "default"  # noqa: E731
-    print(f"HyperLSTMCell(128, H, hyper_size=128, hyper_embed=16) decode step, µs per step, medians of "
-          f"{args.rounds} alternating rounds; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    dtype = getattr(torch, args.dtype)
+    print(f"HyperLSTMCell(128, H, hyper_size=128, hyper_embed=16) decode step in {args.dtype}, µs per step, medians "
+          f"of {args.rounds} alternating rounds; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| B, H | " + " | ".join(label(v) for v in variants) + " | nn.LSTMCell |")
     print("|---|" + "---:|" * (len(variants) + 1))
     for B, H in sizes:
-        m = compare(B, H, variants, args.rounds, args.steps)
+        m = compare(B, H, variants, args.rounds, args.steps, dtype)
         cells = []
         for i, v in enumerate(variants):
             change = f" ({100 * (m[v] / m[variants[-1]] - 1):+.0f}%)" if i < len(variants) - 1 else ""
