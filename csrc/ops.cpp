@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/buffer_pool.h"
+#include "cpu/few_rows_gemm.h"
 #include "hyper_lstm.h"
 #include "static_hypernet.h"
 
@@ -49,6 +50,24 @@ static PyObject* emulator_probe(PyObject*, PyObject* args) {
   }
   return py_list(out, PyFloat_FromDouble);
 }
+static PyObject* few_rows_gemm_weights(PyObject*, PyObject*) {
+  return PyLong_FromLong(hyperfused::few_rows_gemm_weights());
+}
+// One product by the few-rows kernel on the memory of tensors the caller keeps alive: (a, lda, w, ldw, w_bf16,
+// out, ldo, m, n, k, beta), pointers as ints. Returns whether the kernel could run it (else out is untouched).
+static PyObject* few_rows_gemm(PyObject*, PyObject* args) {
+  unsigned long long a = 0, w = 0, out = 0;
+  long long lda = 0, ldw = 0, ldo = 0, m = 0, n = 0, k = 0;
+  int bf16 = 0;
+  float beta = 0.0f;
+  if (!PyArg_ParseTuple(args, "KLKLpKLLLLf", &a, &lda, &w, &ldw, &bf16, &out, &ldo, &m, &n, &k, &beta))
+    return nullptr;
+  const hyperfused::RawGemm g{reinterpret_cast<const float*>(a), lda, reinterpret_cast<const void*>(w), ldw, true,
+                              reinterpret_cast<float*>(out), ldo, m, n, k, beta, bool(bf16)};
+  if (!hyperfused::few_rows_gemm_runs(g)) Py_RETURN_FALSE;
+  hyperfused::few_rows_gemm(g);
+  Py_RETURN_TRUE;
+}
 static PyObject* recording_counts(PyObject*, PyObject*) {
   const auto [recorded, replayed] = hyperfused::recording_counts();
   return Py_BuildValue("(LL)", static_cast<long long>(recorded), static_cast<long long>(replayed));
@@ -68,6 +87,9 @@ static PyMethodDef methods[] = {
     {"_take_emulated_step_widths", take_emulated_step_widths, METH_NOARGS,
      "Tests: threads per row of each emulated CUDA step launch since the last call."},
     {"_emulator_probe", emulator_probe, METH_VARARGS, "Tests: the CUDA emulator's barriers and sums."},
+    {"_few_rows_gemm_weights", few_rows_gemm_weights, METH_NOARGS,
+     "Tests: the weight dtypes of the CPU's few-rows kernel in this build (bit 0 float32, bit 1 bfloat16)."},
+    {"_few_rows_gemm", few_rows_gemm, METH_VARARGS, "Tests: one product by the CPU's few-rows kernel."},
     {"_recording_counts", recording_counts, METH_NOARGS,
      "Tests: (recordings made, replays run) of the sequence ops (HYPERFUSED_CUDA_GRAPHS)."},
 #ifdef WITH_CUDA

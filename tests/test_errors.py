@@ -141,6 +141,6 @@ def test_an_unknown_step_gemm_library_is_refused(decode, monkeypatch):
     """HYPERFUSED_STEP_GEMM mistyped must not silently measure the libraries."""
     m = hyperfused.HyperLSTM(3, 5, hyper_size=4, hyper_embed=2, backend="cpu")
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", "onednn_packed")
-    with pytest.raises(RuntimeError, match="HYPERFUSED_STEP_GEMM must be 'onednn', 'onednn-packed', 'mkl', 'mm' or "
-                                           "unset, got 'onednn_packed'"), torch.set_grad_enabled(not decode):
+    with pytest.raises(RuntimeError, match="HYPERFUSED_STEP_GEMM must be 'onednn', 'onednn-packed', 'mkl', 'mm', "
+                                           "'own' or unset, got 'onednn_packed'"), torch.set_grad_enabled(not decode):
         m(torch.randn(1 if decode else 4, 2, 3))

@@ -120,6 +120,7 @@ def test_step_designs_match_the_reference(backend, design, dtype, layer_norm, T,
 
 
 ONEDNN, MKL, ONEDNN_PACK = "mkldnn::_linear_pointwise", "hyperfused::mkl_gemm", "hyperfused::onednn_pack"
+OWN = "hyperfused::few_rows_gemm"
 HAS_ONEDNN_REORDER = hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
@@ -129,14 +130,15 @@ HAS_ONEDNN_REORDER = hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     ("onednn", True, {ONEDNN}, {MKL, ONEDNN_PACK}), ("onednn-packed", True, {ONEDNN, ONEDNN_PACK}, {MKL}),
     ("mkl", True, {MKL}, {ONEDNN}), ("mm", True, set(), {ONEDNN, MKL}),
     ("onednn", False, set(), {ONEDNN, MKL}), ("onednn-packed", False, set(), {ONEDNN, MKL}),
-    ("", False, set(), {ONEDNN}), ("", True, set(), set())],
+    ("", False, set(), {ONEDNN}), ("", True, set(), set()), ("own", True, set(), {OWN})],
     ids=["onednn", "onednn-packed", "mkl-packed", "mm", "onednn-but-mkldnn-disabled",
-         "onednn-packed-but-mkldnn-disabled", "measured-mkldnn-disabled", "measured"])
+         "onednn-packed-but-mkldnn-disabled", "measured-mkldnn-disabled", "measured", "own-decode-only"])
 def test_cpu_float32_step_gemm_every_way(library, mkldnn, runs, absent, monkeypatch):
     """float32 recurrent GEMMs run in oneDNN (against the weight as it is, or reordered once per call into
     oneDNN's blocked layout for the batch size), at::mm, or MKL with the weight packed once per call, whichever
     measured fastest for the shape on this machine (HYPERFUSED_STEP_GEMM forces one;
-    torch.backends.mkldnn.enabled=False rules oneDNN out). Every way agrees with the reference."""
+    torch.backends.mkldnn.enabled=False rules oneDNN out; own, the few-rows kernel, runs decode steps only, and
+    the sequence measures). Every way agrees with the reference."""
     T, B, X, H, Hh, Nz = 5, 17, 7, 37, 20, 4
     ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, dtype=torch.float32)
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)

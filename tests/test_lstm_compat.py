@@ -355,18 +355,24 @@ def test_decode_path_gives_what_the_general_path_gives(monkeypatch, design):
 
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "hyperfused::mkl_gemm", "hyperfused::mkl_batch",
-            "hyperfused::onednn_gemm")
+            "hyperfused::onednn_gemm", "hyperfused::few_rows_gemm")
 COPIES = ("aten::cat", "aten::clone", "aten::contiguous", "aten::copy_", "aten::_to_copy")
-MKL_BATCH, ONEDNN = "hyperfused::mkl_batch", "hyperfused::onednn_gemm"
+MKL_BATCH, ONEDNN, OWN = "hyperfused::mkl_batch", "hyperfused::onednn_gemm", "hyperfused::few_rows_gemm"
+
+
+def _own_kernel_for(dtype) -> bool:
+    """Whether this build has the few-rows kernel for weights of `dtype` (csrc/cpu/few_rows_gemm.h)."""
+    return bool(hyperfused._extension._C._few_rows_gemm_weights() & (2 if dtype == torch.bfloat16 else 1))
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
-@pytest.mark.parametrize("library", ["", "mkl", "onednn", "mm"], ids=["measured", "mkl", "onednn", "aten"])
+@pytest.mark.parametrize("library", ["", "mkl", "onednn", "own", "mm"],
+                         ids=["measured", "mkl", "onednn", "own", "aten"])
 def test_a_decode_step_copies_no_weight(library, monkeypatch):
     """A decode step runs every product on the parameters themselves, with no concatenated or transposed copy of
     a weight. On a torch with MKL's batch GEMM a float32 step makes the products as seven direct calls: the four
-    input and recurrent products one by one (W_x x, Ŵ_x [x, h], W_h h and Ŵ_h ĥ, in MKL or oneDNN as measured or
-    forced), the two embeddings, then the 12 scaling vectors in one MKL call. The only copy allowed there is of
+    input and recurrent products one by one (W_x x, Ŵ_x [x, h], W_h h and Ŵ_h ĥ, in MKL, oneDNN or the few-rows
+    kernel as measured or forced), the two embeddings, then the 12 scaling vectors in one MKL call. The only copy allowed there is of
     a oneDNN product into its slice of the step's scratch. As ATen ops
     (HYPERFUSED_STEP_GEMM=mm, or a torch without MKL's batch GEMM) the 12 scaling vectors are two batched GEMMs
     (kinds h and x from scale_weight, kind b from bias_scale_weight), and the one copy allowed is addmm's of a
@@ -386,11 +392,13 @@ def test_a_decode_step_copies_no_weight(library, monkeypatch):
     if HAS_MKL_BATCH and library != "mm":
         assert len(products) == 7 and products[4:] == [MKL_BATCH] * 3
         inputs = products[:4]
-        assert set(inputs) <= {MKL_BATCH, ONEDNN}
-        if library == "mkl" or not torch.backends.mkldnn.is_available():
+        assert set(inputs) <= {MKL_BATCH, ONEDNN, OWN}
+        if library == "mkl" or (library == "onednn" and not torch.backends.mkldnn.is_available()):
             assert inputs == [MKL_BATCH] * 4
         elif library == "onednn":
             assert inputs == [ONEDNN] * 4
+        elif library == "own":
+            assert inputs == [OWN if _own_kernel_for(torch.float32) else MKL_BATCH] * 4
         assert all(e.cpu_parent.name == ONEDNN for e in copies), [e.cpu_parent.name for e in copies]
         return
     assert names.count("aten::bmm") == 2 and MKL_BATCH not in names
@@ -400,7 +408,8 @@ def test_a_decode_step_copies_no_weight(library, monkeypatch):
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
-@pytest.mark.parametrize("library", ["", "mkl", "onednn", "mm"], ids=["measured", "mkl", "onednn", "aten"])
+@pytest.mark.parametrize("library", ["", "mkl", "onednn", "own", "mm"],
+                         ids=["measured", "mkl", "onednn", "own", "aten"])
 def test_a_bfloat16_cell_decodes_from_its_bfloat16_weights(library, monkeypatch):
     """A bfloat16 HyperLSTMCell steps in float32 with its four large weights read as they are (the products with
     bfloat16 operands, accumulated in float32): on a torch with MKL's batch GEMM no float32 copy of W_h is made
@@ -429,6 +438,8 @@ def test_a_bfloat16_cell_decodes_from_its_bfloat16_weights(library, monkeypatch)
             assert (bad.tensors()[1] - expected.tensors()[1]).abs().max() > 0.1
     converted = [e for e in prof.events() if e.name == "aten::_to_copy" and [4 * H, H] in e.input_shapes]
     assert bool(converted) == (library == "mm" or not HAS_MKL_BATCH)
+    if library == "own" and HAS_MKL_BATCH:
+        assert (OWN in {e.name for e in prof.events()}) == _own_kernel_for(torch.bfloat16)
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
@@ -443,12 +454,13 @@ def test_decode_leaves_onednn_when_it_is_disabled(monkeypatch):
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 3, 9])
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
 def test_decode_products_direct_or_through_aten(B, layer_norm, monkeypatch):
-    """The float32 decode step's products made each way (as measured, the default; forced into MKL or oneDNN;
-    as ATen ops, HYPERFUSED_STEP_GEMM=mm) agree with the reference over several steps, and MKL's direct calls
-    with the ATen ops (MKL's too) to float32 rounding: bit for bit here, 1e-6 allowed. Dropping the forget
+    """The float32 decode step's products made each way (as measured, the default; forced into MKL, oneDNN or
+    the few-rows kernel; as ATen ops, HYPERFUSED_STEP_GEMM=mm) agree with the reference over several steps, and
+    MKL's direct calls with the ATen ops (MKL's too) and with the few-rows kernel to float32 rounding: bit for
+    bit or nearly here, 1e-6 allowed. Dropping the forget
     bias moves the states by more than 0.1 (checked below), so a product read with a wrong offset or
     transposition cannot hide inside either tolerance."""
     X, H, Hh, Nz = 5, 37, 7, 3
@@ -460,7 +472,7 @@ def test_decode_products_direct_or_through_aten(B, layer_norm, monkeypatch):
                                               forget_bias=0.0, backend="cpu")
     no_forget_bias.load_state_dict(ref.state_dict())
     xs = torch.randn(4, B, X)
-    libraries = ("", "mkl", "onednn", "onednn-packed", "mm")  # run once, a forced onednn-packed runs unpacked
+    libraries = ("", "mkl", "onednn", "onednn-packed", "own", "mm")  # run once, onednn-packed runs unpacked
     with torch.no_grad():
         s_ref = s_wrong = ref(xs[0])
         states = dict.fromkeys(libraries, s_ref)
@@ -472,8 +484,9 @@ def test_decode_products_direct_or_through_aten(B, layer_norm, monkeypatch):
     for library, state in states.items():
         for got, expected in zip(state.tensors(), s_ref.tensors()):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{library!r}: {m}")
-    for direct, aten in zip(states["mkl"].tensors(), states["mm"].tensors()):
+    for direct, aten, own in zip(states["mkl"].tensors(), states["mm"].tensors(), states["own"].tensors()):
         torch.testing.assert_close(direct, aten, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(own, direct, rtol=1e-6, atol=1e-6)  # sums in another order
     assert (s_wrong.tensors()[1] - s_ref.tensors()[1]).abs().max() > 0.1
 
 

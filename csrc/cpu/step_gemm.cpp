@@ -1,5 +1,6 @@
 #include "step_gemm.h"
 #include "buffer_pool.h"
+#include "few_rows_gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -230,9 +231,10 @@ at::Tensor StepGemm::onednn_packed_for(int64_t rows) const {
   return p.onednn_packed;
 }
 
-// HYPERFUSED_STEP_GEMM=onednn|onednn-packed|mkl|mm forces a library (the tests run each); unset or empty, the
-// library is measured. Anything else is refused: a mistyped value must not silently measure.
-StepGemm::Library StepGemm::forced() {
+// HYPERFUSED_STEP_GEMM=onednn|onednn-packed|mkl|mm|own forces a library (the tests run each); unset or empty,
+// the library is measured. own, hyperfused's few-rows kernel, runs a decode step's products only: the time loop
+// (decode false) measures then. Anything else is refused: a mistyped value must not silently measure.
+StepGemm::Library StepGemm::forced(bool decode) {
   const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
   if (!v || !*v) return Library::Measure;
   const std::string s(v);
@@ -240,8 +242,9 @@ StepGemm::Library StepGemm::forced() {
   if (s == "onednn-packed") return Library::OneDnnPacked;
   if (s == "mkl") return Library::Mkl;
   if (s == "mm") return Library::Mm;
-  TORCH_CHECK(false, "hyperfused: HYPERFUSED_STEP_GEMM must be 'onednn', 'onednn-packed', 'mkl', 'mm' or unset, got '",
-              s, "'");
+  if (s == "own") return decode ? Library::Own : Library::Measure;
+  TORCH_CHECK(false, "hyperfused: HYPERFUSED_STEP_GEMM must be 'onednn', 'onednn-packed', 'mkl', 'mm', 'own' or ",
+              "unset, got '", s, "'");
   return Library::Measure;
 }
 
@@ -426,25 +429,44 @@ void mkl_bf16(const RawGemm& g) {
                                mkl_ldw(g), g.beta, g.out, mkl_ldo(g));
 }
 
-// Whether oneDNN made g's product faster than MKL: measured at the first call with its shape (m, n, k), the best
-// of 8 runs each, alternating, after one to warm each up, into scratch (g.out may hold a bias), and remembered.
-bool onednn_faster(const RawGemm& g, const at::Tensor& w) {
+// The decode step's libraries: MKL (its float32 batch GEMM, or its bfloat16 GEMM), oneDNN's matmul, or
+// hyperfused's own few-rows kernel.
+enum class DecodeLibrary { Mkl, OneDnn, Own };
+
+void run_decode(DecodeLibrary lib, const RawGemm& g, const at::Tensor& w) {
+  if (lib == DecodeLibrary::OneDnn)
+    onednn_gemm(g, w);
+  else if (lib == DecodeLibrary::Own)
+    few_rows_gemm(g);
+  else if (g.w_bf16)
+    mkl_bf16(g);
+  else
+    mkl_batch(&g, 1);
+}
+
+// The fastest for g's product of MKL and, where they can run it (onednn, own), oneDNN and the own kernel:
+// measured at the first call with its shape (m, n, k), weight dtype and candidates, the best of 8 runs each,
+// taking turns after one to warm each up, into scratch (g.out may hold a bias), and remembered.
+DecodeLibrary fastest_decode(const RawGemm& g, const at::Tensor& w, bool onednn, bool own) {
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, bool>, bool> faster;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool, bool>, DecodeLibrary> fastest;
   std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(g.m, g.n, g.k, g.w_bf16);
-  auto it = faster.find(key);
-  if (it == faster.end()) {
+  const auto key = std::make_tuple(g.m, g.n, g.k, g.w_bf16, onednn, own);
+  auto it = fastest.find(key);
+  if (it == fastest.end()) {
+    std::vector<DecodeLibrary> candidates{DecodeLibrary::Mkl};
+    if (onednn) candidates.push_back(DecodeLibrary::OneDnn);
+    if (own) candidates.push_back(DecodeLibrary::Own);
     std::vector<float> scratch(size_t(g.m * g.n));
     RawGemm trial = g;
     trial.out = scratch.data(), trial.ldo = g.n, trial.beta = 0.0f;
-    double mkl = 1e30, onednn = 1e30;
-    for (int round = 0; round < 9; ++round) {
-      const double t_mkl = seconds_of([&] { g.w_bf16 ? mkl_bf16(trial) : mkl_batch(&trial, 1); });
-      const double t_onednn = seconds_of([&] { onednn_gemm(trial, w); });
-      if (round > 0) mkl = std::min(mkl, t_mkl), onednn = std::min(onednn, t_onednn);
-    }
-    it = faster.emplace(key, onednn < mkl).first;
+    std::vector<double> best(candidates.size(), 1e30);
+    for (int round = 0; round < 9; ++round)
+      for (size_t i = 0; i < candidates.size(); ++i) {
+        const double t = seconds_of([&] { run_decode(candidates[i], trial, w); });
+        if (round > 0) best[i] = std::min(best[i], t);
+      }
+    it = fastest.emplace(key, candidates[std::min_element(best.begin(), best.end()) - best.begin()]).first;
   }
   return it->second;
 }
@@ -456,15 +478,17 @@ bool StepGemm::bf16_allowed() {
 }
 
 void StepGemm::decode_gemm(const RawGemm& g, const at::Tensor& w) {
-  const Library force = forced();
-  const bool onednn = force != Library::Mkl && onednn_reads(g, w);
+  const Library force = forced(/*decode=*/true);
+  const bool onednn = onednn_reads(g, w), own = few_rows_gemm_runs(g);
+  DecodeLibrary lib = DecodeLibrary::Mkl;  // forced, or what a forced library cannot run
   // (run once, a product gains nothing from oneDNN's reorder: a forced onednn-packed runs it unpacked)
-  if (onednn && (force == Library::OneDnn || force == Library::OneDnnPacked || onednn_faster(g, w)))
-    onednn_gemm(g, w);
-  else if (g.w_bf16)
-    mkl_bf16(g);
-  else
-    mkl_batch(&g, 1);
+  if (force == Library::OneDnn || force == Library::OneDnnPacked)
+    lib = onednn ? DecodeLibrary::OneDnn : DecodeLibrary::Mkl;
+  else if (force == Library::Own)
+    lib = own ? DecodeLibrary::Own : DecodeLibrary::Mkl;
+  else if (force == Library::Measure)
+    lib = fastest_decode(g, w, onednn, own);
+  run_decode(lib, g, w);
 }
 
 void StepGemm::run(at::Tensor& out, const at::Tensor& a) const {

@@ -52,20 +52,22 @@ class StepGemm {
   // Whether a decode step may make its products directly (mkl_batch, decode_gemm): torch has MKL's batch GEMM,
   // and HYPERFUSED_STEP_GEMM is not mm (which keeps the ATen ops).
   static bool batch_allowed();
-  // One product of a decode step: by MKL straight into g.out, or by oneDNN's matmul (the result copied into
-  // g.out), whichever measured faster for the shape and weight dtype on this machine, once per process. oneDNN
-  // only where `w` is the tensor (float32, or bfloat16 for g.w_bf16) whose contiguous (n, k) rows g reads
-  // transposed and g.beta is 0 or 1; MKL otherwise. Neither wins everywhere: on an AMD EPYC MKL took 2.5x
-  // oneDNN's time for W_h h at B = 1, H = 1000, and oneDNN up to 4x MKL's for the small products.
-  // HYPERFUSED_STEP_GEMM=mkl or onednn forces one. With a bfloat16 weight both round a to bfloat16 and
-  // accumulate in float32 (MKL returns float32, oneDNN bfloat16).
+  // One product of a decode step: by MKL straight into g.out, by oneDNN's matmul (the result copied into
+  // g.out), or by hyperfused's own few-rows kernel (few_rows_gemm.h) straight into g.out, whichever measured
+  // fastest for the shape and weight dtype on this machine, once per process. oneDNN only where `w` is the
+  // tensor (float32, or bfloat16 for g.w_bf16) whose contiguous (n, k) rows g reads transposed and g.beta is 0
+  // or 1; the own kernel where g reads w transposed and the build has it for w's dtype. None wins everywhere:
+  // on an AMD EPYC MKL took 2.5x oneDNN's time for W_h h at B = 1, H = 1000, and oneDNN up to 4x MKL's for
+  // the small products. HYPERFUSED_STEP_GEMM=mkl, onednn or own forces one (MKL where the forced one cannot run
+  // g). With a bfloat16 weight each rounds a to bfloat16 and accumulates in float32 (MKL and the own kernel
+  // return float32, oneDNN bfloat16).
   static void decode_gemm(const RawGemm& g, const at::Tensor& w);
   // Whether MKL's bfloat16 GEMM can run (torch exports it).
   static bool bf16_allowed();
 
  private:
-  enum class Library { Measure, OneDnn, OneDnnPacked, Mm, Mkl };
-  static Library forced();
+  enum class Library { Measure, OneDnn, OneDnnPacked, Mm, Mkl, Own };
+  static Library forced(bool decode = false);
   Library choose(at::Tensor& out, const at::Tensor& a) const;
   void run_with(Library lib, at::Tensor& out, const at::Tensor& a) const;
   void mm_out(at::Tensor& out, const at::Tensor& a) const;

@@ -1,0 +1,176 @@
+#include "few_rows_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// GCC 12 warns that _mm512_reduce_add_ps reads an uninitialised value: the _mm256_undefined_pd() its
+// extract takes as the (unused, fully masked-in) pass-through operand. Nothing uninitialised is read.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace hyperfused {
+namespace {
+
+// The register tile: kRows rows of a by kCols rows of w, kRows·kCols accumulators (16 of the 32 vector
+// registers), the kCols weight vectors and one of a beside them.
+constexpr int kRows = 4, kCols = 4;
+// A thread's smallest share of the work, in multiply-adds: below it, starting threads costs more than it saves.
+constexpr int64_t kMinWorkPerThread = 64 * 1024;
+
+// out[r·ldo + c] = sum[r][c] (+ out when beta is 1), for the tile's R × C outputs.
+template <int R, int C>
+inline void store(const float (&sum)[R][C], float* out, int64_t ldo, float beta) {
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float& o = out[r * ldo + c];
+      o = beta == 0.0f ? sum[r][c] : sum[r][c] + o;
+    }
+}
+
+#if defined(__AVX512F__)
+// R rows of a (float32, row stride lda) times C rows of w (float32, row stride ldw), over k.
+template <int R, int C>
+void tile_f32(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t k, float* out, int64_t ldo,
+              float beta) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 mask = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
+    __m512 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm512_maskz_loadu_ps(mask, w + c * ldw + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_maskz_loadu_ps(mask, a + r * lda + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, wv[c], acc[r][c]);
+    }
+  }
+  float sum[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) sum[r][c] = _mm512_reduce_add_ps(acc[r][c]);
+  store<R, C>(sum, out, ldo, beta);
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// R rows of a (bfloat16, rounded beforehand, row stride lda, zero past k up to a multiple of 32) times C rows
+// of w (bfloat16, row stride ldw), over k: pairs of products summed into float32.
+template <int R, int C>
+void tile_bf16(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t ldw, int64_t k, float* out, int64_t ldo,
+               float beta) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 32) {
+    const __mmask32 mask = k - i >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (k - i)) - 1);
+    __m512bh wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + c * ldw + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_loadu_si512(a + r * lda + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, wv[c]);
+    }
+  }
+  float sum[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) sum[r][c] = _mm512_reduce_add_ps(acc[r][c]);
+  store<R, C>(sum, out, ldo, beta);
+}
+
+// The m rows of a rounded to bfloat16 (nearest even) in this thread's scratch, each padded with zeros to `ld`.
+const uint16_t* rounded_rows(const float* a, int64_t lda, int64_t m, int64_t k, int64_t ld) {
+  static thread_local std::vector<uint16_t> scratch;
+  if (scratch.size() < size_t(m * ld)) scratch.resize(size_t(m * ld));
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < ld; i += 32) {
+      const int64_t n = std::min<int64_t>(32, std::max<int64_t>(k - i, 0));
+      const __mmask16 lo = __mmask16((1u << std::min<int64_t>(n, 16)) - 1);
+      const __mmask16 hi = __mmask16((1u << std::max<int64_t>(n - 16, 0)) - 1);
+      const __m512 vlo = _mm512_maskz_loadu_ps(lo, a + r * lda + i);
+      const __m512 vhi = _mm512_maskz_loadu_ps(hi, a + r * lda + i + 16);
+      _mm512_storeu_si512(scratch.data() + r * ld + i, (__m512i)_mm512_cvtne2ps_pbh(vhi, vlo));
+    }
+  return scratch.data();
+}
+#endif
+
+// Calls f(std::integral_constant<int, R>()) for R = rows, 1 to kRows.
+template <typename F>
+void with_rows(int64_t rows, const F& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    default: f(std::integral_constant<int, 4>()); break;
+  }
+  static_assert(kRows == 4, "with_rows' cases");
+}
+
+}  // namespace
+
+int few_rows_gemm_weights() {
+  int dtypes = 0;
+#if defined(__AVX512F__)
+  dtypes |= 1;
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  dtypes |= 2;
+#endif
+  return dtypes;
+}
+
+bool few_rows_gemm_runs(const RawGemm& g) {
+  return g.w_transposed && (g.beta == 0.0f || g.beta == 1.0f) && g.n % kCols == 0 &&
+         (few_rows_gemm_weights() & (g.w_bf16 ? 2 : 1));
+}
+
+void few_rows_gemm(const RawGemm& g) {
+  RECORD_FUNCTION("hyperfused::few_rows_gemm", std::vector<c10::IValue>());
+  TORCH_CHECK(few_rows_gemm_runs(g), "hyperfused: few_rows_gemm cannot run this product in this build");
+#if defined(__AVX512F__)
+  const int64_t m = g.m, n = g.n, k = g.k;
+  if (m == 0 || n == 0) return;
+  // a's rows as the kernel reads them: as they are (float32), or rounded once for all columns (bfloat16)
+  const void* a = g.a;
+  int64_t lda = g.lda;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if (g.w_bf16) {
+    lda = (k + 31) / 32 * 32;
+    a = rounded_rows(g.a, g.lda, m, k, lda);
+  }
+#endif
+  // Columns in blocks of kCols, spread over threads; for each block every row tile, so that the block's weight
+  // rows stay in the L1 cache while every row of a passes them.
+  const int64_t blocks = n / kCols;
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, m * k * kCols));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kCols;
+      for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+        with_rows(std::min<int64_t>(kRows, m - r0), [&](auto R) {
+          float* out = g.out + r0 * g.ldo + c0;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+          if (g.w_bf16) {
+            tile_bf16<decltype(R)::value, kCols>(static_cast<const uint16_t*>(a) + r0 * lda, lda,
+                                                 static_cast<const uint16_t*>(g.w) + c0 * g.ldw, g.ldw, k, out,
+                                                 g.ldo, g.beta);
+            return;
+          }
+#endif
+          tile_f32<decltype(R)::value, kCols>(static_cast<const float*>(a) + r0 * lda, lda,
+                                              static_cast<const float*>(g.w) + c0 * g.ldw, g.ldw, k, out, g.ldo,
+                                              g.beta);
+        });
+      }
+    }
+  });
+#endif
+}
+
+}  // namespace hyperfused

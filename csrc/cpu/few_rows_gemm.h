@@ -1,0 +1,30 @@
+// hyperfused's own kernel for a product with few rows: a decode step's out (m, n) = a (m, k) · wᵀ (+ beta·out),
+// m the batch (often 1), w a whole weight read as its (n, k) rows. Each output is a dot product of a row of a
+// with a row of w, computed in a register tile of up to 4 rows of a by 4 rows of w, so that at m <= 4 every
+// weight is read once, straight from its rows, with no call into a library around it. At m = 1 the libraries'
+// per-call work outweighs the arithmetic: on an AMD EPYC at H = 256 the decode step's four products took 3-14 µs
+// each here, 7-26 µs in MKL (float32 weights) and 27-42 µs in oneDNN (bfloat16), under the profiler. It is one
+// of the candidates StepGemm::decode_gemm measures; at m = 8 it is level with the libraries.
+//
+// float32 weights: AVX-512 FMAs. bfloat16 weights: a is rounded to bfloat16 (nearest even) and each pair of
+// products summed into float32 by AVX512-BF16's dot instruction, as MKL's and oneDNN's bfloat16 GEMMs round
+// and accumulate. Built for the build machine's vector extensions (-march=native): where it has neither, the
+// kernel is absent and the libraries run every product.
+#pragma once
+#include "step_gemm.h"
+
+namespace hyperfused {
+
+// Whether this build has the kernel for g: w read transposed (as (n, k) rows), n a multiple of 4 (every
+// product a decode step makes: n is 4H or 4Ĥ), beta 0 or 1, and the weight's dtype one the build's vector
+// extensions cover (few_rows_gemm_weights).
+bool few_rows_gemm_runs(const RawGemm& g);
+
+// g by the kernel; few_rows_gemm_runs(g) must hold. Spreads the columns over threads where there is enough
+// work for each.
+void few_rows_gemm(const RawGemm& g);
+
+// The weight dtypes the kernel covers in this build: bit 0 float32, bit 1 bfloat16.
+int few_rows_gemm_weights();
+
+}  // namespace hyperfused
