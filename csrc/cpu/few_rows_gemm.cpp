@@ -25,25 +25,28 @@ constexpr int kRows = 4, kCols = 4;
 // A thread's smallest share of the work, in multiply-adds: below it, starting threads costs more than it saves.
 constexpr int64_t kMinWorkPerThread = 64 * 1024;
 
-// out[r·ldo + c] = sum[r][c] (+ out when beta is 1), for the tile's R × C outputs.
-template <int R, int C>
-inline void store(const float (&sum)[R][C], float* out, int64_t ldo, float beta) {
+#if defined(__AVX512F__)
+// The tile's R × C dot products: add_block(i, acc) adds the block of k from i (Block values) into the float32
+// lanes of acc[r][c]; the lanes are then summed into out[r·ldo + c] (+ out when beta is 1).
+template <int R, int C, int Block, typename AddBlock>
+inline void tile(int64_t k, float* out, int64_t ldo, float beta, const AddBlock& add_block) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += Block) add_block(i, acc);
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
+      const float sum = _mm512_reduce_add_ps(acc[r][c]);
       float& o = out[r * ldo + c];
-      o = beta == 0.0f ? sum[r][c] : sum[r][c] + o;
+      o = beta == 0.0f ? sum : sum + o;
     }
 }
 
-#if defined(__AVX512F__)
 // R rows of a (float32, row stride lda) times C rows of w (float32, row stride ldw), over k.
 template <int R, int C>
 void tile_f32(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t k, float* out, int64_t ldo,
               float beta) {
-  __m512 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
+  tile<R, C, 16>(k, out, ldo, beta, [&](int64_t i, __m512 (&acc)[R][C]) {
     const __mmask16 mask = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
     __m512 wv[C];
     for (int c = 0; c < C; ++c) wv[c] = _mm512_maskz_loadu_ps(mask, w + c * ldw + i);
@@ -51,11 +54,7 @@ void tile_f32(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t 
       const __m512 av = _mm512_maskz_loadu_ps(mask, a + r * lda + i);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, wv[c], acc[r][c]);
     }
-  }
-  float sum[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) sum[r][c] = _mm512_reduce_add_ps(acc[r][c]);
-  store<R, C>(sum, out, ldo, beta);
+  });
 }
 #endif
 
@@ -65,10 +64,7 @@ void tile_f32(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t 
 template <int R, int C>
 void tile_bf16(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t ldw, int64_t k, float* out, int64_t ldo,
                float beta) {
-  __m512 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 32) {
+  tile<R, C, 32>(k, out, ldo, beta, [&](int64_t i, __m512 (&acc)[R][C]) {
     const __mmask32 mask = k - i >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (k - i)) - 1);
     __m512bh wv[C];
     for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + c * ldw + i);
@@ -76,11 +72,7 @@ void tile_bf16(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t ldw, i
       const __m512bh av = (__m512bh)_mm512_loadu_si512(a + r * lda + i);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, wv[c]);
     }
-  }
-  float sum[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) sum[r][c] = _mm512_reduce_add_ps(acc[r][c]);
-  store<R, C>(sum, out, ldo, beta);
+  });
 }
 
 // The m rows of a rounded to bfloat16 (nearest even) in this thread's scratch, each padded with zeros to `ld`.
