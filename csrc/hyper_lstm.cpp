@@ -479,11 +479,12 @@ float* decode_scratch(const Dims& d, const WsLayout& L, int64_t xh_width) {
 // The decode step of the CPU in float32 with MKL: the GEMM-shaped step's products as seven direct calls on the
 // memory of the parameters and states, around the hyper-cell and main-cell kernels. As ATen ops
 // (ForwardStepper) the same products took ~60 views, allocations and dispatches per step, more time than the
-// products themselves at B = 1, H = 256. The four input and recurrent products go one per call (in one batch
-// MKL gave each product a single thread, and at H = 1000 W_h h alone then took longer than the step had), each
-// in MKL or oneDNN as measured (StepGemm::decode_gemm), on whole weights: Ŵ_x's two products as one, on
-// [x, h]. A bfloat16 cell's four weights are read as they are. The embeddings and the 12 scaling vectors are
-// small, MKL's ground: three calls of its batch GEMM.
+// products themselves at B = 1, H = 256. The four input and recurrent products and the two embeddings go one per
+// call (in one batch MKL gave each product a single thread, and at H = 1000 W_h h alone then took longer than
+// the step had), each in MKL, oneDNN or the few-rows kernel as measured (StepGemm::decode_gemm), on whole
+// weights: Ŵ_x's two products as one, on [x, h]. A bfloat16 cell's four large weights are read as they are.
+// The 12 scaling vectors, small products whose n (= H) need not suit the few-rows kernel, are one call of
+// MKL's batch GEMM.
 StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& x, const at::Tensor& h,
                         const at::Tensor& c, const at::Tensor& hh, const at::Tensor& hc, at::TensorList p,
                         bool layer_norm, double forget_bias) {
@@ -504,13 +505,13 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
   auto hh1 = at::empty({B, Hh}, opts), hc1 = at::empty({B, Hh}, opts);
   // The hyper cell sums ghx + g[4H:] + ghh: b̂ in ghx, and Ŵ_x [x, h] (both of Ŵ_x's products) in g[4H:].
   for (int64_t b = 0; b < B; ++b) std::copy_n(f(p[HYPER_BIAS]), 4 * Hh, ghx + b * 4 * Hh);
-  // out (B, n) = a (B, k) · p[i]ᵀ: every weight is a whole (n, k) parameter, float32 or (a bfloat16 cell's)
-  // bfloat16, read transposed in place, so that oneDNN can run any of them too.
-  const auto product = [&](const float* a, int64_t lda, int i, float* out, int64_t ldo) {
+  // out (B, n) = a (B, k) · p[i]ᵀ (+ out with beta 1): every weight is a whole (n, k) parameter, float32 or (a
+  // bfloat16 cell's) bfloat16, read transposed in place, so that oneDNN can run any of them too.
+  const auto product = [&](const float* a, int64_t lda, int i, float* out, int64_t ldo, float beta = 0.0f) {
     const at::Tensor& w = p[i];
     const int64_t n = w.size(0), k = w.size(1);
     const bool bf16 = w.scalar_type() == at::kBFloat16;
-    StepGemm::decode_gemm({a, lda, w.data_ptr(), k, /*w_transposed=*/true, out, ldo, B, n, k, 0.0f, bf16}, w);
+    StepGemm::decode_gemm({a, lda, w.data_ptr(), k, /*w_transposed=*/true, out, ldo, B, n, k, beta, bf16}, w);
   };
   product(f(x), X, WEIGHT_IH, gx, 4 * H);              // W_x x
   product(xh, X + H, HYPER_WEIGHT_IH, g + 4 * H, GW);  // Ŵ_x [x, h]
@@ -523,10 +524,8 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
   k.forward(st);
   // z = [z_bias ; 0] + ĥ_t·[z_weight ; bias_z_weight]ᵀ into the workspace's z slot
   for (int64_t b = 0; b < B; ++b) std::copy_n(f(p[Z_BIAS]), 8 * Nz, z + b * L.width);
-  const RawGemm embeddings[] = {
-      {f(hh1), Hh, f(p[Z_WEIGHT]), Hh, true, z, L.width, B, 8 * Nz, Hh, 1.0f},
-      {f(hh1), Hh, f(p[BIAS_Z_WEIGHT]), Hh, true, z + 8 * Nz, L.width, B, 4 * Nz, Hh, 0.0f}};
-  for (const RawGemm& product : embeddings) mkl_batch(&product, 1);
+  product(f(hh1), Hh, Z_WEIGHT, z, L.width, /*beta=*/1.0f);
+  product(f(hh1), Hh, BIAS_Z_WEIGHT, z + 8 * Nz, L.width);
   // d[q] = z_q·W_qᵀ for the 12 (kind, gate) blocks q, W_q (H, N_z) from scale_weight (8 blocks) and
   // bias_scale_weight (4)
   RawGemm scales[12];

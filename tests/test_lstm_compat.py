@@ -371,8 +371,9 @@ def _own_kernel_for(dtype) -> bool:
 def test_a_decode_step_copies_no_weight(library, monkeypatch):
     """A decode step runs every product on the parameters themselves, with no concatenated or transposed copy of
     a weight. On a torch with MKL's batch GEMM a float32 step makes the products as seven direct calls: the four
-    input and recurrent products one by one (W_x x, Ŵ_x [x, h], W_h h and Ŵ_h ĥ, in MKL, oneDNN or the few-rows
-    kernel as measured or forced), the two embeddings, then the 12 scaling vectors in one MKL call. The only copy allowed there is of
+    input and recurrent products and the two embeddings one by one (W_x x, Ŵ_x [x, h], W_h h, Ŵ_h ĥ, then z and
+    the bias embedding, in MKL, oneDNN or the few-rows kernel as measured or forced), then the 12 scaling
+    vectors in one MKL call. The only copy allowed there is of
     a oneDNN product into its slice of the step's scratch. As ATen ops
     (HYPERFUSED_STEP_GEMM=mm, or a torch without MKL's batch GEMM) the 12 scaling vectors are two batched GEMMs
     (kinds h and x from scale_weight, kind b from bias_scale_weight), and the one copy allowed is addmm's of a
@@ -390,15 +391,15 @@ def test_a_decode_step_copies_no_weight(library, monkeypatch):
     copies = [e for e in prof.events() if e.name in COPIES]
     products = [n for n in names if n in PRODUCTS]
     if HAS_MKL_BATCH and library != "mm":
-        assert len(products) == 7 and products[4:] == [MKL_BATCH] * 3
-        inputs = products[:4]
+        assert len(products) == 7 and products[6] == MKL_BATCH
+        inputs = products[:6]
         assert set(inputs) <= {MKL_BATCH, ONEDNN, OWN}
         if library == "mkl" or (library == "onednn" and not torch.backends.mkldnn.is_available()):
-            assert inputs == [MKL_BATCH] * 4
+            assert inputs == [MKL_BATCH] * 6
         elif library == "onednn":
-            assert inputs == [ONEDNN] * 4
+            assert inputs == [ONEDNN] * 6
         elif library == "own":
-            assert inputs == [OWN if _own_kernel_for(torch.float32) else MKL_BATCH] * 4
+            assert inputs == [OWN if _own_kernel_for(torch.float32) else MKL_BATCH] * 6
         assert all(e.cpu_parent.name == ONEDNN for e in copies), [e.cpu_parent.name for e in copies]
         return
     assert names.count("aten::bmm") == 2 and MKL_BATCH not in names
