@@ -39,7 +39,7 @@ const char* const kParamNames[NUM_PARAMS] = {
     "scale_weight", "bias_z_weight", "bias_scale_weight", "ln_weight", "ln_bias", "ln_cell_weight", "ln_cell_bias",
     "hyper_ln_weight", "hyper_ln_bias", "hyper_ln_cell_weight", "hyper_ln_cell_bias"};
 
-// The four weights of the input and recurrent products: a decode step takes them in bfloat16 too.
+// The four weights of the input and recurrent products: a decode step takes them in bfloat16 or float16 too.
 bool is_gemm_weight(int i) {
   return i == WEIGHT_IH || i == WEIGHT_HH || i == HYPER_WEIGHT_IH || i == HYPER_WEIGHT_HH;
 }
@@ -49,15 +49,16 @@ struct Sizes {
   Dims dims() const { return Dims{B, H, Hh, Nz}; }
 };
 
-// bf16_ok: t may also be bfloat16 where x is float32 (a decode step's GEMM weights).
+// half_ok: t may also be bfloat16 or float16 where x is float32 (a decode step's GEMM weights).
 void check_arg(const at::Tensor& t, const char* name, std::vector<int64_t> shape, const at::Tensor& x,
-               bool bf16_ok = false) {
+               bool half_ok = false) {
   TORCH_CHECK(t.device() == x.device(), "hyperfused::hyper_lstm: '", name, "' is on ", t.device(),
               " but 'x' is on ", x.device());
-  bf16_ok = bf16_ok && x.scalar_type() == at::kFloat;
-  TORCH_CHECK(t.scalar_type() == x.scalar_type() || (bf16_ok && t.scalar_type() == at::kBFloat16),
-              "hyperfused::hyper_lstm: '", name, "' has dtype ", t.scalar_type(), ", expected ", x.scalar_type(),
-              " (the dtype of 'x')", bf16_ok ? " or BFloat16" : "");
+  half_ok = half_ok && x.scalar_type() == at::kFloat;
+  const bool half = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() || (half_ok && half), "hyperfused::hyper_lstm: '", name,
+              "' has dtype ", t.scalar_type(), ", expected ", x.scalar_type(), " (the dtype of 'x')",
+              half_ok ? ", BFloat16 or Half" : "");
   TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "hyperfused::hyper_lstm: '", name, "' has shape ", t.sizes(),
               ", expected ", at::IntArrayRef(shape));
   TORCH_CHECK(t.is_contiguous(), "hyperfused::hyper_lstm: '", name, "' must be contiguous");
@@ -66,7 +67,7 @@ void check_arg(const at::Tensor& t, const char* name, std::vector<int64_t> shape
 Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0,
                    const at::Tensor& hc0, at::TensorList p, const std::optional<at::Tensor>& mask,
                    const std::optional<at::Tensor>& hyper_mask, const std::optional<at::Tensor>& zoneout_mask,
-                   const std::optional<at::Tensor>& hyper_zoneout_mask, bool bf16_gemm_weights = false) {
+                   const std::optional<at::Tensor>& hyper_zoneout_mask, bool half_gemm_weights = false) {
   TORCH_CHECK(x.dim() == 3, "hyperfused::hyper_lstm: 'x' must have shape (T, B, input_size), got ", x.sizes());
   TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 0,
               "hyperfused::hyper_lstm: 'x' must be non-empty, got shape ", x.sizes());
@@ -91,7 +92,7 @@ Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
       {8 * Nz},   {2, 4 * H, Nz}, {4 * Nz, Hh}, {4 * H, Nz},   {4 * H},      {4 * H},  {H},
       {H},        {4 * Hh},     {4 * Hh},    {Hh},            {Hh}};
   for (int i = 0; i < NUM_PARAMS; ++i)
-    check_arg(p[i], kParamNames[i], shapes[i], x, bf16_gemm_weights && is_gemm_weight(i));
+    check_arg(p[i], kParamNames[i], shapes[i], x, half_gemm_weights && is_gemm_weight(i));
   if (mask) check_arg(*mask, "mask", {s.T, B, H}, x);
   if (hyper_mask) check_arg(*hyper_mask, "hyper_mask", {s.T, B, Hh}, x);
   if (zoneout_mask) check_arg(*zoneout_mask, "zoneout_mask", {s.T, B, H}, x);
@@ -505,13 +506,14 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
   auto hh1 = at::empty({B, Hh}, opts), hc1 = at::empty({B, Hh}, opts);
   // The hyper cell sums ghx + g[4H:] + ghh: b̂ in ghx, and Ŵ_x [x, h] (both of Ŵ_x's products) in g[4H:].
   for (int64_t b = 0; b < B; ++b) std::copy_n(f(p[HYPER_BIAS]), 4 * Hh, ghx + b * 4 * Hh);
-  // out (B, n) = a (B, k) · p[i]ᵀ (+ out with beta 1): every weight is a whole (n, k) parameter, float32 or (a
-  // bfloat16 cell's) bfloat16, read transposed in place, so that oneDNN can run any of them too.
+  // out (B, n) = a (B, k) · p[i]ᵀ (+ out with beta 1): every weight is a whole (n, k) parameter, float32 or
+  // (a half-precision cell's) bfloat16 or float16, read transposed in place, so that oneDNN can run any float32
+  // or bfloat16 one too.
   const auto product = [&](const float* a, int64_t lda, int i, float* out, int64_t ldo, float beta = 0.0f) {
     const at::Tensor& w = p[i];
     const int64_t n = w.size(0), k = w.size(1);
-    const bool bf16 = w.scalar_type() == at::kBFloat16;
-    StepGemm::decode_gemm({a, lda, w.data_ptr(), k, /*w_transposed=*/true, out, ldo, B, n, k, beta, bf16}, w);
+    StepGemm::decode_gemm({a, lda, w.data_ptr(), k, /*w_transposed=*/true, out, ldo, B, n, k, beta,
+                           w.scalar_type()}, w);
   };
   product(f(x), X, WEIGHT_IH, gx, 4 * H);              // W_x x
   product(xh, X + H, HYPER_WEIGHT_IH, g + 4 * H, GW);  // Ŵ_x [x, h]
@@ -550,18 +552,21 @@ StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Ten
                         double forget_bias) {
   TORCH_CHECK(x.dim() == 2, "hyperfused::hyper_lstm_step: 'x' must have shape (B, input_size), got ", x.sizes());
   const Sizes s = check_inputs(x.unsqueeze(0), h, c, hh, hc, p, std::nullopt, std::nullopt, std::nullopt,
-                               std::nullopt, /*bf16_gemm_weights=*/true);
+                               std::nullopt, /*half_gemm_weights=*/true);
   const c10::DeviceGuard guard(x.device());
   const NoAutocast no_autocast;
   const Dims dims = s.dims();
   const int64_t B = s.B, H = s.H, Hh = s.Hh;
   const bool split = gemm_shaped(k, /*decode=*/true);
-  bool bf16_weights = false;
-  for (int i = 0; i < NUM_PARAMS; ++i) bf16_weights = bf16_weights || p[i].scalar_type() == at::kBFloat16;
+  bool bf16_weights = false, f16_weights = false;
+  for (int i = 0; i < NUM_PARAMS; ++i) {
+    bf16_weights = bf16_weights || p[i].scalar_type() == at::kBFloat16;
+    f16_weights = f16_weights || p[i].scalar_type() == at::kHalf;
+  }
   if (split && k.raw_blas && x.scalar_type() == at::kFloat && StepGemm::batch_allowed() &&
-      (!bf16_weights || StepGemm::bf16_allowed()))
+      (!bf16_weights || StepGemm::bf16_allowed()) && (!f16_weights || StepGemm::f16_allowed()))
     return decode_step_raw(k, s, x, h, c, hh, hc, p, layer_norm, forget_bias);
-  if (bf16_weights) {  // elsewhere the bfloat16 weights are read as float32 copies made here
+  if (bf16_weights || f16_weights) {  // elsewhere half-precision weights are read as float32 copies made here
     std::vector<at::Tensor> q(p.begin(), p.end());
     for (auto& t : q) t = t.to(at::kFloat);
     return hyper_lstm_step(k, x, h, c, hh, hc, q, layer_norm, forget_bias);

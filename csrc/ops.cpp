@@ -53,17 +53,19 @@ static PyObject* emulator_probe(PyObject*, PyObject* args) {
 static PyObject* few_rows_gemm_weights(PyObject*, PyObject*) {
   return PyLong_FromLong(hyperfused::few_rows_gemm_weights());
 }
-// One product by the few-rows kernel on the memory of tensors the caller keeps alive: (a, lda, w, ldw, w_bf16,
-// out, ldo, m, n, k, beta), pointers as ints. Returns whether the kernel could run it (else out is untouched).
+// One product by the few-rows kernel on the memory of tensors the caller keeps alive: (a, lda, w, ldw, w_bits,
+// out, ldo, m, n, k, beta), pointers as ints, w_bits the weight dtype's bit of _few_rows_gemm_weights (1 float32,
+// 2 bfloat16, 4 float16). Returns whether the kernel could run it (else out is untouched).
 static PyObject* few_rows_gemm(PyObject*, PyObject* args) {
   unsigned long long a = 0, w = 0, out = 0;
   long long lda = 0, ldw = 0, ldo = 0, m = 0, n = 0, k = 0;
-  int bf16 = 0;
+  int bits = 0;
   float beta = 0.0f;
-  if (!PyArg_ParseTuple(args, "KLKLpKLLLLf", &a, &lda, &w, &ldw, &bf16, &out, &ldo, &m, &n, &k, &beta))
+  if (!PyArg_ParseTuple(args, "KLKLiKLLLLf", &a, &lda, &w, &ldw, &bits, &out, &ldo, &m, &n, &k, &beta))
     return nullptr;
+  const at::ScalarType dtype = bits == 2 ? at::kBFloat16 : bits == 4 ? at::kHalf : at::kFloat;
   const hyperfused::RawGemm g{reinterpret_cast<const float*>(a), lda, reinterpret_cast<const void*>(w), ldw, true,
-                              reinterpret_cast<float*>(out), ldo, m, n, k, beta, bool(bf16)};
+                              reinterpret_cast<float*>(out), ldo, m, n, k, beta, dtype};
   if (!hyperfused::few_rows_gemm_runs(g)) Py_RETURN_FALSE;
   hyperfused::few_rows_gemm(g);
   Py_RETURN_TRUE;

@@ -5,7 +5,8 @@ The shapes walk every tail: m across the 4-row register tile (1, 3, 4, 5, 9), k 
 float32 or 32 bfloat16 values: 1, 15, 16, 17, 33, 300), rows of a, w and out with strides beyond their length.
 A product that dropped one term of k, one row or one column would be off by about one term's size (~1 here),
 far beyond the tolerance. On a build without the vector extensions for a dtype (AVX-512; AVX512-BF16 for
-bfloat16 weights) the kernel says it cannot run and leaves out as it was, which is checked instead."""
+bfloat16 weights, AVX-512 BW and VL for float16 ones) the kernel says it cannot run and leaves out as it was,
+which is checked instead."""
 import os
 
 import pytest
@@ -18,10 +19,10 @@ pytestmark = requires_extension
 
 
 def _weights_bit(dtype):
-    return 1 if dtype == torch.float32 else 2
+    return {torch.float32: 1, torch.bfloat16: 2, torch.float16: 4}[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 9])
 @pytest.mark.parametrize("k", [1, 15, 16, 17, 33, 300])
 @pytest.mark.parametrize("n, beta", [(4, 0.0), (28, 1.0), (148, 0.0)])
@@ -33,12 +34,13 @@ def test_the_few_rows_kernel_computes_the_product(dtype, m, k, n, beta):
     a, w = a_full[:, :k], w_full[:, :k]
     start, beyond = out_full[:, :n].clone(), out_full[:, n:].clone()
     ran = _C._few_rows_gemm(a_full.data_ptr(), a_full.stride(0), w_full.data_ptr(), w_full.stride(0),
-                            dtype == torch.bfloat16, out_full.data_ptr(), out_full.stride(0), m, n, k, beta)
+                            _weights_bit(dtype), out_full.data_ptr(), out_full.stride(0), m, n, k, beta)
     assert ran == bool(_C._few_rows_gemm_weights() & _weights_bit(dtype))
     if not ran:
         assert torch.equal(out_full[:, :n], start)
         return
-    # the kernel rounds a to bfloat16 for bfloat16 weights, as MKL's and oneDNN's bfloat16 GEMMs do
+    # the kernel rounds a to bfloat16 for bfloat16 weights, as MKL's and oneDNN's bfloat16 GEMMs do, and reads a
+    # as it is beside float16 ones
     operand = a.to(dtype).double() if dtype == torch.bfloat16 else a.double()
     expected = operand @ w.double().t() + beta * start.double()
     torch.testing.assert_close(out_full[:, :n].double(), expected, rtol=1e-5, atol=1e-4)
@@ -50,13 +52,14 @@ def test_the_few_rows_kernel_leaves_what_it_cannot_run_to_the_libraries():
     from hyperfused import _C
     a, w, out = torch.randn(2, 8), torch.randn(6, 8), torch.zeros(2, 6)
     for n, beta in ((6, 0.0), (4, 0.5)):
-        assert not _C._few_rows_gemm(a.data_ptr(), 8, w.data_ptr(), 8, False, out.data_ptr(), 6, 2, n, 8, beta)
+        assert not _C._few_rows_gemm(a.data_ptr(), 8, w.data_ptr(), 8, 1, out.data_ptr(), 6, 2, n, 8, beta)
     assert not out.any()
 
 
 def test_the_build_has_the_kernel_where_its_cpu_has_the_vector_extensions():
     """Built with -march=native (HYPERFUSED_PORTABLE unset), the extension has the float32 kernel on an AVX-512
-    machine and the bfloat16 one where the CPU also has AVX512-BF16: the build machine is this one."""
+    machine, the bfloat16 one where the CPU also has AVX512-BF16 and AVX-512 BW, and the float16 one where it
+    has AVX-512 BW and VL: the build machine is this one."""
     from hyperfused import _C
     if os.environ.get("HYPERFUSED_PORTABLE") == "1":
         assert _C._few_rows_gemm_weights() == 0
@@ -69,3 +72,4 @@ def test_the_build_has_the_kernel_where_its_cpu_has_the_vector_extensions():
                 break
     assert bool(_C._few_rows_gemm_weights() & 1) == ("avx512f" in flags)
     assert bool(_C._few_rows_gemm_weights() & 2) == ({"avx512f", "avx512bw", "avx512_bf16"} <= flags)
+    assert bool(_C._few_rows_gemm_weights() & 4) == ({"avx512f", "avx512bw", "avx512vl"} <= flags)

@@ -362,7 +362,8 @@ MKL_BATCH, ONEDNN, OWN = "hyperfused::mkl_batch", "hyperfused::onednn_gemm", "hy
 
 def _own_kernel_for(dtype) -> bool:
     """Whether this build has the few-rows kernel for weights of `dtype` (csrc/cpu/few_rows_gemm.h)."""
-    return bool(hyperfused._extension._C._few_rows_gemm_weights() & (2 if dtype == torch.bfloat16 else 1))
+    bit = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 4}[dtype]
+    return bool(hyperfused._extension._C._few_rows_gemm_weights() & bit)
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
@@ -411,22 +412,25 @@ def test_a_decode_step_copies_no_weight(library, monkeypatch):
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
 @pytest.mark.parametrize("library", ["", "mkl", "onednn", "own", "mm"],
                          ids=["measured", "mkl", "onednn", "own", "aten"])
-def test_a_bfloat16_cell_decodes_from_its_bfloat16_weights(library, monkeypatch):
-    """A bfloat16 HyperLSTMCell steps in float32 with its four large weights read as they are (the products with
-    bfloat16 operands, accumulated in float32): on a torch with MKL's batch GEMM no float32 copy of W_h is made
-    (as ATen ops, HYPERFUSED_STEP_GEMM=mm, the op makes one). Each step matches the reference run in float32
-    from the same weights and the same state to 2e-2: the step rounds the states the products read, and its
-    outputs, to bfloat16 (8 bits of mantissa; the largest difference seen was 4.7e-3). Dropping the forget
-    bias moves the states by more than 0.1 (checked below)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_half_precision_cell_decodes_from_its_own_weights(dtype, library, monkeypatch):
+    """A bfloat16 or float16 HyperLSTMCell steps in float32 with its four large weights read as they are (the
+    products accumulated in float32; a bfloat16 one's operands rounded to bfloat16): on a torch with MKL's batch
+    GEMM no float32 copy of W_h is made where the products can read the weights (bfloat16: MKL, oneDNN or the
+    few-rows kernel; float16: the few-rows kernel only, whatever library is forced). As ATen ops
+    (HYPERFUSED_STEP_GEMM=mm) the op makes the copy. Each step matches the reference run in float32 from the
+    same weights and the same state to 2e-2: the step rounds its outputs, and a bfloat16 step the states the
+    products read, to the cell's dtype (the largest difference seen was 4.7e-3). Dropping the forget bias
+    moves the states by more than 0.1 (checked below)."""
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
     X, H, Hh, Nz, B = 5, 37, 7, 3, 3
     kw = dict(hyper_size=Hh, hyper_embed=Nz)
-    cell = randomize_(hyperfused.HyperLSTMCell(X, H, backend="cpu", **kw), scale=0.3).to(torch.bfloat16)
+    cell = randomize_(hyperfused.HyperLSTMCell(X, H, backend="cpu", **kw), scale=0.3).to(dtype)
     weights = {k: v.float() for k, v in cell.state_dict().items()}
     ref = hyperfused.HyperLSTMCell(X, H, backend="reference", **kw)
     wrong = hyperfused.HyperLSTMCell(X, H, backend="reference", forget_bias=0.0, **kw)
     ref.load_state_dict(weights), wrong.load_state_dict(weights)
-    xs = torch.randn(4, B, X).bfloat16()
+    xs = torch.randn(4, B, X).to(dtype)
     with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
         state = cell(xs[0])
         for x in xs[1:]:
@@ -434,13 +438,14 @@ def test_a_bfloat16_cell_decodes_from_its_bfloat16_weights(library, monkeypatch)
             expected, bad = ref(x.float(), start), wrong(x.float(), start)
             state = cell(x, state)
             for got, want in zip(state.tensors(), expected.tensors()):
-                assert got.dtype == torch.bfloat16
+                assert got.dtype == dtype
                 torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
             assert (bad.tensors()[1] - expected.tensors()[1]).abs().max() > 0.1
     converted = [e for e in prof.events() if e.name == "aten::_to_copy" and [4 * H, H] in e.input_shapes]
-    assert bool(converted) == (library == "mm" or not HAS_MKL_BATCH)
+    readable = dtype == torch.bfloat16 or _own_kernel_for(dtype)
+    assert bool(converted) == (library == "mm" or not HAS_MKL_BATCH or not readable)
     if library == "own" and HAS_MKL_BATCH:
-        assert (OWN in {e.name for e in prof.events()}) == _own_kernel_for(torch.bfloat16)
+        assert (OWN in {e.name for e in prof.events()}) == _own_kernel_for(dtype)
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")

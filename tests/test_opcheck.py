@@ -120,16 +120,17 @@ def test_opcheck_generate_kernels(family, device):
 
 
 @pytest.mark.parametrize("family, device", CPP_CASES, ids=lambda v: v)
-def test_opcheck_hyper_lstm_step_with_bfloat16_weights(family, device):
-    """A bfloat16 cell's decoding step: float32 states and small parameters, the four weights of the input and
-    recurrent products in bfloat16, which the op and its fake accept; any other bfloat16 parameter, or a float16
-    weight, is refused with its name."""
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_opcheck_hyper_lstm_step_with_half_precision_weights(family, device, half):
+    """A bfloat16 or float16 cell's decoding step: float32 states and small parameters, the four weights of the
+    input and recurrent products in the cell's dtype, which the op and its fake accept; any other half-precision
+    parameter, or a weight in another dtype, is refused with its name."""
     _skip_unless_built("cpp")
     args = _lstm_args(device, True, False, torch.float32)
-    params = [p.detach().bfloat16() if i in (0, 1, 3, 4) else p.detach() for i, p in enumerate(args[5])]
+    params = [p.detach().to(half) if i in (0, 1, 3, 4) else p.detach() for i, p in enumerate(args[5])]
     step = [args[0][0].detach(), *(a.detach() for a in args[1:5]), params, True, 1.0]
     torch.library.opcheck(ops.hyper_lstm_step, step)
-    for i, name, dtype, also in ((1, "weight_hh", torch.float16, " or BFloat16"), (2, "bias", torch.bfloat16, "")):
+    for i, name, dtype, also in ((1, "weight_hh", torch.float64, ", BFloat16 or Half"), (2, "bias", half, "")):
         wrong = list(params)
         wrong[i] = wrong[i].to(dtype)
         with pytest.raises(RuntimeError, match=rf"'{name}' has dtype \w+, expected Float \(the dtype of 'x'\){also}$"):

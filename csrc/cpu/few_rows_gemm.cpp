@@ -58,6 +58,24 @@ void tile_f32(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t 
 }
 #endif
 
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+// R rows of a (float32, row stride lda) times C rows of w (float16, row stride ldw, each value widened to
+// float32), over k.
+template <int R, int C>
+void tile_f16(const float* a, int64_t lda, const uint16_t* w, int64_t ldw, int64_t k, float* out, int64_t ldo,
+              float beta) {
+  tile<R, C, 16>(k, out, ldo, beta, [&](int64_t i, __m512 (&acc)[R][C]) {
+    const __mmask16 mask = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
+    __m512 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w + c * ldw + i));
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_maskz_loadu_ps(mask, a + r * lda + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, wv[c], acc[r][c]);
+    }
+  });
+}
+#endif
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 // R rows of a (bfloat16, rounded beforehand, row stride lda, zero past k up to a multiple of 32) times C rows
 // of w (bfloat16, row stride ldw), over k: pairs of products summed into float32.
@@ -92,6 +110,11 @@ const uint16_t* rounded_rows(const float* a, int64_t lda, int64_t m, int64_t k, 
 }
 #endif
 
+// The bit of few_rows_gemm_weights() for weights of `dtype` (none for other dtypes).
+int weights_bit(at::ScalarType dtype) {
+  return dtype == at::kFloat ? 1 : dtype == at::kBFloat16 ? 2 : dtype == at::kHalf ? 4 : 0;
+}
+
 // Calls f(std::integral_constant<int, R>()) for R = rows, 1 to kRows.
 template <typename F>
 void with_rows(int64_t rows, const F& f) {
@@ -114,12 +137,15 @@ int few_rows_gemm_weights() {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   dtypes |= 2;
 #endif
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  dtypes |= 4;
+#endif
   return dtypes;
 }
 
 bool few_rows_gemm_runs(const RawGemm& g) {
   return g.w_transposed && (g.beta == 0.0f || g.beta == 1.0f) && g.n % kCols == 0 &&
-         (few_rows_gemm_weights() & (g.w_bf16 ? 2 : 1));
+         (few_rows_gemm_weights() & weights_bit(g.w_dtype));
 }
 
 void few_rows_gemm(const RawGemm& g) {
@@ -132,7 +158,7 @@ void few_rows_gemm(const RawGemm& g) {
   const void* a = g.a;
   int64_t lda = g.lda;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-  if (g.w_bf16) {
+  if (g.w_dtype == at::kBFloat16) {
     lda = (k + 31) / 32 * 32;
     a = rounded_rows(g.a, g.lda, m, k, lda);
   }
@@ -148,10 +174,18 @@ void few_rows_gemm(const RawGemm& g) {
         with_rows(std::min<int64_t>(kRows, m - r0), [&](auto R) {
           float* out = g.out + r0 * g.ldo + c0;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-          if (g.w_bf16) {
+          if (g.w_dtype == at::kBFloat16) {
             tile_bf16<decltype(R)::value, kCols>(static_cast<const uint16_t*>(a) + r0 * lda, lda,
                                                  static_cast<const uint16_t*>(g.w) + c0 * g.ldw, g.ldw, k, out,
                                                  g.ldo, g.beta);
+            return;
+          }
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+          if (g.w_dtype == at::kHalf) {
+            tile_f16<decltype(R)::value, kCols>(static_cast<const float*>(a) + r0 * lda, lda,
+                                                static_cast<const uint16_t*>(g.w) + c0 * g.ldw, g.ldw, k, out,
+                                                g.ldo, g.beta);
             return;
           }
 #endif

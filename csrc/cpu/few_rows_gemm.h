@@ -8,8 +8,9 @@
 //
 // float32 weights: AVX-512 FMAs. bfloat16 weights: a is rounded to bfloat16 (nearest even) and each pair of
 // products summed into float32 by AVX512-BF16's dot instruction, as MKL's and oneDNN's bfloat16 GEMMs round
-// and accumulate. Built for the build machine's vector extensions (-march=native): where it has neither, the
-// kernel is absent and the libraries run every product.
+// and accumulate. float16 weights (AVX-512 BW and VL): each widened to float32 as it is loaded, a as it is. Built
+// for the build machine's vector extensions (-march=native): where it lacks them, the kernel is absent and the
+// libraries run every product (a float16 cell's decode step then reads float32 copies of its weights).
 #pragma once
 #include "step_gemm.h"
 
@@ -24,7 +25,7 @@ bool few_rows_gemm_runs(const RawGemm& g);
 // work for each.
 void few_rows_gemm(const RawGemm& g);
 
-// The weight dtypes the kernel covers in this build: bit 0 float32, bit 1 bfloat16.
+// The weight dtypes the kernel covers in this build: bit 0 float32, bit 1 bfloat16, bit 2 float16.
 int few_rows_gemm_weights();
 
 }  // namespace hyperfused

@@ -389,7 +389,7 @@ void mkl_batch(const RawGemm* gemms, int count) {
     transb[i] = g.w_transposed ? kTrans : kNoTrans;
     m[i] = mkl_int(g.m), n[i] = mkl_int(g.n), k[i] = mkl_int(g.k);
     lda[i] = mkl_int(std::max(g.lda, g.k)), ldb[i] = mkl_ldw(g), ldc[i] = mkl_ldo(g);
-    TORCH_CHECK(!g.w_bf16, "hyperfused: mkl_batch takes float32 weights");
+    TORCH_CHECK(g.w_dtype == at::kFloat, "hyperfused: mkl_batch takes float32 weights");
     a[i] = g.a, b[i] = static_cast<const float*>(g.w), c[i] = g.out;
     alpha[i] = 1.0f, beta[i] = g.beta, one[i] = 1;
   }
@@ -398,13 +398,13 @@ void mkl_batch(const RawGemm* gemms, int count) {
 
 namespace {
 
-// Whether oneDNN can make product g: w is the (n, k) contiguous float32 tensor g reads transposed, g's beta is 0
-// or 1, and torch has oneDNN, enabled.
+// Whether oneDNN can make product g: w is the (n, k) contiguous float32 or bfloat16 tensor g reads transposed,
+// g's beta is 0 or 1, and torch has oneDNN, enabled.
 bool onednn_reads(const RawGemm& g, const at::Tensor& w) {
-  return g.w_transposed && w.scalar_type() == (g.w_bf16 ? at::kBFloat16 : at::kFloat) && w.is_contiguous() &&
-         w.dim() == 2 &&
-         w.size(0) == g.n && w.size(1) == g.k && w.data_ptr() == g.w && (g.beta == 0.0f || g.beta == 1.0f) &&
-         at::globalContext().userEnabledMkldnn() && onednn_linear();
+  return g.w_transposed && (g.w_dtype == at::kFloat || g.w_dtype == at::kBFloat16) &&
+         w.scalar_type() == g.w_dtype && w.is_contiguous() && w.dim() == 2 && w.size(0) == g.n && w.size(1) == g.k &&
+         w.data_ptr() == g.w && (g.beta == 0.0f || g.beta == 1.0f) && at::globalContext().userEnabledMkldnn() &&
+         onednn_linear();
 }
 
 // g.out (+)= g.a · wᵀ by oneDNN, its result copied (or added) into g.out's rows. With a bfloat16 weight, a is
@@ -412,9 +412,10 @@ bool onednn_reads(const RawGemm& g, const at::Tensor& w) {
 void onednn_gemm(const RawGemm& g, const at::Tensor& w) {
   RECORD_FUNCTION("hyperfused::onednn_gemm", std::vector<c10::IValue>());
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const auto a = g.w_bf16 ? at::from_blob(const_cast<c10::BFloat16*>(to_bfloat16(g.a, g.m, g.k, g.lda)),
-                                          {g.m, g.k}, f32.dtype(at::kBFloat16))
-                          : at::from_blob(const_cast<float*>(g.a), {g.m, g.k}, {g.lda, 1}, f32);
+  const bool bf16 = g.w_dtype == at::kBFloat16;
+  const auto a = bf16 ? at::from_blob(const_cast<c10::BFloat16*>(to_bfloat16(g.a, g.m, g.k, g.lda)), {g.m, g.k},
+                                      f32.dtype(at::kBFloat16))
+                      : at::from_blob(const_cast<float*>(g.a), {g.m, g.k}, {g.lda, 1}, f32);
   auto out = at::from_blob(g.out, {g.m, g.n}, {g.ldo, 1}, f32);
   const auto product =
       onednn_linear()->call(a, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
@@ -438,7 +439,7 @@ void run_decode(DecodeLibrary lib, const RawGemm& g, const at::Tensor& w) {
     onednn_gemm(g, w);
   else if (lib == DecodeLibrary::Own)
     few_rows_gemm(g);
-  else if (g.w_bf16)
+  else if (g.w_dtype == at::kBFloat16)
     mkl_bf16(g);
   else
     mkl_batch(&g, 1);
@@ -449,9 +450,9 @@ void run_decode(DecodeLibrary lib, const RawGemm& g, const at::Tensor& w) {
 // taking turns after one to warm each up, into scratch (g.out may hold a bias), and remembered.
 DecodeLibrary fastest_decode(const RawGemm& g, const at::Tensor& w, bool onednn, bool own) {
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool, bool>, DecodeLibrary> fastest;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int, bool, bool>, DecodeLibrary> fastest;
   std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(g.m, g.n, g.k, g.w_bf16, onednn, own);
+  const auto key = std::make_tuple(g.m, g.n, g.k, int(g.w_dtype), onednn, own);
   auto it = fastest.find(key);
   if (it == fastest.end()) {
     std::vector<DecodeLibrary> candidates{DecodeLibrary::Mkl};
@@ -477,9 +478,17 @@ bool StepGemm::bf16_allowed() {
   return mkl_blas() != nullptr;
 }
 
+bool StepGemm::f16_allowed() {
+  return few_rows_gemm_weights() & 4;
+}
+
 void StepGemm::decode_gemm(const RawGemm& g, const at::Tensor& w) {
   const Library force = forced(/*decode=*/true);
   const bool onednn = onednn_reads(g, w), own = few_rows_gemm_runs(g);
+  if (g.w_dtype == at::kHalf) {  // no library takes a float16 weight beside float32 rows
+    few_rows_gemm(g);
+    return;
+  }
   DecodeLibrary lib = DecodeLibrary::Mkl;  // forced, or what a forced library cannot run
   // (run once, a product gains nothing from oneDNN's reorder: a forced onednn-packed runs it unpacked)
   if (force == Library::OneDnn || force == Library::OneDnnPacked)

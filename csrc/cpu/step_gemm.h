@@ -55,15 +55,18 @@ class StepGemm {
   // One product of a decode step: by MKL straight into g.out, by oneDNN's matmul (the result copied into
   // g.out), or by hyperfused's own few-rows kernel (few_rows_gemm.h) straight into g.out, whichever measured
   // fastest for the shape and weight dtype on this machine, once per process. oneDNN only where `w` is the
-  // tensor (float32, or bfloat16 for g.w_bf16) whose contiguous (n, k) rows g reads transposed and g.beta is 0
+  // tensor (float32 or bfloat16, g.w_dtype) whose contiguous (n, k) rows g reads transposed and g.beta is 0
   // or 1; the own kernel where g reads w transposed and the build has it for w's dtype. None wins everywhere:
   // on an AMD EPYC MKL took 2.5x oneDNN's time for W_h h at B = 1, H = 1000, and oneDNN up to 4x MKL's for
   // the small products. HYPERFUSED_STEP_GEMM=mkl, onednn or own forces one (MKL where the forced one cannot run
   // g). With a bfloat16 weight each rounds a to bfloat16 and accumulates in float32 (MKL and the own kernel
-  // return float32, oneDNN bfloat16).
+  // return float32, oneDNN bfloat16). A float16 weight only the own kernel reads (bf16_allowed says whether
+  // the op may pass one).
   static void decode_gemm(const RawGemm& g, const at::Tensor& w);
   // Whether MKL's bfloat16 GEMM can run (torch exports it).
   static bool bf16_allowed();
+  // Whether a decode step's products can read float16 weights (the few-rows kernel has them in this build).
+  static bool f16_allowed();
 
  private:
   enum class Library { Measure, OneDnn, OneDnnPacked, Mm, Mkl, Own };
@@ -101,8 +104,8 @@ class StepGemm {
 
 // A product on raw row-major memory, beside any tensor: out (m, n) = a (m, k) · op(w) + beta · out, where op(w)
 // is w read as (k, n) rows, or (w_transposed) wᵀ with w read as (n, k) rows. lda, ldw and ldo are the rows'
-// strides in elements. a and out are float32; w is float32, or bfloat16 (w_bf16: a is rounded to bfloat16 and
-// the products accumulate in float32).
+// strides in elements. a and out are float32; w is float32, bfloat16 (a is then rounded to bfloat16 and the
+// products accumulate in float32), or float16 (the few-rows kernel only: each weight widened to float32).
 struct RawGemm {
   const float* a;
   int64_t lda;
@@ -113,7 +116,7 @@ struct RawGemm {
   int64_t ldo;
   int64_t m, n, k;
   float beta;
-  bool w_bf16 = false;
+  at::ScalarType w_dtype = at::kFloat;
 };
 
 // Runs up to 16 products in one call of MKL's batch GEMM (StepGemm::batch_allowed() says whether it can): no

@@ -11,14 +11,14 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from ._args import finite_real, flag, positive_int, probability, real
 from ._module import Module
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
-from ..ops._checks import DECODE_BF16_WEIGHTS
+from ..ops._checks import DECODE_HALF_WEIGHTS
 from ..reference import PARAM_NAMES
 
 _BIAS_PARAMS = ("bias_z_weight", "bias_scale_weight")
 # A cell's parameters and constant buffers, by name: PARAM_NAMES with b_0 as nn.LSTMCell's bias_ih + bias_hh.
 CELL_PARAM_NAMES = PARAM_NAMES[:2] + ("bias_ih", "bias_hh") + PARAM_NAMES[3:]
 _BIAS_INDEX = PARAM_NAMES.index("bias")  # b_0's place in the ops' parameter list
-_DECODE_BF16 = frozenset(PARAM_NAMES.index(n) for n in DECODE_BF16_WEIGHTS)  # their places in that list
+_DECODE_HALF = frozenset(PARAM_NAMES.index(n) for n in DECODE_HALF_WEIGHTS)  # their places in that list
 # The cell's tensors that flat_params() reads: b_0's halves (with bias), then the rest of PARAM_NAMES.
 _READ_NAMES = ("bias_ih", "bias_hh") + tuple(n for n in PARAM_NAMES if n != "bias")
 
@@ -275,9 +275,9 @@ class HyperLSTMCell(Module):
         # that is the key. b_0 = bias_ih + bias_hh is derived, so it is summed again on every call. A
         # float16/bfloat16 cell steps in float32: its parameters are copied into float32 buffers on every call
         # (a kept copy could not tell that its source changed), all in one _foreach_copy_ (one call for ~15
-        # copies, a third of their time one by one), except a bfloat16 cell's four large weights, which the op
-        # reads as they are (the products with bfloat16 operands, accumulated in float32): at H = 1000 their
-        # float32 copies cost a bfloat16 step more than the step itself.
+        # copies, a third of their time one by one), except the four large weights, which the op reads as they
+        # are (the products accumulated in float32; where the CPU's products cannot read them, the op makes the
+        # float32 copies itself): at H = 1000 their float32 copies cost a step more than the step itself.
         params, buffers = self._parameters, self._buffers
         if not all(name in params or name in buffers for name in (_READ_NAMES if self.use_bias else _READ_NAMES[2:])):
             # A parametrized (torch.nn.utils.parametrize) or pruned tensor is computed anew on every access, from
@@ -326,8 +326,8 @@ class HyperLSTMCell(Module):
 class _DecodeParams:
     """The decode op's parameter list for a cell whose parameters have the storages in `key`, made once from
     flat_params(): detached views of the tensors the op reads as they are (contiguous, in the cell's float32 or
-    float64, or a bfloat16 cell's four large weights), and contiguous buffers, float32 for a half-precision
-    cell, for the rest. refresh() sums b_0 and copies into the buffers on every call: a kept copy could not
+    float64, or a half-precision cell's four large weights), and contiguous buffers, float32 for a
+    half-precision cell, for the rest. refresh() sums b_0 and copies into the buffers on every call: a kept copy could not
     tell that its source changed."""
 
     def __init__(self, key: Optional[list], params: list):
@@ -338,7 +338,7 @@ class _DecodeParams:
         dtype = self.params[0].dtype
         full = dtype in (torch.float32, torch.float64)
         for i, v in enumerate(self.params):
-            if v.is_contiguous() and (full or (dtype == torch.bfloat16 and i in _DECODE_BF16)):
+            if v.is_contiguous() and (full or i in _DECODE_HALF):
                 continue
             self.params[i] = torch.empty(v.shape, dtype=dtype if full else torch.float32, device=v.device)
             self.copies.append(self.params[i])

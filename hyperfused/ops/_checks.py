@@ -12,28 +12,30 @@ from ..reference import PARAM_NAMES
 
 _FLOATS = (torch.float32, torch.float64)
 # The weights of the input and recurrent products, which the decode op (hyperfused::hyper_lstm_step) also takes
-# in bfloat16 beside float32 states and small parameters (csrc/hyper_lstm.cpp: is_gemm_weight)
-DECODE_BF16_WEIGHTS = ("weight_ih", "weight_hh", "hyper_weight_ih", "hyper_weight_hh")
+# in bfloat16 or float16 beside float32 states and small parameters (csrc/hyper_lstm.cpp: is_gemm_weight)
+DECODE_HALF_WEIGHTS = ("weight_ih", "weight_hh", "hyper_weight_ih", "hyper_weight_hh")
+_HALVES = (torch.bfloat16, torch.float16)
 
 
 def _check_arg(op: str, t, name: str, shape: Sequence, x: torch.Tensor, x_name: str = "x",
-               bf16_ok: bool = False) -> None:
-    """bf16_ok: t may also be bfloat16 where x is float32 (a decode step's GEMM weights)."""
+               half_ok: bool = False) -> None:
+    """half_ok: t may also be bfloat16 or float16 where x is float32 (a decode step's GEMM weights)."""
     torch._check(isinstance(t, torch.Tensor), lambda: f"{op}: '{name}' must be a Tensor, got {type(t).__name__}")
     torch._check(t.device == x.device, lambda: f"{op}: '{name}' is on {t.device} but '{x_name}' is on {x.device}")
-    bf16_ok = bf16_ok and x.dtype == torch.float32
-    torch._check(t.dtype == x.dtype or (bf16_ok and t.dtype == torch.bfloat16),
+    half_ok = half_ok and x.dtype == torch.float32
+    torch._check(t.dtype == x.dtype or (half_ok and t.dtype in _HALVES),
                  lambda: f"{op}: '{name}' has dtype {t.dtype}, expected {x.dtype} (the dtype of '{x_name}')"
-                         + (" or torch.bfloat16" if bf16_ok else ""))
+                         + (", torch.bfloat16 or torch.float16" if half_ok else ""))
     torch._check(t.dim() == len(shape) and all(a == b for a, b in zip(t.shape, shape)),
                  lambda: f"{op}: '{name}' has shape {list(t.shape)}, expected {list(shape)}")
 
 
 def lstm_sizes(x, h0, c0, hh0, hc0, params, mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
                zoneout_mask: Optional[torch.Tensor] = None, hyper_zoneout_mask: Optional[torch.Tensor] = None,
-               op: str = "hyperfused::hyper_lstm", bf16_gemm_weights: bool = False):
+               op: str = "hyperfused::hyper_lstm", half_gemm_weights: bool = False):
     """Checks the forward op's inputs as csrc/hyper_lstm.cpp does; returns (T, B, X, H, Ĥ, N_z).
-    bf16_gemm_weights: the four weights of the input and recurrent products may be bfloat16 (decode step)."""
+    half_gemm_weights: the four weights of the input and recurrent products may be bfloat16 or float16 (decode
+    step)."""
     torch._check(x.dim() == 3, lambda: f"{op}: 'x' must have shape (T, B, input_size), got {list(x.shape)}")
     torch._check(x.dtype in _FLOATS, lambda: f"{op}: 'x' must be float32 or float64, got {x.dtype}")
     torch._check(len(params) == len(PARAM_NAMES),
@@ -51,7 +53,7 @@ def lstm_sizes(x, h0, c0, hh0, hc0, params, mask: Optional[torch.Tensor], hyper_
               (2, 4 * H, Nz), (4 * Nz, Hh), (4 * H, Nz), (4 * H,), (4 * H,), (H,), (H,), (4 * Hh,), (4 * Hh,), (Hh,),
               (Hh,)]
     for name, t, shape in zip(PARAM_NAMES, params, shapes):
-        _check_arg(op, t, name, shape, x, bf16_ok=bf16_gemm_weights and name in DECODE_BF16_WEIGHTS)
+        _check_arg(op, t, name, shape, x, half_ok=half_gemm_weights and name in DECODE_HALF_WEIGHTS)
     for name, m, n in (("mask", mask, H), ("hyper_mask", hyper_mask, Hh), ("zoneout_mask", zoneout_mask, H),
                        ("hyper_zoneout_mask", hyper_zoneout_mask, Hh)):
         if m is not None:

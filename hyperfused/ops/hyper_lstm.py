@@ -149,7 +149,7 @@ def register_step_meta(op: str) -> None:
         torch._check(x.dim() == 2, lambda: f"hyperfused::hyper_lstm_step: 'x' must have shape (B, input_size), got "
                                            f"{list(x.shape)}")
         _, B, _, H, Hh, _ = _checks.lstm_sizes(x.unsqueeze(0), h, c, hh, hc, params, None, None,
-                                               bf16_gemm_weights=True)
+                                               half_gemm_weights=True)
         return x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)
 
     def backward(ctx, *grads):
