@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -42,32 +43,23 @@ inline void tile(int64_t k, float* out, int64_t ldo, float beta, const AddBlock&
     }
 }
 
-// R rows of a (float32, row stride lda) times C rows of w (float32, row stride ldw), over k.
-template <int R, int C>
-void tile_f32(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t k, float* out, int64_t ldo,
-              float beta) {
-  tile<R, C, 16>(k, out, ldo, beta, [&](int64_t i, __m512 (&acc)[R][C]) {
-    const __mmask16 mask = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
-    __m512 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = _mm512_maskz_loadu_ps(mask, w + c * ldw + i);
-    for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_maskz_loadu_ps(mask, a + r * lda + i);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, wv[c], acc[r][c]);
-    }
-  });
+// 16 weights from p, float32 or (AVX-512 BW and VL) float16 widened to float32; zero where mask is unset.
+inline __m512 load_weights(__mmask16 mask, const float* p) { return _mm512_maskz_loadu_ps(mask, p); }
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+inline __m512 load_weights(__mmask16 mask, const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
 }
 #endif
 
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-// R rows of a (float32, row stride lda) times C rows of w (float16, row stride ldw, each value widened to
-// float32), over k.
-template <int R, int C>
-void tile_f16(const float* a, int64_t lda, const uint16_t* w, int64_t ldw, int64_t k, float* out, int64_t ldo,
+// R rows of a (float32, row stride lda) times C rows of w (float32, or float16 widened to float32; row stride
+// ldw), over k.
+template <int R, int C, typename W>
+void tile_f32(const float* a, int64_t lda, const W* w, int64_t ldw, int64_t k, float* out, int64_t ldo,
               float beta) {
   tile<R, C, 16>(k, out, ldo, beta, [&](int64_t i, __m512 (&acc)[R][C]) {
     const __mmask16 mask = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
     __m512 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w + c * ldw + i));
+    for (int c = 0; c < C; ++c) wv[c] = load_weights(mask, w + c * ldw + i);
     for (int r = 0; r < R; ++r) {
       const __m512 av = _mm512_maskz_loadu_ps(mask, a + r * lda + i);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(av, wv[c], acc[r][c]);
@@ -183,8 +175,8 @@ void few_rows_gemm(const RawGemm& g) {
 #endif
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
           if (g.w_dtype == at::kHalf) {
-            tile_f16<decltype(R)::value, kCols>(static_cast<const float*>(a) + r0 * lda, lda,
-                                                static_cast<const uint16_t*>(g.w) + c0 * g.ldw, g.ldw, k, out,
+            tile_f32<decltype(R)::value, kCols>(static_cast<const float*>(a) + r0 * lda, lda,
+                                                static_cast<const c10::Half*>(g.w) + c0 * g.ldw, g.ldw, k, out,
                                                 g.ldo, g.beta);
             return;
           }
