@@ -5,6 +5,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <iterator>
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "cpu/buffer_pool.h"
 #include "cpu/few_rows_gemm.h"
 #include "hyper_lstm.h"
@@ -19,6 +25,10 @@ PyObject* py_list(const std::vector<V>& values, Item item) {
   for (size_t i = 0; i < values.size(); ++i) PyList_SET_ITEM(list, Py_ssize_t(i), item(values[i]));
   return list;
 }
+
+// The weight dtypes the CPU's few-rows kernel may read, by their torch names.
+const std::pair<const char*, at::ScalarType> kFewRowsWeights[] = {
+    {"float32", at::kFloat}, {"bfloat16", at::kBFloat16}, {"float16", at::kHalf}};
 }  // namespace
 
 extern "C" {
@@ -51,19 +61,28 @@ static PyObject* emulator_probe(PyObject*, PyObject* args) {
   return py_list(out, PyFloat_FromDouble);
 }
 static PyObject* few_rows_gemm_weights(PyObject*, PyObject*) {
-  return PyLong_FromLong(hyperfused::few_rows_gemm_weights());
+  std::vector<std::string> names;
+  for (const auto& [name, dtype] : kFewRowsWeights)
+    if (hyperfused::few_rows_gemm_covers(dtype)) names.emplace_back(name);
+  return py_list(names, [](const std::string& s) { return PyUnicode_FromString(s.c_str()); });
 }
-// One product by the few-rows kernel on the memory of tensors the caller keeps alive: (a, lda, w, ldw, w_bits,
-// out, ldo, m, n, k, beta), pointers as ints, w_bits the weight dtype's bit of _few_rows_gemm_weights (1 float32,
-// 2 bfloat16, 4 float16). Returns whether the kernel could run it (else out is untouched).
+// One product by the few-rows kernel on the memory of tensors the caller keeps alive: (a, lda, w, ldw, w_dtype,
+// out, ldo, m, n, k, beta), pointers as ints, w_dtype a name of kFewRowsWeights. Returns whether the kernel could
+// run it (else out is untouched).
 static PyObject* few_rows_gemm(PyObject*, PyObject* args) {
   unsigned long long a = 0, w = 0, out = 0;
   long long lda = 0, ldw = 0, ldo = 0, m = 0, n = 0, k = 0;
-  int bits = 0;
+  const char* name = nullptr;
   float beta = 0.0f;
-  if (!PyArg_ParseTuple(args, "KLKLiKLLLLf", &a, &lda, &w, &ldw, &bits, &out, &ldo, &m, &n, &k, &beta))
+  if (!PyArg_ParseTuple(args, "KLKLsKLLLLf", &a, &lda, &w, &ldw, &name, &out, &ldo, &m, &n, &k, &beta))
     return nullptr;
-  const at::ScalarType dtype = bits == 2 ? at::kBFloat16 : bits == 4 ? at::kHalf : at::kFloat;
+  const auto* entry = std::find_if(std::begin(kFewRowsWeights), std::end(kFewRowsWeights),
+                                   [&](const auto& e) { return std::string(e.first) == name; });
+  if (entry == std::end(kFewRowsWeights)) {
+    PyErr_Format(PyExc_ValueError, "w_dtype: expected 'float32', 'bfloat16' or 'float16', got '%s'", name);
+    return nullptr;
+  }
+  const at::ScalarType dtype = entry->second;
   const hyperfused::RawGemm g{reinterpret_cast<const float*>(a), lda, reinterpret_cast<const void*>(w), ldw, true,
                               reinterpret_cast<float*>(out), ldo, m, n, k, beta, dtype};
   if (!hyperfused::few_rows_gemm_runs(g)) Py_RETURN_FALSE;
@@ -90,7 +109,7 @@ static PyMethodDef methods[] = {
      "Tests: threads per row of each emulated CUDA step launch since the last call."},
     {"_emulator_probe", emulator_probe, METH_VARARGS, "Tests: the CUDA emulator's barriers and sums."},
     {"_few_rows_gemm_weights", few_rows_gemm_weights, METH_NOARGS,
-     "Tests: the weight dtypes of the CPU's few-rows kernel in this build (bit 0 float32, bit 1 bfloat16)."},
+     "Tests: the weight dtypes the CPU's few-rows kernel reads in this build, by name ('float32', ...)."},
     {"_few_rows_gemm", few_rows_gemm, METH_VARARGS, "Tests: one product by the CPU's few-rows kernel."},
     {"_recording_counts", recording_counts, METH_NOARGS,
      "Tests: (recordings made, replays run) of the sequence ops (HYPERFUSED_CUDA_GRAPHS)."},

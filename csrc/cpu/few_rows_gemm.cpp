@@ -102,11 +102,6 @@ const uint16_t* rounded_rows(const float* a, int64_t lda, int64_t m, int64_t k, 
 }
 #endif
 
-// The bit of few_rows_gemm_weights() for weights of `dtype` (none for other dtypes).
-int weights_bit(at::ScalarType dtype) {
-  return dtype == at::kFloat ? 1 : dtype == at::kBFloat16 ? 2 : dtype == at::kHalf ? 4 : 0;
-}
-
 // Calls f(std::integral_constant<int, R>()) for R = rows, 1 to kRows.
 template <typename F>
 void with_rows(int64_t rows, const F& f) {
@@ -121,23 +116,24 @@ void with_rows(int64_t rows, const F& f) {
 
 }  // namespace
 
-int few_rows_gemm_weights() {
-  int dtypes = 0;
+bool few_rows_gemm_covers(at::ScalarType dtype) {
+  switch (dtype) {
 #if defined(__AVX512F__)
-  dtypes |= 1;
+    case at::kFloat: return true;
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-  dtypes |= 2;
+    case at::kBFloat16: return true;
 #endif
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
-  dtypes |= 4;
+    case at::kHalf: return true;
 #endif
-  return dtypes;
+    default: return false;
+  }
 }
 
 bool few_rows_gemm_runs(const RawGemm& g) {
   return g.w_transposed && (g.beta == 0.0f || g.beta == 1.0f) && g.n % kCols == 0 &&
-         (few_rows_gemm_weights() & weights_bit(g.w_dtype));
+         few_rows_gemm_covers(g.w_dtype);
 }
 
 void few_rows_gemm(const RawGemm& g) {

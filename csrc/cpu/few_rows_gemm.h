@@ -18,14 +18,15 @@ namespace hyperfused {
 
 // Whether this build has the kernel for g: w read transposed (as (n, k) rows), n a multiple of 4 (every
 // product a decode step makes: n is 4H or 4Ĥ), beta 0 or 1, and the weight's dtype one the build's vector
-// extensions cover (few_rows_gemm_weights).
+// extensions cover (few_rows_gemm_covers).
 bool few_rows_gemm_runs(const RawGemm& g);
 
 // g by the kernel; few_rows_gemm_runs(g) must hold. Spreads the columns over threads where there is enough
 // work for each.
 void few_rows_gemm(const RawGemm& g);
 
-// The weight dtypes the kernel covers in this build: bit 0 float32, bit 1 bfloat16, bit 2 float16.
-int few_rows_gemm_weights();
+// Whether the kernel reads weights of `dtype` in this build: float32 with AVX-512, bfloat16 with AVX512-BF16 and
+// BW, float16 with AVX-512 BW and VL.
+bool few_rows_gemm_covers(at::ScalarType dtype);
 
 }  // namespace hyperfused

@@ -479,7 +479,7 @@ bool StepGemm::bf16_allowed() {
 }
 
 bool StepGemm::f16_allowed() {
-  return few_rows_gemm_weights() & 4;
+  return few_rows_gemm_covers(at::kHalf);
 }
 
 void StepGemm::decode_gemm(const RawGemm& g, const at::Tensor& w) {

@@ -327,8 +327,8 @@ class _DecodeParams:
     """The decode op's parameter list for a cell whose parameters have the storages in `key`, made once from
     flat_params(): detached views of the tensors the op reads as they are (contiguous, in the cell's float32 or
     float64, or a half-precision cell's four large weights), and contiguous buffers, float32 for a
-    half-precision cell, for the rest. refresh() sums b_0 and copies into the buffers on every call: a kept copy could not
-    tell that its source changed."""
+    half-precision cell, for the rest. refresh() sums b_0 and copies into the buffers on every call: a kept copy
+    could not tell that its source changed."""
 
     def __init__(self, key: Optional[list], params: list):
         self.key, self.inference = key, torch.is_inference_mode_enabled()
