@@ -543,13 +543,13 @@ class HyperLSTM(Module):
         """Per cell, (its table, name, this module's name, 0 for a parameter or 1 for a buffer) for each tensor
         it holds: made once per list of cells (the names are fixed at construction)."""
         links = self.__dict__.get("_links")
-        if links is None or links[0] is not self._cells:  # a copy of the module has its own cells
-            links = (self._cells, [[(table, name, name + self._suffix(k), source)
-                                    for source, table in enumerate((cell._parameters, cell._buffers))
-                                    for name, t in table.items() if t is not None]
-                                   for k, cell in enumerate(self._cells)])
+        if links is None or links.cells is not self._cells:  # a copy of the module has its own cells
+            links = _CellLinks(self._cells, [[(table, name, name + self._suffix(k), source)
+                                              for source, table in enumerate((cell._parameters, cell._buffers))
+                                              for name, t in table.items() if t is not None]
+                                             for k, cell in enumerate(self._cells)])
             self.__dict__["_links"] = links
-        return links[1]
+        return links.rows
 
     def __getstate__(self) -> dict:
         # (copy.deepcopy and pickle) The cells' tables hold what this module's held at its last call: after
@@ -686,6 +686,16 @@ class HyperLSTM(Module):
                 s += f", {name}={getattr(self, name)}"
         return s + (f", hyper_size={self.hyper_size}, hyper_embed={self.hyper_embed}, layer_norm={self.layer_norm}, "
                     f"backend={self.backend!r}")
+
+
+class _CellLinks:
+    """HyperLSTM._cell_links' table. An object rather than a tuple: torch.export compares the tensors in a
+    module's container attributes before and after its trace, and the cells' tables that every call refills
+    would read as tensor attributes assigned during export (a warning naming each of them)."""
+    __slots__ = ("cells", "rows")
+
+    def __init__(self, cells: list, rows: list):
+        self.cells, self.rows = cells, rows
 
 
 def _repack(out: torch.Tensor, like: PackedSequence) -> PackedSequence:
