@@ -11,6 +11,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from ._args import finite_real, flag, positive_int, probability, real
 from ._module import Module
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
+from ..ops.backends import onnx_exporting
 from ..ops._checks import DECODE_HALF_WEIGHTS
 from ..reference import PARAM_NAMES
 
@@ -261,7 +262,10 @@ class HyperLSTMCell(Module):
                 and not (self.zoneout or self.hyper_zoneout) and not (self.training and self.recurrent_dropout))
 
     def _fused_backend(self, device: torch.device) -> bool:
-        """Whether the backend resolves to the C++ ops on `device` (remembered per device and backend)."""
+        """Whether the backend resolves to the C++ ops on `device` (remembered per device and backend; never
+        while torch.onnx.export traces, where it resolves to the reference)."""
+        if onnx_exporting():
+            return False
         key = (self.backend, device)
         known = self.__dict__.setdefault("_fused_on", {})
         if key not in known:

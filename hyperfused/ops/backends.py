@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -75,9 +76,20 @@ def backends_for(device: torch.device) -> list[str]:
     return [b for b in available_backends() if b in fits]
 
 
+def onnx_exporting() -> bool:
+    """Whether torch.onnx.export is tracing a model (either exporter). Without importing torch.onnx: where
+    nothing has imported it, nothing is exporting."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
-    """The concrete backend for `name` on `device`; raises ValueError if it cannot run there."""
+    """The concrete backend for `name` on `device`; raises ValueError if it cannot run there. While
+    torch.onnx.export traces, the reference whatever `name` is: an ONNX graph holds standard operators only,
+    and the reference computes the same function from them (as nn.LSTM exports as ONNX's LSTM)."""
     check_backend_name(name)
+    if onnx_exporting():
+        return "reference"
     usable = backends_for(device)
     if name == "auto":  # never Triton on CPU: the interpreter is for tests only
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
