@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from ._args import finite_real, flag, positive_int, probability, real
 from ._module import Module
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
-from ..ops.backends import onnx_exporting
+from ..ops.backends import func_transforming, reference_only
 from ..ops._checks import DECODE_HALF_WEIGHTS
 from ..reference import PARAM_NAMES
 
@@ -263,8 +263,8 @@ class HyperLSTMCell(Module):
 
     def _fused_backend(self, device: torch.device) -> bool:
         """Whether the backend resolves to the C++ ops on `device` (remembered per device and backend; never
-        while torch.onnx.export traces, where it resolves to the reference)."""
-        if onnx_exporting():
+        while torch.onnx.export traces or a torch.func transform runs: resolve_backend says what runs then)."""
+        if reference_only():
             return False
         key = (self.backend, device)
         known = self.__dict__.setdefault("_fused_on", {})
@@ -389,7 +389,7 @@ class _HyperCarry:
     with index_select (beam search) takes the matching rows, and a row found nowhere — a fresh zero state
     in particular — starts a fresh (zero) hyper state. Exact equality of whole (h, c) rows does not happen
     by chance. Off with ``carry_hyper_state=False``; a HyperLSTMState passed back is always used as it is;
-    under torch.compile nothing is remembered (pass the HyperLSTMState there).
+    under torch.compile and torch.func transforms nothing is remembered (pass the HyperLSTMState there).
     """
 
     def __init__(self):
@@ -397,12 +397,12 @@ class _HyperCarry:
 
     def remember(self, h, c, hh, hc) -> None:
         """Keeps the state a call returned: stacked (n, B, ·), or a cell's (B, ·) (stacked when looked up)."""
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not func_transforming():  # (its tensors die with the transform)
             self.last = tuple(t.detach() if t.requires_grad else t for t in (h, c, hh, hc))
 
     def lookup(self, h0: torch.Tensor, c0: torch.Tensor):
         """(ĥ_0, ĉ_0) for stacked (n, B, ·) h0, c0, or None when no row matches."""
-        if self.last is None or torch.compiler.is_compiling():
+        if self.last is None or torch.compiler.is_compiling() or func_transforming():
             return None
         h, c, hh, hc = self.last if self.last[0].dim() == 3 else (t.unsqueeze(0) for t in self.last)
         if h.device != h0.device or h.dtype != h0.dtype or h.shape[0] != h0.shape[0] or h.shape[2] != h0.shape[2]:

@@ -12,7 +12,7 @@ from .. import reference
 from ._args import non_negative_int, positive_int
 from ._module import Module
 from ..ops import check_backend_name, generate_kernels, resolve_backend, tile_layout
-from ..ops.backends import onnx_exporting
+from ..ops.backends import reference_only
 
 
 class StaticHyperNetwork(Module):
@@ -59,9 +59,10 @@ class StaticHyperNetwork(Module):
             if layer.hypernet.w_in is not self.w_in:
                 raise ValueError(f"layers[{i}]: this HyperConv2d is served by another StaticHyperNetwork")
         backend = resolve_backend(self.backend, self.w_in.device)
-        if backend == "reference" and onnx_exporting():
-            # The fused op's computation in plain PyTorch (two batched products and one scatter): a few ONNX
-            # operators for every layer, where the per-tile reference makes thousands (3,163 at HyperWRN-10-1).
+        if backend == "reference" and reference_only():
+            # Exporting to ONNX or under a torch.func transform: the fused op's computation in plain PyTorch
+            # (two batched products and one scatter), a few ONNX operators or transformed ops for every layer,
+            # where the per-tile reference makes thousands (3,163 ONNX nodes at HyperWRN-10-1).
             backend = "torch"
         elif backend == "reference":
             return [reference.generate_kernel(layer.z, layer.out_channels, layer.in_channels, self.w_in, self.b_in,

@@ -83,13 +83,33 @@ def onnx_exporting() -> bool:
     return onnx is not None and onnx.is_in_onnx_export()
 
 
+def func_transforming() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, jacrev, ...) is running. The fused ops' autograd (C++,
+    and the Triton ops' Python Function) and their lack of batching rules cannot run under one. (Under
+    torch.compile the question is not asked: its graphs are not functorch's.)"""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def reference_only() -> bool:
+    """Whether only plain PyTorch can run now: torch.onnx.export tracing, or a torch.func transform."""
+    return onnx_exporting() or func_transforming()
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
-    """The concrete backend for `name` on `device`; raises ValueError if it cannot run there. While
-    torch.onnx.export traces, the reference whatever `name` is: an ONNX graph holds standard operators only,
-    and the reference computes the same function from them (as nn.LSTM exports as ONNX's LSTM)."""
+    """The concrete backend for `name` on `device`; raises ValueError if it cannot run there.
+
+    While torch.onnx.export traces, the reference whatever `name` is: an ONNX graph holds standard operators
+    only, and the reference computes the same function from them (as nn.LSTM exports as ONNX's LSTM). Under a
+    torch.func transform, "auto" is the reference too (its plain PyTorch ops have every transform's rules);
+    a fused backend named there is an error."""
     check_backend_name(name)
     if onnx_exporting():
         return "reference"
+    if name != "reference" and func_transforming():
+        if name == "auto":
+            return "reference"
+        raise ValueError(f"backend={name!r} cannot run under a torch.func transform (grad, vjp, vmap, ...): the "
+                         "fused ops' autograd is not functorch's. backend='auto' runs the reference there")
     usable = backends_for(device)
     if name == "auto":  # never Triton on CPU: the interpreter is for tests only
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
