@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from ._args import finite_real, flag, positive_int, probability, real
 from ._module import Module
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
-from ..ops.backends import func_transforming, reference_only
+from ..ops.backends import func_transforming
 from ..ops._checks import DECODE_HALF_WEIGHTS
 from ..reference import PARAM_NAMES
 
@@ -262,15 +262,9 @@ class HyperLSTMCell(Module):
                 and not (self.zoneout or self.hyper_zoneout) and not (self.training and self.recurrent_dropout))
 
     def _fused_backend(self, device: torch.device) -> bool:
-        """Whether the backend resolves to the C++ ops on `device` (remembered per device and backend; never
-        while torch.onnx.export traces or a torch.func transform runs: resolve_backend says what runs then)."""
-        if reference_only():
-            return False
-        key = (self.backend, device)
-        known = self.__dict__.setdefault("_fused_on", {})
-        if key not in known:
-            known[key] = resolve_backend(self.backend, device) in ("cpu", "cuda")
-        return known[key]
+        """Whether the backend resolves to the C++ ops on `device`, now (never while torch.onnx.export traces,
+        nor under a torch.func transform)."""
+        return resolve_backend(self.backend, device) in ("cpu", "cuda")
 
     def _decode_params(self) -> list:
         # Detached views share their parameter's storage, so they see every change of its values however it is

@@ -95,6 +95,11 @@ def reference_only() -> bool:
     return onnx_exporting() or func_transforming()
 
 
+# (name, device) -> the backend resolve_backend found there: what is available is fixed for the process (as is
+# TRITON_INTERPRET, for the tests: set before hyperfused is imported, it decides whether Triton is available)
+_RESOLVED: dict = {}
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """The concrete backend for `name` on `device`; raises ValueError if it cannot run there.
 
@@ -102,14 +107,24 @@ def resolve_backend(name: str, device: torch.device) -> str:
     only, and the reference computes the same function from them (as nn.LSTM exports as ONNX's LSTM). Under a
     torch.func transform, "auto" is the reference too (its plain PyTorch ops have every transform's rules);
     a fused backend named there is an error."""
-    check_backend_name(name)
-    if onnx_exporting():
+    # Remembered (every module's every call asks: 3 µs of a decode step's Python otherwise), except under
+    # torch.compile, which traces the answer into its graph.
+    key = (name, device)
+    backend = None if torch.compiler.is_compiling() else _RESOLVED.get(key)
+    if backend is None:
+        backend = _resolve(name, device)
+        if not torch.compiler.is_compiling():
+            _RESOLVED[key] = backend
+    if backend == "reference" or not reference_only():
+        return backend
+    if name == "auto" or onnx_exporting():
         return "reference"
-    if name != "reference" and func_transforming():
-        if name == "auto":
-            return "reference"
-        raise ValueError(f"backend={name!r} cannot run under a torch.func transform (grad, vjp, vmap, ...): the "
-                         "fused ops' autograd is not functorch's. backend='auto' runs the reference there")
+    raise ValueError(f"backend={name!r} cannot run under a torch.func transform (grad, vjp, vmap, ...): the "
+                     "fused ops' autograd is not functorch's. backend='auto' runs the reference there")
+
+
+def _resolve(name: str, device: torch.device) -> str:
+    check_backend_name(name)
     usable = backends_for(device)
     if name == "auto":  # never Triton on CPU: the interpreter is for tests only
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
