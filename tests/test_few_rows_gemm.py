@@ -2,7 +2,9 @@
 against torch on the same memory: out (m, n) = a (m, k) · wᵀ + beta · out with w read as its (n, k) rows.
 
 The shapes walk every tail: m across the 4-row register tile (1, 3, 4, 5, 9), k across the vector width (16
-float32 or 32 bfloat16 values: 1, 15, 16, 17, 33, 300), rows of a, w and out with strides beyond their length.
+float32 or 32 bfloat16 values: 1, 15, 16, 17, 33, 300; float32 weights with k <= 16 take the short-k path, a
+16 × 16 block of w transposed in registers, whose 16 columns n = 28 and 148 leave partly filled), rows of a, w
+and out with strides beyond their length.
 A product that dropped one term of k, one row or one column would be off by about one term's size (~1 here),
 far beyond the tolerance. On a build without the vector extensions for a dtype (AVX-512; AVX512-BF16 for
 bfloat16 weights, AVX-512 BW and VL for float16 ones) the kernel says it cannot run and leaves out as it was,

@@ -66,6 +66,54 @@ void tile_f32(const float* a, int64_t lda, const W* w, int64_t ldw, int64_t k, f
     }
   });
 }
+
+// The 16 rows of a 16 × 16 block, in place, become its 16 columns (r[j] lane i = the block's row i, element j):
+// 64 shuffles in four rounds of pairs.
+inline void transpose16(__m512 (&r)[16]) {
+  __m512 u[16];
+  for (int i = 0; i < 16; i += 2) {  // lane L of u[i] / u[i+1]: rows i, i+1 at elements 4L, 4L+1 / 4L+2, 4L+3
+    u[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    u[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // lane L of r[i + c]: rows i..i+3 at element 4L + c
+    const __m512d a = _mm512_castps_pd(u[i]), b = _mm512_castps_pd(u[i + 1]);
+    const __m512d c = _mm512_castps_pd(u[i + 2]), d = _mm512_castps_pd(u[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {  // the 128-bit lanes gathered: element c, 4 + c, 8 + c, 12 + c of all 16 rows
+    const __m512 lo02 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), lo13 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    const __m512 hi02 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 hi13 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+    u[c] = _mm512_shuffle_f32x4(lo02, hi02, 0x88);
+    u[8 + c] = _mm512_shuffle_f32x4(lo02, hi02, 0xdd);
+    u[4 + c] = _mm512_shuffle_f32x4(lo13, hi13, 0x88);
+    u[12 + c] = _mm512_shuffle_f32x4(lo13, hi13, 0xdd);
+  }
+  for (int j = 0; j < 16; ++j) r[j] = u[j];
+}
+
+// R rows of a times 16 rows of w (float32, from row c0; rows past n read as zeros) for k <= 16 (the scaling
+// vectors' N_z): the block of w transposed in registers, each of its columns a broadcast multiply-add into all
+// 16 outputs of a row. A dot product per output would spend a 16-lane sum on each k-long product.
+template <int R>
+void short_k_block(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t n, int64_t k, int64_t c0,
+                   float* out, int64_t ldo, float beta) {
+  const __mmask16 kmask = __mmask16((1u << k) - 1);
+  __m512 col[16];
+  for (int i = 0; i < 16; ++i)
+    col[i] = c0 + i < n ? _mm512_maskz_loadu_ps(kmask, w + (c0 + i) * ldw) : _mm512_setzero_ps();
+  transpose16(col);
+  const __mmask16 nmask = n - c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c0)) - 1);
+  for (int r = 0; r < R; ++r) {
+    __m512 acc = beta == 0.0f ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(nmask, out + r * ldo + c0);
+    for (int j = 0; j < 16; ++j)
+      if (j < k) acc = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + j]), col[j], acc);
+    _mm512_mask_storeu_ps(out + r * ldo + c0, nmask, acc);
+  }
+}
 #endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -114,31 +162,8 @@ void with_rows(int64_t rows, const F& f) {
   static_assert(kRows == 4, "with_rows' cases");
 }
 
-}  // namespace
-
-bool few_rows_gemm_covers(at::ScalarType dtype) {
-  switch (dtype) {
-#if defined(__AVX512F__)
-    case at::kFloat: return true;
-#endif
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    case at::kBFloat16: return true;
-#endif
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-    case at::kHalf: return true;
-#endif
-    default: return false;
-  }
-}
-
-bool few_rows_gemm_runs(const RawGemm& g) {
-  return g.w_transposed && (g.beta == 0.0f || g.beta == 1.0f) && g.n % kCols == 0 &&
-         few_rows_gemm_covers(g.w_dtype);
-}
-
-void few_rows_gemm(const RawGemm& g) {
-  RECORD_FUNCTION("hyperfused::few_rows_gemm", std::vector<c10::IValue>());
-  TORCH_CHECK(few_rows_gemm_runs(g), "hyperfused: few_rows_gemm cannot run this product in this build");
+// g by the kernel, on this thread or (long k) spread over threads.
+void run_product(const RawGemm& g) {
 #if defined(__AVX512F__)
   const int64_t m = g.m, n = g.n, k = g.k;
   if (m == 0 || n == 0) return;
@@ -151,6 +176,16 @@ void few_rows_gemm(const RawGemm& g) {
     a = rounded_rows(g.a, g.lda, m, k, lda);
   }
 #endif
+  if (g.w_dtype == at::kFloat && k <= 16) {  // 16 columns at a time, every row passing the transposed block
+    const auto* w = static_cast<const float*>(g.w);
+    for (int64_t c0 = 0; c0 < n; c0 += 16)
+      for (int64_t r0 = 0; r0 < m; r0 += kRows)
+        with_rows(std::min<int64_t>(kRows, m - r0), [&](auto R) {
+          short_k_block<decltype(R)::value>(g.a + r0 * g.lda, g.lda, w, g.ldw, n, k, c0, g.out + r0 * g.ldo,
+                                            g.ldo, g.beta);
+        });
+    return;
+  }
   // Columns in blocks of kCols, spread over threads; for each block every row tile, so that the block's weight
   // rows stay in the L1 cache while every row of a passes them.
   const int64_t blocks = n / kCols;
@@ -185,6 +220,47 @@ void few_rows_gemm(const RawGemm& g) {
     }
   });
 #endif
+}
+
+}  // namespace
+
+bool few_rows_gemm_covers(at::ScalarType dtype) {
+  switch (dtype) {
+#if defined(__AVX512F__)
+    case at::kFloat: return true;
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    case at::kBFloat16: return true;
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    case at::kHalf: return true;
+#endif
+    default: return false;
+  }
+}
+
+bool few_rows_gemm_runs(const RawGemm& g) {
+  return g.w_transposed && (g.beta == 0.0f || g.beta == 1.0f) && g.n % kCols == 0 &&
+         few_rows_gemm_covers(g.w_dtype);
+}
+
+void few_rows_gemm(const RawGemm& g) {
+  RECORD_FUNCTION("hyperfused::few_rows_gemm", std::vector<c10::IValue>());
+  TORCH_CHECK(few_rows_gemm_runs(g), "hyperfused: few_rows_gemm cannot run this product in this build");
+  run_product(g);
+}
+
+void few_rows_gemm_batch(const RawGemm* gemms, int count, bool spread) {
+  RECORD_FUNCTION("hyperfused::few_rows_gemm_batch", std::vector<c10::IValue>());
+  for (int i = 0; i < count; ++i)
+    TORCH_CHECK(few_rows_gemm_runs(gemms[i]), "hyperfused: few_rows_gemm cannot run product ", i, " in this build");
+  if (!spread) {
+    for (int i = 0; i < count; ++i) run_product(gemms[i]);
+    return;
+  }
+  at::parallel_for(0, count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) run_product(gemms[i]);
+  });
 }
 
 }  // namespace hyperfused

@@ -25,6 +25,11 @@ bool few_rows_gemm_runs(const RawGemm& g);
 // work for each.
 void few_rows_gemm(const RawGemm& g);
 
+// The `count` products, each as few_rows_gemm(gemms[i]) runs it (few_rows_gemm_runs must hold for each): one
+// after another on this thread, or (spread) the products shared out among the threads. Which is faster depends
+// on the machine's threads and the products' size, so StepGemm::decode_batch measures.
+void few_rows_gemm_batch(const RawGemm* gemms, int count, bool spread);
+
 // Whether the kernel reads weights of `dtype` in this build: float32 with AVX-512, bfloat16 with AVX512-BF16 and
 // BW, float16 with AVX-512 BW and VL.
 bool few_rows_gemm_covers(at::ScalarType dtype);

@@ -63,6 +63,11 @@ class StepGemm {
   // return float32, oneDNN bfloat16). A float16 weight only the own kernel reads (bf16_allowed says whether
   // the op may pass one).
   static void decode_gemm(const RawGemm& g, const at::Tensor& w);
+  // A decode step's products of one shape with float32 weights (the 12 scaling vectors: n = H, k = N_z): in one
+  // call of MKL's batch GEMM, or (where the few-rows kernel can run them) one after another in the kernel,
+  // whichever measured faster for the shape and count on this machine, once per process.
+  // HYPERFUSED_STEP_GEMM=own forces the kernel, mkl and onednn MKL's batch.
+  static void decode_batch(const RawGemm* gemms, int count);
   // Whether MKL's bfloat16 GEMM can run (torch exports it).
   static bool bf16_allowed();
   // Whether a decode step's products can read float16 weights (the few-rows kernel has them in this build).
