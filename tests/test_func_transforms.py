@@ -1,12 +1,14 @@
-"""torch.func transforms (grad, vmap, per-sample gradients) over the modules with backend="auto".
+"""torch.func transforms (grad, vmap, per-sample gradients) and forward-mode AD over the modules with
+backend="auto".
 
-The fused ops' autograd is not functorch's, so under a transform "auto" runs the reference (plain PyTorch,
-which has every transform's rules); these tests compare what the transforms return with the fused ops'
-ordinary autograd, in float64, where the two agree to ~1e-14 and a tolerance of 1e-10 is far below what any
+The fused ops' autograd is not functorch's and has no forward-mode rule, so under a transform or a
+forward_ad.dual_level "auto" runs the reference (plain PyTorch, which has every transform's rules and forward
+derivatives); these tests compare what they return with the fused ops' ordinary autograd, in float64, where the two agree to ~1e-14 and a tolerance of 1e-10 is far below what any
 plausible fault (a dropped forget bias moves these gradients by >1e-2) would move them.
 """
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import hyperfused
 from hyperfused import HyperConv2d, HyperLSTM, HyperLSTMCell
@@ -101,3 +103,25 @@ def test_a_fused_backend_named_under_a_transform_says_what_runs(backend):
     with pytest.raises(ValueError, match=rf"backend='{backend}' cannot run under a torch\.func transform .*"
                                          r"backend='auto' runs the reference there"):
         torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,))[0].sum())(params)
+
+
+def test_forward_mode_ad_agrees_with_the_fused_backward():
+    """A jvp by dual tensors (torch.autograd.forward_ad), J·t, checked against the fused ops' reverse mode:
+    u·(J·t) = (Jᵀ·u)·t for a random u."""
+    m = _layer(num_layers=2)
+    x, t = torch.randn(3, 2, 5, dtype=torch.float64), torch.randn(3, 2, 5, dtype=torch.float64)
+    with fwAD.dual_level():
+        out, _ = m(fwAD.make_dual(x, t))
+        jt = fwAD.unpack_dual(out).tangent
+    u = torch.randn_like(jt)
+    x_ = x.clone().requires_grad_()
+    jtu, = torch.autograd.grad(m(x_)[0], x_, u)
+    torch.testing.assert_close((u * jt).sum(), (jtu * t).sum(), **TOL)
+
+
+def test_a_fused_backend_named_in_forward_mode_ad_says_what_runs():
+    m = HyperLSTM(5, 7, hyper_size=6, hyper_embed=3, backend="cpu")
+    x = torch.randn(3, 2, 5)
+    with fwAD.dual_level(), pytest.raises(ValueError, match=r"backend='cpu' cannot run under forward-mode AD .*"
+                                                            r"backend='auto' runs the reference there"):
+        m(fwAD.make_dual(x, torch.randn_like(x)))

@@ -90,9 +90,16 @@ def func_transforming() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def forward_ad_active() -> bool:
+    """Whether a torch.autograd.forward_ad.dual_level is open: the fused ops' autograd has no forward-mode
+    (jvp) rule, and a dual tensor may be among the inputs."""
+    return not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
+
+
 def reference_only() -> bool:
-    """Whether only plain PyTorch can run now: torch.onnx.export tracing, or a torch.func transform."""
-    return onnx_exporting() or func_transforming()
+    """Whether only plain PyTorch can run now: torch.onnx.export tracing, a torch.func transform, or
+    forward-mode AD."""
+    return onnx_exporting() or func_transforming() or forward_ad_active()
 
 
 # (name, device) -> the backend resolve_backend found there: what is available is fixed for the process (as is
@@ -105,8 +112,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
     While torch.onnx.export traces, the reference whatever `name` is: an ONNX graph holds standard operators
     only, and the reference computes the same function from them (as nn.LSTM exports as ONNX's LSTM). Under a
-    torch.func transform, "auto" is the reference too (its plain PyTorch ops have every transform's rules);
-    a fused backend named there is an error."""
+    torch.func transform or in forward-mode AD, "auto" is the reference too (its plain PyTorch ops have every
+    transform's rules, and forward derivatives); a fused backend named there is an error."""
     # Remembered (every module's every call asks: 3 µs of a decode step's Python otherwise), except under
     # torch.compile, which traces the answer into its graph.
     key = (name, device)
@@ -119,8 +126,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
         return backend
     if name == "auto" or onnx_exporting():
         return "reference"
-    raise ValueError(f"backend={name!r} cannot run under a torch.func transform (grad, vjp, vmap, ...): the "
-                     "fused ops' autograd is not functorch's. backend='auto' runs the reference there")
+    under = ("a torch.func transform (grad, vjp, vmap, ...)" if func_transforming() else
+             "forward-mode AD (a torch.autograd.forward_ad.dual_level)")
+    raise ValueError(f"backend={name!r} cannot run under {under}: the fused ops' autograd has no rules for it. "
+                     "backend='auto' runs the reference there")
 
 
 def _resolve(name: str, device: torch.device) -> str:
