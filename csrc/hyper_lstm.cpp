@@ -484,8 +484,8 @@ float* decode_scratch(const Dims& d, const WsLayout& L, int64_t xh_width) {
 // call (in one batch MKL gave each product a single thread, and at H = 1000 W_h h alone then took longer than
 // the step had), each in MKL, oneDNN or the few-rows kernel as measured (StepGemm::decode_gemm), on whole
 // weights: Ŵ_x's two products as one, on [x, h]. A bfloat16 cell's four large weights are read as they are.
-// The 12 scaling vectors, small products (k = N_z), go in one call of MKL's batch GEMM or one by one in the
-// few-rows kernel, as measured (StepGemm::decode_batch).
+// The 12 scaling vectors, small products (k = N_z), go in one call of MKL's batch GEMM or in the few-rows
+// kernel, on one thread or spread over the threads, as measured (StepGemm::decode_batch).
 StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& x, const at::Tensor& h,
                         const at::Tensor& c, const at::Tensor& hh, const at::Tensor& hc, at::TensorList p,
                         bool layer_norm, double forget_bias) {

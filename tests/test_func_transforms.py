@@ -3,8 +3,9 @@ backend="auto".
 
 The fused ops' autograd is not functorch's and has no forward-mode rule, so under a transform or a
 forward_ad.dual_level "auto" runs the reference (plain PyTorch, which has every transform's rules and forward
-derivatives); these tests compare what they return with the fused ops' ordinary autograd, in float64, where the two agree to ~1e-14 and a tolerance of 1e-10 is far below what any
-plausible fault (a dropped forget bias moves these gradients by >1e-2) would move them.
+derivatives); these tests compare what they return with the fused ops' ordinary autograd, in float64, where
+the two agree to ~1e-14 and a tolerance of 1e-10 is far below what any plausible fault would move them (a
+dropped forget bias moves these gradients by >1e-2).
 """
 import pytest
 import torch

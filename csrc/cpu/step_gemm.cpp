@@ -484,8 +484,8 @@ void run_batch(BatchLibrary lib, const RawGemm* gemms, int count) {
 
 // The fastest way to run the batch `gemms` (all of one shape), of MKL's batch GEMM and, where it can run them
 // (own), the own kernel on one thread or spread: measured as fastest_decode measures, at the first batch of its
-// shape and size, into scratch, and remembered. On a 2-core AMD EPYC the 12 scaling vectors took 5.8 µs in MKL,
-// 4.8 µs in the kernel and 3.1 µs spread at B = 1, H = 256; 17, 10 and 11 µs at H = 1000.
+// shape and size, into scratch, and remembered. On a 2-core AMD EPYC the 12 scaling vectors took 12.2 µs in MKL,
+// 9.7 µs in the kernel on one thread and 5.2 µs spread at B = 1, H = 256; 22.6, 19.7 and 11.4 µs at H = 1000.
 BatchLibrary fastest_batch(const RawGemm* gemms, int count, bool own) {
   static std::mutex mutex;
   static std::map<std::tuple<int64_t, int64_t, int64_t, int, bool>, BatchLibrary> fastest;
@@ -498,7 +498,8 @@ BatchLibrary fastest_batch(const RawGemm* gemms, int count, bool own) {
     if (own) candidates.insert(candidates.end(), {BatchLibrary::Own, BatchLibrary::OwnSpread});
     std::vector<float> scratch(size_t(count * g.m * g.n));
     std::vector<RawGemm> trial(gemms, gemms + count);
-    for (int i = 0; i < count; ++i) trial[i].out = scratch.data() + i * g.m * g.n, trial[i].ldo = g.n, trial[i].beta = 0;
+    for (int i = 0; i < count; ++i)
+      trial[i].out = scratch.data() + i * g.m * g.n, trial[i].ldo = g.n, trial[i].beta = 0.0f;
     std::vector<double> best(candidates.size(), 1e30);
     for (int round = 0; round < 9; ++round)
       for (size_t i = 0; i < candidates.size(); ++i) {

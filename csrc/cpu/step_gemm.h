@@ -64,9 +64,9 @@ class StepGemm {
   // the op may pass one).
   static void decode_gemm(const RawGemm& g, const at::Tensor& w);
   // A decode step's products of one shape with float32 weights (the 12 scaling vectors: n = H, k = N_z): in one
-  // call of MKL's batch GEMM, or (where the few-rows kernel can run them) one after another in the kernel,
-  // whichever measured faster for the shape and count on this machine, once per process.
-  // HYPERFUSED_STEP_GEMM=own forces the kernel, mkl and onednn MKL's batch.
+  // call of MKL's batch GEMM, or (where the few-rows kernel can run them) in the kernel on one thread or with
+  // the products shared out among the threads, whichever measured fastest for the shape and count on this
+  // machine, once per process. HYPERFUSED_STEP_GEMM=own forces the kernel (shared out), mkl and onednn MKL's.
   static void decode_batch(const RawGemm* gemms, int count);
   // Whether MKL's bfloat16 GEMM can run (torch exports it).
   static bool bf16_allowed();

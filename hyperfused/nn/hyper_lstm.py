@@ -262,8 +262,8 @@ class HyperLSTMCell(Module):
                 and not (self.zoneout or self.hyper_zoneout) and not (self.training and self.recurrent_dropout))
 
     def _fused_backend(self, device: torch.device) -> bool:
-        """Whether the backend resolves to the C++ ops on `device`, now (never while torch.onnx.export traces,
-        nor under a torch.func transform)."""
+        """Whether the backend resolves to the C++ ops on `device`, now (never where only plain PyTorch can run:
+        torch.onnx.export tracing, a torch.func transform, forward-mode AD)."""
         return resolve_backend(self.backend, device) in ("cpu", "cuda")
 
     def _decode_params(self) -> list:

@@ -60,7 +60,7 @@ class StaticHyperNetwork(Module):
                 raise ValueError(f"layers[{i}]: this HyperConv2d is served by another StaticHyperNetwork")
         backend = resolve_backend(self.backend, self.w_in.device)
         if backend == "reference" and reference_only():
-            # Exporting to ONNX or under a torch.func transform: the fused op's computation in plain PyTorch
+            # Exporting to ONNX, a torch.func transform, forward-mode AD: the fused op's computation in plain PyTorch
             # (two batched products and one scatter), a few ONNX operators or transformed ops for every layer,
             # where the per-tile reference makes thousands (3,163 ONNX nodes at HyperWRN-10-1).
             backend = "torch"
