@@ -39,9 +39,15 @@ const char* const kParamNames[NUM_PARAMS] = {
     "scale_weight", "bias_z_weight", "bias_scale_weight", "ln_weight", "ln_bias", "ln_cell_weight", "ln_cell_bias",
     "hyper_ln_weight", "hyper_ln_bias", "hyper_ln_cell_weight", "hyper_ln_cell_bias"};
 
-// The four weights of the input and recurrent products: a decode step takes them in bfloat16 or float16 too.
-bool is_gemm_weight(int i) {
+// The four weights of the input and recurrent products.
+bool is_large_weight(int i) {
   return i == WEIGHT_IH || i == WEIGHT_HH || i == HYPER_WEIGHT_IH || i == HYPER_WEIGHT_HH;
+}
+
+// The weights of a decode step's products, which it takes in bfloat16 or float16 too: the four large ones and
+// those of the embeddings and the scaling vectors.
+bool is_gemm_weight(int i) {
+  return is_large_weight(i) || i == Z_WEIGHT || i == BIAS_Z_WEIGHT || i == SCALE_WEIGHT || i == BIAS_SCALE_WEIGHT;
 }
 
 struct Sizes {
@@ -509,11 +515,13 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
   // out (B, n) = a (B, k) · p[i]ᵀ (+ out with beta 1): every weight is a whole (n, k) parameter, float32 or
   // (a half-precision cell's) bfloat16 or float16, read transposed in place, so that oneDNN can run any float32
   // or bfloat16 one too.
+  // A half-precision weight of a small product (the embeddings) is widened as it is loaded: its float32 product
+  // is what float32 copies of it gave, and at N_z = 16 the copies cost as much as the products.
   const auto product = [&](const float* a, int64_t lda, int i, float* out, int64_t ldo, float beta = 0.0f) {
     const at::Tensor& w = p[i];
     const int64_t n = w.size(0), k = w.size(1);
     StepGemm::decode_gemm({a, lda, w.data_ptr(), k, /*w_transposed=*/true, out, ldo, B, n, k, beta,
-                           w.scalar_type()}, w);
+                           w.scalar_type(), /*widen=*/!is_large_weight(i)}, w);
   };
   product(f(x), X, WEIGHT_IH, gx, 4 * H);              // W_x x
   product(xh, X + H, HYPER_WEIGHT_IH, g + 4 * H, GW);  // Ŵ_x [x, h]
@@ -532,8 +540,10 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
   // bias_scale_weight (4)
   RawGemm scales[12];
   for (int64_t q = 0; q < 12; ++q) {
-    const float* w = q < 8 ? f(p[SCALE_WEIGHT]) + q * H * Nz : f(p[BIAS_SCALE_WEIGHT]) + (q - 8) * H * Nz;
-    scales[q] = {z + q * Nz, L.width, w, Nz, true, scale + q * B * H, H, B, H, Nz, 0.0f};
+    const at::Tensor& sw = q < 8 ? p[SCALE_WEIGHT] : p[BIAS_SCALE_WEIGHT];
+    const auto* w = static_cast<const char*>(sw.data_ptr()) + (q % 8) * H * Nz * sw.element_size();
+    scales[q] = {z + q * Nz, L.width, w, Nz, true, scale + q * B * H, H, B, H, Nz, 0.0f, sw.scalar_type(),
+                 /*widen=*/true};
   }
   StepGemm::decode_batch(scales, 12);
   st.phase = StepPhase::Main;
@@ -558,15 +568,26 @@ StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Ten
   const Dims dims = s.dims();
   const int64_t B = s.B, H = s.H, Hh = s.Hh;
   const bool split = gemm_shaped(k, /*decode=*/true);
-  bool bf16_weights = false, f16_weights = false;
-  for (int i = 0; i < NUM_PARAMS; ++i) {
-    bf16_weights = bf16_weights || p[i].scalar_type() == at::kBFloat16;
-    f16_weights = f16_weights || p[i].scalar_type() == at::kHalf;
+  bool half_weights = false;
+  for (int i = 0; i < NUM_PARAMS; ++i)
+    half_weights = half_weights || p[i].scalar_type() == at::kBFloat16 || p[i].scalar_type() == at::kHalf;
+  if (split && k.raw_blas && x.scalar_type() == at::kFloat && StepGemm::batch_allowed()) {
+    // The direct products read half-precision weights as they are where they can: the large ones in a library
+    // or the few-rows kernel, the small ones widened by the kernel (which needs H a multiple of 4); the rest
+    // are float32 copies made here.
+    std::vector<at::Tensor> q(p.begin(), p.end());
+    bool raw = true;
+    for (int i = 0; i < NUM_PARAMS; ++i) {
+      const at::ScalarType dtype = q[i].scalar_type();
+      if (dtype != at::kBFloat16 && dtype != at::kHalf) continue;
+      if (is_large_weight(i))
+        raw = raw && (dtype == at::kBFloat16 ? StepGemm::bf16_allowed() : StepGemm::f16_allowed());
+      else if (!StepGemm::small_products_read(dtype) || s.H % 4 != 0)
+        q[i] = q[i].to(at::kFloat);
+    }
+    if (raw) return decode_step_raw(k, s, x, h, c, hh, hc, q, layer_norm, forget_bias);
   }
-  if (split && k.raw_blas && x.scalar_type() == at::kFloat && StepGemm::batch_allowed() &&
-      (!bf16_weights || StepGemm::bf16_allowed()) && (!f16_weights || StepGemm::f16_allowed()))
-    return decode_step_raw(k, s, x, h, c, hh, hc, p, layer_norm, forget_bias);
-  if (bf16_weights || f16_weights) {  // elsewhere half-precision weights are read as float32 copies made here
+  if (half_weights) {  // elsewhere half-precision weights are read as float32 copies made here
     std::vector<at::Tensor> q(p.begin(), p.end());
     for (auto& t : q) t = t.to(at::kFloat);
     return hyper_lstm_step(k, x, h, c, hh, hc, q, layer_norm, forget_bias);

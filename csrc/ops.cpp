@@ -26,9 +26,17 @@ PyObject* py_list(const std::vector<V>& values, Item item) {
   return list;
 }
 
-// The weight dtypes the CPU's few-rows kernel may read, by their torch names.
-const std::pair<const char*, at::ScalarType> kFewRowsWeights[] = {
-    {"float32", at::kFloat}, {"bfloat16", at::kBFloat16}, {"float16", at::kHalf}};
+// The weights the CPU's few-rows kernel may read, by their torch names ("bfloat16-widened": bfloat16 weights
+// widened to float32, RawGemm::widen).
+struct FewRowsWeights {
+  const char* name;
+  at::ScalarType dtype;
+  bool widen;
+};
+const FewRowsWeights kFewRowsWeights[] = {{"float32", at::kFloat, false},
+                                          {"bfloat16", at::kBFloat16, false},
+                                          {"bfloat16-widened", at::kBFloat16, true},
+                                          {"float16", at::kHalf, false}};
 }  // namespace
 
 extern "C" {
@@ -62,8 +70,8 @@ static PyObject* emulator_probe(PyObject*, PyObject* args) {
 }
 static PyObject* few_rows_gemm_weights(PyObject*, PyObject*) {
   std::vector<std::string> names;
-  for (const auto& [name, dtype] : kFewRowsWeights)
-    if (hyperfused::few_rows_gemm_covers(dtype)) names.emplace_back(name);
+  for (const auto& [name, dtype, widen] : kFewRowsWeights)
+    if (hyperfused::few_rows_gemm_covers(dtype, widen)) names.emplace_back(name);
   return py_list(names, [](const std::string& s) { return PyUnicode_FromString(s.c_str()); });
 }
 // One product by the few-rows kernel on the memory of tensors the caller keeps alive: (a, lda, w, ldw, w_dtype,
@@ -77,14 +85,14 @@ static PyObject* few_rows_gemm(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "KLKLsKLLLLf", &a, &lda, &w, &ldw, &name, &out, &ldo, &m, &n, &k, &beta))
     return nullptr;
   const auto* entry = std::find_if(std::begin(kFewRowsWeights), std::end(kFewRowsWeights),
-                                   [&](const auto& e) { return std::string(e.first) == name; });
+                                   [&](const auto& e) { return std::string(e.name) == name; });
   if (entry == std::end(kFewRowsWeights)) {
-    PyErr_Format(PyExc_ValueError, "w_dtype: expected 'float32', 'bfloat16' or 'float16', got '%s'", name);
+    PyErr_Format(PyExc_ValueError,
+                 "w_dtype: expected 'float32', 'bfloat16', 'bfloat16-widened' or 'float16', got '%s'", name);
     return nullptr;
   }
-  const at::ScalarType dtype = entry->second;
   const hyperfused::RawGemm g{reinterpret_cast<const float*>(a), lda, reinterpret_cast<const void*>(w), ldw, true,
-                              reinterpret_cast<float*>(out), ldo, m, n, k, beta, dtype};
+                              reinterpret_cast<float*>(out), ldo, m, n, k, beta, entry->dtype, entry->widen};
   if (!hyperfused::few_rows_gemm_runs(g)) Py_RETURN_FALSE;
   hyperfused::few_rows_gemm(g);
   Py_RETURN_TRUE;

@@ -2,13 +2,13 @@
 against torch on the same memory: out (m, n) = a (m, k) · wᵀ + beta · out with w read as its (n, k) rows.
 
 The shapes walk every tail: m across the 4-row register tile (1, 3, 4, 5, 9), k across the vector width (16
-float32 or 32 bfloat16 values: 1, 15, 16, 17, 33, 300; float32 weights with k <= 16 take the short-k path, a
-16 × 16 block of w transposed in registers, whose 16 columns n = 28 and 148 leave partly filled), rows of a, w
-and out with strides beyond their length.
+float32 or 32 bfloat16 values: 1, 15, 16, 17, 33, 300; weights read as float32 with k <= 16 take the short-k
+path, a 16 × 16 block of w transposed in registers, whose 16 columns n = 28 and 148 leave partly filled), rows
+of a, w and out with strides beyond their length.
 A product that dropped one term of k, one row or one column would be off by about one term's size (~1 here),
 far beyond the tolerance. On a build without the vector extensions for a dtype (AVX-512; AVX512-BF16 for
-bfloat16 weights, AVX-512 BW and VL for float16 ones) the kernel says it cannot run and leaves out as it was,
-which is checked instead."""
+bfloat16 weights, AVX-512 BW and VL for float16 ones and widened bfloat16 ones) the kernel says it cannot run
+and leaves out as it was, which is checked instead."""
 import os
 
 import pytest
@@ -20,30 +20,32 @@ from conftest import requires_extension
 pytestmark = requires_extension
 
 
-def _name(dtype):
-    return str(dtype).removeprefix("torch.")
+# The kernel's weights by the test hook's names: their torch dtype, and whether a is rounded to it
+WEIGHTS = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, True),
+           "bfloat16-widened": (torch.bfloat16, False), "float16": (torch.float16, False)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("weights", list(WEIGHTS), ids=["f32", "bf16", "bf16-widened", "f16"])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 9])
 @pytest.mark.parametrize("k", [1, 15, 16, 17, 33, 300])
 @pytest.mark.parametrize("n, beta", [(4, 0.0), (28, 1.0), (148, 0.0)])
-def test_the_few_rows_kernel_computes_the_product(dtype, m, k, n, beta):
+def test_the_few_rows_kernel_computes_the_product(weights, m, k, n, beta):
     from hyperfused import _C
+    dtype, rounds_a = WEIGHTS[weights]
     a_full = torch.randn(m, k + 3)  # rows longer than k: lda > k
     w_full = torch.randn(n, k + 5).to(dtype)
     out_full = torch.randn(m, n + 2)
     a, w = a_full[:, :k], w_full[:, :k]
     start, beyond = out_full[:, :n].clone(), out_full[:, n:].clone()
     ran = _C._few_rows_gemm(a_full.data_ptr(), a_full.stride(0), w_full.data_ptr(), w_full.stride(0),
-                            _name(dtype), out_full.data_ptr(), out_full.stride(0), m, n, k, beta)
-    assert ran == (_name(dtype) in _C._few_rows_gemm_weights())
+                            weights, out_full.data_ptr(), out_full.stride(0), m, n, k, beta)
+    assert ran == (weights in _C._few_rows_gemm_weights())
     if not ran:
         assert torch.equal(out_full[:, :n], start)
         return
     # the kernel rounds a to bfloat16 for bfloat16 weights, as MKL's and oneDNN's bfloat16 GEMMs do, and reads a
-    # as it is beside float16 ones
-    operand = a.to(dtype).double() if dtype == torch.bfloat16 else a.double()
+    # as it is beside float16 ones and widened bfloat16 ones (the decode step's small products)
+    operand = a.to(dtype).double() if rounds_a else a.double()
     expected = operand @ w.double().t() + beta * start.double()
     torch.testing.assert_close(out_full[:, :n].double(), expected, rtol=1e-5, atol=1e-4)
     assert torch.equal(out_full[:, n:], beyond)  # nothing written past each row's n columns
@@ -75,4 +77,5 @@ def test_the_build_has_the_kernel_where_its_cpu_has_the_vector_extensions():
                 break
     assert ("float32" in weights) == ("avx512f" in flags)
     assert ("bfloat16" in weights) == ({"avx512f", "avx512bw", "avx512_bf16"} <= flags)
+    assert ("bfloat16-widened" in weights) == ({"avx512f", "avx512bw", "avx512vl"} <= flags)
     assert ("float16" in weights) == ({"avx512f", "avx512bw", "avx512vl"} <= flags)

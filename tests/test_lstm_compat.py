@@ -422,7 +422,8 @@ def test_a_decode_step_copies_no_weight(library, H, monkeypatch):
 @pytest.mark.parametrize("library", ["", "mkl", "onednn", "own", "mm"],
                          ids=["measured", "mkl", "onednn", "own", "aten"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_a_half_precision_cell_decodes_from_its_own_weights(dtype, library, monkeypatch):
+@pytest.mark.parametrize("H", [37, 36])
+def test_a_half_precision_cell_decodes_from_its_own_weights(dtype, H, library, monkeypatch):
     """A bfloat16 or float16 HyperLSTMCell steps in float32 with its four large weights read as they are (the
     products accumulated in float32; a bfloat16 one's operands rounded to bfloat16): on a torch with MKL's batch
     GEMM no float32 copy of W_h is made where the products can read the weights (bfloat16: MKL, oneDNN or the
@@ -430,9 +431,11 @@ def test_a_half_precision_cell_decodes_from_its_own_weights(dtype, library, monk
     (HYPERFUSED_STEP_GEMM=mm) the op makes the copy. Each step matches the reference run in float32 from the
     same weights and the same state to 2e-2: the step rounds its outputs, and a bfloat16 step the states the
     products read, to the cell's dtype (the largest difference seen was 4.7e-3). Dropping the forget bias
-    moves the states by more than 0.1 (checked below)."""
+    moves the states by more than 0.1 (checked below). The weights of the small products (the embeddings and the
+    scaling vectors) are read as they are too, widened by the few-rows kernel, where it is built and H is a
+    multiple of 4 (36 here); else the op makes their float32 copies."""
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
-    X, H, Hh, Nz, B = 5, 37, 7, 3, 3
+    X, Hh, Nz, B = 5, 7, 3, 3
     kw = dict(hyper_size=Hh, hyper_embed=Nz)
     cell = randomize_(hyperfused.HyperLSTMCell(X, H, backend="cpu", **kw), scale=0.3).to(dtype)
     weights = {k: v.float() for k, v in cell.state_dict().items()}
@@ -453,6 +456,11 @@ def test_a_half_precision_cell_decodes_from_its_own_weights(dtype, library, monk
     converted = [e for e in prof.events() if e.name == "aten::_to_copy" and [4 * H, H] in e.input_shapes]
     readable = dtype == torch.bfloat16 or _own_kernel_for(dtype)
     assert bool(converted) == (library == "mm" or not HAS_MKL_BATCH or not readable)
+    small = ([2, 4 * H, Nz], [4 * H, Nz], [8 * Nz, Hh], [4 * Nz, Hh])
+    small_converted = [e for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_")
+                       and e.input_shapes[:1] in ([shape] for shape in small)]  # by the op, or the module
+    widened = library != "mm" and HAS_MKL_BATCH and readable and H % 4 == 0 and _own_kernel_for(torch.float16)
+    assert bool(small_converted) != widened  # (the widened bfloat16 path needs what the float16 one needs)
     if library == "own" and HAS_MKL_BATCH:
         assert (OWN in {e.name for e in prof.events()}) == _own_kernel_for(dtype)
 

@@ -49,6 +49,10 @@ inline __m512 load_weights(__mmask16 mask, const float* p) { return _mm512_maskz
 inline __m512 load_weights(__mmask16 mask, const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
 }
+// bfloat16 is float32's upper half: widened exactly by a shift
+inline __m512 load_weights(__mmask16 mask, const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
 #endif
 
 // R rows of a (float32, row stride lda) times C rows of w (float32, or float16 widened to float32; row stride
@@ -95,16 +99,17 @@ inline void transpose16(__m512 (&r)[16]) {
   for (int j = 0; j < 16; ++j) r[j] = u[j];
 }
 
-// R rows of a times 16 rows of w (float32, from row c0; rows past n read as zeros) for k <= 16 (the scaling
-// vectors' N_z): the block of w transposed in registers, each of its columns a broadcast multiply-add into all
-// 16 outputs of a row. A dot product per output would spend a 16-lane sum on each k-long product.
-template <int R>
-void short_k_block(const float* a, int64_t lda, const float* w, int64_t ldw, int64_t n, int64_t k, int64_t c0,
+// R rows of a times 16 rows of w (float32, or widened to it; from row c0; rows past n read as zeros) for
+// k <= 16 (the scaling vectors' N_z): the block of w transposed in registers, each of its columns a broadcast
+// multiply-add into all 16 outputs of a row. A dot product per output would spend a 16-lane sum on each k-long
+// product.
+template <int R, typename W>
+void short_k_block(const float* a, int64_t lda, const W* w, int64_t ldw, int64_t n, int64_t k, int64_t c0,
                    float* out, int64_t ldo, float beta) {
   const __mmask16 kmask = __mmask16((1u << k) - 1);
   __m512 col[16];
   for (int i = 0; i < 16; ++i)
-    col[i] = c0 + i < n ? _mm512_maskz_loadu_ps(kmask, w + (c0 + i) * ldw) : _mm512_setzero_ps();
+    col[i] = c0 + i < n ? load_weights(kmask, w + (c0 + i) * ldw) : _mm512_setzero_ps();
   transpose16(col);
   const __mmask16 nmask = n - c0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c0)) - 1);
   for (int r = 0; r < R; ++r) {
@@ -162,30 +167,45 @@ void with_rows(int64_t rows, const F& f) {
   static_assert(kRows == 4, "with_rows' cases");
 }
 
+#if defined(__AVX512F__)
+// Calls f with g's weights typed as the float32 tiles read them: float32, or float16 and (widen) bfloat16
+// widened to float32 as they are loaded.
+template <typename F>
+void with_widened_weights(const RawGemm& g, const F& f) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  if (g.w_dtype == at::kHalf) return f(static_cast<const c10::Half*>(g.w));
+  if (g.w_dtype == at::kBFloat16) return f(static_cast<const c10::BFloat16*>(g.w));
+#endif
+  f(static_cast<const float*>(g.w));
+}
+#endif
+
 // g by the kernel, on this thread or (long k) spread over threads.
 void run_product(const RawGemm& g) {
 #if defined(__AVX512F__)
   const int64_t m = g.m, n = g.n, k = g.k;
   if (m == 0 || n == 0) return;
-  // a's rows as the kernel reads them: as they are (float32), or rounded once for all columns (bfloat16)
+  // bfloat16 weights not widened: the pair-dot tile, on a's rows rounded once for all columns
+  const bool rounded = g.w_dtype == at::kBFloat16 && !g.widen;
+  if (!rounded && k <= 16) {  // 16 columns at a time, every row passing the transposed block
+    with_widened_weights(g, [&](const auto* w) {
+      for (int64_t c0 = 0; c0 < n; c0 += 16)
+        for (int64_t r0 = 0; r0 < m; r0 += kRows)
+          with_rows(std::min<int64_t>(kRows, m - r0), [&](auto R) {
+            short_k_block<decltype(R)::value>(g.a + r0 * g.lda, g.lda, w, g.ldw, n, k, c0, g.out + r0 * g.ldo,
+                                              g.ldo, g.beta);
+          });
+    });
+    return;
+  }
   const void* a = g.a;
   int64_t lda = g.lda;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-  if (g.w_dtype == at::kBFloat16) {
+  if (rounded) {
     lda = (k + 31) / 32 * 32;
     a = rounded_rows(g.a, g.lda, m, k, lda);
   }
 #endif
-  if (g.w_dtype == at::kFloat && k <= 16) {  // 16 columns at a time, every row passing the transposed block
-    const auto* w = static_cast<const float*>(g.w);
-    for (int64_t c0 = 0; c0 < n; c0 += 16)
-      for (int64_t r0 = 0; r0 < m; r0 += kRows)
-        with_rows(std::min<int64_t>(kRows, m - r0), [&](auto R) {
-          short_k_block<decltype(R)::value>(g.a + r0 * g.lda, g.lda, w, g.ldw, n, k, c0, g.out + r0 * g.ldo,
-                                            g.ldo, g.beta);
-        });
-    return;
-  }
   // Columns in blocks of kCols, spread over threads; for each block every row tile, so that the block's weight
   // rows stay in the L1 cache while every row of a passes them.
   const int64_t blocks = n / kCols;
@@ -197,24 +217,17 @@ void run_product(const RawGemm& g) {
         with_rows(std::min<int64_t>(kRows, m - r0), [&](auto R) {
           float* out = g.out + r0 * g.ldo + c0;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-          if (g.w_dtype == at::kBFloat16) {
+          if (rounded) {
             tile_bf16<decltype(R)::value, kCols>(static_cast<const uint16_t*>(a) + r0 * lda, lda,
                                                  static_cast<const uint16_t*>(g.w) + c0 * g.ldw, g.ldw, k, out,
                                                  g.ldo, g.beta);
             return;
           }
 #endif
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-          if (g.w_dtype == at::kHalf) {
-            tile_f32<decltype(R)::value, kCols>(static_cast<const float*>(a) + r0 * lda, lda,
-                                                static_cast<const c10::Half*>(g.w) + c0 * g.ldw, g.ldw, k, out,
-                                                g.ldo, g.beta);
-            return;
-          }
-#endif
-          tile_f32<decltype(R)::value, kCols>(static_cast<const float*>(a) + r0 * lda, lda,
-                                              static_cast<const float*>(g.w) + c0 * g.ldw, g.ldw, k, out, g.ldo,
-                                              g.beta);
+          with_widened_weights(g, [&](const auto* w) {
+            tile_f32<decltype(R)::value, kCols>(static_cast<const float*>(a) + r0 * lda, lda, w + c0 * g.ldw,
+                                                g.ldw, k, out, g.ldo, g.beta);
+          });
         });
       }
     }
@@ -224,13 +237,19 @@ void run_product(const RawGemm& g) {
 
 }  // namespace
 
-bool few_rows_gemm_covers(at::ScalarType dtype) {
+bool few_rows_gemm_covers(at::ScalarType dtype, bool widen) {
   switch (dtype) {
 #if defined(__AVX512F__)
     case at::kFloat: return true;
 #endif
+    case at::kBFloat16:
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+      if (widen) return true;
+#endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    case at::kBFloat16: return true;
+      return !widen;
+#else
+      return false;
 #endif
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
     case at::kHalf: return true;
@@ -241,7 +260,7 @@ bool few_rows_gemm_covers(at::ScalarType dtype) {
 
 bool few_rows_gemm_runs(const RawGemm& g) {
   return g.w_transposed && (g.beta == 0.0f || g.beta == 1.0f) && g.n % kCols == 0 &&
-         few_rows_gemm_covers(g.w_dtype);
+         few_rows_gemm_covers(g.w_dtype, g.widen);
 }
 
 void few_rows_gemm(const RawGemm& g) {

@@ -11,7 +11,8 @@
 //
 // float32 weights: AVX-512 FMAs. bfloat16 weights: a is rounded to bfloat16 (nearest even) and each pair of
 // products summed into float32 by AVX512-BF16's dot instruction, as MKL's and oneDNN's bfloat16 GEMMs round
-// and accumulate. float16 weights (AVX-512 BW and VL): each widened to float32 as it is loaded, a as it is. Built
+// and accumulate; or (RawGemm::widen, the decode step's small products) each weight widened to float32 as it is
+// loaded, a as it is. float16 weights (AVX-512 BW and VL): widened likewise. Built
 // for the build machine's vector extensions (-march=native): where it lacks them, the kernel is absent and the
 // libraries run every product (a float16 cell's decode step then reads float32 copies of its weights).
 #pragma once
@@ -34,7 +35,7 @@ void few_rows_gemm(const RawGemm& g);
 void few_rows_gemm_batch(const RawGemm* gemms, int count, bool spread);
 
 // Whether the kernel reads weights of `dtype` in this build: float32 with AVX-512, bfloat16 with AVX512-BF16 and
-// BW, float16 with AVX-512 BW and VL.
-bool few_rows_gemm_covers(at::ScalarType dtype);
+// BW (a rounded to bfloat16) or, widened (RawGemm::widen), with AVX-512 BW and VL, float16 with AVX-512 BW and VL.
+bool few_rows_gemm_covers(at::ScalarType dtype, bool widen = false);
 
 }  // namespace hyperfused

@@ -482,19 +482,20 @@ void run_batch(BatchLibrary lib, const RawGemm* gemms, int count) {
     few_rows_gemm_batch(gemms, count, lib == BatchLibrary::OwnSpread);
 }
 
-// The fastest way to run the batch `gemms` (all of one shape), of MKL's batch GEMM and, where it can run them
-// (own), the own kernel on one thread or spread: measured as fastest_decode measures, at the first batch of its
+// The fastest way to run the batch `gemms` (all of one shape and weight dtype), of MKL's batch GEMM (mkl: float32
+// weights) and, where it can run them (own), the own kernel on one thread or spread: measured as fastest_decode measures, at the first batch of its
 // shape and size, into scratch, and remembered. On a 2-core AMD EPYC the 12 scaling vectors took 12.2 µs in MKL,
 // 9.7 µs in the kernel on one thread and 5.2 µs spread at B = 1, H = 256; 22.6, 19.7 and 11.4 µs at H = 1000.
-BatchLibrary fastest_batch(const RawGemm* gemms, int count, bool own) {
+BatchLibrary fastest_batch(const RawGemm* gemms, int count, bool own, bool mkl) {
   static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int, bool>, BatchLibrary> fastest;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool>, BatchLibrary> fastest;
   std::lock_guard<std::mutex> lock(mutex);
   const RawGemm& g = gemms[0];
-  const auto key = std::make_tuple(g.m, g.n, g.k, count, own);
+  const auto key = std::make_tuple(g.m, g.n, g.k, count, int(g.w_dtype), own, mkl);
   auto it = fastest.find(key);
   if (it == fastest.end()) {
-    std::vector<BatchLibrary> candidates{BatchLibrary::Mkl};
+    std::vector<BatchLibrary> candidates;
+    if (mkl) candidates.push_back(BatchLibrary::Mkl);
     if (own) candidates.insert(candidates.end(), {BatchLibrary::Own, BatchLibrary::OwnSpread});
     std::vector<float> scratch(size_t(count * g.m * g.n));
     std::vector<RawGemm> trial(gemms, gemms + count);
@@ -515,13 +516,19 @@ BatchLibrary fastest_batch(const RawGemm* gemms, int count, bool own) {
 
 void StepGemm::decode_batch(const RawGemm* gemms, int count) {
   const Library force = forced(/*decode=*/true);
-  bool own = true;
-  for (int i = 0; i < count && own; ++i) own = few_rows_gemm_runs(gemms[i]);
+  bool own = true, mkl = true;
+  for (int i = 0; i < count; ++i) {
+    own = own && few_rows_gemm_runs(gemms[i]);
+    mkl = mkl && gemms[i].w_dtype == at::kFloat;
+  }
+  TORCH_CHECK(own || mkl, "hyperfused: a decode step's batch of products with half-precision weights needs the "
+              "few-rows kernel, which cannot run them in this build");
   BatchLibrary lib = BatchLibrary::Mkl;  // forced (mkl, onednn), or what the own kernel cannot run
-  if (own && force == Library::Own)
-    lib = BatchLibrary::OwnSpread;
+  if (own && (force == Library::Own || !mkl))
+    lib = force == Library::Measure ? fastest_batch(gemms, count, /*own=*/true, /*mkl=*/false)
+                                    : BatchLibrary::OwnSpread;
   else if (force == Library::Measure)
-    lib = fastest_batch(gemms, count, own);
+    lib = fastest_batch(gemms, count, own, /*mkl=*/true);
   run_batch(lib, gemms, count);
 }
 
@@ -533,10 +540,15 @@ bool StepGemm::f16_allowed() {
   return few_rows_gemm_covers(at::kHalf);
 }
 
+bool StepGemm::small_products_read(at::ScalarType dtype) {
+  return dtype == at::kFloat || few_rows_gemm_covers(dtype, /*widen=*/true);
+}
+
 void StepGemm::decode_gemm(const RawGemm& g, const at::Tensor& w) {
   const Library force = forced(/*decode=*/true);
   const bool onednn = onednn_reads(g, w), own = few_rows_gemm_runs(g);
-  if (g.w_dtype == at::kHalf) {  // no library takes a float16 weight beside float32 rows
+  // no library takes a float16 weight, or widens a bfloat16 one
+  if (g.w_dtype == at::kHalf || (g.widen && g.w_dtype == at::kBFloat16)) {
     few_rows_gemm(g);
     return;
   }

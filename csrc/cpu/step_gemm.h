@@ -63,15 +63,19 @@ class StepGemm {
   // return float32, oneDNN bfloat16). A float16 weight only the own kernel reads (bf16_allowed says whether
   // the op may pass one).
   static void decode_gemm(const RawGemm& g, const at::Tensor& w);
-  // A decode step's products of one shape with float32 weights (the 12 scaling vectors: n = H, k = N_z): in one
-  // call of MKL's batch GEMM, or (where the few-rows kernel can run them) in the kernel on one thread or with
-  // the products shared out among the threads, whichever measured fastest for the shape and count on this
-  // machine, once per process. HYPERFUSED_STEP_GEMM=own forces the kernel (shared out), mkl and onednn MKL's.
+  // A decode step's products of one shape (the 12 scaling vectors: n = H, k = N_z): in one call of MKL's batch
+  // GEMM (float32 weights), or (where the few-rows kernel can run them) in the kernel on one thread or with the
+  // products shared out among the threads, whichever measured fastest for the shape and count on this machine,
+  // once per process. HYPERFUSED_STEP_GEMM=own forces the kernel (shared out), mkl and onednn MKL's (for
+  // float32 weights; half-precision ones, widened, only the kernel reads).
   static void decode_batch(const RawGemm* gemms, int count);
   // Whether MKL's bfloat16 GEMM can run (torch exports it).
   static bool bf16_allowed();
   // Whether a decode step's products can read float16 weights (the few-rows kernel has them in this build).
   static bool f16_allowed();
+  // Whether a decode step's small products (the embeddings and the scaling vectors) can read weights of `dtype`
+  // as they are: float32, or half precision widened by the few-rows kernel where this build has it.
+  static bool small_products_read(at::ScalarType dtype);
 
  private:
   enum class Library { Measure, OneDnn, OneDnnPacked, Mm, Mkl, Own };
@@ -110,7 +114,9 @@ class StepGemm {
 // A product on raw row-major memory, beside any tensor: out (m, n) = a (m, k) · op(w) + beta · out, where op(w)
 // is w read as (k, n) rows, or (w_transposed) wᵀ with w read as (n, k) rows. lda, ldw and ldo are the rows'
 // strides in elements. a and out are float32; w is float32, bfloat16 (a is then rounded to bfloat16 and the
-// products accumulate in float32), or float16 (the few-rows kernel only: each weight widened to float32).
+// products accumulate in float32, as the libraries' bfloat16 GEMMs do; or, with widen, the few-rows kernel
+// only, each weight widened to float32 and a read as it is: exactly the float32 product of the weight's
+// values), or float16 (the few-rows kernel only, each weight widened to float32).
 struct RawGemm {
   const float* a;
   int64_t lda;
@@ -122,6 +128,7 @@ struct RawGemm {
   int64_t m, n, k;
   float beta;
   at::ScalarType w_dtype = at::kFloat;
+  bool widen = false;  // (bfloat16 w) widened, a not rounded
 };
 
 // Runs up to 16 products in one call of MKL's batch GEMM (StepGemm::batch_allowed() says whether it can): no

@@ -271,11 +271,12 @@ class HyperLSTMCell(Module):
         # made: an optimizer step, load_state_dict, or an in-place change through .data, which no version
         # counter records. What the list must follow is a parameter's storage changing (module.to(), .data =):
         # that is the key. b_0 = bias_ih + bias_hh is derived, so it is summed again on every call. A
-        # float16/bfloat16 cell steps in float32: its parameters are copied into float32 buffers on every call
-        # (a kept copy could not tell that its source changed), all in one _foreach_copy_ (one call for ~15
-        # copies, a third of their time one by one), except the four large weights, which the op reads as they
-        # are (the products accumulated in float32; where the CPU's products cannot read them, the op makes the
-        # float32 copies itself): at H = 1000 their float32 copies cost a step more than the step itself.
+        # float16/bfloat16 cell steps in float32: the weights of its products (DECODE_HALF_WEIGHTS) go to the op
+        # as they are (the products accumulated in float32; where the CPU's products cannot read them, the op
+        # makes the float32 copies itself): at H = 1000 float32 copies of the four large ones cost a step more
+        # than the step itself, and those of the embeddings' and scaling vectors' weights a tenth of it. Its
+        # other parameters are copied into float32 buffers on every call (a kept copy could not tell that its
+        # source changed), all in one _foreach_copy_ (a third of the time of one call each).
         # Read from the tables in one pass, not through nn.Module.__getattr__ (4 µs a step where that took 7.5);
         # nothing here records autograd, as decoding runs without gradients.
         params, buffers = self._parameters, self._buffers
@@ -331,7 +332,7 @@ class HyperLSTMCell(Module):
 class _DecodeParams:
     """The decode op's parameter list for a cell whose parameters have the storages in `key`, made once from
     flat_params(): detached views of the tensors the op reads as they are (contiguous, in the cell's float32 or
-    float64, or a half-precision cell's four large weights), and contiguous buffers, float32 for a
+    float64, or a half-precision cell's DECODE_HALF_WEIGHTS), and contiguous buffers, float32 for a
     half-precision cell, for the rest. refresh() sums b_0 and copies into the buffers on every call: a kept copy
     could not tell that its source changed."""
 

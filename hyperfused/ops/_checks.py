@@ -11,9 +11,11 @@ import torch
 from ..reference import PARAM_NAMES
 
 _FLOATS = (torch.float32, torch.float64)
-# The weights of the input and recurrent products, which the decode op (hyperfused::hyper_lstm_step) also takes
-# in bfloat16 or float16 beside float32 states and small parameters (csrc/hyper_lstm.cpp: is_gemm_weight)
-DECODE_HALF_WEIGHTS = ("weight_ih", "weight_hh", "hyper_weight_ih", "hyper_weight_hh")
+# The weights of the decode step's products (the input and recurrent products, the embeddings and the scaling
+# vectors), which the decode op (hyperfused::hyper_lstm_step) also takes in bfloat16 or float16 beside float32
+# states and other parameters (csrc/hyper_lstm.cpp: is_gemm_weight)
+DECODE_HALF_WEIGHTS = ("weight_ih", "weight_hh", "hyper_weight_ih", "hyper_weight_hh", "z_weight", "bias_z_weight",
+                       "scale_weight", "bias_scale_weight")
 _HALVES = (torch.bfloat16, torch.float16)
 
 
