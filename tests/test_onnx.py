@@ -137,3 +137,73 @@ def test_export_leaves_the_modules_on_their_fused_backend(tmp_path):
         with torch.autograd.profiler.profile() as prof:
             cell(x, cell(x))
     assert any(e.name == "hyperfused::hyper_lstm_step" for e in prof.function_events)
+
+
+def _fused_ops(ep) -> set:
+    return {str(n.target) for n in ep.graph.nodes if str(n.target).startswith("hyperfused.")}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (HyperLSTM(5, 37, hyper_size=6, hyper_embed=3, num_layers=2, bidirectional=True), torch.randn(3, 2, 5)),
+    _convs_sharing_a_hypernet,
+], ids=["HyperLSTM, 2 layers, bidirectional", "convs sharing a hypernet"])
+def test_an_exported_program_decomposes_for_onnx(tmp_path, make):
+    """A program torch.export captured keeps the fused ops, which torch.onnx.export cannot translate;
+    run_decompositions(hyperfused.decompositions()) writes them out in ATen, and that program, exported to ONNX,
+    computes what the module computes (exported with gradients on, so the LSTM op's saved rows are written out
+    too). A program decomposed with a fault (the LSTM's forget bias dropped; other embeddings z) is far off."""
+    torch.manual_seed(4)
+    model, x = make()
+    with torch.no_grad():
+        model = randomize_(model, scale=0.3).eval()
+    ep = torch.export.export(model, (x,))
+    assert _fused_ops(ep), "torch.export kept no fused op: nothing to decompose"
+    decomposed = ep.run_decompositions(hyperfused.decompositions())
+    assert not _fused_ops(decomposed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(decomposed, (x,), str(tmp_path / "program.onnx"), verbose=False)
+    session = ort.InferenceSession(str(tmp_path / "program.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(x)
+        want = want[:1] + want[1].tensors() if isinstance(model, HyperLSTM) else (want,)
+        got = _run(session, x)
+        assert len(got) == len(want)
+        assert _max_diff(got, want) < ATOL
+        if isinstance(model, HyperLSTM):
+            for cell in model.cells:
+                cell.forget_bias = 0.0
+        else:
+            for name, p in model.named_parameters():
+                if name.split(".")[-1] == "z":
+                    p.add_(0.01)  # kernels generated from other embeddings
+        wrong = model(x)
+        wrong = wrong[:1] + wrong[1].tensors() if isinstance(model, HyperLSTM) else (wrong,)
+        assert _max_diff(wrong, want) > 100 * ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@torch.no_grad()
+def test_the_decode_steps_decomposition_is_the_step(dtype):
+    """The decode op (never in an exported program, which takes the sequence op, but in the table so that none
+    is missing) against its decomposition, on the parameter list a cell gives it: float32, and float16 whose
+    product weights the op widens as the decomposition does. A dropped forget bias moves it ~1e-1."""
+    torch.manual_seed(5)
+    cell = randomize_(HyperLSTMCell(5, 37, hyper_size=6, hyper_embed=3), scale=0.3).to(dtype).eval()
+    x = torch.randn(2, 5)
+    state = [t.float() for t in cell(x.to(dtype)).tensors()]
+    args = (x, *state, cell._decode_params(), True)
+    op = torch.ops.hyperfused.hyper_lstm_step.default
+    step = hyperfused.decompositions({})[op]
+    want = op(*args, 1.0)
+    assert _max_diff(step(*args, 1.0), want) < ATOL
+    assert _max_diff(step(*args, 0.0), want) > 100 * ATOL
+
+
+def test_decompositions_extend_the_table_given():
+    """The table given is extended, not replaced; the backward ops stay out (an exported program has none)."""
+    table = hyperfused.decompositions({torch.ops.aten.relu.default: torch.relu})
+    assert torch.ops.aten.relu.default in table
+    assert torch.ops.hyperfused.hyper_lstm_forward.default in table
+    assert torch.ops.hyperfused.generate_kernels.default in table
+    assert torch.ops.hyperfused.hyper_lstm_backward.default not in table
