@@ -136,7 +136,9 @@ def register_lstm_meta(forward_op: str, backward_op: str, autograd: bool = True)
         x, h0, c0, hh0, hc0, mask, hyper_mask, zm, hzm, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
         grads = backward_impl(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
                               hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias, zm, hzm, ctx.gemm_dtype)
-        return (*grads[:5], list(grads[5:]), None, None, None, None, None, None, None, None)
+        # One gradient per input the op was called with: torch 2.11's dispatcher drops trailing arguments equal
+        # to their defaults, and its autograd wants exactly that many (2.14 takes that count or the schema's).
+        return (*grads[:5], list(grads[5:])) + (None,) * (len(ctx.needs_input_grad) - 6)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
