@@ -674,3 +674,31 @@ def test_a_cell_with_a_non_contiguous_weight_decodes_from_its_values_as_they_are
                     m.scale_weight.mul_(-2.0)
             s, r = cell(x, s), ref(x, r)
             torch.testing.assert_close(s.tensors(), r.tensors(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_call_asks_nothing_that_torch_2_11s_dynamo_cannot_trace(monkeypatch):
+    """Whether Triton is installed or interpreted, and which device types have autocast, are read once, at
+    import: torch 2.11's Dynamo (the GPU machine's torch) cannot trace importlib.util.find_spec or
+    torch._C._is_autocast_available, and torch.compile(fullgraph=True) of every module failed there on them.
+    Here each raises if asked, with every backend's answer forgotten: eager calls, under autocast too, and a
+    compiled one must not ask."""
+    import importlib.util
+    import torch._dynamo  # (imported before find_spec is replaced: its import asks it)
+
+    def asked(*args, **kwargs):
+        raise AssertionError("asked during a module call")
+
+    monkeypatch.setattr(importlib.util, "find_spec", asked)
+    monkeypatch.setattr(torch.amp, "is_autocast_available", asked)
+    monkeypatch.setattr(hyperfused.ops.backends, "_RESOLVED", {})
+    torch.manual_seed(0)
+    m = hyperfused.HyperLSTM(5, 7, hyper_size=6, hyper_embed=3)
+    net = hyperfused.StaticHyperNetwork(z_dim=4, in_tile=4, out_tile=4)
+    conv = hyperfused.HyperConv2d(4, 8, 3, hypernet=net)
+    x = torch.randn(3, 2, 5)
+    m(x)[0].sum().backward()
+    conv(torch.randn(1, 4, 5, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x)
+    torch._dynamo.reset()
+    torch.compile(lambda x: m(x)[0], fullgraph=True)(x)

@@ -16,14 +16,20 @@ def _has_cuda_kernels() -> bool:
     return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("hyperfused::hyper_lstm_forward", "CUDA")
 
 
+# Read once, at import, as Triton reads TRITON_INTERPRET when its kernels are defined: constants, which
+# torch.compile need not trace (torch 2.11's Dynamo refuses to trace importlib.util.find_spec).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRETED = _TRITON_INSTALLED and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_interpreted() -> bool:
     """True under TRITON_INTERPRET=1, where Triton kernels run on CPU tensors (tests only)."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    return _TRITON_INTERPRETED
 
 
 def _has_triton() -> bool:
     """Triton kernels need a CUDA device, or the interpreter (tests)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return False
     return torch.cuda.is_available() or triton_interpreted()
 
@@ -54,7 +60,7 @@ def _why_missing(name: str) -> str:
     if name == "cuda":
         return "the extension was built without CUDA (torch without CUDA, or nvcc not found at build time)"
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _TRITON_INSTALLED:
             return "triton is not installed"
         return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for tests on CPU)"
     return "unknown"

@@ -35,6 +35,16 @@ def backward_workspace_width(H: int, Hh: int, Nz: int) -> int:
 _CPU_BF16_GEMMS = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+# Which device types have autocast, asked once (torch 2.11's Dynamo cannot trace the question); a device without
+# it, such as meta for shape inference, has no autocast state to read.
+_AUTOCAST_TYPES = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta")}
+
+
+def _has_autocast(device_type: str) -> bool:
+    known = _AUTOCAST_TYPES.get(device_type)
+    return torch.amp.is_autocast_available(device_type) if known is None else known
+
+
 def gemm_dtype_for(dtype: torch.dtype, device: torch.device) -> Optional[torch.dtype]:
     """The precision of the fused ops' large GEMMs for inputs of `dtype` on `device`: bfloat16/float16 for
     half-precision modules, autocast's dtype for float32 ones under autocast, else None (the inputs' dtype).
@@ -42,8 +52,7 @@ def gemm_dtype_for(dtype: torch.dtype, device: torch.device) -> Optional[torch.d
     bfloat16, and only where oneDNN has bfloat16 kernels (AVX512-BF16 or AMX): elsewhere float32."""
     if dtype in (torch.float16, torch.bfloat16):
         low = dtype
-    # (a device without autocast, such as meta for shape inference, has no autocast to ask about)
-    elif dtype == torch.float32 and torch.amp.is_autocast_available(device.type) and \
+    elif dtype == torch.float32 and _has_autocast(device.type) and \
             torch.is_autocast_enabled(device.type):
         low = torch.get_autocast_dtype(device.type)
     else:
