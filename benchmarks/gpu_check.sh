@@ -11,6 +11,14 @@
 #   device run: bash benchmarks/gpu_check.sh            (timeout_s=540; about 8 minutes on an H200)
 #   here:       bash benchmarks/gpu_check.sh --rehearse (no GPU: every step that can run without one)
 #
+# A machine without a CUDA compiler fails the build and stops there. A build made here for the GPU machine's
+# Python 3.12 and torch 2.11 can travel with the run instead (a failed build leaves it in place; 29 MB, within
+# the device tool's carry; it loads where torch 2.11 is the CUDA 13.0 build): make the venv with
+# `bash scripts/test_gpu_machine_versions.sh -k none`, then rehearse with
+# `CUDA_HOME=<.venv's site-packages/nvidia/cu13> PYTHON=.venv-gpu-versions/bin/python bash benchmarks/gpu_check.sh
+# --rehearse` (its build step compiles for sm_80 and sm_90), and carry
+# hyperfused/_C.cpython-312-x86_64-linux-gnu.so.
+#
 # Writes at most 8 files to $OUT (the device tool brings back no more): env.txt, build.log, tests.log,
 # sanitizer.log, timings.json, timings.log, breakdown.txt, summary.txt.
 set -uo pipefail
