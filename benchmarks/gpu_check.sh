@@ -75,9 +75,7 @@ if ! $PY -c "import hyperfused, sys; b = hyperfused.available_backends(); print(
 fi
 
 # -- tests: every GPU test, each with a time limit, in parallel where pytest-xdist is installed ------------
-GPU_TESTS="tests/test_gpu_runtime.py tests/test_gpu_readiness.py tests/test_opcheck.py tests/test_hyper_lstm_fused.py"
-GPU_TESTS="$GPU_TESTS tests/test_recorded_ops.py"
-GPU_TESTS="$GPU_TESTS tests/test_hyper_lstm_triton.py tests/test_static_hypernet.py tests/test_autocast.py"
+GPU_TESTS=$(grep -v '^#' benchmarks/gpu_tests.txt | tr '\n' ' ')
 PARALLEL=""
 $PY -c "import xdist" 2>/dev/null && PARALLEL="-n 8"
 TIMEOUT_OPT=""

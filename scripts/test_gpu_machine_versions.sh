@@ -37,7 +37,5 @@ fi
 $PY -c "import hyperfused; assert hyperfused.HAS_EXTENSION, hyperfused._extension.EXTENSION_ERROR"
 
 # benchmarks/gpu_check.sh's GPU tests (their GPU-only cases skip here), and the modules' nn.LSTM API.
-TESTS="tests/test_gpu_runtime.py tests/test_gpu_readiness.py tests/test_opcheck.py tests/test_hyper_lstm_fused.py"
-TESTS="$TESTS tests/test_recorded_ops.py tests/test_hyper_lstm_triton.py tests/test_static_hypernet.py"
-TESTS="$TESTS tests/test_autocast.py tests/test_lstm_compat.py"
+TESTS="$(grep -v '^#' benchmarks/gpu_tests.txt | tr '\n' ' ') tests/test_lstm_compat.py"
 exec $PY -m pytest -q -p no:cacheprovider $TESTS "$@"

@@ -2,8 +2,10 @@
 on the model's device (run on fake CUDA tensors), workspaces written in full, no host sync in the kernel
 generation, tile layouts that cannot send a kernel out of bounds, Triton launches on the tensors' device,
 and torch.compile through every Triton op's backward."""
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +221,17 @@ def test_triton_lstm_traces_under_torch_compile_fullgraph():
     torch.testing.assert_close(got, expected)
     for a, b in zip((p.grad for p in m.parameters()), grads):
         torch.testing.assert_close(a, b)
+
+
+def test_the_gpu_checks_test_list_holds_every_file_with_gpu_cases():
+    # benchmarks/gpu_check.sh runs only the files listed in benchmarks/gpu_tests.txt on the GPU: a file
+    # with GPU cases left out of it would never run them anywhere.
+    root = Path(__file__).resolve().parents[1]
+    lines = (root / "benchmarks" / "gpu_tests.txt").read_text().splitlines()
+    listed = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert all((root / path).is_file() for path in listed), listed
+    with_gpu_cases = {
+        f"tests/{p.name}" for p in (root / "tests").glob("test_*.py")
+        if re.search(r"\b(requires_gpu|HAS_GPU)\b", p.read_text())
+    }
+    assert with_gpu_cases <= listed, f"add to benchmarks/gpu_tests.txt: {sorted(with_gpu_cases - listed)}"
