@@ -63,12 +63,20 @@ def lstm_sizes(x, h0, c0, hh0, hc0, params, mask: Optional[torch.Tensor], hyper_
     return T, B, X, H, Hh, Nz
 
 
-def lstm_saved(x, sizes, hs, cs, hhs, hcs, g, ws, ws_width: int, op: str = "hyperfused::hyper_lstm") -> None:
-    """The backward op's saved forward outputs."""
+def lstm_saved(x, sizes, hs, cs, hhs, hcs, g, ws, saved_shapes, op: str = "hyperfused::hyper_lstm") -> None:
+    """The backward op's saved forward outputs; saved_shapes: those of g and ws (hyper_lstm.saved_shapes)."""
     T, B, X, H, Hh, Nz = sizes
     for name, t, shape in (("hs", hs, (T, B, H)), ("cs", cs, (T, B, H)), ("hhs", hhs, (T, B, Hh)),
-                           ("hcs", hcs, (T, B, Hh)), ("g", g, (T, B, 4 * H + 4 * Hh)), ("ws", ws, (T, B, ws_width))):
+                           ("hcs", hcs, (T, B, Hh)), ("g", g, saved_shapes[0]), ("ws", ws, saved_shapes[1])):
         _check_arg(op, t, name, shape, x)
+
+
+def step_sizes(x, h, c, hh, hc, params):
+    """Checks the single-step op's inputs as csrc/hyper_lstm.cpp does (its x as one step of the sequence op's;
+    the weights of the input and recurrent products may be half precision); returns (B, X, H, Ĥ, N_z)."""
+    torch._check(x.dim() == 2, lambda: f"hyperfused::hyper_lstm_step: 'x' must have shape (B, input_size), got "
+                                       f"{list(x.shape)}")
+    return lstm_sizes(x.unsqueeze(0), h, c, hh, hc, params, None, None, half_gemm_weights=True)[1:]
 
 
 def lstm_grads(x, sizes, grads, op: str = "hyperfused::hyper_lstm") -> None:

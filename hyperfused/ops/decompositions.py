@@ -19,7 +19,7 @@ import torch
 
 from .. import reference
 from . import _checks
-from .hyper_lstm import workspace_width
+from .hyper_lstm import saved_shapes
 from .static_hypernet import check_generation_args, generate_kernels_torch
 
 
@@ -32,14 +32,14 @@ def _sequence(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_
                                             hyper_zoneout_mask)
     outs = reference.hyper_lstm_sequence(x, h0, c0, hh0, hc0, reference.HyperLSTMParams(*params), layer_norm,
                                          forget_bias, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask)
-    kept = T if save_for_backward else 0
-    return (*outs, x.new_zeros(kept, B, 4 * H + 4 * Hh), x.new_zeros(kept, B, workspace_width(H, Hh, Nz)))
+    g, ws = saved_shapes(T, B, H, Hh, Nz, save_for_backward)
+    return (*outs, x.new_zeros(g), x.new_zeros(ws))
 
 
 def _step(x, h, c, hh, hc, params, layer_norm, forget_bias):
     """hyperfused::hyper_lstm_step: a half-precision cell's product weights (DECODE_HALF_WEIGHTS) widened to the
     step's float32, as the kernel widens them."""
-    _checks.lstm_sizes(x.unsqueeze(0), h, c, hh, hc, params, None, None, half_gemm_weights=True)
+    _checks.step_sizes(x, h, c, hh, hc, params)
     p = reference.HyperLSTMParams(*(t.to(x.dtype) for t in params))
     return reference.hyper_lstm_step(x, (h, c, hh, hc), p, layer_norm, forget_bias)
 

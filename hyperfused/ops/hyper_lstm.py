@@ -25,6 +25,13 @@ def workspace_width(H: int, Hh: int, Nz: int) -> int:
     return layouts().ws_layout(H, Hh, Nz)["width"]
 
 
+def saved_shapes(T: int, B: int, H: int, Hh: int, Nz: int, save_for_backward: bool = True):
+    """The shapes of the rows the forward op keeps for its backward: g (T, B, 4H + 4Ĥ), the gates of the main and
+    the hyper LSTM, and ws (T, B, workspace_width). Without save_for_backward it keeps none (T = 0 rows)."""
+    kept = T if save_for_backward else 0
+    return (kept, B, 4 * H + 4 * Hh), (kept, B, workspace_width(H, Hh, Nz))
+
+
 def backward_workspace_width(H: int, Hh: int, Nz: int) -> int:
     """Per-row width of the backward workspace with every slot kept (workspace_layouts.def)."""
     return layouts().dws_layout(H, Hh, Nz)["width"]
@@ -97,7 +104,7 @@ def check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc
                         cs, hhs, hcs, g, ws, zoneout_mask=None, hyper_zoneout_mask=None) -> None:
     """What the backward op checks (the forward's inputs, its saved outputs and the incoming gradients)."""
     sizes = _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask)
-    _checks.lstm_saved(x, sizes, hs, cs, hhs, hcs, g, ws, workspace_width(*sizes[3:]))
+    _checks.lstm_saved(x, sizes, hs, cs, hhs, hcs, g, ws, saved_shapes(*sizes[:2], *sizes[3:]))
     _checks.lstm_grads(x, sizes, (grad_hs, grad_cs, grad_hhs, grad_hcs))
 
 
@@ -112,9 +119,9 @@ def register_lstm_meta(forward_op: str, backward_op: str, autograd: bool = True)
         T, B, _, H, Hh, Nz = _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask,
                                                 hyper_zoneout_mask)
         _checks.gemm_dtype(x, gemm_dtype)
-        kept = T if save_for_backward else 0
+        g, ws = saved_shapes(T, B, H, Hh, Nz, save_for_backward)
         return (x.new_empty(T, B, H), x.new_empty(T, B, H), x.new_empty(T, B, Hh), x.new_empty(T, B, Hh),
-                x.new_empty(kept, B, 4 * H + 4 * Hh), x.new_empty(kept, B, workspace_width(H, Hh, Nz)))
+                x.new_empty(g), x.new_empty(ws))
 
     @torch.library.register_fake(backward_op)
     def _(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs, cs, hhs, hcs, g,
@@ -157,10 +164,7 @@ def register_step_meta(op: str) -> None:
 
     @torch.library.register_fake(op)
     def _(x, h, c, hh, hc, params, layer_norm, forget_bias):
-        torch._check(x.dim() == 2, lambda: f"hyperfused::hyper_lstm_step: 'x' must have shape (B, input_size), got "
-                                           f"{list(x.shape)}")
-        _, B, _, H, Hh, _ = _checks.lstm_sizes(x.unsqueeze(0), h, c, hh, hc, params, None, None,
-                                               half_gemm_weights=True)
+        B, _, H, Hh, _ = _checks.step_sizes(x, h, c, hh, hc, params)
         return x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)
 
     def backward(ctx, *grads):
