@@ -144,3 +144,14 @@ def test_an_unknown_step_gemm_library_is_refused(decode, monkeypatch):
     with pytest.raises(RuntimeError, match="HYPERFUSED_STEP_GEMM must be 'onednn', 'onednn-packed', 'mkl', 'mm', "
                                            "'own' or unset, got 'onednn_packed'"), torch.set_grad_enabled(not decode):
         m(torch.randn(1 if decode else 4, 2, 3))
+
+
+def test_data_parallel_gathering_a_state_is_a_clear_error():
+    # nn.DataParallel's gather rebuilds each output tuple as type(out)(gathered items); a HyperLSTMState's items
+    # are (h, c), so that would drop the hyper state. The tensors here are on the CPU: the constructor refuses
+    # before gather reaches its first tensor (Gather itself needs CUDA tensors).
+    from torch.nn.parallel.scatter_gather import gather
+    m = hyperfused.HyperLSTM(4, 6, hyper_size=5, hyper_embed=3, backend="reference")
+    outs = [m(torch.randn(2, 3, 4)) for _ in range(2)]
+    with pytest.raises(TypeError, match=r"expected 4 tensors, got 1 .*DistributedDataParallel"):
+        gather([state for _, state in outs], "cpu")

@@ -54,7 +54,14 @@ class HyperLSTMState(tuple):
     state at zero. ``hyper_h``/``hyper_c`` have shape (D·num_layers, B, hyper_size).
     """
 
-    def __new__(cls, h, c, hyper_h, hyper_c):
+    def __new__(cls, *tensors):
+        if len(tensors) != 4:
+            # nn.DataParallel's gather calls type(state)(items): it rebuilds a tuple from what it iterates, and
+            # iterating gives (h, c) only, so it would lose the hyper state.
+            raise TypeError(f"HyperLSTMState(h, c, hyper_h, hyper_c): expected 4 tensors, got {len(tensors)} "
+                            "arguments (nn.DataParallel cannot gather a HyperLSTMState: use "
+                            "DistributedDataParallel)")
+        h, c, hyper_h, hyper_c = tensors
         self = super().__new__(cls, (h, c))
         self.hyper_h, self.hyper_c = hyper_h, hyper_c
         return self
