@@ -702,3 +702,43 @@ def test_a_call_asks_nothing_that_torch_2_11s_dynamo_cannot_trace(monkeypatch):
         m(x)
     torch._dynamo.reset()
     torch.compile(lambda x: m(x)[0], fullgraph=True)(x)
+
+
+@torch.no_grad()
+def test_jit_trace_of_a_sequence_and_of_a_state_passed_in():
+    """torch.jit.trace records a whole sequence from no state as the module computes it (its state flattened to
+    (h_n, c_n), as nn.LSTM's); a state passed in would reach the trace as a plain (h_0, c_0) tuple without its
+    hyper part, so that is refused with the ways that carry it, one of which is traced here: a function of the
+    four tensors that builds the HyperLSTMState itself."""
+    torch.manual_seed(5)
+    m = randomize_(hyperfused.HyperLSTM(5, 7, num_layers=2, hyper_size=6, hyper_embed=3), scale=0.3).eval()
+    x, other = torch.randn(4, 2, 5), torch.randn(4, 2, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records as constants
+        traced = torch.jit.trace(m, (x,), check_trace=False)
+        out, (h, c) = traced(other)
+        want, state = m(other)
+        for a, b in zip((out, h, c), (want, state[0], state[1]), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeError, match=r"hx: torch\.jit\.trace.*torch\.export\.export.*builds "
+                                               r"HyperLSTMState\(h, c, hyper_h, hyper_c\)"):
+            torch.jit.trace(m, (x, (state[0], state[1])), check_trace=False)
+
+        step = _FromFourTensors(m)
+        traced = torch.jit.trace(step, (x, *state.tensors()), check_trace=False)
+        start = HyperLSTMState(*(torch.randn_like(t) for t in state.tensors()))
+        want = step(other, *start.tensors())
+        for a, b in zip(traced(other, *start.tensors()), want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        no_hyper = traced(other, start[0], start[1], torch.zeros_like(start.hyper_h), start.hyper_c)
+        assert (no_hyper[0] - want[0]).abs().max() > 1e-3  # the trace reads the hyper state it is given
+
+
+class _FromFourTensors(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x, *tensors):
+        out, state = self.m(x, HyperLSTMState(*tensors))
+        return (out, *state.tensors())

@@ -34,11 +34,12 @@ def _export(module, args, path, **kwargs):
 def _run(session, *tensors) -> list:
     names = [i.name for i in session.get_inputs()]
     assert len(names) == len(tensors), names
-    return [torch.from_numpy(np.asarray(v)) for v in session.run(None, dict(zip(names, (t.numpy() for t in tensors))))]
+    feed = dict(zip(names, (t.numpy() for t in tensors), strict=True))
+    return [torch.from_numpy(np.asarray(v)) for v in session.run(None, feed)]
 
 
 def _max_diff(got, want) -> float:
-    return max((a - b).abs().max().item() for a, b in zip(got, want))
+    return max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
 
 
 @torch.no_grad()
@@ -118,13 +119,24 @@ def test_a_hyper_cnn_exports_with_its_generated_kernels(tmp_path, make):
 
 
 @torch.no_grad()
-def test_the_torchscript_exporter_exports_a_cell_step(tmp_path):
-    """torch.onnx.export(dynamo=False), the exporter before torch.export: the step it records is the module's."""
+def test_the_torchscript_exporter_exports_a_first_step_and_refuses_a_state(tmp_path):
+    """torch.onnx.export(dynamo=False), the exporter before torch.export, traces with torch.jit.trace, which
+    passes a state in as a plain (h, c) tuple and returns only (h, c). From no state, the step it records is
+    the module's (two outputs). Given a state it would lose the hyper state between calls (and it used to bake
+    the hyper state the module carried into the model as a constant): that is refused, naming the exporter
+    that carries it."""
     torch.manual_seed(3)
     cell = randomize_(HyperLSTMCell(5, 7, hyper_size=6, hyper_embed=3), scale=0.3).eval()
     x = torch.randn(2, 5)
+    state = cell(x, cell(x))  # the module now carries a hyper state for these (h, c)
     session = _export(cell, (x,), tmp_path / "cell.onnx", dynamo=False)
-    assert _max_diff(_run(session, x), cell(x).tensors()) < ATOL
+    got = _run(session, x)
+    assert len(got) == 2
+    assert _max_diff(got, cell(x)[:2]) < ATOL
+    assert _max_diff(got, state[:2]) > 100 * ATOL  # a step from another state
+    with pytest.raises(RuntimeError, match=r"hx: torch\.jit\.trace, and torch\.onnx\.export\(dynamo=False\).*"
+                                           r"hyper state .* would be lost.*torch\.onnx\.export\(dynamo=True\)"):
+        torch.onnx.export(cell, (x, (state[0], state[1])), str(tmp_path / "step.onnx"), dynamo=False)
 
 
 def test_export_leaves_the_modules_on_their_fused_backend(tmp_path):

@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from ._args import finite_real, flag, positive_int, probability, real
 from ._module import Module
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
-from ..ops.backends import func_transforming
+from ..ops.backends import func_transforming, jit_tracing
 from ..ops._checks import DECODE_HALF_WEIGHTS
 from ..reference import PARAM_NAMES
 
@@ -452,6 +452,13 @@ def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, 
 
     if hx is None:
         return zeros(H), zeros(H), zeros(Hh), zeros(Hh)
+    if jit_tracing() and not isinstance(hx, HyperLSTMState):
+        # A HyperLSTMState given to the tracer arrives so too; the carry would bake a remembered one in.
+        raise RuntimeError("hx: torch.jit.trace, and torch.onnx.export(dynamo=False), which traces with it, pass a "
+                           "state in as a plain (h_0, c_0) tuple and return one so: the hyper state (hyper_h, "
+                           "hyper_c) would be lost between calls. Export with torch.onnx.export(dynamo=True) or "
+                           "torch.export.export, which carry the whole HyperLSTMState, or trace a function that "
+                           "takes its four tensors and builds HyperLSTMState(h, c, hyper_h, hyper_c)")
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError("hx: expected a tuple (h_0, c_0) or the HyperLSTMState a previous call returned, "
                         f"got {type(hx).__name__}")

@@ -89,6 +89,13 @@ def onnx_exporting() -> bool:
     return onnx is not None and onnx.is_in_onnx_export()
 
 
+def jit_tracing() -> bool:
+    """Whether torch.jit.trace (or torch.onnx.export(dynamo=False), which traces with it) is recording. It passes
+    a tuple input as a plain tuple and flattens a returned one to its items, so a HyperLSTMState's hyper part is
+    neither an input nor an output of the trace, and any tensor read from elsewhere becomes a constant."""
+    return not torch.compiler.is_compiling() and torch.jit.is_tracing()
+
+
 def func_transforming() -> bool:
     """Whether a torch.func transform (grad, vjp, vmap, jacrev, ...) is running. The fused ops' autograd (C++,
     and the Triton ops' Python Function) and their lack of batching rules cannot run under one. (Under
