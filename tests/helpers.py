@@ -70,7 +70,7 @@ def _scaled_atol(ref: torch.Tensor, atol: float) -> float:
 def assert_same_run(ref, fast, x, state, rtol, atol):
     outs_r, grads_r = run_and_grad(ref, x, state)
     outs_f, grads_f = run_and_grad(fast, x, state)
-    for name, a, b in zip(("output", "h_n", "c_n", "hyper_h", "hyper_c"), outs_f, outs_r):
+    for name, a, b in zip(("output", "h_n", "c_n", "hyper_h", "hyper_c"), outs_f, outs_r, strict=True):
         torch.testing.assert_close(a, b, rtol=rtol, atol=_scaled_atol(b, atol), msg=lambda m, n=name: f"{n}: {m}")
     assert grads_r.keys() == grads_f.keys()
     for name in grads_r:

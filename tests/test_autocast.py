@@ -39,14 +39,14 @@ def _sequence_run(backend, device, gemm_dtype, layer_norm=True, forget_bias=1.0,
         op = getattr(torch.ops.hyperfused, OPS[backend])
         outs = op(x, *states, params, None, None, layer_norm, forget_bias, None, None, True, gemm_dtype)[:4]
     weights = [torch.linspace(-1, 1, o.numel(), device=device).view_as(o) for o in outs]
-    loss = sum((o * w).sum() for o, w in zip(outs, weights))
+    loss = sum((o * w).sum() for o, w in zip(outs, weights, strict=True))
     grads = torch.autograd.grad(loss, [x, *states, *params], allow_unused=True)
     grads = [torch.zeros(1, device=device) if g is None else g for g in grads]  # no-LN gains have none
     return list(outs), grads
 
 
 def _relative_error(a, b):
-    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-6)).item() for x, y in zip(a, b))
+    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-6)).item() for x, y in zip(a, b, strict=True))
 
 
 # Errors relative to each tensor's largest value. Measured on the CPU with bfloat16 GEMMs (H=37): outputs
@@ -131,7 +131,7 @@ def test_hyper_lstm_under_autocast_runs_its_gemms_in_autocast_dtype(backend):
         op = getattr(torch.ops.hyperfused, OPS[backend])
         direct = op(x, *state, params, None, None, m.layer_norm, m.forget_bias, None, None, False, chosen)[0]
     torch.testing.assert_close(mixed[0], direct, rtol=0, atol=0)
-    for a, b in zip(mixed, plain):
+    for a, b in zip(mixed, plain, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=5e-2 * b.abs().max().item())
 
@@ -152,7 +152,7 @@ def test_kernel_generation_under_autocast_matches_float32(backend):
     plain = run()
     with torch.autocast(device, dtype=LOW if device == DEVICE else torch.bfloat16):
         mixed = run()
-    for a, b in zip(mixed, plain):
+    for a, b in zip(mixed, plain, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -104,7 +104,7 @@ def test_gpu_timings_graphed_rows_run_each_module_and_keep_going_past_a_failed_c
     rows, errors = gpu_timings.graphed_rows(Config("tiny", 3, 2, 4, 8, 4, 2), torch.device("cpu"))
     assert [r.name for r in rows] == ["nn.LSTM (cuDNN), CUDA graph", "hyperfused triton, CUDA graph"]
     assert [e["row"] for e in errors] == ["hyperfused cuda, CUDA graph"] and "capture refused" in errors[0]["error"]
-    for row, module in zip(rows, (captured[0], captured[2])):
+    for row, module in zip(rows, (captured[0], captured[2]), strict=True):
         row.fwd_bwd()
         assert row.fwd().shape == (3, 2, 8)
         grads = [p.grad for p in module.parameters()]

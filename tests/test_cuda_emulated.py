@@ -73,7 +73,7 @@ def test_emulated_cuda_recurrent_dropout(gpu, emulated):
         torch.manual_seed(5)
         runs.append(run_and_grad(m, x, state))
     (outs_r, grads_r), (outs_f, grads_f) = runs
-    for a, b in zip(outs_f, outs_r):
+    for a, b in zip(outs_f, outs_r, strict=True):
         torch.testing.assert_close(a, b, **F64)
     for name in grads_r:
         torch.testing.assert_close(grads_f[name], grads_r[name], **F64, msg=lambda m, n=name: f"grad {n}: {m}")
@@ -95,7 +95,7 @@ def test_emulated_cuda_decode_step(emulated, monkeypatch):
         s, s_ref = cell(xs[0]), ref(xs[0])
         for x in xs[1:]:
             s, s_ref = cell(x, s), ref(x, s_ref)
-            for a, b in zip(s.tensors(), s_ref.tensors()):
+            for a, b in zip(s.tensors(), s_ref.tensors(), strict=True):
                 torch.testing.assert_close(a, b, **F64)
     assert [c for c in calls if c is cell] == [cell] * (len(xs) - 1)  # the steps from a given state
 
@@ -270,7 +270,7 @@ def test_emulated_cuda_generation_matches_the_reference(case, dtype, order, emul
     ref_k, ref_g = _generate_and_grads(net, layers, "reference")
     emulated(order)
     got_k, got_g = _generate_and_grads(net, layers, "cpu")
-    for a, b in zip(got_k + got_g, ref_k + ref_g):
+    for a, b in zip(got_k + got_g, ref_k + ref_g, strict=True):
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-6 * b.abs().max().item())
         torch.testing.assert_close(a, b, **tol)
 

@@ -68,7 +68,7 @@ def test_vmap_over_a_cell_step_matches_the_batched_step():
     x = torch.randn(3, 5, dtype=torch.float64)
     start = cell(x)
     got = torch.func.vmap(lambda xb, *s: cell(xb, hyperfused.HyperLSTMState(*s)).tensors())(x, *start.tensors())
-    for a, b in zip(got, cell(x, start).tensors()):
+    for a, b in zip(got, cell(x, start).tensors(), strict=True):
         torch.testing.assert_close(a, b, **TOL)
 
 

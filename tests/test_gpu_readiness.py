@@ -70,7 +70,7 @@ def test_saved_workspace_is_fully_written(backend, layer_norm, monkeypatch):
         torch.autograd.backward(outs[:4], [torch.ones_like(o) for o in outs[:4]])
     finally:
         torch.use_deterministic_algorithms(previous)
-    for name, t in zip(("hs", "cs", "hhs", "hcs", "g", "ws"), outs):
+    for name, t in zip(("hs", "cs", "hhs", "hcs", "g", "ws"), outs, strict=True):
         assert torch.isfinite(t).all(), f"{backend}: forward output {name} has unwritten (NaN) entries"
     for i, p in enumerate([x] + params):
         assert torch.isfinite(p.grad).all(), f"{backend}: gradient {i} has unwritten (NaN) entries"
@@ -198,7 +198,7 @@ def test_triton_generation_traces_under_torch_compile_fullgraph():
     got = sum(torch.compile(run, fullgraph=True, backend="aot_eager")())
     got.backward()
     torch.testing.assert_close(got, expected)
-    for a, b in zip((p.grad for p in net.parameters()), grads):
+    for a, b in zip((p.grad for p in net.parameters()), grads, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -219,7 +219,7 @@ def test_triton_lstm_traces_under_torch_compile_fullgraph():
     got = torch.compile(run, fullgraph=True, backend="aot_eager")(x)
     got.backward()
     torch.testing.assert_close(got, expected)
-    for a, b in zip((p.grad for p in m.parameters()), grads):
+    for a, b in zip((p.grad for p in m.parameters()), grads, strict=True):
         torch.testing.assert_close(a, b)
 
 

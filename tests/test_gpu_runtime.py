@@ -36,7 +36,7 @@ def test_masks_match_reference(backend):
     for m in (ref, fast):
         torch.manual_seed(3)
         results.append(_fwd_bwd(m, x))
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, **TOL)
 
 
@@ -54,7 +54,7 @@ def test_every_cuda_launch_shape_matches_reference(backend, cluster, groups, lay
     monkeypatch.setenv("HYPERFUSED_CUDA_CLUSTER", cluster)
     monkeypatch.setenv("HYPERFUSED_CUDA_THREAD_GROUPS", groups)
     x = torch.randn(3, 3, 16, device="cuda")
-    for a, b in zip(_fwd_bwd(fast, x), _fwd_bwd(ref, x)):
+    for a, b in zip(_fwd_bwd(fast, x), _fwd_bwd(ref, x), strict=True):
         torch.testing.assert_close(a, b, **TOL)
 
 
@@ -89,7 +89,7 @@ def test_non_default_stream_and_bitwise_repeatable(backend):
     first = _fwd_bwd(m, x)
     second = _on_side_stream(lambda: _fwd_bwd(m, x))
     torch.cuda.synchronize()
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
@@ -130,7 +130,7 @@ def test_torch_compile_reduce_overhead_replays_cuda_graphs(backend):
             loss = fn(x)
             loss.backward()
             results.append([loss.detach().clone()] + [p.grad.clone() for p in m.parameters()])
-        for a, b in zip(*results):
+        for a, b in zip(*results, strict=True):
             torch.testing.assert_close(a, b, **TOL)
 
 
@@ -148,7 +148,7 @@ def test_cuda_graph_capture_of_forward_and_backward(backend):
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, eager[0], **TOL)
-    for p, g in zip(m.parameters(), eager[2:]):
+    for p, g in zip(m.parameters(), eager[2:], strict=True):
         torch.testing.assert_close(p.grad, g, **TOL)
 
 
@@ -168,7 +168,7 @@ def test_make_graphed_callables_replays_forward_and_backward_on_new_inputs(backe
             out = run(x)
             out.square().sum().backward()
             results.append([out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
-        for a, b in zip(*results):
+        for a, b in zip(*results, strict=True):
             torch.testing.assert_close(a, b, **TOL)
 
 
@@ -184,7 +184,7 @@ def test_cuda_graph_capture_of_kernel_generation(backend):
         kernels = net.generate(convs)
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(kernels, eager):
+    for a, b in zip(kernels, eager, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -166,7 +166,7 @@ def test_cpu_decode_in_mkl_follows_the_batch_size(monkeypatch):
             s, s_ref = cell(x[0]), ref(x[0])
             for x_t in x[1:]:
                 s, s_ref = cell(x_t, s), ref(x_t, s_ref)
-                for a, b in zip(s.tensors(), s_ref.tensors()):
+                for a, b in zip(s.tensors(), s_ref.tensors(), strict=True):
                     torch.testing.assert_close(a, b, **F32)
     names = {e.name for e in prof.events()}
     assert ("hyperfused::mkl_batch" if HAS_MKL_BATCH else MKL) in names
@@ -229,7 +229,7 @@ def test_cpu_packed_sequence_bidirectional():
         results.append([padded, h, c] + [s.grad.clone() for s in seqs] + [p.grad.clone() for p in m.parameters()])
         for s in seqs:
             s.grad = None
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, **F64)
 
 
@@ -295,7 +295,7 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     compiled = torch.compile(run, fullgraph=True)  # inductor; fullgraph makes any graph break an error
     expected = run(x)
     got = compiled(x)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b)
     got[0].sum().backward()
     assert all(p.grad is not None for p in m.parameters())
@@ -407,7 +407,7 @@ def test_inference_forward_saves_nothing_and_computes_the_same(backend, size, ma
     infer = _op_for(backend)(*args, save_for_backward=False)
     assert train[4].shape == (T, B, 4 * H + 4 * Hh) and infer[4].shape == (0, B, 4 * H + 4 * Hh)
     assert infer[5].shape == (0, B, train[5].shape[2])
-    for a, b in zip(train[:4], infer[:4]):
+    for a, b in zip(train[:4], infer[:4], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     args[-3] = 0.0  # forget_bias
     wrong = _op_for(backend)(*args, save_for_backward=False)

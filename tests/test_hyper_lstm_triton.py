@@ -41,7 +41,7 @@ def test_triton_recurrent_dropout_and_no_bias():
         out, state = m(x)
         (out.square().sum() + state.hyper_c.sum()).backward()
         outs.append([out, state.hyper_c] + [p.grad.clone() for p in m.parameters()])
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, **F32)
 
 

@@ -160,7 +160,7 @@ def test_the_layers_follow_every_change_of_the_modules_tensors(bias):
     assert held_by_the_layers(m)
     c = copy.deepcopy(m)
     assert held_by_the_layers(c) and held_by_the_layers(m)
-    assert all(a is not b for a, b in zip(c.cells[3].parameters(), m.cells[3].parameters()))
+    assert all(a is not b for a, b in zip(c.cells[3].parameters(), m.cells[3].parameters(), strict=True))
     c.load_state_dict({k: torch.zeros_like(v) for k, v in m.state_dict().items()}, assign=True)
     assert held_by_the_layers(c) and not any(p.abs().sum() for p in c.cells[1].parameters())
     c.weight_hh_l1_reverse = torch.nn.Parameter(torch.ones(24, 6))
@@ -228,13 +228,13 @@ def test_torch_export_captures_the_layer_and_its_state():
     want_out, want = m(x, state)
     assert isinstance(got, HyperLSTMState)
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
-    for a, b in zip(got.tensors(), want.tensors()):
+    for a, b in zip(got.tensors(), want.tensors(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     cell = randomize_(hyperfused.HyperLSTMCell(5, 12, hyper_size=6, hyper_embed=3), scale=0.3)
     start = cell(x[0])
     got = torch.export.export(cell, (x[1], start)).module()(x[1], start)
     assert isinstance(got, HyperLSTMState)
-    for a, b in zip(got.tensors(), cell(x[1], start).tensors()):
+    for a, b in zip(got.tensors(), cell(x[1], start).tensors(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -262,7 +262,7 @@ def test_from_lstm_and_to_lstm_are_inverse(bias):
     lstm = torch.nn.LSTM(4, 6, 2, bias=bias, bidirectional=True)
     m = hyperfused.HyperLSTM.from_lstm(lstm, hyper_size=5, hyper_embed=2)
     back = m.to_lstm()
-    for (name, a), (_, b) in zip(lstm.named_parameters(), back.named_parameters()):
+    for (name, a), (_, b) in zip(lstm.named_parameters(), back.named_parameters(), strict=True):
         assert torch.equal(a, b), name
     assert (back.num_layers, back.bias, back.bidirectional) == (2, bias, True)
 
@@ -350,8 +350,8 @@ def test_decode_path_gives_what_the_general_path_gives(monkeypatch, design):
         decoded = [cell(xs[0])]
         for x in xs[1:]:
             decoded.append(cell(x, decoded[-1]))
-        for d, g in zip(decoded, general):
-            for a, b in zip(d.tensors(), g.tensors()):
+        for d, g in zip(decoded, general, strict=True):
+            for a, b in zip(d.tensors(), g.tensors(), strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         assert len(calls) == len(xs) - 1
         with pytest.raises(ValueError, match=r"hx.hyper_c: expected shape \(3, 6\), got \(3, 5\)"):
@@ -449,7 +449,7 @@ def test_a_half_precision_cell_decodes_from_its_own_weights(dtype, H, library, m
             start = HyperLSTMState(*(t.float() for t in state.tensors()))
             expected, bad = ref(x.float(), start), wrong(x.float(), start)
             state = cell(x, state)
-            for got, want in zip(state.tensors(), expected.tensors()):
+            for got, want in zip(state.tensors(), expected.tensors(), strict=True):
                 assert got.dtype == dtype
                 torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
             assert (bad.tensors()[1] - expected.tensors()[1]).abs().max() > 0.1
@@ -508,9 +508,9 @@ def test_decode_products_direct_or_through_aten(B, layer_norm, H, monkeypatch):
                 monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
                 states[library] = cell(x, states[library])
     for library, state in states.items():
-        for got, expected in zip(state.tensors(), s_ref.tensors()):
+        for got, expected in zip(state.tensors(), s_ref.tensors(), strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{library!r}: {m}")
-    for direct, aten, own in zip(states["mkl"].tensors(), states["mm"].tensors(), states["own"].tensors()):
+    for direct, aten, own in zip(states["mkl"].tensors(), states["mm"].tensors(), states["own"].tensors(), strict=True):
         torch.testing.assert_close(direct, aten, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(own, direct, rtol=1e-6, atol=1e-6)  # sums in another order
     assert (s_wrong.tensors()[1] - s_ref.tensors()[1]).abs().max() > 0.1
@@ -549,7 +549,7 @@ def test_a_hyper_lstm_called_one_step_at_a_time_decodes(layers, bidirectional, b
         assert "hyperfused::hyper_lstm_forward" not in names
         assert out_d.shape == out_g.shape
         torch.testing.assert_close(out_d, out_g.detach(), rtol=1e-5, atol=1e-5)
-        for a, b in zip(decoded.tensors(), general.tensors()):
+        for a, b in zip(decoded.tensors(), general.tensors(), strict=True):
             assert a.shape == b.shape
             torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
     assert (wrong.tensors()[1] - decoded.tensors()[1]).abs().max() > 0.1
@@ -577,7 +577,7 @@ def test_a_half_precision_cell_steps_without_gradients(dtype, monkeypatch):
         s = cell(x.float(), HyperLSTMState(*(t.float() for t in cell(x.float()).tensors())))
         assert len(calls) == 2  # both cells' second steps took the decode path
         assert s_low[0].dtype == dtype and s_low.hyper_h.dtype == dtype
-        for a, b in zip(s_low.tensors(), s.tensors()):
+        for a, b in zip(s_low.tensors(), s.tensors(), strict=True):
             torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
         # each change moves h by 0.21 or more (measured), ten times the tolerance: a stale step would fail
         for name, change in (("weight_hh", -1.0), ("scale_weight", 3.0), ("bias_hh", -2.0), ("bias_ih", -0.25)):
@@ -608,7 +608,7 @@ def test_a_cell_decodes_in_and_out_of_inference_mode(dtype):
         second = cell(x, HyperLSTMState(*(t.clone() for t in start.tensors())))
     with torch.inference_mode():
         third = cell(x, start)
-    for a, b, c in zip(first.tensors(), second.tensors(), third.tensors()):
+    for a, b, c in zip(first.tensors(), second.tensors(), third.tensors(), strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 

@@ -148,7 +148,7 @@ def test_opcheck_hyper_lstm_step(family, device, layer_norm, monkeypatch):
     torch.library.opcheck(ops.hyper_lstm_step, step)
     monkeypatch.setenv("HYPERFUSED_STEP_DESIGN", "gemm")
     seq = ops.hyper_lstm_forward(step[0][None], *step[1:6], None, None, layer_norm, 1.0)
-    for a, b in zip(ops.hyper_lstm_step(*step), seq[:4]):
+    for a, b in zip(ops.hyper_lstm_step(*step), seq[:4], strict=True):
         assert torch.equal(a, b[0])
     x = step[0].clone().requires_grad_()
     with pytest.raises(RuntimeError, match="has no backward"):

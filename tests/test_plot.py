@@ -10,7 +10,7 @@ from hyperfused.train import plot
 
 def _log(path, model, seed, valid, test, **result):
     history = [dict(step=s, train_bpc=4.0 - 0.01 * s + 0.001 * seed) for s in range(1, 101)]
-    for s, v in zip((50, 100), valid):
+    for s, v in zip((50, 100), valid, strict=True):
         history[s - 1]["valid_bpc"] = v
     res = dict(model=model, seed=seed, steps=100, parameters=1000, train_bpc_last50=3.5 + 0.01 * seed,
                valid_bpc=valid[-1], test_bpc=test, scale_init=0.1, lr=1e-3, hidden=32, hyper_size=8,

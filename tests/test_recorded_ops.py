@@ -62,7 +62,7 @@ def twins(case, **kw):
 
 def compare(case, a, b):
     (outs_a, grads_a), (outs_b, grads_b) = a, b
-    for x, y in zip(outs_a, outs_b):
+    for x, y in zip(outs_a, outs_b, strict=True):
         torch.testing.assert_close(x, y, **case.tol)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], **case.tol, msg=lambda m, n=name: f"grad {n}: {m}")
@@ -74,7 +74,7 @@ def run(m, monkeypatch, recorded, x, state):
 
 
 def since(case, start):
-    return tuple(n - s for n, s in zip(case.counts(), start))
+    return tuple(n - s for n, s in zip(case.counts(), start, strict=True))
 
 
 @pytest.mark.parametrize("case", ALL, indirect=True)
@@ -122,7 +122,7 @@ def test_two_forwards_before_their_backwards(case, monkeypatch):
     assert replays == (0, 4)  # both forwards and both backwards replayed
     torch.testing.assert_close(a1, b1, **case.tol)
     torch.testing.assert_close(a2, b2, **case.tol)
-    for p, q in zip(ga, gb):
+    for p, q in zip(ga, gb, strict=True):
         torch.testing.assert_close(p, q, **case.tol)
 
 
@@ -170,7 +170,7 @@ def test_recorded_decode_steps(case, monkeypatch):
     (plain, plain_counts), (recorded, recorded_counts) = runs
     assert plain_counts == (0, 0)
     assert recorded_counts == (1, 5)  # six decode steps: plain, then recorded, then replayed
-    for a, b in zip(recorded, plain):
+    for a, b in zip(recorded, plain, strict=True):
         torch.testing.assert_close(a, b, **case.tol)
 
 
@@ -224,5 +224,5 @@ def test_inside_the_callers_own_cuda_graph_the_ops_record_nothing(backend, monke
     assert case.counts() == start
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip([out] + [p.grad for p in m.parameters()], eager):
+    for a, b in zip([out] + [p.grad for p in m.parameters()], eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -21,7 +21,8 @@ def test_gradcheck_reference_hyper_lstm(layer_norm, bias):
     state = random_state(m, 2)
 
     def f(x, h0, c0, hh0, hc0, *params):
-        out, fin = functional_call(m, dict(zip(names, params)), (x, hyperfused.HyperLSTMState(h0, c0, hh0, hc0)))
+        out, fin = functional_call(m, dict(zip(names, params, strict=True)),
+                                   (x, hyperfused.HyperLSTMState(h0, c0, hh0, hc0)))
         return out, fin[0], fin[1], fin.hyper_h, fin.hyper_c
 
     params = [p.detach().clone().requires_grad_() for p in m.parameters()]
@@ -81,7 +82,7 @@ def test_chunked_run_continues_exactly(backend):
     out1, s1 = m(x[:4])
     out2, s2 = m(x[4:], s1)
     torch.testing.assert_close(torch.cat([out1, out2]), out)
-    for a, b in zip((s2[0], s2[1], s2.hyper_h, s2.hyper_c), (state[0], state[1], state.hyper_h, state.hyper_c)):
+    for a, b in zip(s2.tensors(), state.tensors(), strict=True):
         torch.testing.assert_close(a, b)
     # A plain (h, c) tuple restarts the hyper state at zero, so the continuation differs.
     out3, _ = m(x[4:], (s1[0], s1[1]))

@@ -57,7 +57,7 @@ def test_calling_the_hypernetwork_generates_as_generate_does():
     net.register_forward_hook(lambda module, args, out: seen.append(len(out)))
     kernels = net(convs)
     assert seen == [2]  # called as a module: its hooks run
-    for got, want in zip(kernels, net.generate(convs)):
+    for got, want in zip(kernels, net.generate(convs), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(TypeError, match=r"layers: expected a sequence of HyperConv2d"):
         net(torch.randn(3, 8))
@@ -110,7 +110,7 @@ def test_fused_generation_matches_reference(backend, dtype, case):
     layers = _layers(net, grids, device=device, dtype=dtype)
     ref_k, ref_g = _generate_and_grads(net, layers, "reference")
     got_k, got_g = _generate_and_grads(net, layers, backend)
-    for a, b in zip(got_k + got_g, ref_k + ref_g):
+    for a, b in zip(got_k + got_g, ref_k + ref_g, strict=True):
         # float32: gradients sum over many tiles in a different order, so the error scales with their size.
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-6 * b.abs().max().item())
         torch.testing.assert_close(a, b, **tol)
@@ -136,7 +136,7 @@ def test_pytorch_einsum_path_matches_reference():
     meta, spans, numel = hyperfused.ops.tile_layout([(l.out_channels, l.in_channels) for l in layers], 3, 2, 3)
     flat = hyperfused.ops.generate_kernels("torch", torch.cat([l.z for l in layers]), net.w_in, net.b_in,
                                            net.w_out, net.b_out, meta, numel, 3)
-    for (off, n), k in zip(spans, ref_k):
+    for (off, n), k in zip(spans, ref_k, strict=True):
         torch.testing.assert_close(flat[off:off + n].view_as(k), k)
 
 
