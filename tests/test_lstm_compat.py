@@ -742,3 +742,44 @@ class _FromFourTensors(torch.nn.Module):
     def forward(self, x, *tensors):
         out, state = self.m(x, HyperLSTMState(*tensors))
         return (out, *state.tensors())
+
+
+class _Tagger(torch.nn.Module):
+    """A model around a HyperLSTM and a cell, as a user writes it for nn.LSTM and nn.LSTMCell."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = hyperfused.HyperLSTM(5, 7, num_layers=2, hyper_size=6, hyper_embed=3, batch_first=True)
+        self.cell = hyperfused.HyperLSTMCell(7, 4, hyper_size=6, hyper_embed=3)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        out, (h, c) = self.rnn(x)
+        state = self.cell(out[:, -1])
+        return self.head(state[0]) + c.sum(0).mean()
+
+
+def test_fx_symbolic_trace_records_the_modules_as_nn_lstm_is_recorded():
+    """torch.fx.symbolic_trace (which FX graph-mode tools run) records torch.nn's modules as one call each, as
+    it records nn.LSTM; hyperfused's modules the same way, not traced through (their checks cannot run on
+    proxies). The traced model computes the model's output and gradients; a module traced as the root is
+    refused, naming what works."""
+    torch.manual_seed(6)
+    model = randomize_(_Tagger(), scale=0.3)
+    traced = torch.fx.symbolic_trace(model)
+    called = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    assert called == ["rnn", "cell", "head"]
+    x = torch.randn(2, 4, 5)
+    want = model(x)
+    want.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = traced(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    for root in (model.rnn, model.cell):
+        with pytest.raises(RuntimeError, match=r"torch\.fx\.symbolic_trace: HyperLSTM(Cell)? is recorded as one "
+                                               r"call .* trace the model around it"):
+            torch.fx.symbolic_trace(root)

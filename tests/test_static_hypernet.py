@@ -43,6 +43,22 @@ def test_hyper_conv2d_forward_and_gradients():
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+def test_fx_symbolic_trace_records_a_hyper_conv_as_one_call():
+    """torch.fx.symbolic_trace records a HyperConv2d inside a model as one call, as it records nn.Conv2d (its
+    input checks cannot run on proxies); the traced model convolves with the kernel the layer generates."""
+    torch.manual_seed(0)
+    shared = hyperfused.StaticHyperNetwork(z_dim=4)
+    model = torch.nn.Sequential(hyperfused.HyperConv2d(16, 16, 3, padding=1, hypernet=shared), torch.nn.ReLU(),
+                                hyperfused.HyperConv2d(16, 16, 3, hypernet=shared))
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["0", "1", "2"]
+    x = torch.randn(2, 16, 6, 6)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    with torch.no_grad():
+        model[2].z.add_(0.1)  # the traced model generates from the layer's current embeddings
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
 def test_generate_refuses_layers_of_another_hypernet():
     a, b = hyperfused.StaticHyperNetwork(z_dim=4), hyperfused.StaticHyperNetwork(z_dim=4)
     conv = hyperfused.HyperConv2d(16, 16, 3, hypernet=b)

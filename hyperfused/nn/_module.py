@@ -1,6 +1,7 @@
 """The base of hyperfused's modules."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -12,3 +13,18 @@ class Module(nn.Module):
     def __prepare_scriptable__(self):
         raise RuntimeError(f"torch.jit.script: {type(self).__name__} cannot be compiled by TorchScript; capture it "
                            "with torch.export.export(module, args), or compile it with torch.compile")
+
+    def _fx_node(self, *args):
+        """Under torch.fx.symbolic_trace (an argument is a Proxy): this call as one call_module node, the
+        proxy of its result, as FX records torch.nn's own modules (nn.LSTM, nn.Conv2d) rather than tracing
+        through them. A forward that checks its inputs and picks its op by their device, dtype and grad mode
+        cannot run on proxies, which have none. Else None: an ordinary call."""
+        for a in args:
+            if isinstance(a, torch.fx.Proxy):
+                path = a.tracer.path_of_module(self)
+                if not path:
+                    raise RuntimeError(f"torch.fx.symbolic_trace: {type(self).__name__} is recorded as one call of "
+                                       "it inside a model that holds it (as FX records nn.LSTM), not traced as the "
+                                       "root: trace the model around it, or capture it with torch.export.export")
+                return a.tracer.create_proxy("call_module", path, args, {})
+        return None

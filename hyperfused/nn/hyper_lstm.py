@@ -231,6 +231,8 @@ class HyperLSTMCell(Module):
                                 hyper_mask, zoneout_mask, hyper_zoneout_mask)
 
     def forward(self, input: torch.Tensor, hx=None) -> HyperLSTMState:
+        if not isinstance(input, torch.Tensor) and (node := self._fx_node(input, hx)) is not None:
+            return node
         _check_tensor("input", input, self.weight_ih, (1, 2), self.input_size)
         if self._decodes(input, hx):
             return self._decode_step(input, hx)
@@ -613,6 +615,8 @@ class HyperLSTM(Module):
             cell.reset_parameters()
 
     def forward(self, input: Union[torch.Tensor, PackedSequence], hx=None):
+        if not isinstance(input, torch.Tensor) and (node := self._fx_node(input, hx)) is not None:
+            return node
         cells = self.cells
         ref = cells[0].weight_ih
         packed = isinstance(input, PackedSequence)

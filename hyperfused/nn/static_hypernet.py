@@ -121,6 +121,8 @@ class HyperConv2d(Module):
 
     def forward(self, input: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Convolves with `weight` (from a model-wide `hypernet.generate`) or a freshly generated kernel."""
+        if not isinstance(input, torch.Tensor) and (node := self._fx_node(input, weight)) is not None:
+            return node
         if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4) or input.shape[-3] != self.in_channels:
             shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
             raise ValueError(f"input: expected (B, {self.in_channels}, H, W) or ({self.in_channels}, H, W), got {shape}")
