@@ -1,6 +1,7 @@
 """HyperLSTM and HyperLSTMCell: drop-in replacements for torch.nn.LSTM / nn.LSTMCell."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -319,7 +320,7 @@ class HyperLSTMCell(Module):
                 _check_state(name, t, (B, n), ref)
         h, c, hh, hc = self._step(x, h, c, hh, hc)
         if self._carry is not None:
-            self._carry.last = (h, c, hh, hc)  # nothing here requires grad (remember() would detach)
+            self._carry.keep((h, c, hh, hc))  # nothing here requires grad (remember() would detach)
         return HyperLSTMState(h, c, hh, hc)
 
     def _step(self, x, h, c, hh, hc) -> tuple:
@@ -399,36 +400,93 @@ class _HyperCarry:
     (h, c) equal its own rows exactly: a detached or cloned state continues, a batch reordered or selected
     with index_select (beam search) takes the matching rows, and a row found nowhere — a fresh zero state
     in particular — starts a fresh (zero) hyper state. Exact equality of whole (h, c) rows does not happen
-    by chance. Off with ``carry_hyper_state=False``; a HyperLSTMState passed back is always used as it is;
-    under torch.compile and torch.func transforms nothing is remembered (pass the HyperLSTMState there).
+    by chance. The same (h_0, c_0) tensors given again get the same answer while they are unchanged, which
+    activation checkpointing's rerun of a call needs (torch.utils.checkpoint, either kind). Off with
+    ``carry_hyper_state=False``; a HyperLSTMState passed back is always used as it is; under torch.compile
+    and torch.func transforms nothing is remembered (pass the HyperLSTMState there).
     """
 
     def __init__(self):
         self.last = None
+        self.replayed = None  # the last state a call rerun inside a backward returned: see remember()
+        self._given = {}  # the answers given, by the (h_0, c_0) they were given for: see lookup()
+
+    def __getstate__(self) -> dict:  # (copy.deepcopy, pickle) weak references do not copy
+        return {**self.__dict__, "_given": {}}
+
+    def keep(self, state: tuple) -> None:
+        self.last = state
 
     def remember(self, h, c, hh, hc) -> None:
-        """Keeps the state a call returned: stacked (n, B, ·), or a cell's (B, ·) (stacked when looked up)."""
-        if not torch.compiler.is_compiling() and not func_transforming():  # (its tensors die with the transform)
-            self.last = tuple(t.detach() if t.requires_grad else t for t in (h, c, hh, hc))
+        """Keeps the state a call returned: stacked (n, B, ·), or a cell's (B, ·) (stacked when looked up). A call
+        that runs inside a backward pass is activation checkpointing's rerun of an earlier one (which stops
+        where it has what the backward needs): its state is kept apart, for the next rerun call only, so that
+        the next forward call still finds the last state of the forward pass."""
+        if torch.compiler.is_compiling() or func_transforming():  # (a transform's tensors die with it)
+            return
+        state = tuple(t.detach() if t.requires_grad else t for t in (h, c, hh, hc))
+        if torch._C._current_graph_task_id() != -1:
+            self.replayed = state
+        else:
+            self.keep(state)
+            self.replayed = None
 
-    def lookup(self, h0: torch.Tensor, c0: torch.Tensor):
-        """(ĥ_0, ĉ_0) for stacked (n, B, ·) h0, c0, or None when no row matches."""
-        if self.last is None or torch.compiler.is_compiling() or func_transforming():
+    def lookup(self, h0: torch.Tensor, c0: torch.Tensor, given: tuple):
+        """(ĥ_0, ĉ_0) for stacked (n, B, ·) h0, c0, or None when no row matches: `given` are the caller's two
+        tensors. They get the answer they got before as long as they live unchanged, whatever was remembered
+        since: activation checkpointing reruns the first call of a segment with the same tensors (or, reentrant,
+        their detached aliases) after the forward pass has remembered later states. Else the rows are searched
+        for in the last state remembered (inside a backward, the last rerun call's first)."""
+        if torch.compiler.is_compiling() or func_transforming():
             return None
-        h, c, hh, hc = self.last if self.last[0].dim() == 3 else (t.unsqueeze(0) for t in self.last)
-        if h.device != h0.device or h.dtype != h0.dtype or h.shape[0] != h0.shape[0] or h.shape[2] != h0.shape[2]:
-            return None
-        if h.shape == h0.shape and torch.equal(h, h0) and torch.equal(c, c0):
-            return hh, hc
-        keys = torch.cat([h0, c0], -1).transpose(0, 1).reshape(h0.shape[1], -1)
-        known = torch.cat([h, c], -1).transpose(0, 1).reshape(h.shape[1], -1)
-        same = (keys[:, None, :] == known[None, :, :]).all(-1)  # (B, B_last)
-        found = same.any(1) & keys.ne(0).any(1)  # an all-zero row is a fresh state
-        if not bool(found.any()):
-            return None
-        rows = same.to(torch.uint8).argmax(1)
-        keep = found.to(hh.dtype)[None, :, None]
-        return hh[:, rows] * keep, hc[:, rows] * keep
+        key, seen = _identity(given)
+        entry = self._given.get(key) if key is not None else None
+        if entry is not None and entry[0]() is not None and entry[1] == seen:
+            return entry[2]
+        found = None
+        if self.replayed is not None and torch._C._current_graph_task_id() != -1:
+            found = _rows_found(self.replayed, h0, c0)
+        if found is None:
+            found = _rows_found(self.last, h0, c0)
+        if key is not None:
+            def forget(ref, key=key, given=self._given):
+                if given.get(key, (None,))[0] is ref:
+                    del given[key]
+            self._given[key] = (weakref.ref(given[0], forget), seen, found)
+        return found
+
+
+def _identity(given: tuple):
+    """A key for the caller's (h_0, c_0) by storage, and what must not have changed for an answer kept under it
+    to hold (shapes, strides, in-place changes), or (None, None) for tensors without a version counter
+    (inference mode)."""
+    h, c = given
+    try:
+        seen = (h.shape, c.shape, h.stride(), c.stride(), h._version, c._version)
+    except RuntimeError:
+        return None, None
+    return (h.data_ptr(), c.data_ptr()), seen
+
+
+def _rows_found(memory, h0: torch.Tensor, c0: torch.Tensor):
+    """(ĥ_0, ĉ_0) for the rows of stacked h0, c0 that a remembered (h, c, ĥ, ĉ) holds (zero where it holds none),
+    or None when it holds no row."""
+    if memory is None:
+        return None
+    h, c, hh, hc = memory if memory[0].dim() == 3 else (t.unsqueeze(0) for t in memory)
+    if h.device != h0.device or h.dtype != h0.dtype or h.shape[0] != h0.shape[0] or h.shape[2] != h0.shape[2]:
+        return None
+    if h.shape == h0.shape and torch.equal(h, h0) and torch.equal(c, c0):
+        return hh, hc
+    keys = torch.cat([h0, c0], -1).transpose(0, 1).reshape(h0.shape[1], -1)
+    known = torch.cat([h, c], -1).transpose(0, 1).reshape(h.shape[1], -1)
+    same = (keys[:, None, :] == known[None, :, :]).all(-1)  # (B, B_last)
+    found = same.any(1) & keys.ne(0).any(1)  # an all-zero row is a fresh state
+    if not bool(found.any()):
+        return None
+    rows = same.to(torch.uint8).argmax(1)
+    keep = found.to(hh.dtype)[None, :, None]
+    return hh[:, rows] * keep, hc[:, rows] * keep
 
 
 def _check_state(name: str, t, expected: tuple, ref: torch.Tensor) -> None:
@@ -474,7 +532,7 @@ def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, 
         t = t if batched else t.unsqueeze(-2)
         out.append(t if stacked else t.unsqueeze(0))
     if hyper is None:
-        found = carry.lookup(out[0], out[1]) if carry is not None else None
+        found = carry.lookup(out[0], out[1], (hx[0], hx[1])) if carry is not None else None
         out += list(found) if found is not None else [zeros(Hh), zeros(Hh)]
     return tuple(out)
 
