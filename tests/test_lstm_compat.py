@@ -826,3 +826,38 @@ def test_fx_symbolic_trace_records_the_modules_as_nn_lstm_is_recorded():
         with pytest.raises(RuntimeError, match=r"torch\.fx\.symbolic_trace: HyperLSTM(Cell)? is recorded as one "
                                                r"call .* trace the model around it"):
             torch.fx.symbolic_trace(root)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: hyperfused.HyperLSTM(5, 7, num_layers=2, hyper_size=6, hyper_embed=3),
+    lambda: hyperfused.HyperLSTMCell(5, 7, hyper_size=6, hyper_embed=3),
+], ids=["HyperLSTM", "HyperLSTMCell"])
+def test_full_backward_hooks_see_the_gradients_and_keep_the_hyper_state(make):
+    """register_full_backward_hook (and its pre-hook), as on nn.LSTM and nn.LSTMCell. Setting them up rebuilds a
+    returned tuple from its items, type(out)(*items): the cell's state used to fail there, as a HyperLSTMState
+    needs its hyper part, which the rebuilt one now keeps. Two steps, so that the hyper state matters."""
+    torch.manual_seed(7)
+    plain, hooked = make(), make()
+    hooked.load_state_dict(randomize_(plain, scale=0.3).state_dict())
+    seen = []
+    hooked.register_full_backward_pre_hook(lambda mod, grad_out: seen.append(("pre", len(grad_out))))
+    hooked.register_full_backward_hook(lambda mod, grad_in, grad_out: seen.append(len(grad_out)))
+    cell = isinstance(plain, hyperfused.HyperLSTMCell)
+    xs = torch.randn(2, 3, 5) if cell else torch.randn(2, 4, 3, 5)
+    results = []
+    for m in (plain, hooked):
+        x = xs.clone().requires_grad_()
+        if cell:
+            state = m(x[1], m(x[0]))
+            tensors = state.tensors()
+        else:
+            out, state = m(x[1], m(x[0])[1])
+            tensors = (out, *state.tensors())
+        assert isinstance(state, HyperLSTMState)
+        sum(t.square().sum() for t in tensors).backward()
+        results.append([t.detach() for t in tensors] + [x.grad] + [p.grad for p in m.parameters()])
+    # the cell's hooks fire for both calls; the layer's for the second only, as nn.LSTM's: hooks see the top-level
+    # tensors of a call's output, and the first call's output is used only through its state
+    assert seen == [("pre", 2), 2] * (2 if cell else 1)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,6 +1,7 @@
 """HyperLSTM and HyperLSTMCell: drop-in replacements for torch.nn.LSTM / nn.LSTMCell."""
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Optional, Union
 
@@ -56,6 +57,8 @@ class HyperLSTMState(tuple):
     """
 
     def __new__(cls, *tensors):
+        if len(tensors) == 2 and (hyper := _hyper_part_of(*tensors)) is not None:
+            tensors = (*tensors, *hyper)
         if len(tensors) != 4:
             # nn.DataParallel's gather calls type(state)(items): it rebuilds a tuple from what it iterates, and
             # iterating gives (h, c) only, so it would lose the hyper state.
@@ -65,6 +68,8 @@ class HyperLSTMState(tuple):
         h, c, hyper_h, hyper_c = tensors
         self = super().__new__(cls, (h, c))
         self.hyper_h, self.hyper_c = hyper_h, hyper_c
+        if getattr(h, "requires_grad", False) and not torch.compiler.is_compiling():
+            _LAST_WITH_GRAD.refs = tuple(weakref.ref(t) for t in tensors)
         return self
 
     def __reduce__(self):
@@ -86,6 +91,28 @@ class HyperLSTMState(tuple):
     def to(self, *args, **kwargs) -> "HyperLSTMState":
         """Every tensor moved/cast like Tensor.to."""
         return HyperLSTMState(*(t.to(*args, **kwargs) for t in self.tensors()))
+
+# A module's full backward hooks (register_full_backward_hook) rebuild a returned tuple from its items,
+# type(out)(*items), with each tensor item replaced by an alias of it: a HyperLSTMCell's state comes back as
+# HyperLSTMState(h', c'). Two tensors that alias the (h, c) of the last state made with gradients (same
+# storage, shape and strides), while its tensors live, take its hyper part. (Per thread: the rebuild follows
+# the forward at once.)
+_LAST_WITH_GRAD = threading.local()
+
+
+def _hyper_part_of(h, c):
+    refs = getattr(_LAST_WITH_GRAD, "refs", None)
+    if refs is None or torch.compiler.is_compiling():
+        return None
+    last = [r() for r in refs]
+    if any(t is None for t in last) or not all(isinstance(t, torch.Tensor) for t in (h, c)):
+        return None
+    for new, old in ((h, last[0]), (c, last[1])):
+        if (new.data_ptr(), new.shape, new.stride(), new.dtype, new.device) != \
+                (old.data_ptr(), old.shape, old.stride(), old.dtype, old.device):
+            return None
+    return last[2], last[3]
+
 
 def _state_keyed_tensors(state: HyperLSTMState) -> tuple:
     keys = (_pytree.SequenceKey(0), _pytree.SequenceKey(1), _pytree.GetAttrKey("hyper_h"),
