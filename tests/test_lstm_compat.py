@@ -861,3 +861,46 @@ def test_full_backward_hooks_see_the_gradients_and_keep_the_hyper_state(make):
     assert seen == [("pre", 2), 2] * (2 if cell else 1)
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _WeightDrop(torch.nn.Module):
+    """AWD-LSTM's DropConnect on the recurrent weight (Merity et al. 2017, the PTB LSTM baseline), as its code
+    does it: the parameter is replaced by a '_raw' one, and each call sets the module's attribute to a
+    dropped-out copy, a plain tensor that is neither a parameter nor a buffer."""
+
+    def __init__(self, module, name, p):
+        super().__init__()
+        self.module, self.name, self.p = module, name, p
+        weight = getattr(module, name)
+        del module._parameters[name]
+        module.register_parameter(name + "_raw", torch.nn.Parameter(weight.data))
+
+    def forward(self, *args):
+        raw = getattr(self.module, self.name + "_raw")
+        setattr(self.module, self.name, torch.nn.functional.dropout(raw, p=self.p, training=self.training))
+        return self.module(*args)
+
+
+@pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="compares the fused CPU backend with the reference")
+def test_awd_lstm_weight_drop_reaches_the_fused_op():
+    """The fused backend reads the dropped-out weight each call sets (a new tensor every call in training, the
+    raw one in evaluation, also in the one-step decode path) and sends its gradient to the raw parameter, as the
+    reference does. A fused op that kept the previous call's weight would differ by the dropout itself."""
+    runs = []
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(0)
+        model = _WeightDrop(randomize_(hyperfused.HyperLSTM(5, 12, num_layers=2, hyper_size=6, hyper_embed=3,
+                                                            backend=backend), scale=0.3), "weight_hh_l0", 0.5)
+        torch.manual_seed(1)
+        xs = torch.randn(3, 4, 2, 5)
+        outs, state = [], None
+        for x in xs:
+            out, state = model(x, state)
+            outs.append(out)
+        torch.cat(outs).square().sum().backward()
+        model.eval()
+        with torch.no_grad():
+            step = model(xs[0, :1], state.detach())[0]
+        runs.append([*outs, step, model.module.weight_hh_l0_raw.grad])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
