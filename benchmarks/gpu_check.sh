@@ -2,22 +2,21 @@
 # The GPU check: one run on a fresh GPU machine gives one verdict. It builds hyperfused._C against that
 # machine's torch for the GPU that is there (without the CUDA backend it fails the run but goes on with the
 # Triton backend, which needs no build), runs every GPU test (no -x; each test with a timeout; Triton
-# compiles in parallel), runs small cases of the CUDA and Triton
-# paths under compute-sanitizer, then times the fused backends against cuDNN and the GEMM floor with TF32 on
-# and off, under bfloat16 autocast, and replayed as CUDA graphs, profiles where the time goes (both
-# backends, at B = 128 and B = 8), and times a sampling step (decode) with the ops' own graphs off and on.
-# Every step has its own time limit and its own line in summary.txt; the exit status is non-zero if any step
-# failed. Nothing goes to /dev/null.
+# compiles in parallel), runs small cases of the CUDA and Triton paths under compute-sanitizer, then times
+# the fused backends against cuDNN and the GEMM floor with TF32 on and off, under bfloat16 autocast, and
+# replayed as CUDA graphs, profiles where the time goes (both backends, at B = 128 and B = 8), and times a
+# sampling step (decode) with the ops' own graphs off and on. Every step has its own time limit and its own
+# line in summary.txt; the exit status is non-zero if any step failed. Nothing goes to /dev/null.
 #
 #   device run: bash benchmarks/gpu_check.sh            (timeout_s=540; about 8 minutes on an H200)
 #   here:       bash benchmarks/gpu_check.sh --rehearse (no GPU: every step that can run without one)
 #
 # A machine without a CUDA compiler fails the build, and then times only Triton against cuDNN. A build made
-# here for the GPU machine's Python 3.12 and torch 2.11 can travel with the run instead (a failed build leaves it in place; 29 MB, within
-# the device tool's carry; it loads where torch 2.11 is the CUDA 13.0 build): make the venv with
-# `bash scripts/test_gpu_machine_versions.sh -k none`, then rehearse with
-# `CUDA_HOME=<.venv's site-packages/nvidia/cu13> PYTHON=.venv-gpu-versions/bin/python bash benchmarks/gpu_check.sh
-# --rehearse` (its build step compiles for sm_80 and sm_90), and carry
+# here for the GPU machine's Python 3.12 and torch 2.11 can travel with the run instead (a failed build
+# leaves it in place; 29 MB, within the device tool's carry; it loads where torch 2.11 is the CUDA 13.0
+# build): make the venv with `bash scripts/test_gpu_machine_versions.sh -k none`, then rehearse with
+# `CUDA_HOME=<.venv's site-packages/nvidia/cu13> PYTHON=.venv-gpu-versions/bin/python
+# bash benchmarks/gpu_check.sh --rehearse` (its build step compiles for sm_80 and sm_90), and carry
 # hyperfused/_C.cpython-312-x86_64-linux-gnu.so.
 #
 # Writes at most 8 files to $OUT (the device tool brings back no more): env.txt, build.log, tests.log,

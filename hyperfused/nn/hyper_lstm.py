@@ -107,11 +107,15 @@ def _hyper_part_of(h, c):
     last = [r() for r in refs]
     if any(t is None for t in last) or not all(isinstance(t, torch.Tensor) for t in (h, c)):
         return None
-    for new, old in ((h, last[0]), (c, last[1])):
-        if (new.data_ptr(), new.shape, new.stride(), new.dtype, new.device) != \
-                (old.data_ptr(), old.shape, old.stride(), old.dtype, old.device):
-            return None
+    if (_view_key(h), _view_key(c)) != (_view_key(last[0]), _view_key(last[1])):
+        return None
     return last[2], last[3]
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    """What two live tensors share exactly when one aliases the other's data as it is: the same memory, read
+    with the same shape, strides and dtype."""
+    return t.data_ptr(), t.shape, t.stride(), t.dtype, t.device
 
 
 def _state_keyed_tensors(state: HyperLSTMState) -> tuple:
@@ -347,7 +351,7 @@ class HyperLSTMCell(Module):
                 _check_state(name, t, (B, n), ref)
         h, c, hh, hc = self._step(x, h, c, hh, hc)
         if self._carry is not None:
-            self._carry.keep((h, c, hh, hc))  # nothing here requires grad (remember() would detach)
+            self._carry.last = (h, c, hh, hc)  # nothing here requires grad (remember() would detach)
         return HyperLSTMState(h, c, hh, hc)
 
     def _step(self, x, h, c, hh, hc) -> tuple:
@@ -441,9 +445,6 @@ class _HyperCarry:
     def __getstate__(self) -> dict:  # (copy.deepcopy, pickle) weak references do not copy
         return {**self.__dict__, "_given": {}}
 
-    def keep(self, state: tuple) -> None:
-        self.last = state
-
     def remember(self, h, c, hh, hc) -> None:
         """Keeps the state a call returned: stacked (n, B, ·), or a cell's (B, ·) (stacked when looked up). A call
         that runs inside a backward pass is activation checkpointing's rerun of an earlier one (which stops
@@ -452,11 +453,10 @@ class _HyperCarry:
         if torch.compiler.is_compiling() or func_transforming():  # (a transform's tensors die with it)
             return
         state = tuple(t.detach() if t.requires_grad else t for t in (h, c, hh, hc))
-        if torch._C._current_graph_task_id() != -1:
+        if _in_backward():
             self.replayed = state
         else:
-            self.keep(state)
-            self.replayed = None
+            self.last, self.replayed = state, None
 
     def lookup(self, h0: torch.Tensor, c0: torch.Tensor, given: tuple):
         """(ĥ_0, ĉ_0) for stacked (n, B, ·) h0, c0, or None when no row matches: `given` are the caller's two
@@ -471,7 +471,7 @@ class _HyperCarry:
         if entry is not None and entry[0]() is not None and entry[1] == seen:
             return entry[2]
         found = None
-        if self.replayed is not None and torch._C._current_graph_task_id() != -1:
+        if self.replayed is not None and _in_backward():
             found = _rows_found(self.replayed, h0, c0)
         if found is None:
             found = _rows_found(self.last, h0, c0)
@@ -483,16 +483,21 @@ class _HyperCarry:
         return found
 
 
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread (a call now is a checkpoint's rerun)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _identity(given: tuple):
-    """A key for the caller's (h_0, c_0) by storage, and what must not have changed for an answer kept under it
-    to hold (shapes, strides, in-place changes), or (None, None) for tensors without a version counter
-    (inference mode)."""
+    """A key for the caller's (h_0, c_0) by the data they view, and their versions, which an in-place change
+    moves: an answer kept under the key holds while the versions are unchanged. (None, None) for tensors
+    without a version counter (inference mode)."""
     h, c = given
     try:
-        seen = (h.shape, c.shape, h.stride(), c.stride(), h._version, c._version)
+        seen = (h._version, c._version)
     except RuntimeError:
         return None, None
-    return (h.data_ptr(), c.data_ptr()), seen
+    return (_view_key(h), _view_key(c)), seen
 
 
 def _rows_found(memory, h0: torch.Tensor, c0: torch.Tensor):
