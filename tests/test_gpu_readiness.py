@@ -232,6 +232,7 @@ def test_the_gpu_checks_test_list_holds_every_file_with_gpu_cases():
     assert all((root / path).is_file() for path in listed), listed
     with_gpu_cases = {
         f"tests/{p.name}" for p in (root / "tests").glob("test_*.py")
-        if re.search(r"\b(requires_gpu|HAS_GPU)\b", p.read_text())
+        # backend_params / backend_cases / device_for give a "cuda" or "triton" case its GPU (or its skip mark)
+        if re.search(r"\b(requires_gpu|HAS_GPU|backend_params|backend_cases|device_for)\b", p.read_text())
     }
     assert with_gpu_cases <= listed, f"add to benchmarks/gpu_tests.txt: {sorted(with_gpu_cases - listed)}"
