@@ -44,6 +44,17 @@ const auto& backward_op() {
   return op;
 }
 
+// The forward in differentiable PyTorch ops, defined and implemented in Python (hyperfused/ops/hyper_lstm.py).
+const auto& reference_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("hyperfused::hyper_lstm_reference", "")
+                              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, at::TensorList, const std::optional<at::Tensor>&,
+                                  const std::optional<at::Tensor>&, bool, double, const std::optional<at::Tensor>&,
+                                  const std::optional<at::Tensor>&)>();
+  return op;
+}
 
 // Saved, in order: x, h0, c0, ĥ0, ĉ0, the four masks, the six outputs, then the parameters.
 constexpr int kInputs = 5, kMasks = 4, kOutputs = 6;
@@ -77,10 +88,13 @@ struct HyperLSTMFunction : public torch::autograd::Function<HyperLSTMFunction> {
   // Gradients in the forward's argument positions (the parameters one each): x, h0, c0, ĥ0, ĉ0, the
   // parameters, and none for the masks and the flags.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    // The backward is itself a fused op with no autograd of its own: with create_graph=True (a gradient
-    // penalty, Hessian-vector products) it would drop the second-order terms; say so, as cuDNN's RNNs do.
-    TORCH_CHECK(!at::GradMode::is_enabled(), "hyperfused: the fused HyperLSTM has no double backward (backward with "
-                "create_graph=True); use backend='reference' for higher-order gradients");
+    variable_list grads = at::GradMode::is_enabled() ? recomputed(ctx, grad_outputs) : fused(ctx, grad_outputs);
+    // then mask, hyper_mask, layer_norm, forget_bias, the zoneout masks, save_for_backward, gemm_dtype
+    grads.resize(grads.size() + 8);
+    return grads;
+  }
+
+  static variable_list fused(AutogradContext* ctx, const variable_list& grad_outputs) {
     TORCH_CHECK(ctx->saved_data["saved"].toBool(), "hyperfused::hyper_lstm_forward: the forward ran with "
                 "save_for_backward=False and kept nothing for a backward; call it with save_for_backward=True to "
                 "differentiate it");
@@ -95,8 +109,40 @@ struct HyperLSTMFunction : public torch::autograd::Function<HyperLSTMFunction> {
         ctx->saved_data["layer_norm"].toBool(), ctx->saved_data["forget_bias"].toDouble(), or_none(m[2]),
         or_none(m[3]), dtype_of_code(dtype));
     TORCH_INTERNAL_ASSERT(int64_t(grads.size()) == kInputs + n);
-    // then mask, hyper_mask, layer_norm, forget_bias, the zoneout masks, save_for_backward, gemm_dtype
-    grads.resize(grads.size() + 8);
+    return grads;
+  }
+
+  // With create_graph=True (a gradient penalty, Hessian-vector products): the fused backward has no autograd of
+  // its own, so the forward is recomputed in differentiable PyTorch ops from the saved inputs and differentiated,
+  // which gives gradients that can be differentiated again. As ops/_autograd.py's recomputed_grads does for the
+  // Python-registered ops.
+  static variable_list recomputed(AutogradContext* ctx, const variable_list& grad_outputs) {
+    const auto s = ctx->get_saved_variables();
+    const std::vector<at::Tensor> params(s.begin() + kInputs + kMasks + kOutputs, s.end());
+    const auto* m = &s[kInputs];
+    const auto [hs, cs, hhs, hcs] = reference_op().call(
+        s[0], s[1], s[2], s[3], s[4], params, or_none(m[0]), or_none(m[1]), ctx->saved_data["layer_norm"].toBool(),
+        ctx->saved_data["forget_bias"].toDouble(), or_none(m[2]), or_none(m[3]));
+    const at::Tensor outs[] = {hs, cs, hhs, hcs};
+    variable_list outputs, given, wanted;
+    for (int k = 0; k < 4; ++k) {
+      if (grad_outputs[k].defined()) {
+        outputs.push_back(outs[k]);
+        given.push_back(grad_outputs[k]);
+      }
+    }
+    variable_list inputs(s.begin(), s.begin() + kInputs);
+    inputs.insert(inputs.end(), params.begin(), params.end());
+    for (const auto& t : inputs) {
+      if (t.requires_grad()) wanted.push_back(t);
+    }
+    variable_list grads(inputs.size());
+    if (outputs.empty() || wanted.empty()) return grads;
+    const auto found = torch::autograd::grad(outputs, wanted, given, /*retain_graph=*/true, /*create_graph=*/true,
+                                             /*allow_unused=*/true);
+    for (size_t i = 0, j = 0; i < inputs.size(); ++i) {
+      if (inputs[i].requires_grad()) grads[i] = found[j++];
+    }
     return grads;
   }
 };

@@ -60,6 +60,23 @@ def run_and_grad(m, x, state):
     return outs, grads
 
 
+def penalty_grads(m, x, state):
+    """A gradient penalty, as WGAN-GP or a smoothness regulariser takes it: the squared norm of d(loss)/d(x, h0),
+    differentiated with respect to x, the initial state and every parameter."""
+    x = x.detach().clone().requires_grad_()
+    state = hyperfused.HyperLSTMState(*(t.detach().clone().requires_grad_() for t in state.tensors()))
+    out, fin = m(x, state)
+    gen = torch.Generator().manual_seed(7)
+    loss = (out * seeded_weights(out, gen)).sum() + (fin[1] * seeded_weights(fin[1], gen)).sum()
+    first = torch.autograd.grad(loss, (x, state[0]), create_graph=True)
+    penalty = sum(g.pow(2).sum() for g in first)
+    m.zero_grad()
+    penalty.backward()
+    named = {"x": x.grad, "h0": state[0].grad, "c0": state[1].grad, "hyper_h0": state.hyper_h.grad,
+             **{n: p.grad for n, p in m.named_parameters()}}
+    return [g.detach() for g in first], named
+
+
 def _scaled_atol(ref: torch.Tensor, atol: float) -> float:
     """atol relative to the tensor's largest entry (at least 1): a gradient entry is a sum of products whose
     rounding error scales with the largest terms, so a small entry of a large gradient carries the error

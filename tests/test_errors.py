@@ -102,30 +102,6 @@ FUSED = [b for b in ("cpu", "triton") if b in hyperfused.available_backends()]
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_double_backward_is_refused_by_fused_lstm(backend):
-    m = hyperfused.HyperLSTM(3, 5, hyper_size=4, hyper_embed=2, backend=backend)
-    x = torch.randn(2, 1, 3, requires_grad=True)
-    (g,) = torch.autograd.grad(m(x)[0].sum(), x)  # first order works
-    assert g.shape == x.shape
-    with pytest.raises(RuntimeError, match=r"fused HyperLSTM has no double backward .*backend='reference'"):
-        torch.autograd.grad(m(x)[0].sum(), x, create_graph=True)
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_double_backward_is_refused_by_fused_generation(backend):
-    net = hyperfused.StaticHyperNetwork(z_dim=4, in_tile=4, out_tile=4, kernel_size=3, backend=backend)
-    conv = hyperfused.HyperConv2d(4, 4, 3, hypernet=net)
-    with pytest.raises(RuntimeError, match=r"fused kernel generation has no double backward"):
-        torch.autograd.grad(net.generate([conv])[0].sum(), net.parameters(), create_graph=True)
-
-
-def test_reference_has_double_backward():
-    m = hyperfused.HyperLSTM(3, 5, hyper_size=4, hyper_embed=2, backend="reference", dtype=torch.float64)
-    x = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda x: m(x)[0], (x,))
-
-
-@pytest.mark.parametrize("backend", FUSED)
 def test_an_unknown_step_design_is_refused(backend, monkeypatch):
     """HYPERFUSED_STEP_DESIGN mistyped must not silently run the default design."""
     m = hyperfused.HyperLSTM(3, 5, hyper_size=4, hyper_embed=2, backend=backend)

@@ -99,6 +99,18 @@ def test_opcheck_hyper_lstm_with_low_precision_gemms(family, device):
         fwd(*args, gemm_dtype=torch.float64)
 
 
+@pytest.mark.parametrize("layer_norm, masks", [(True, False), (False, True)], ids=["ln", "noln-dropout-zoneout"])
+def test_opcheck_hyper_lstm_reference(layer_norm, masks):
+    """The forward in PyTorch ops, which the fused ops' backward with create_graph=True recomputes through: a
+    composite op (its autograd is that of the ops it calls), with the fused op's outputs."""
+    args = _lstm_args(DEVICE, layer_norm, masks, torch.float64 if DEVICE == "cpu" else torch.float32)
+    torch.library.opcheck(ops.hyper_lstm_reference, args)
+    if hyperfused.HAS_EXTENSION and DEVICE == "cpu":
+        with torch.no_grad():
+            for a, b in zip(ops.hyper_lstm_reference(*args), ops.hyper_lstm_forward(*args)[:4], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 # (the kernel generation records nothing: its cases without -graphs)
 GEN_CASES = [c for c in CPP_CASES if not c[0].endswith("-graphs")] + ([("triton", DEVICE)] if HAS_TRITON else [])
 
@@ -161,7 +173,7 @@ def test_opcheck_hyper_lstm_step(family, device, layer_norm, monkeypatch):
 def test_every_registered_op_is_covered():
     """A new op without an opcheck here fails this test."""
     covered = {"hyper_lstm_forward", "hyper_lstm_backward", "hyper_lstm_step", "generate_kernels",
-               "generate_kernels_backward",
+               "generate_kernels_backward", "hyper_lstm_reference",
                "hyper_lstm_triton_forward", "hyper_lstm_triton_backward", "generate_kernels_triton",
                "generate_kernels_triton_backward"}
     registered = {name.split("::")[1].split(".")[0] for name in torch._C._dispatch_get_all_op_names()

@@ -15,7 +15,7 @@ import torch
 
 import hyperfused
 from conftest import HAS_GPU, requires_extension, requires_gpu, requires_triton
-from helpers import random_state, randomize_, run_and_grad
+from helpers import penalty_grads, random_state, randomize_, run_and_grad
 
 
 @dataclasses.dataclass
@@ -99,6 +99,25 @@ def test_recorded_training_gives_what_the_plain_ops_give(case, monkeypatch):
         compare(case, *results)
     # forward and backward: recorded at steps 1 and 4 (the new storage), replayed at steps 1, 2 and 4
     assert since(case, start) == (4, 6)
+
+
+@pytest.mark.parametrize("case", ALL, indirect=True)
+def test_gradients_of_gradients_after_a_recorded_forward(case, monkeypatch):
+    """A backward with create_graph=True recomputes from the forward's saved inputs, not from what a replay left
+    in the recording's buffers: a gradient penalty after replayed forwards gives the plain ops' answer."""
+    plain, recorded = twins(case)
+    start = case.counts()
+    for step in range(3):  # the first call with the key runs plainly, the second records, the third replays
+        x = torch.randn(3, 2, 5, dtype=case.dtype, device=case.device)
+        state = random_state(plain, 2, case.dtype)
+        results = []
+        for m, rec in ((plain, False), (recorded, True)):
+            monkeypatch.setenv("HYPERFUSED_CUDA_GRAPHS", "1" if rec else "0")
+            (first, named) = penalty_grads(m, x, state)
+            results.append(first + list(named.values()))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, **case.tol)
+    assert since(case, start) == (1, 2)  # forwards only: recorded at step 1, replayed at steps 1 and 2
 
 
 @pytest.mark.parametrize("case", ALL, indirect=True)

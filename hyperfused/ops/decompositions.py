@@ -19,7 +19,7 @@ import torch
 
 from .. import reference
 from . import _checks
-from .hyper_lstm import saved_shapes
+from .hyper_lstm import reference_sequence, saved_shapes
 from .static_hypernet import check_generation_args, generate_kernels_torch
 
 
@@ -30,8 +30,8 @@ def _sequence(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_
     own backward reads, come out as zeros of their shapes."""
     T, B, _, H, Hh, Nz = _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask,
                                             hyper_zoneout_mask)
-    outs = reference.hyper_lstm_sequence(x, h0, c0, hh0, hc0, reference.HyperLSTMParams(*params), layer_norm,
-                                         forget_bias, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask)
+    outs = reference_sequence(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask,
+                              hyper_zoneout_mask)
     g, ws = saved_shapes(T, B, H, Hh, Nz, save_for_backward)
     return (*outs, x.new_zeros(g), x.new_zeros(ws))
 

@@ -14,7 +14,7 @@ from .. import reference
 from . import _checks
 from .._extension import HAS_EXTENSION
 from .._triton_kernels import layouts
-from ._autograd import refuse_double_backward
+from ._autograd import recomputed_grads
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -100,6 +100,27 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
     raise ValueError(f"backend: no HyperLSTM implementation named {backend!r}")
 
 
+# The forward written out in differentiable PyTorch ops (the reference's steps). A fused op's backward run with
+# create_graph=True recomputes through it, so that gradients of gradients exist (csrc/autograd.cpp for the C++
+# ops, register_lstm_meta for the Triton ones): the fused backward itself has no autograd.
+torch.library.define(
+    "hyperfused::hyper_lstm_reference",
+    "(Tensor x, Tensor h0, Tensor c0, Tensor hh0, Tensor hc0, Tensor[] params, Tensor? mask, Tensor? hyper_mask, "
+    "bool layer_norm, float forget_bias, Tensor? zoneout_mask=None, Tensor? hyper_zoneout_mask=None) -> "
+    "(Tensor, Tensor, Tensor, Tensor)")
+
+
+def reference_sequence(x, h0, c0, hh0, hc0, params, mask, hyper_mask, layer_norm, forget_bias, zoneout_mask=None,
+                       hyper_zoneout_mask=None):
+    """hyper_lstm_forward's (hs, cs, ĥs, ĉs), checked as the op checks its arguments."""
+    _checks.lstm_sizes(x, h0, c0, hh0, hc0, params, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask)
+    return reference.hyper_lstm_sequence(x, h0, c0, hh0, hc0, reference.HyperLSTMParams(*params), layer_norm,
+                                         forget_bias, mask, hyper_mask, zoneout_mask, hyper_zoneout_mask)
+
+
+torch.library.impl("hyperfused::hyper_lstm_reference", "CompositeImplicitAutograd", reference_sequence)
+
+
 def check_backward_args(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask, hs,
                         cs, hhs, hcs, g, ws, zoneout_mask=None, hyper_zoneout_mask=None) -> None:
     """What the backward op checks (the forward's inputs, its saved outputs and the incoming gradients)."""
@@ -145,13 +166,19 @@ def register_lstm_meta(forward_op: str, backward_op: str, autograd: bool = True)
         ctx.save_for_backward(x, h0, c0, hh0, hc0, mask, hyper_mask, *zone, *output, *params)
 
     def backward(ctx, grad_hs, grad_cs, grad_hhs, grad_hcs, _grad_g, _grad_ws):
-        refuse_double_backward("the fused HyperLSTM")
-        if not ctx.saved:
+        x, h0, c0, hh0, hc0, mask, hyper_mask, zm, hzm, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = recomputed_grads(
+                lambda: torch.ops.hyperfused.hyper_lstm_reference(x, h0, c0, hh0, hc0, params, mask, hyper_mask,
+                                                                  ctx.layer_norm, ctx.forget_bias, zm, hzm),
+                (x, h0, c0, hh0, hc0, *params), (grad_hs, grad_cs, grad_hhs, grad_hcs))
+        elif not ctx.saved:
             raise RuntimeError(f"{forward_op}: the forward ran with save_for_backward=False and kept nothing for a "
                                "backward; call it with save_for_backward=True to differentiate it")
-        x, h0, c0, hh0, hc0, mask, hyper_mask, zm, hzm, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
-        grads = backward_impl(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
-                              hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias, zm, hzm, ctx.gemm_dtype)
+        else:
+            grads = backward_impl(grad_hs, grad_cs, grad_hhs, grad_hcs, x, h0, c0, hh0, hc0, params, mask, hyper_mask,
+                                  hs, cs, hhs, hcs, g, ws, ctx.layer_norm, ctx.forget_bias, zm, hzm,
+                                  ctx.gemm_dtype)
         # One gradient per input the op was called with: torch 2.11's dispatcher drops trailing arguments equal
         # to their defaults, and its autograd wants exactly that many (2.14 takes that count or the schema's).
         return (*grads[:5], list(grads[5:])) + (None,) * (len(ctx.needs_input_grad) - 6)

@@ -11,7 +11,7 @@ import torch
 
 from .._extension import HAS_EXTENSION
 from . import _checks
-from ._autograd import refuse_double_backward
+from ._autograd import recomputed_grads
 
 
 def tile_layout(shapes: Sequence[tuple[int, int]], out_tile: int, in_tile: int, kernel_size: int):
@@ -89,13 +89,18 @@ def register_generation_meta(op_name: str, backward_op: str) -> None:
 
     def setup_context(ctx, inputs, output):
         z, w_in, b_in, w_out, b_out, tile_meta, numel, kernel_size = inputs
-        ctx.kernel_size = kernel_size
-        ctx.save_for_backward(z, w_in, b_in, w_out, tile_meta)
+        ctx.numel, ctx.kernel_size = numel, kernel_size
+        ctx.save_for_backward(z, w_in, b_in, w_out, b_out, tile_meta)
 
     def backward(ctx, grad):
-        refuse_double_backward("the fused kernel generation")
-        z, w_in, b_in, w_out, tile_meta = ctx.saved_tensors
-        return (*backward_impl(grad, z, w_in, b_in, w_out, tile_meta, ctx.kernel_size), None, None, None)
+        z, w_in, b_in, w_out, b_out, tile_meta = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by recomputing in PyTorch ops
+            grads = recomputed_grads(lambda: (generate_kernels_torch(z, w_in, b_in, w_out, b_out, tile_meta, ctx.numel,
+                                                                     ctx.kernel_size),),
+                                     (z, w_in, b_in, w_out, b_out), (grad,))
+        else:
+            grads = backward_impl(grad, z, w_in, b_in, w_out, tile_meta, ctx.kernel_size)
+        return (*grads, None, None, None)
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
