@@ -134,6 +134,35 @@ def test_torch_compile_reduce_overhead_replays_cuda_graphs(backend):
             torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_a_compiled_loop_over_plain_tuples_carries_the_hyper_state(backend, mode):
+    """nn.LSTM's truncated-BPTT loop, the state detached into a plain (h, c) tuple each batch, compiled (with
+    CUDA graphs in reduce-overhead mode, whose outputs the carry keeps): the losses and gradients of the eager
+    loop."""
+    eager = _model(backend)
+    compiled = _model(backend)
+    compiled.load_state_dict(eager.state_dict())
+    xs = [torch.randn(5, 4, 16, device="cuda") for _ in range(4)]
+
+    def losses(m):
+        step = torch.compile(m, mode=mode, fullgraph=True) if m is compiled else m
+        hidden, out = None, []
+        for x in xs:
+            m.zero_grad(set_to_none=True)
+            y, state = step(x, hidden)
+            loss = y.square().sum()
+            loss.backward()
+            out.append([loss.detach().clone()] + [p.grad.clone() for p in m.parameters()])
+            hidden = (state[0].detach().clone(), state[1].detach().clone())
+        return out
+
+    torch._dynamo.reset()
+    for got, want in zip(losses(compiled), losses(eager), strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_graph_capture_of_forward_and_backward(backend):
     m = _model(backend)

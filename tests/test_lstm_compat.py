@@ -55,6 +55,64 @@ def test_repackage_hidden_loop_gives_the_same_losses_as_the_state_loop(backend):
     assert without_carry[0] == with_state[0] and without_carry[1:] != with_state[1:]  # the hyper state restarted
 
 
+def _graphs_counted():
+    """A torch.compile backend that runs Dynamo's graphs as they are (no codegen: fast) and counts them."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend, graphs
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if hyperfused.HAS_EXTENSION else []))
+def test_a_compiled_module_carries_the_hyper_state_as_the_eager_one_does(backend):
+    """nn.LSTM's repackage_hidden loop through torch.compile(fullgraph=True): the same losses as in eager mode
+    (where, without the carry, the batches after the first differ), with two graphs for five batches — the
+    first call's, from no state, and the one every later call replays (the remembered state is its input)."""
+    batches = [(torch.randn(4, 3, 5), torch.randn(4, 3, 12)) for _ in range(5)]
+    eager = _losses(_model(backend=backend), batches, "repackage")
+    counted, graphs = _graphs_counted()
+    compiled = _losses(torch.compile(_model(backend=backend), fullgraph=True, backend=counted), batches, "repackage")
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=0)
+    assert len(graphs) == 2
+    without_carry = _losses(_model(backend=backend, carry_hyper_state=False), batches, "repackage")
+    # (the carry's effect on these losses: 1e-5 to 1e-3 relative)
+    assert max(abs(a - b) / abs(b) for a, b in zip(without_carry, eager, strict=True)) > 100 * 1e-6
+    inductor = torch.compile(_model(backend=backend), fullgraph=True)  # the default backend too
+    torch.testing.assert_close(_losses(inductor, batches[:3], "repackage"), eager[:3], rtol=1e-5, atol=0)
+
+
+def test_a_compiled_cell_loop_carries_the_hyper_state():
+    """h, c = cell(x, (h, c)), as with nn.LSTMCell, compiled with fullgraph=True."""
+    cell = randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2), scale=0.3)
+    xs = torch.randn(4, 3, 5)
+
+    def loop(step):
+        h = c = None
+        for x in xs:
+            h, c = step(x, None if h is None else (h, c))
+        return h
+    torch.testing.assert_close(loop(torch.compile(cell, fullgraph=True, backend=_graphs_counted()[0])), loop(cell),
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_neither_reads_nor_changes_the_remembered_state(strict):
+    """An exported program takes its state as inputs: exported with a plain (h_0, c_0) equal to the last state's,
+    it starts a fresh hyper state (the remembered one, a constant in the program, would be wrong for any other
+    input), and the export leaves the module's memory as it was."""
+    m = _model()
+    x = torch.randn(3, 4, 5)
+    _, state = m(x)
+    h, c = state
+    program = torch.export.export(m, (x, (h, c)), strict=strict)
+    fresh = hyperfused.HyperLSTMState(h, c, torch.zeros_like(state.hyper_h), torch.zeros_like(state.hyper_c))
+    torch.testing.assert_close(program.module()(x, (h, c))[0], m(x, fresh)[0], rtol=0, atol=0)
+    _, state = m(x)
+    torch.testing.assert_close(m(x, (state[0], state[1]))[0], m(x, state)[0], rtol=0, atol=0)
+
+
 def _chunks(m, xs, hx):
     """The chunks xs run in turn from the plain tuple hx, each from the (h, c) the last returned."""
     outs = []

@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from ._args import finite_real, flag, positive_int, probability, real
 from ._module import Module
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
-from ..ops.backends import func_transforming, jit_tracing
+from ..ops.backends import exporting, func_transforming, jit_tracing
 from ..ops._checks import DECODE_HALF_WEIGHTS
 from ..reference import PARAM_NAMES
 
@@ -52,8 +52,9 @@ _LN_PARAMS = tuple(n for n in PARAM_NAMES if "ln_" in n)
 class HyperLSTMState(tuple):
     """``(h_n, c_n)`` — unpacks like nn.LSTM's state — that also carries the hyper-LSTM's state.
 
-    Passing it back as ``hx`` continues the sequence exactly; a plain ``(h_0, c_0)`` tuple starts the hyper
-    state at zero. ``hyper_h``/``hyper_c`` have shape (D·num_layers, B, hyper_size).
+    Passing it back as ``hx`` continues the sequence exactly; so does a plain ``(h_0, c_0)`` tuple of its
+    tensors, whose hyper state the module remembers (see _HyperCarry). ``hyper_h``/``hyper_c`` have shape
+    (D·num_layers, B, hyper_size).
     """
 
     def __new__(cls, *tensors):
@@ -433,8 +434,10 @@ class _HyperCarry:
     in particular — starts a fresh (zero) hyper state. Exact equality of whole (h, c) rows does not happen
     by chance. The same (h_0, c_0) tensors given again get the same answer while they are unchanged, which
     activation checkpointing's rerun of a call needs (torch.utils.checkpoint, either kind). Off with
-    ``carry_hyper_state=False``; a HyperLSTMState passed back is always used as it is; under torch.compile
-    and torch.func transforms nothing is remembered (pass the HyperLSTMState there).
+    ``carry_hyper_state=False``; a HyperLSTMState passed back is always used as it is. Under torch.compile the
+    memory and the search are part of the graph (the memory is its input and, assigned, its side effect), so a
+    compiled module carries as the eager one does; under torch.export and torch.func transforms nothing is
+    remembered (an exported program takes the whole state as its inputs; pass the HyperLSTMState there).
     """
 
     def __init__(self):
@@ -450,10 +453,12 @@ class _HyperCarry:
         that runs inside a backward pass is activation checkpointing's rerun of an earlier one (which stops
         where it has what the backward needs): its state is kept apart, for the next rerun call only, so that
         the next forward call still finds the last state of the forward pass."""
-        if torch.compiler.is_compiling() or func_transforming():  # (a transform's tensors die with it)
-            return
+        if func_transforming() or exporting():  # (a transform's tensors die with it; an exported
+            return                                  # program's are not the module's)
         state = tuple(t.detach() if t.requires_grad else t for t in (h, c, hh, hc))
-        if _in_backward():
+        if torch.compiler.is_compiling():  # (a compiled graph's checkpoint reruns are its own)
+            self.last, self.replayed = state, None
+        elif _in_backward():
             self.replayed = state
         else:
             self.last, self.replayed = state, None
@@ -464,8 +469,10 @@ class _HyperCarry:
         since: activation checkpointing reruns the first call of a segment with the same tensors (or, reentrant,
         their detached aliases) after the forward pass has remembered later states. Else the rows are searched
         for in the last state remembered (inside a backward, the last rerun call's first)."""
-        if torch.compiler.is_compiling() or func_transforming():
+        if func_transforming() or exporting():
             return None
+        if torch.compiler.is_compiling():  # traced: the search alone, without branches on the data
+            return _rows_found(self.last, h0, c0, traced=True)
         key, seen = _identity(given)
         entry = self._given.get(key) if key is not None else None
         if entry is not None and entry[0]() is not None and entry[1] == seen:
@@ -500,21 +507,22 @@ def _identity(given: tuple):
     return (_view_key(h), _view_key(c)), seen
 
 
-def _rows_found(memory, h0: torch.Tensor, c0: torch.Tensor):
+def _rows_found(memory, h0: torch.Tensor, c0: torch.Tensor, traced: bool = False):
     """(ĥ_0, ĉ_0) for the rows of stacked h0, c0 that a remembered (h, c, ĥ, ĉ) holds (zero where it holds none),
-    or None when it holds no row."""
+    or None when it holds no row. `traced` (under torch.compile): no shortcut or answer that depends on the
+    values, so that the search is part of the graph; a row held nowhere gets zeros all the same."""
     if memory is None:
         return None
     h, c, hh, hc = memory if memory[0].dim() == 3 else (t.unsqueeze(0) for t in memory)
     if h.device != h0.device or h.dtype != h0.dtype or h.shape[0] != h0.shape[0] or h.shape[2] != h0.shape[2]:
         return None
-    if h.shape == h0.shape and torch.equal(h, h0) and torch.equal(c, c0):
+    if not traced and h.shape == h0.shape and torch.equal(h, h0) and torch.equal(c, c0):
         return hh, hc
     keys = torch.cat([h0, c0], -1).transpose(0, 1).reshape(h0.shape[1], -1)
     known = torch.cat([h, c], -1).transpose(0, 1).reshape(h.shape[1], -1)
     same = (keys[:, None, :] == known[None, :, :]).all(-1)  # (B, B_last)
     found = same.any(1) & keys.ne(0).any(1)  # an all-zero row is a fresh state
-    if not bool(found.any()):
+    if not traced and not bool(found.any()):
         return None
     rows = same.to(torch.uint8).argmax(1)
     keep = found.to(hh.dtype)[None, :, None]

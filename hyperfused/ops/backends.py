@@ -103,6 +103,14 @@ def func_transforming() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def exporting() -> bool:
+    """Whether torch.export is tracing. torch.compiler.is_exporting() answers from a flag that export sets, but
+    Dynamo in some releases (torch 2.11 among them) replaces that call with True in every graph it traces,
+    torch.compile's included; the flag itself it reads as the value it has (a guarded constant)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def forward_ad_active() -> bool:
     """Whether a torch.autograd.forward_ad.dual_level is open: the fused ops' autograd has no forward-mode
     (jvp) rule, and a dual tensor may be among the inputs."""
