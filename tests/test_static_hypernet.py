@@ -59,6 +59,33 @@ def test_fx_symbolic_trace_records_a_hyper_conv_as_one_call():
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("hyper", [True, False])
+def test_fx_symbolic_trace_of_a_hyper_wrn_records_the_generation_as_one_call(hyper):
+    """A whole HyperWRN through torch.fx.symbolic_trace: the model-wide generation is one call of the
+    hypernetwork (its layers passed as attributes), each 3×3 conv one call with its kernel; the traced model's
+    output and every gradient are the model's own, and it generates from the embeddings as they are."""
+    from hyperfused.models import HyperWRN
+    torch.manual_seed(0)
+    model = HyperWRN(depth=10, widen_factor=1, hyper=hyper).eval()
+    traced = torch.fx.symbolic_trace(model)
+    calls = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    assert calls.count("hypernet") == hyper and all(f"blocks.{j}.conv{k}" in calls for j in range(3) for k in (1, 2))
+    x = torch.randn(2, 3, 8, 8)
+
+    def output_and_grads(run):
+        model.zero_grad(set_to_none=True)
+        y = run(x)
+        y.square().sum().backward()
+        return y.detach(), [p.grad for p in model.parameters()]
+    got, want = output_and_grads(traced), output_and_grads(model)
+    assert all(g is not None for g in got[1])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if hyper:
+        with torch.no_grad():
+            model.blocks[1].conv2.z.add_(0.1)
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
 def test_generate_refuses_layers_of_another_hypernet():
     a, b = hyperfused.StaticHyperNetwork(z_dim=4), hyperfused.StaticHyperNetwork(z_dim=4)
     conv = hyperfused.HyperConv2d(16, 16, 3, hypernet=b)

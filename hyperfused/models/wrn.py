@@ -24,15 +24,15 @@ class _Block(nn.Module):
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False, **factory)
 
-    def forward(self, x, kernels):
+    def forward(self, x, kernel1=None, kernel2=None):
         o = F.relu(self.bn1(x))
-        y = _conv(self.conv1, o, kernels)
-        y = _conv(self.conv2, F.relu(self.bn2(y)), kernels)
+        y = _conv(self.conv1, o, kernel1)
+        y = _conv(self.conv2, F.relu(self.bn2(y)), kernel2)
         return y + (x if self.shortcut is None else self.shortcut(o))
 
 
-def _conv(conv, x, kernels):
-    return conv(x, next(kernels)) if isinstance(conv, HyperConv2d) else conv(x)
+def _conv(conv, x, kernel):
+    return conv(x, kernel) if isinstance(conv, HyperConv2d) else conv(x)
 
 
 class HyperWRN(nn.Module):
@@ -70,9 +70,11 @@ class HyperWRN(nn.Module):
         return self.hypernet(self.hyper_convs) if self.hyper else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = iter(self.generate_kernels())
+        # Indexed, not iterated: torch.fx.symbolic_trace records the generation as one call whose list of
+        # kernels it can index but not iterate. hyper_convs holds each block's two 3×3 convs, in order.
+        kernels = self.generate_kernels()
         x = self.conv1(x)
-        for block in self.blocks:
-            x = block(x, kernels)
+        for j, block in enumerate(self.blocks):
+            x = block(x, kernels[2 * j], kernels[2 * j + 1]) if self.hyper else block(x)
         x = F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1)
         return self.fc(x)

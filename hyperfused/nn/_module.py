@@ -21,10 +21,15 @@ class Module(nn.Module):
         cannot run on proxies, which have none. Else None: an ordinary call."""
         for a in args:
             if isinstance(a, torch.fx.Proxy):
-                path = a.tracer.path_of_module(self)
-                if not path:
-                    raise RuntimeError(f"torch.fx.symbolic_trace: {type(self).__name__} is recorded as one call of "
-                                       "it inside a model that holds it (as FX records nn.LSTM), not traced as the "
-                                       "root: trace the model around it, or capture it with torch.export.export")
-                return a.tracer.create_proxy("call_module", path, args, {})
+                return a.tracer.create_proxy("call_module", self._fx_path(a.tracer), args, {})
         return None
+
+    def _fx_path(self, tracer) -> str:
+        """This module's name in the model being traced; tracing it as the root is refused (its one call
+        would be the whole graph, a call of itself)."""
+        path = tracer.path_of_module(self)
+        if not path:
+            raise RuntimeError(f"torch.fx.symbolic_trace: {type(self).__name__} is recorded as one call of it "
+                               "inside a model that holds it (as FX records nn.LSTM), not traced as the root: "
+                               "trace the model around it, or capture it with torch.export.export")
+        return path

@@ -58,6 +58,8 @@ class StaticHyperNetwork(Module):
             # submodule on every attribute access, and the parameter is the same tensor through any of them.
             if layer.hypernet.w_in is not self.w_in:
                 raise ValueError(f"layers[{i}]: this HyperConv2d is served by another StaticHyperNetwork")
+        if isinstance(self.w_in, torch.fx.Proxy):  # under torch.fx.symbolic_trace
+            return self._fx_call(self.w_in.tracer, layers)
         backend = resolve_backend(self.backend, self.w_in.device)
         if backend == "reference" and reference_only():
             # Exporting to ONNX, a torch.func transform, forward-mode AD: the fused op's computation in plain PyTorch
@@ -80,6 +82,13 @@ class StaticHyperNetwork(Module):
         # One split (its backward is a single cat), not a slice per layer (a full-size zeros + add each).
         parts = flat.split([n for _, n in spans])
         return [part.view(layer.out_channels, layer.in_channels, k, k) for part, layer in zip(parts, layers)]
+
+    def _fx_call(self, tracer, layers: Sequence["HyperConv2d"]):
+        """The proxy of this generation recorded as one call of this module (as FX records nn.Conv2d), with the
+        layers as get_attr nodes: the traced model generates from their embeddings as they are when it runs.
+        Index it (``kernels[i]``), as FX cannot iterate a proxy of unknown length."""
+        layers = [tracer.create_proxy("get_attr", tracer.path_of_module(layer), (), {}) for layer in layers]
+        return tracer.create_proxy("call_module", self._fx_path(tracer), (layers,), {})
 
     def forward(self, layers: Sequence["HyperConv2d"]) -> list[torch.Tensor]:
         """``net(layers)`` is ``net.generate(layers)``, called as a module: forward hooks and wrappers see it."""
