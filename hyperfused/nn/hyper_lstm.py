@@ -456,9 +456,8 @@ class _HyperCarry:
         if func_transforming() or exporting():  # (a transform's tensors die with it; an exported
             return                                  # program's are not the module's)
         state = tuple(t.detach() if t.requires_grad else t for t in (h, c, hh, hc))
-        if torch.compiler.is_compiling():  # (a compiled graph's checkpoint reruns are its own)
-            self.last, self.replayed = state, None
-        elif _in_backward():
+        # (not asked while compiling: a compiled graph's checkpoint reruns are its own)
+        if not torch.compiler.is_compiling() and _in_backward():
             self.replayed = state
         else:
             self.last, self.replayed = state, None
