@@ -112,7 +112,9 @@ def main(argv=None):
 
     device = torch.device(args.device)
     quick = args.quick or (device.type == "cpu" and not args.full)
-    configs = [Config.parse(c) for c in args.config] or (QUICK_CONFIGS if quick else FULL_CONFIGS)
+    # Results are grouped by config name (tables, JSON, plot): several --config options get a name each.
+    names = [f"custom {k + 1}" for k in range(len(args.config))] if len(args.config) > 1 else ["custom"]
+    configs = [Config.parse(c, n) for c, n in zip(args.config, names)] or (QUICK_CONFIGS if quick else FULL_CONFIGS)
     repeats = args.repeats or (5 if quick else 10)
     warmup = 1 if quick else 3
     compile_on = {"first": lambda i: i == 0, "all": lambda i: True, "none": lambda i: False}[args.compile]

@@ -25,7 +25,7 @@ class Config:
     Nz: int = 16
 
     @classmethod
-    def parse(cls, text: str) -> "Config":
+    def parse(cls, text: str, name: str = "custom") -> "Config":
         """'T,B,X,H,Hh,Nz' (Hh and Nz optional)."""
         try:
             vals = [int(v) for v in text.split(",")]
@@ -33,7 +33,7 @@ class Config:
                 raise ValueError
         except ValueError:
             raise SystemExit(f"--config: expected T,B,X,H[,Hh[,Nz]] as positive integers, got {text!r}")
-        return cls("custom", *vals)
+        return cls(name, *vals)
 
     def label(self) -> str:
         return f"{self.name} (T={self.T}, B={self.B}, X={self.X}, H={self.H}, Ĥ={self.Hh}, N_z={self.Nz})"

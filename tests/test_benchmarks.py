@@ -237,3 +237,21 @@ def test_the_recorded_copies_model_counts_what_the_ops_take_and_give():
     copies = traffic.recorded_copies(T, B, X, H, Hh, Nz)
     assert copies["forward"] == (size([x, *states, params[2]]), size(outs))
     assert copies["backward"] == (size([*outs[:4], x, *states, *outs, params[2]]), size(grads))
+
+
+def test_each_config_given_gets_its_own_table_and_rows(tmp_path, capsys):
+    """Several --config options: each table holds its own config's rows only, and each JSON row names its config
+    (they were once all called 'custom', and every table listed every config's rows)."""
+    out = tmp_path / "bench.json"
+    main(["--config", "3,2,4,8,4,2", "--config", "2,3,4,8,4,2", "--repeats", "1", "--compile", "none",
+          "--sections", "lstm", "--backends", "cpu", "--json", str(out)])
+    rows = json.loads(out.read_text())["lstm"]
+    by_config = {}
+    for r in rows:
+        by_config.setdefault(r["config"], set()).add((r["T"], r["B"]))
+    assert by_config == {"custom 1": {(3, 2)}, "custom 2": {(2, 3)}}
+    tables = capsys.readouterr().out.split("### ")[1:]
+    assert [t.splitlines()[0] for t in tables] == [
+        "custom 1 (T=3, B=2, X=4, H=8, Ĥ=4, N_z=2)", "custom 2 (T=2, B=3, X=4, H=8, Ĥ=4, N_z=2)"]
+    per_config = len(rows) // 2
+    assert all(t.count("| nn.LSTM |") == 1 and t.count("\n| ") == per_config + 1 for t in tables)
