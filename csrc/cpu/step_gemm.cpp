@@ -50,6 +50,16 @@ const c10::TypedOperatorHandle<ReorderFn>* onednn_reorder() {
   return handle ? &*handle : nullptr;
 }
 
+// Whether oneDNN has bfloat16 GEMM kernels on this CPU (AVX-512 or AVX-NE-CONVERT): elsewhere (an AVX2-only
+// CPU) its reorder and linear ops refuse a bfloat16 weight, so it is no candidate for one.
+bool onednn_bf16() {
+  static const bool supported = [] {
+    const auto handle = find_op<bool()>("mkldnn::_is_mkldnn_bf16_supported");
+    return handle && handle->call();
+  }();
+  return supported;
+}
+
 // MKL's CBLAS entry points (LP64: 32-bit MKL_INT), looked up at run time in the library holding ATen's CPU
 // kernels, which links MKL in and exports them when torch is built with MKL; null otherwise. Called directly
 // rather than through torch's mkl::_mkl_linear so that the product lands in `out` (a step's slice of the
@@ -184,7 +194,7 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
     : precision_(precision), w_(precision.operand(w)), bias_(bias), runs_(runs) {
   const Library force = forced();
   // userEnabledMkldnn: torch.backends.mkldnn.enabled, which a user may turn off to rule oneDNN out
-  const bool onednn_dtype = w_.scalar_type() == at::kFloat || w_.scalar_type() == at::kBFloat16;
+  const bool onednn_dtype = w_.scalar_type() == at::kFloat || (w_.scalar_type() == at::kBFloat16 && onednn_bf16());
   onednn_ = w.is_cpu() && onednn_dtype && at::globalContext().userEnabledMkldnn() && onednn_linear() &&
             (force == Library::Measure || force == Library::OneDnn || force == Library::OneDnnPacked);
   onednn_packed_ = onednn_ && onednn_reorder() && force != Library::OneDnn;
@@ -310,7 +320,12 @@ at::Tensor StepGemm::packed_for(int rows) const {
 // steps save, and a short sequence is faster unprepared.
 StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   const Library force = forced();
-  if (force == Library::OneDnnPacked && !onednn_packed_) return Library::OneDnn;  // a torch without the reorder
+  if (force == Library::OneDnnPacked && !onednn_packed_ && onednn_) return Library::OneDnn;  // no reorder op
+  // A forced library that cannot run this product (oneDNN without bfloat16 kernels on this CPU, MKL without
+  // its CBLAS): at::mm, which runs every product.
+  const bool cannot = (force == Library::OneDnn || force == Library::OneDnnPacked) ? !onednn_
+                      : force == Library::Mkl && !mkl_;
+  if (cannot) return Library::Mm;
   if (force != Library::Measure) return force;
   struct Measured {
     std::vector<Library> candidates;
@@ -401,7 +416,7 @@ namespace {
 // Whether oneDNN can make product g: w is the (n, k) contiguous float32 or bfloat16 tensor g reads transposed,
 // g's beta is 0 or 1, and torch has oneDNN, enabled.
 bool onednn_reads(const RawGemm& g, const at::Tensor& w) {
-  return g.w_transposed && (g.w_dtype == at::kFloat || g.w_dtype == at::kBFloat16) &&
+  return g.w_transposed && (g.w_dtype == at::kFloat || (g.w_dtype == at::kBFloat16 && onednn_bf16())) &&
          w.scalar_type() == g.w_dtype && w.is_contiguous() && w.dim() == 2 && w.size(0) == g.n && w.size(1) == g.k &&
          w.data_ptr() == g.w && (g.beta == 0.0f || g.beta == 1.0f) && at::globalContext().userEnabledMkldnn() &&
          onednn_linear();
