@@ -81,9 +81,10 @@ def libraries(a: torch.Tensor, w: torch.Tensor) -> dict:
         fns["oneDNN reordered"] = lambda: linear(a, w_blocked)
     wb, wtb = w.bfloat16(), wt.bfloat16()
     fns["at::mm bf16"] = lambda: torch.mm(a.bfloat16(), wtb).float()
-    if onednn:
+    onednn_bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX2-only CPUs: no bf16 kernels
+    if onednn_bf16:
         fns["oneDNN bf16"] = lambda: linear(a.bfloat16(), wb).float()
-    if reorder:
+    if reorder and onednn_bf16:
         wb_blocked = torch.ops.mkldnn._reorder_linear_weight(wb, m)
         fns["oneDNN reordered bf16"] = lambda: linear(a.bfloat16(), wb_blocked).float()
     if lib is not None:
