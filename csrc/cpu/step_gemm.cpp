@@ -60,6 +60,11 @@ bool onednn_bf16() {
   return supported;
 }
 
+// Whether oneDNN has GEMM kernels for weights of this dtype on this CPU: float32 always, bfloat16 per onednn_bf16.
+bool onednn_takes(at::ScalarType dtype) {
+  return dtype == at::kFloat || (dtype == at::kBFloat16 && onednn_bf16());
+}
+
 // MKL's CBLAS entry points (LP64: 32-bit MKL_INT), looked up at run time in the library holding ATen's CPU
 // kernels, which links MKL in and exports them when torch is built with MKL; null otherwise. Called directly
 // rather than through torch's mkl::_mkl_linear so that the product lands in `out` (a step's slice of the
@@ -194,8 +199,8 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
     : precision_(precision), w_(precision.operand(w)), bias_(bias), runs_(runs) {
   const Library force = forced();
   // userEnabledMkldnn: torch.backends.mkldnn.enabled, which a user may turn off to rule oneDNN out
-  const bool onednn_dtype = w_.scalar_type() == at::kFloat || (w_.scalar_type() == at::kBFloat16 && onednn_bf16());
-  onednn_ = w.is_cpu() && onednn_dtype && at::globalContext().userEnabledMkldnn() && onednn_linear() &&
+  onednn_ = w.is_cpu() && onednn_takes(w_.scalar_type()) && at::globalContext().userEnabledMkldnn() &&
+            onednn_linear() &&
             (force == Library::Measure || force == Library::OneDnn || force == Library::OneDnnPacked);
   onednn_packed_ = onednn_ && onednn_reorder() && force != Library::OneDnn;
   // MKL: its packed sgemm for float32 operands, its bfloat16 GEMM (float32 out) for bfloat16 ones
@@ -416,7 +421,7 @@ namespace {
 // Whether oneDNN can make product g: w is the (n, k) contiguous float32 or bfloat16 tensor g reads transposed,
 // g's beta is 0 or 1, and torch has oneDNN, enabled.
 bool onednn_reads(const RawGemm& g, const at::Tensor& w) {
-  return g.w_transposed && (g.w_dtype == at::kFloat || (g.w_dtype == at::kBFloat16 && onednn_bf16())) &&
+  return g.w_transposed && onednn_takes(g.w_dtype) &&
          w.scalar_type() == g.w_dtype && w.is_contiguous() && w.dim() == 2 && w.size(0) == g.n && w.size(1) == g.k &&
          w.data_ptr() == g.w && (g.beta == 0.0f || g.beta == 1.0f) && at::globalContext().userEnabledMkldnn() &&
          onednn_linear();
