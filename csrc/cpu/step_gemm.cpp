@@ -65,6 +65,12 @@ bool onednn_takes(at::ScalarType dtype) {
   return dtype == at::kFloat || (dtype == at::kBFloat16 && onednn_bf16());
 }
 
+// Whether oneDNN may make a product with weights of this dtype: torch has oneDNN, the user has not turned it off
+// (torch.backends.mkldnn.enabled = False rules it out), and it has kernels for the dtype on this CPU.
+bool onednn_usable(at::ScalarType dtype) {
+  return onednn_linear() && at::globalContext().userEnabledMkldnn() && onednn_takes(dtype);
+}
+
 // MKL's CBLAS entry points (LP64: 32-bit MKL_INT), looked up at run time in the library holding ATen's CPU
 // kernels, which links MKL in and exports them when torch is built with MKL; null otherwise. Called directly
 // rather than through torch's mkl::_mkl_linear so that the product lands in `out` (a step's slice of the
@@ -198,9 +204,7 @@ void GemmPrecision::mm_out(at::Tensor& out, const at::Tensor& a, const at::Tenso
 StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision precision, int64_t runs)
     : precision_(precision), w_(precision.operand(w)), bias_(bias), runs_(runs) {
   const Library force = forced();
-  // userEnabledMkldnn: torch.backends.mkldnn.enabled, which a user may turn off to rule oneDNN out
-  onednn_ = w.is_cpu() && onednn_takes(w_.scalar_type()) && at::globalContext().userEnabledMkldnn() &&
-            onednn_linear() &&
+  onednn_ = w.is_cpu() && onednn_usable(w_.scalar_type()) &&
             (force == Library::Measure || force == Library::OneDnn || force == Library::OneDnnPacked);
   onednn_packed_ = onednn_ && onednn_reorder() && force != Library::OneDnn;
   // MKL: its packed sgemm for float32 operands, its bfloat16 GEMM (float32 out) for bfloat16 ones
@@ -419,12 +423,11 @@ void mkl_batch(const RawGemm* gemms, int count) {
 namespace {
 
 // Whether oneDNN can make product g: w is the (n, k) contiguous float32 or bfloat16 tensor g reads transposed,
-// g's beta is 0 or 1, and torch has oneDNN, enabled.
+// g's beta is 0 or 1, and oneDNN is usable for its dtype (onednn_usable).
 bool onednn_reads(const RawGemm& g, const at::Tensor& w) {
-  return g.w_transposed && onednn_takes(g.w_dtype) &&
-         w.scalar_type() == g.w_dtype && w.is_contiguous() && w.dim() == 2 && w.size(0) == g.n && w.size(1) == g.k &&
-         w.data_ptr() == g.w && (g.beta == 0.0f || g.beta == 1.0f) && at::globalContext().userEnabledMkldnn() &&
-         onednn_linear();
+  return g.w_transposed && onednn_usable(g.w_dtype) && w.scalar_type() == g.w_dtype && w.is_contiguous() &&
+         w.dim() == 2 && w.size(0) == g.n && w.size(1) == g.k && w.data_ptr() == g.w &&
+         (g.beta == 0.0f || g.beta == 1.0f);
 }
 
 // g.out (+)= g.a · wᵀ by oneDNN, its result copied (or added) into g.out's rows. With a bfloat16 weight, a is
