@@ -80,7 +80,8 @@ class GemmFloorRow:
     and nothing between them: the input projections as one GEMM over all T·B rows, per step the two
     recurrent GEMMs (forward) and their transposes (backward), then the weight-gradient GEMMs, all as
     torch.mm. Its time against nn.LSTM is what plain BLAS calls allow a HyperLSTM at this size, pointwise
-    work aside (the fused CPU op runs its recurrent GEMMs in oneDNN, which can be faster than torch.mm)."""
+    work aside (the fused CPU op runs each GEMM in oneDNN or MKL, whichever measured faster, so it can beat
+    this row where torch.mm is not the faster)."""
 
     name = "HyperLSTM GEMMs alone (torch.mm)"
 

@@ -319,7 +319,7 @@ at::Tensor input_gemm(const GemmPrecision& P, const at::Tensor& x2, const at::Te
                       const at::TensorOptions& out_opts, const at::Tensor& bias = at::Tensor()) {
   auto out = pooled_empty({x2.size(0), w.size(1)}, out_opts);
   if (bias.defined() && !P.low) {
-    at::addmm_out(out, bias, x2, P.operand(w));
+    sequence_mm(out, x2, w, bias);
     return out;
   }
   P.mm_out(out, x2, P.operand(w));

@@ -151,6 +151,30 @@ def test_cpu_float32_step_gemm_every_way(library, mkldnn, runs, absent, monkeypa
     assert runs <= names and not absent & names
 
 
+SEQUENCE_ONEDNN = "hyperfused::onednn_sequence_gemm"
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("library, mkldnn, in_onednn", [
+    ("onednn", True, True), ("onednn-packed", True, True), ("mm", True, False), ("mkl", True, False),
+    ("onednn", False, False), ("", True, None)],
+    ids=["onednn", "onednn-packed", "mm", "mkl", "onednn-but-mkldnn-disabled", "measured"])
+def test_cpu_float32_sequence_gemms_every_way(library, mkldnn, in_onednn, monkeypatch):
+    """The products over the whole sequence (the input projections, the input's and the weights' gradients) run in
+    at::mm or oneDNN's matmul, which reads some of them transposed ((bᵀ·aᵀ)ᵀ) and copies the weight views with
+    gaps (slices of dg, narrowed parameters) that it would read through a slow reference kernel; forced, or
+    measured (either may win). Every way, the outputs, final states and all gradients agree with the reference at
+    odd sizes over two layers (the second reads the first's output; the hyper input projection carries its bias)."""
+    T, B, X, H, Hh, Nz = 6, 5, 11, 37, 20, 4
+    ref, fast = make_pair("cpu", X, H, num_layers=2, hyper_size=Hh, hyper_embed=Nz, dtype=torch.float32)
+    monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", mkldnn)
+    with torch.profiler.profile() as prof:
+        assert_same_run(ref, fast, torch.randn(T, B, X), random_state(ref, B, torch.float32), **F32)
+    if in_onednn is not None:
+        assert (SEQUENCE_ONEDNN in {e.name for e in prof.events()}) == in_onednn
+
+
 @pytest.mark.skipif(not HAS_MKL_CBLAS, reason="this torch exports no MKL CBLAS")
 def test_cpu_decode_in_mkl_follows_the_batch_size(monkeypatch):
     """Decode steps with MKL's GEMMs (HYPERFUSED_STEP_GEMM=mkl: the direct batch calls where torch exports them,

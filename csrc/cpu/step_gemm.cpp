@@ -173,7 +173,11 @@ at::Tensor GemmPrecision::operand(const at::Tensor& t) const {
 }
 
 at::Tensor GemmPrecision::mm(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype) const {
-  if (!low) return at::mm(a, b);
+  if (!low) {
+    auto out = at::empty({a.size(0), b.size(1)}, a.options());
+    sequence_mm(out, a, b);
+    return out;
+  }
   // cuBLAS accumulates in float32 and returns it; the CPU's low-precision GEMMs accumulate in float32 too but
   // return their inputs' dtype (as nn.Linear under autocast does), cast back here.
   if (a.is_cuda()) return at::mm(operand(a), b, out_dtype);
@@ -184,14 +188,14 @@ at::Tensor GemmPrecision::mm(const at::Tensor& a, const at::Tensor& b, at::Scala
 
 void GemmPrecision::add_mm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
   if (!low)
-    out.addmm_(a, b);
+    sequence_mm(out, a, b, at::Tensor(), true);
   else
     out.add_(mm(a, b, out.scalar_type()));
 }
 
 void GemmPrecision::mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
   if (!low)
-    at::mm_out(out, a, b);
+    sequence_mm(out, a, b);
   else if (out.is_cuda())  // cuBLAS accumulates in float32 and writes it into out
     at::mm_out(out, operand(a), b, out.scalar_type());
   else {  // the low-precision result into a cached buffer, converted into out
@@ -252,7 +256,9 @@ at::Tensor StepGemm::onednn_packed_for(int64_t rows) const {
 
 // HYPERFUSED_STEP_GEMM=onednn|onednn-packed|mkl|mm|own forces a library (the tests run each); unset or empty,
 // the library is measured. own, hyperfused's few-rows kernel, runs a decode step's products only: the time loop
-// (decode false) measures then. Anything else is refused: a mistyped value must not silently measure.
+// (decode false) measures then. The products over a whole sequence follow it too (sequence_mm: onednn and
+// onednn-packed force oneDNN, mkl and mm at::mm). Anything else is refused: a mistyped value must not silently
+// measure.
 StepGemm::Library StepGemm::forced(bool decode) {
   const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
   if (!v || !*v) return Library::Measure;
@@ -393,6 +399,93 @@ void StepGemm::mm_out(at::Tensor& out, const at::Tensor& a) const {
   } else {
     at::mm_out(out, a, w_);
   }
+}
+
+namespace {
+
+// A sequence's product by at::mm, or by oneDNN's matmul reading a as its input rows (OneDnn) or bᵀ (OneDnnSwapped:
+// the result, (bᵀ · aᵀ), transposed back). oneDNN's op makes its input contiguous and reorders its weight itself,
+// so which of the two copies less depends on the layouts: a weight gradient Σ dAᵀ·v, say, reads both operands
+// transposed, and the swapped product copies the narrower one.
+enum class SequenceLibrary { Mm, OneDnn, OneDnnSwapped };
+
+void run_sequence(SequenceLibrary lib, at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                  const at::Tensor& bias, bool accumulate) {
+  if (lib == SequenceLibrary::Mm) {
+    if (accumulate)
+      out.addmm_(a, b);
+    else if (bias.defined())
+      at::addmm_out(out, bias, a, b);
+    else
+      at::mm_out(out, a, b);
+    return;
+  }
+  RECORD_FUNCTION("hyperfused::onednn_sequence_gemm", std::vector<c10::IValue>());
+  const c10::List<std::optional<at::Scalar>> no_scalars;
+  const bool swapped = lib == SequenceLibrary::OneDnnSwapped;
+  // oneDNN reads a weight view with gaps between its rows or columns (a narrowed parameter, a slice of dg) through
+  // a reference kernel: 2.4-4.7 s, not 3 ms, for a (3200, 512) · (512, 128) product. Such a view is copied first.
+  auto w = swapped ? a : b.t();
+  if (!w.is_contiguous() && !w.t().is_contiguous()) w = w.contiguous();
+  const auto product =
+      swapped ? onednn_linear()->call(b.t(), w, std::nullopt, "none", no_scalars, std::nullopt).t()
+              : onednn_linear()->call(a, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, "none",
+                                      no_scalars, std::nullopt);
+  accumulate ? out.add_(product) : out.copy_(product);
+}
+
+// 0: contiguous, 1: rows with a gap between them, 2: anything else (a transposed view): what the libraries copy.
+int layout_of(const at::Tensor& t) { return t.is_contiguous() ? 0 : t.stride(1) == 1 ? 1 : 2; }
+
+// The fastest library for this product, measured once per shape, layouts and process: the best of four runs of
+// each after one that warms it up (oneDNN creates its primitive then), into a scratch result so that a product
+// that accumulates into out is made once. Once per process: ~0.5 s, the time of ~7 calls, at T = 100, B = 32,
+// H = 256 on 2 cores.
+SequenceLibrary measured_sequence_library(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                                          const at::Tensor& bias, bool accumulate) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool>, SequenceLibrary> fastest;
+  const auto key =
+      std::make_tuple(a.size(0), a.size(1), b.size(1), layout_of(a), layout_of(b), bias.defined(), accumulate);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = fastest.find(key);
+  if (it == fastest.end()) {
+    std::vector<SequenceLibrary> candidates{SequenceLibrary::Mm, SequenceLibrary::OneDnn};
+    if (!bias.defined()) candidates.push_back(SequenceLibrary::OneDnnSwapped);  // bias belongs to out's rows
+    auto scratch = pooled_empty(out.sizes(), out.options());
+    std::vector<double> seconds(candidates.size(), 1e30);
+    for (int round = 0; round < 5; ++round)
+      for (size_t i = 0; i < candidates.size(); ++i) {
+        const double dt = seconds_of([&] { run_sequence(candidates[i], scratch, a, b, bias, false); });
+        if (round > 0) seconds[i] = std::min(seconds[i], dt);
+      }
+    const size_t best = std::min_element(seconds.begin(), seconds.end()) - seconds.begin();
+    it = fastest.emplace(key, candidates[best]).first;
+  }
+  return it->second;
+}
+
+}  // namespace
+
+void sequence_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                 bool accumulate) {
+  TORCH_INTERNAL_ASSERT(!(accumulate && bias.defined()), "sequence_mm: a bias with accumulate");
+  const bool f32 = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat;
+  auto lib = SequenceLibrary::Mm;
+  if (out.is_cpu() && f32 && a.dim() == 2 && b.dim() == 2 && onednn_usable(at::kFloat)) {
+    switch (StepGemm::forced()) {
+      case StepGemm::Library::Measure:
+        lib = measured_sequence_library(out, a, b, bias, accumulate);
+        break;
+      case StepGemm::Library::OneDnn:
+      case StepGemm::Library::OneDnnPacked:  // (nothing to reorder once: the op reorders b on each call)
+        lib = a.stride(1) == 1 || bias.defined() ? SequenceLibrary::OneDnn : SequenceLibrary::OneDnnSwapped;
+        break;
+      default:
+        break;
+    }
+  }
+  run_sequence(lib, out, a, b, bias, accumulate);
 }
 
 bool StepGemm::batch_allowed() {

@@ -38,6 +38,16 @@ struct GemmPrecision {
 
 struct RawGemm;
 
+// out = a · b (+ bias (N), added to every row), or with accumulate out += a · b: a product over a whole
+// sequence's rows (the input projections, the input's and the weights' gradients). On the CPU in float32 it runs
+// at::mm (MKL) or oneDNN's matmul, whichever measured faster for the shape and the operands' layouts on this
+// machine, once per process (a, b may be transposed views: oneDNN, which reads its input as rows, makes the
+// product as (bᵀ · aᵀ)ᵀ where that is faster). Neither wins everywhere: oneDNN took 0.43-0.57x MKL's time for
+// these products on an AMD EPYC with AVX-512, where MKL runs its AVX2 kernels. HYPERFUSED_STEP_GEMM=onednn or
+// onednn-packed forces oneDNN, mkl or mm at::mm. Elsewhere (CUDA, other dtypes, oneDNN disabled) at::mm.
+void sequence_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = at::Tensor(),
+                 bool accumulate = false);
+
 class StepGemm {
  public:
   // w: (K, N); a strided view is fine (MKL reads either row-major layout as it is; oneDNN, which needs (N, K)
@@ -79,6 +89,7 @@ class StepGemm {
 
  private:
   enum class Library { Measure, OneDnn, OneDnnPacked, Mm, Mkl, Own };
+  friend void sequence_mm(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
   static Library forced(bool decode = false);
   Library choose(at::Tensor& out, const at::Tensor& a) const;
   void run_with(Library lib, at::Tensor& out, const at::Tensor& a) const;
