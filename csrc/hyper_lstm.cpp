@@ -318,7 +318,7 @@ GemmPrecision gemm_precision(const std::optional<at::ScalarType>& gemm_dtype, co
 at::Tensor input_gemm(const GemmPrecision& P, const at::Tensor& x2, const at::Tensor& w,
                       const at::TensorOptions& out_opts, const at::Tensor& bias = at::Tensor()) {
   auto out = pooled_empty({x2.size(0), w.size(1)}, out_opts);
-  if (bias.defined() && !P.low) {
+  if (!P.low) {  // the bias joins the product (oneDNN's bias, or addmm's)
     sequence_mm(out, x2, w, bias);
     return out;
   }
