@@ -150,6 +150,55 @@ double seconds_of(Fn&& fn) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// How the candidates for one product are timed: `timed` turns each, the best kept, after one untimed run of each
+// candidate from `warm_from` on (the first call of oneDNN's op creates its primitive, of MKL's its buffers).
+// With a cutoff, only the candidates within cutoff x the fastest take the turns after the first: a clear loser
+// at H = 1000 costs ~50 ms a run.
+struct Rounds {
+  int timed;
+  size_t warm_from = 0;
+  double cutoff = 0.0;  // none
+};
+
+// Per candidate, the best time of run(i), which runs candidate i on the call's own operands.
+template <typename Run>
+std::vector<double> best_seconds(size_t count, const Rounds& rounds, Run&& run) {
+  for (size_t i = rounds.warm_from; i < count; ++i) run(i);
+  std::vector<double> best(count, std::numeric_limits<double>::infinity());
+  for (int turn = 0; turn < rounds.timed; ++turn) {
+    const double limit = rounds.cutoff * *std::min_element(best.begin(), best.end());
+    for (size_t i = 0; i < count; ++i)
+      if (turn == 0 || rounds.cutoff <= 0.0 || best[i] < limit)
+        best[i] = std::min(best[i], seconds_of([&] { run(i); }));
+  }
+  return best;
+}
+
+// The index of the fastest of candidates timed as best_seconds times them.
+template <typename Run>
+size_t fastest_of(size_t count, const Rounds& rounds, Run&& run) {
+  const auto best = best_seconds(count, rounds, run);
+  return std::min_element(best.begin(), best.end()) - best.begin();
+}
+
+// Values made once per key and process and then kept: a measured choice of library. Made under the lock, so two
+// threads never measure at once (each would slow the other's timings).
+template <typename Key, typename Value>
+class Remembered {
+ public:
+  template <typename Make>
+  const Value& get(const Key& key, Make&& make) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = values_.find(key);
+    if (it == values_.end()) it = values_.emplace(key, make()).first;
+    return it->second;  // std::map never moves its values; they are never changed once made
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<Key, Value> values_;
+};
+
 // MKL's LP64 interface takes sizes as int.
 int mkl_int(int64_t v) {
   TORCH_CHECK(v <= std::numeric_limits<int>::max(), "hyperfused: a GEMM dimension (", v, ") exceeds MKL's int");
@@ -344,45 +393,37 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   if (force != Library::Measure) return force;
   struct Measured {
     std::vector<Library> candidates;
-    std::vector<double> seconds;  // per run, best of the rounds
+    std::vector<double> seconds;  // per run
     std::vector<double> setup;    // preparing the weight (MKL's packing, oneDNN's copy and reorder), per call
   };
-  static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, bool, int, bool, bool>, Measured> measured;
+  static Remembered<std::tuple<int64_t, int64_t, int64_t, bool, int, bool, bool>, Measured> measured;
   const auto key = std::make_tuple(a.size(0), w_.size(0), w_.size(1), bias_.defined(), int(w_.scalar_type()),
                                    onednn_, mkl_);
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = measured.find(key);
-  if (it == measured.end()) {
-    Measured m;
-    m.candidates = {Library::Mm};
-    if (onednn_) m.candidates.push_back(Library::OneDnn);
-    if (onednn_packed_) m.candidates.push_back(Library::OneDnnPacked);
-    if (mkl_) m.candidates.push_back(Library::Mkl);
+  const Measured& m = measured.get(key, [&] {
+    Measured made;
+    made.candidates = {Library::Mm};
+    if (onednn_) made.candidates.push_back(Library::OneDnn);
+    if (onednn_packed_) made.candidates.push_back(Library::OneDnnPacked);
+    if (mkl_) made.candidates.push_back(Library::Mkl);
     // oneDNN reads (N, K) rows: where w_ is (K, N) rows, each call makes a transposed copy first
     const double transpose = onednn_ ? seconds_of([&] { onednn_weight(); }) : 0.0;
-    for (const Library lib : m.candidates) {
+    for (const Library lib : made.candidates) {
       if (lib == Library::OneDnn) {
-        m.setup.push_back(transpose);
+        made.setup.push_back(transpose);
       } else if (lib == Library::OneDnnPacked) {
-        m.setup.push_back(transpose + seconds_of([&] { onednn_packed_for(a.size(0)); }));
+        made.setup.push_back(transpose + seconds_of([&] { onednn_packed_for(a.size(0)); }));
       } else if (lib == Library::Mkl && !precision_.low) {
-        m.setup.push_back(seconds_of([&] { packed_for(mkl_int(a.size(0))); }));
+        made.setup.push_back(seconds_of([&] { packed_for(mkl_int(a.size(0))); }));
       } else {
-        m.setup.push_back(0.0);
+        made.setup.push_back(0.0);
       }
     }
-    m.seconds.assign(m.candidates.size(), 1e30);
-    for (int round = 0; round < 16; ++round)
-      for (size_t i = 0; i < m.candidates.size(); ++i) {
-        const double dt = seconds_of([&] { run_with(m.candidates[i], out, a); });
-        if (round > 0) m.seconds[i] = std::min(m.seconds[i], dt);  // round 0 warms each up
-      }
-    it = measured.emplace(key, std::move(m)).first;
-  }
-  const Measured& m = it->second;
+    made.seconds = best_seconds(made.candidates.size(), Rounds{15},
+                                [&](size_t i) { run_with(made.candidates[i], out, a); });
+    return made;
+  });
   size_t best = 0;
-  double best_cost = 1e30;
+  double best_cost = std::numeric_limits<double>::infinity();
   for (size_t i = 0; i < m.candidates.size(); ++i) {
     const double setup = runs_ > 0 ? m.setup[i] / double(runs_) : 0.0;
     if (m.seconds[i] + setup < best_cost) best = i, best_cost = m.seconds[i] + setup;
@@ -442,30 +483,17 @@ int layout_of(const at::Tensor& t) { return t.is_contiguous() ? 0 : t.stride(1) 
 // creates their primitive, into a scratch result so that a product that accumulates into out is made once.
 SequenceLibrary measured_sequence_library(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                                           const at::Tensor& bias, bool accumulate) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool>, SequenceLibrary> fastest;
+  static Remembered<std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool>, SequenceLibrary> fastest;
   const auto key =
       std::make_tuple(a.size(0), a.size(1), b.size(1), layout_of(a), layout_of(b), bias.defined(), accumulate);
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = fastest.find(key);
-  if (it == fastest.end()) {
+  return fastest.get(key, [&] {
     std::vector<SequenceLibrary> candidates{SequenceLibrary::Mm, SequenceLibrary::OneDnn};
     if (!bias.defined()) candidates.push_back(SequenceLibrary::OneDnnSwapped);  // bias belongs to out's rows
     auto scratch = pooled_empty(out.sizes(), out.options());
-    const auto run = [&](size_t i) {
-      return seconds_of([&] { run_sequence(candidates[i], scratch, a, b, bias, false); });
-    };
-    for (size_t i = 1; i < candidates.size(); ++i) run(i);  // oneDNN creates its primitive at the first call
-    std::vector<double> seconds(candidates.size());
-    for (size_t i = 0; i < candidates.size(); ++i) seconds[i] = run(i);
-    // a second run only for those within 1.5x of the fastest: at H = 1000 one run of the slowest takes ~50 ms
-    const double first_best = *std::min_element(seconds.begin(), seconds.end());
-    for (size_t i = 0; i < candidates.size(); ++i)
-      if (seconds[i] < 1.5 * first_best) seconds[i] = std::min(seconds[i], run(i));
-    const size_t best = std::min_element(seconds.begin(), seconds.end()) - seconds.begin();
-    it = fastest.emplace(key, candidates[best]).first;
-  }
-  return it->second;
+    // at::mm has no primitive to create: only the oneDNN candidates (from 1 on) run once untimed
+    return candidates[fastest_of(candidates.size(), Rounds{2, 1, 1.5},
+                                 [&](size_t i) { run_sequence(candidates[i], scratch, a, b, bias, false); })];
+  });
 }
 
 }  // namespace
@@ -568,27 +596,17 @@ void run_decode(DecodeLibrary lib, const RawGemm& g, const at::Tensor& w) {
 // measured at the first call with its shape (m, n, k), weight dtype and candidates, the best of 8 runs each,
 // taking turns after one to warm each up, into scratch (g.out may hold a bias), and remembered.
 DecodeLibrary fastest_decode(const RawGemm& g, const at::Tensor& w, bool onednn, bool own) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int, bool, bool>, DecodeLibrary> fastest;
-  std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(g.m, g.n, g.k, int(g.w_dtype), onednn, own);
-  auto it = fastest.find(key);
-  if (it == fastest.end()) {
+  static Remembered<std::tuple<int64_t, int64_t, int64_t, int, bool, bool>, DecodeLibrary> fastest;
+  return fastest.get(std::make_tuple(g.m, g.n, g.k, int(g.w_dtype), onednn, own), [&] {
     std::vector<DecodeLibrary> candidates{DecodeLibrary::Mkl};
     if (onednn) candidates.push_back(DecodeLibrary::OneDnn);
     if (own) candidates.push_back(DecodeLibrary::Own);
     std::vector<float> scratch(size_t(g.m * g.n));
     RawGemm trial = g;
     trial.out = scratch.data(), trial.ldo = g.n, trial.beta = 0.0f;
-    std::vector<double> best(candidates.size(), 1e30);
-    for (int round = 0; round < 9; ++round)
-      for (size_t i = 0; i < candidates.size(); ++i) {
-        const double t = seconds_of([&] { run_decode(candidates[i], trial, w); });
-        if (round > 0) best[i] = std::min(best[i], t);
-      }
-    it = fastest.emplace(key, candidates[std::min_element(best.begin(), best.end()) - best.begin()]).first;
-  }
-  return it->second;
+    return candidates[fastest_of(candidates.size(), Rounds{8},
+                                 [&](size_t i) { run_decode(candidates[i], trial, w); })];
+  });
 }
 
 // How a decode step's batch of products runs: MKL's batch GEMM, or the own kernel on one thread or spread.
@@ -606,13 +624,9 @@ void run_batch(BatchLibrary lib, const RawGemm* gemms, int count) {
 // shape and size, into scratch, and remembered. On a 2-core AMD EPYC the 12 scaling vectors took 12.2 µs in MKL,
 // 9.7 µs in the kernel on one thread and 5.2 µs spread at B = 1, H = 256; 22.6, 19.7 and 11.4 µs at H = 1000.
 BatchLibrary fastest_batch(const RawGemm* gemms, int count, bool own, bool mkl) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool>, BatchLibrary> fastest;
-  std::lock_guard<std::mutex> lock(mutex);
+  static Remembered<std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool>, BatchLibrary> fastest;
   const RawGemm& g = gemms[0];
-  const auto key = std::make_tuple(g.m, g.n, g.k, count, int(g.w_dtype), own, mkl);
-  auto it = fastest.find(key);
-  if (it == fastest.end()) {
+  return fastest.get(std::make_tuple(g.m, g.n, g.k, count, int(g.w_dtype), own, mkl), [&] {
     std::vector<BatchLibrary> candidates;
     if (mkl) candidates.push_back(BatchLibrary::Mkl);
     if (own) candidates.insert(candidates.end(), {BatchLibrary::Own, BatchLibrary::OwnSpread});
@@ -620,15 +634,9 @@ BatchLibrary fastest_batch(const RawGemm* gemms, int count, bool own, bool mkl) 
     std::vector<RawGemm> trial(gemms, gemms + count);
     for (int i = 0; i < count; ++i)
       trial[i].out = scratch.data() + i * g.m * g.n, trial[i].ldo = g.n, trial[i].beta = 0.0f;
-    std::vector<double> best(candidates.size(), 1e30);
-    for (int round = 0; round < 9; ++round)
-      for (size_t i = 0; i < candidates.size(); ++i) {
-        const double t = seconds_of([&] { run_batch(candidates[i], trial.data(), count); });
-        if (round > 0) best[i] = std::min(best[i], t);
-      }
-    it = fastest.emplace(key, candidates[std::min_element(best.begin(), best.end()) - best.begin()]).first;
-  }
-  return it->second;
+    return candidates[fastest_of(candidates.size(), Rounds{8},
+                                 [&](size_t i) { run_batch(candidates[i], trial.data(), count); })];
+  });
 }
 
 }  // namespace
