@@ -782,9 +782,10 @@ std::vector<at::Tensor> hyper_lstm_backward(
   gp[HYPER_WEIGHT_IH] = at::cat({P.mm(dah_op.t(), x2_op, dtype), d_rec.narrow(0, 4 * H, 4 * Hh)}, 1);
   gp[HYPER_WEIGHT_HH] = times_prev(P, dah_op, hh0, hhs);
   const auto dz = dwsm.narrow(1, D.dz, 12 * Nz);
-  gp[Z_WEIGHT] = dz.narrow(1, 0, 8 * Nz).t().mm(hh_all);
+  // (two products, not one split: an op's outputs must not share storage)
+  gp[Z_WEIGHT] = sequence_product(dz.narrow(1, 0, 8 * Nz).t(), hh_all);
   gp[Z_BIAS] = dz.narrow(1, 0, 8 * Nz).sum(0);
-  gp[BIAS_Z_WEIGHT] = dz.narrow(1, 8 * Nz, 4 * Nz).t().mm(hh_all);
+  gp[BIAS_Z_WEIGHT] = sequence_product(dz.narrow(1, 8 * Nz, 4 * Nz).t(), hh_all);
   return grads;
 }
 

@@ -5,6 +5,7 @@
 // Backward: the layout change reversed, then dW_out, dB_out, dA, dW_i, dB_i, dZ as GEMMs/reductions.
 #include "static_hypernet.h"
 #include "cpu/buffer_pool.h"
+#include "cpu/step_gemm.h"
 #include "no_autocast.h"
 
 #include <ATen/ATen.h>
@@ -146,7 +147,7 @@ at::Tensor generate_kernels(const TileKernels& k, const at::Tensor& z, const at:
     return out;
   }
   auto tiled = pooled_empty({s.tiles * s.in_tile, s.out_tile * s.kk}, z.options());
-  at::addmm_out(tiled, b_out, hidden_layer(z, w_in, b_in).reshape({-1, s.hidden}), w_out.t());
+  sequence_mm(tiled, hidden_layer(z, w_in, b_in).reshape({-1, s.hidden}), w_out.t(), b_out);
   TileLayoutArgs a{s.tiles, s.in_tile, s.out_tile, s.kk, dbl, tile_meta.data_ptr<int64_t>(), out.data_ptr(),
                    tiled.data_ptr(), numel, k.stream()};
   k.scatter(a);
@@ -172,7 +173,7 @@ std::vector<at::Tensor> generate_kernels_backward(const TileKernels& k, const at
   k.gather(a);
   const auto A = hidden_layer(z, w_in, b_in);  // recomputed: cheaper than keeping it
   const auto dk2 = dk.view({-1, width});
-  auto d_w_out = dk2.t().mm(A.reshape({-1, s.hidden}));
+  auto d_w_out = sequence_product(dk2.t(), A.reshape({-1, s.hidden}));
   auto d_b_out = dk2.sum(0);
   const auto dA = at::matmul(dk, w_out);  // (tiles, in_tile, hidden)
   auto d_b_in = dA.sum(0);

@@ -160,6 +160,27 @@ def test_fused_generation_matches_reference(backend, dtype, case):
 
 
 @requires_extension
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("library, in_onednn", [("onednn", True), ("mm", False), ("", None)],
+                         ids=["onednn", "mm", "measured"])
+def test_cpu_float32_generation_products_every_way(library, in_onednn, monkeypatch):
+    """On the CPU in float32 the tiles' product (with b_out) and W_out's gradient run in at::mm or oneDNN's matmul,
+    as the HyperLSTM's sequence products do (HYPERFUSED_STEP_GEMM forces one, else the faster measured): every way,
+    the kernels and all gradients match the reference at the float32 tolerance of the fused test above."""
+    monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
+    z_dim, in_tile, out_tile, k, grids = FUSED_CASES[1]
+    net = randomize_(hyperfused.StaticHyperNetwork(z_dim, in_tile, out_tile, k, dtype=torch.float32))
+    layers = _layers(net, grids, dtype=torch.float32)
+    ref_k, ref_g = _generate_and_grads(net, layers, "reference")
+    with torch.profiler.profile() as prof:
+        got_k, got_g = _generate_and_grads(net, layers, "cpu")
+    for a, b in zip(got_k + got_g, ref_k + ref_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6 * b.abs().max().item())
+    if in_onednn is not None:
+        assert ("hyperfused::onednn_sequence_gemm" in {e.name for e in prof.events()}) == in_onednn
+
+
+@requires_extension
 def test_gradcheck_cpu_generation_op():
     net = randomize_(hyperfused.StaticHyperNetwork(3, 2, 3, 3, dtype=torch.float64))
     layers = _layers(net, [(2, 1), (1, 2)])

@@ -222,11 +222,7 @@ at::Tensor GemmPrecision::operand(const at::Tensor& t) const {
 }
 
 at::Tensor GemmPrecision::mm(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype) const {
-  if (!low) {
-    auto out = at::empty({a.size(0), b.size(1)}, a.options());
-    sequence_mm(out, a, b);
-    return out;
-  }
+  if (!low) return sequence_product(a, b);
   // cuBLAS accumulates in float32 and returns it; the CPU's low-precision GEMMs accumulate in float32 too but
   // return their inputs' dtype (as nn.Linear under autocast does), cast back here.
   if (a.is_cuda()) return at::mm(operand(a), b, out_dtype);
@@ -517,6 +513,12 @@ void sequence_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cons
     }
   }
   run_sequence(lib, out, a, b, bias, accumulate);
+}
+
+at::Tensor sequence_product(const at::Tensor& a, const at::Tensor& b) {
+  auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  sequence_mm(out, a, b);
+  return out;
 }
 
 bool StepGemm::batch_allowed() {

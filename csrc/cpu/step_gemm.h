@@ -47,6 +47,8 @@ struct RawGemm;
 // onednn-packed forces oneDNN, mkl or mm at::mm. Elsewhere (CUDA, other dtypes, oneDNN disabled) at::mm.
 void sequence_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = at::Tensor(),
                  bool accumulate = false);
+// a · b as a new tensor (not pooled: it may be returned), made as sequence_mm makes it.
+at::Tensor sequence_product(const at::Tensor& a, const at::Tensor& b);
 
 class StepGemm {
  public:
