@@ -17,6 +17,14 @@ HAS_GPU = torch.cuda.is_available()
 HAS_MKL_CBLAS = mkl_cblas() is not None
 # MKL's batch GEMM, which the CPU's float32 decode step calls directly where this torch exports it.
 HAS_MKL_BATCH = HAS_MKL_CBLAS and hasattr(mkl_cblas(), "cblas_sgemm_batch")
+
+
+def own_kernel_for(dtype) -> bool:
+    """Whether this build has the CPU's few-rows kernel for weights of `dtype` (csrc/cpu/few_rows_gemm.h)."""
+    return hyperfused.HAS_EXTENSION and (
+        str(dtype).removeprefix("torch.") in hyperfused._extension._C._few_rows_gemm_weights())
+
+
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU on this machine; CUDA tests need one")
 requires_extension = pytest.mark.skipif(not hyperfused.HAS_EXTENSION,
                                         reason="hyperfused._C not built (run scripts/bootstrap.sh)")

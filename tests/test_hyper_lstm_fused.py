@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import hyperfused
-from conftest import (HAS_GPU, HAS_MKL_BATCH, HAS_MKL_CBLAS, backend_cases, device_for, requires_extension, requires_gpu,
-                      size_id)
+from conftest import (HAS_GPU, HAS_MKL_BATCH, HAS_MKL_CBLAS, backend_cases, device_for, own_kernel_for,
+                      requires_extension, requires_gpu, size_id)
 from helpers import assert_same_run, make_pair, random_state, randomize_
 
 pytestmark = requires_extension
@@ -122,6 +122,8 @@ def test_step_designs_match_the_reference(backend, design, dtype, layer_norm, T,
 ONEDNN, MKL, ONEDNN_PACK = "mkldnn::_linear_pointwise", "hyperfused::mkl_gemm", "hyperfused::onednn_pack"
 OWN = "hyperfused::few_rows_gemm"
 HAS_ONEDNN_REORDER = hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+# the few-rows kernel runs where the build has AVX-512; elsewhere a forced own runs at::mm
+OWN_RUNS = {OWN} if own_kernel_for(torch.float32) else set()
 
 
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and HAS_MKL_CBLAS),
@@ -130,15 +132,15 @@ HAS_ONEDNN_REORDER = hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     ("onednn", True, {ONEDNN}, {MKL, ONEDNN_PACK}), ("onednn-packed", True, {ONEDNN, ONEDNN_PACK}, {MKL}),
     ("mkl", True, {MKL}, {ONEDNN}), ("mm", True, set(), {ONEDNN, MKL}),
     ("onednn", False, set(), {ONEDNN, MKL}), ("onednn-packed", False, set(), {ONEDNN, MKL}),
-    ("", False, set(), {ONEDNN}), ("", True, set(), set()), ("own", True, set(), {OWN})],
+    ("", False, set(), {ONEDNN}), ("", True, set(), set()), ("own", True, OWN_RUNS, {ONEDNN, MKL})],
     ids=["onednn", "onednn-packed", "mkl-packed", "mm", "onednn-but-mkldnn-disabled",
-         "onednn-packed-but-mkldnn-disabled", "measured-mkldnn-disabled", "measured", "own-decode-only"])
+         "onednn-packed-but-mkldnn-disabled", "measured-mkldnn-disabled", "measured", "own"])
 def test_cpu_float32_step_gemm_every_way(library, mkldnn, runs, absent, monkeypatch):
     """float32 recurrent GEMMs run in oneDNN (against the weight as it is, or reordered once per call into
     oneDNN's blocked layout for the batch size), at::mm, or MKL with the weight packed once per call, whichever
     measured fastest for the shape on this machine (HYPERFUSED_STEP_GEMM forces one;
-    torch.backends.mkldnn.enabled=False rules oneDNN out; own, the few-rows kernel, runs decode steps only, and
-    the sequence measures). Every way agrees with the reference."""
+    torch.backends.mkldnn.enabled=False rules oneDNN out; own forces the few-rows kernel, where the build has it,
+    for the products whose width it covers, at::mm for the rest). Every way agrees with the reference."""
     T, B, X, H, Hh, Nz = 5, 17, 7, 37, 20, 4
     ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, dtype=torch.float32)
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
@@ -157,8 +159,8 @@ SEQUENCE_ONEDNN = "hyperfused::onednn_sequence_gemm"
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 @pytest.mark.parametrize("library, mkldnn, in_onednn", [
     ("onednn", True, True), ("onednn-packed", True, True), ("mm", True, False), ("mkl", True, False),
-    ("onednn", False, False), ("", True, None)],
-    ids=["onednn", "onednn-packed", "mm", "mkl", "onednn-but-mkldnn-disabled", "measured"])
+    ("onednn", False, False), ("own", True, False), ("", True, None)],
+    ids=["onednn", "onednn-packed", "mm", "mkl", "onednn-but-mkldnn-disabled", "own", "measured"])
 def test_cpu_float32_sequence_gemms_every_way(library, mkldnn, in_onednn, monkeypatch):
     """The products over the whole sequence (the input projections, the input's and the weights' gradients) run in
     at::mm or oneDNN's matmul, which reads some of them transposed ((bᵀ·aᵀ)ᵀ) and copies the weight views with

@@ -12,7 +12,7 @@ import torch.nn.utils.prune
 
 import hyperfused
 from hyperfused import HyperLSTMState
-from conftest import HAS_MKL_BATCH
+from conftest import HAS_MKL_BATCH, own_kernel_for
 from helpers import randomize_
 
 
@@ -466,11 +466,6 @@ MKL_BATCH, ONEDNN, OWN = "hyperfused::mkl_batch", "hyperfused::onednn_gemm", "hy
 OWN_BATCH = "hyperfused::few_rows_gemm_batch"
 
 
-def _own_kernel_for(dtype) -> bool:
-    """Whether this build has the few-rows kernel for weights of `dtype` (csrc/cpu/few_rows_gemm.h)."""
-    return str(dtype).removeprefix("torch.") in hyperfused._extension._C._few_rows_gemm_weights()
-
-
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
 @pytest.mark.parametrize("H", [37, 36])
 @pytest.mark.parametrize("library", ["", "mkl", "onednn", "own", "mm"],
@@ -499,7 +494,7 @@ def test_a_decode_step_copies_no_weight(library, H, monkeypatch):
     copies = [e for e in prof.events() if e.name in COPIES]
     products = [n for n in names if n in PRODUCTS]
     if HAS_MKL_BATCH and library != "mm":
-        own_scales = H % 4 == 0 and _own_kernel_for(torch.float32)
+        own_scales = H % 4 == 0 and own_kernel_for(torch.float32)
         assert len(products) == 7 and products[6] in ({MKL_BATCH, OWN_BATCH} if own_scales else {MKL_BATCH})
         if library in ("own", "mkl", "onednn"):
             assert products[6] == (OWN_BATCH if own_scales and library == "own" else MKL_BATCH)
@@ -510,7 +505,7 @@ def test_a_decode_step_copies_no_weight(library, H, monkeypatch):
         elif library == "onednn":
             assert inputs == [ONEDNN] * 6
         elif library == "own":
-            assert inputs == [OWN if _own_kernel_for(torch.float32) else MKL_BATCH] * 6
+            assert inputs == [OWN if own_kernel_for(torch.float32) else MKL_BATCH] * 6
         assert all(e.cpu_parent.name == ONEDNN for e in copies), [e.cpu_parent.name for e in copies]
         return
     assert names.count("aten::bmm") == 2 and MKL_BATCH not in names
@@ -555,15 +550,15 @@ def test_a_half_precision_cell_decodes_from_its_own_weights(dtype, H, library, m
                 torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
             assert (bad.tensors()[1] - expected.tensors()[1]).abs().max() > 0.1
     converted = [e for e in prof.events() if e.name == "aten::_to_copy" and [4 * H, H] in e.input_shapes]
-    readable = dtype == torch.bfloat16 or _own_kernel_for(dtype)
+    readable = dtype == torch.bfloat16 or own_kernel_for(dtype)
     assert bool(converted) == (library == "mm" or not HAS_MKL_BATCH or not readable)
     small = ([2, 4 * H, Nz], [4 * H, Nz], [8 * Nz, Hh], [4 * Nz, Hh])
     small_converted = [e for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_")
                        and e.input_shapes[:1] in ([shape] for shape in small)]  # by the op, or the module
-    widened = library != "mm" and HAS_MKL_BATCH and readable and H % 4 == 0 and _own_kernel_for(torch.float16)
+    widened = library != "mm" and HAS_MKL_BATCH and readable and H % 4 == 0 and own_kernel_for(torch.float16)
     assert bool(small_converted) != widened  # (the widened bfloat16 path needs what the float16 one needs)
     if library == "own" and HAS_MKL_BATCH:
-        assert (OWN in {e.name for e in prof.events()}) == _own_kernel_for(dtype)
+        assert (OWN in {e.name for e in prof.events()}) == own_kernel_for(dtype)
 
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")

@@ -261,7 +261,12 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
   mkl_ = w.is_cpu() && mkl_dtype && mkl_blas() && (force == Library::Measure || force == Library::Mkl);
   // Run once, a product gains nothing from a library that prepares its weight (MKL's packing, oneDNN's
   // transposed copy or reorder) and pays for the preparation: a decode step's GEMMs took up to 1.45x as long measured.
-  if (runs == 1 && force == Library::Measure) onednn_ = onednn_packed_ = mkl_ = false;
+  // The own kernel: float32 (no rounding to a low precision), a product whose N it covers.
+  RawGemm probe{};
+  probe.w_transposed = true, probe.n = w_.size(1), probe.w_dtype = w_.scalar_type();
+  own_ = w.is_cpu() && !precision_.low && few_rows_gemm_runs(probe) &&
+         (force == Library::Measure || force == Library::Own);
+  if (runs == 1 && force == Library::Measure) onednn_ = onednn_packed_ = mkl_ = own_ = false;
   if (onednn_ || mkl_) {
     if (bias_.defined()) bias_nk_ = bias_.to(w_.scalar_type());  // oneDNN takes the bias in the weight's dtype
   }
@@ -300,11 +305,10 @@ at::Tensor StepGemm::onednn_packed_for(int64_t rows) const {
 }
 
 // HYPERFUSED_STEP_GEMM=onednn|onednn-packed|mkl|mm|own forces a library (the tests run each); unset or empty,
-// the library is measured. own, hyperfused's few-rows kernel, runs a decode step's products only: the time loop
-// (decode false) measures then. The products over a whole sequence follow it too (sequence_mm: onednn and
-// onednn-packed force oneDNN, mkl and mm at::mm). Anything else is refused: a mistyped value must not silently
-// measure.
-StepGemm::Library StepGemm::forced(bool decode) {
+// the library is measured. own is hyperfused's few-rows kernel. The products over a whole sequence follow it too
+// (sequence_mm: onednn and onednn-packed force oneDNN, mkl, mm and own at::mm). Anything else is refused: a
+// mistyped value must not silently measure.
+StepGemm::Library StepGemm::forced() {
   const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
   if (!v || !*v) return Library::Measure;
   const std::string s(v);
@@ -312,7 +316,7 @@ StepGemm::Library StepGemm::forced(bool decode) {
   if (s == "onednn-packed") return Library::OneDnnPacked;
   if (s == "mkl") return Library::Mkl;
   if (s == "mm") return Library::Mm;
-  if (s == "own") return decode ? Library::Own : Library::Measure;
+  if (s == "own") return Library::Own;
   TORCH_CHECK(false, "hyperfused: HYPERFUSED_STEP_GEMM must be 'onednn', 'onednn-packed', 'mkl', 'mm', 'own' or ",
               "unset, got '", s, "'");
   return Library::Measure;
@@ -326,6 +330,8 @@ void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const
                                     std::nullopt));
   } else if (lib == Library::Mkl) {
     mkl_out(out, a);
+  } else if (lib == Library::Own) {
+    own_out(out, a);
   } else {
     mm_out(out, a);
   }
@@ -351,6 +357,21 @@ void StepGemm::mkl_out(at::Tensor& out, const at::Tensor& a) const {
     blas.sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a.data_ptr<float>(), mkl_int(a.stride(0)),
                        packed_for(m).data_ptr<float>(), n, beta, c, ldc);
   }
+}
+
+// out = a · w (+ bias) by the few-rows kernel, which reads w as its (N, K) rows: w_ itself where it is a
+// transposed view of such rows (the forward's products), else the transposed copy oneDNN reads too.
+void StepGemm::own_out(at::Tensor& out, const at::Tensor& a) const {
+  const at::Tensor& w_nk = onednn_weight();
+  float beta = 0.0f;
+  if (bias_.defined()) {
+    out.copy_(bias_.expand_as(out));
+    beta = 1.0f;
+  }
+  const int64_t n = w_nk.size(0), k = w_nk.size(1);
+  // (a dimension of size 1 may carry any stride: each leading dimension at least its row's length)
+  few_rows_gemm({a.data_ptr<float>(), std::max(a.stride(0), k), w_nk.data_ptr(), std::max(w_nk.stride(0), k), true,
+                 out.data_ptr<float>(), std::max(out.stride(0), n), a.size(0), n, k, beta, at::kFloat, false});
 }
 
 // The weight packed for `rows` rows of a: packed at the first step, again if a caller runs it with another
@@ -384,7 +405,8 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
   // A forced library that cannot run this product (oneDNN without bfloat16 kernels on this CPU, MKL without
   // its CBLAS): at::mm, which runs every product.
   const bool cannot = (force == Library::OneDnn || force == Library::OneDnnPacked) ? !onednn_
-                      : force == Library::Mkl && !mkl_;
+                      : force == Library::Mkl ? !mkl_
+                                              : force == Library::Own && !own_;
   if (cannot) return Library::Mm;
   if (force != Library::Measure) return force;
   struct Measured {
@@ -392,19 +414,20 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
     std::vector<double> seconds;  // per run
     std::vector<double> setup;    // preparing the weight (MKL's packing, oneDNN's copy and reorder), per call
   };
-  static Remembered<std::tuple<int64_t, int64_t, int64_t, bool, int, bool, bool>, Measured> measured;
+  static Remembered<std::tuple<int64_t, int64_t, int64_t, bool, int, bool, bool, bool>, Measured> measured;
   const auto key = std::make_tuple(a.size(0), w_.size(0), w_.size(1), bias_.defined(), int(w_.scalar_type()),
-                                   onednn_, mkl_);
+                                   onednn_, mkl_, own_);
   const Measured& m = measured.get(key, [&] {
     Measured made;
     made.candidates = {Library::Mm};
     if (onednn_) made.candidates.push_back(Library::OneDnn);
     if (onednn_packed_) made.candidates.push_back(Library::OneDnnPacked);
     if (mkl_) made.candidates.push_back(Library::Mkl);
-    // oneDNN reads (N, K) rows: where w_ is (K, N) rows, each call makes a transposed copy first
-    const double transpose = onednn_ ? seconds_of([&] { onednn_weight(); }) : 0.0;
+    if (own_) made.candidates.push_back(Library::Own);
+    // oneDNN and the own kernel read (N, K) rows: where w_ is (K, N) rows, each call makes a transposed copy first
+    const double transpose = onednn_ || own_ ? seconds_of([&] { onednn_weight(); }) : 0.0;
     for (const Library lib : made.candidates) {
-      if (lib == Library::OneDnn) {
+      if (lib == Library::OneDnn || lib == Library::Own) {
         made.setup.push_back(transpose);
       } else if (lib == Library::OneDnnPacked) {
         made.setup.push_back(transpose + seconds_of([&] { onednn_packed_for(a.size(0)); }));
@@ -644,7 +667,7 @@ BatchLibrary fastest_batch(const RawGemm* gemms, int count, bool own, bool mkl) 
 }  // namespace
 
 void StepGemm::decode_batch(const RawGemm* gemms, int count) {
-  const Library force = forced(/*decode=*/true);
+  const Library force = forced();
   bool own = true, mkl = true;
   for (int i = 0; i < count; ++i) {
     own = own && few_rows_gemm_runs(gemms[i]);
@@ -674,7 +697,7 @@ bool StepGemm::small_products_read(at::ScalarType dtype) {
 }
 
 void StepGemm::decode_gemm(const RawGemm& g, const at::Tensor& w) {
-  const Library force = forced(/*decode=*/true);
+  const Library force = forced();
   const bool onednn = onednn_reads(g, w), own = few_rows_gemm_runs(g);
   // no library takes a float16 weight, or widens a bfloat16 one
   if (g.w_dtype == at::kHalf || (g.widen && g.w_dtype == at::kBFloat16)) {
@@ -693,7 +716,7 @@ void StepGemm::decode_gemm(const RawGemm& g, const at::Tensor& w) {
 }
 
 void StepGemm::run(at::Tensor& out, const at::Tensor& a) const {
-  if (!onednn_ && !mkl_) {
+  if (!onednn_ && !mkl_ && !own_) {
     mm_out(out, a);
     return;
   }

@@ -3,10 +3,12 @@
 // primitive per shape; the library behind nn.LSTM on the CPU), the same against the weight reordered once
 // into oneDNN's blocked layout for the batch size (mkldnn::_reorder_linear_weight, as nn.LSTM's RNN primitive
 // keeps its weights), MKL's sgemm (at::mm_out, which packs the weight on every call), or MKL's sgemm against
-// the weight packed once for the batch size and writing into out (cblas_sgemm_compute), whichever is fastest
-// on this machine for this shape: measured once per shape and process. None wins everywhere (oneDNN by up to
-// 1.5x on an AMD EPYC and its reordered weight by 1.1-1.6x more there, MKL on an Intel Xeon and its packed
-// weight by 1.3-1.6x more there). Elsewhere (CUDA, float64, a torch built without oneDNN and MKL) it is
+// the weight packed once for the batch size and writing into out (cblas_sgemm_compute), or hyperfused's own
+// few-rows kernel (few_rows_gemm.h, where the build has it), whichever is fastest on this machine for this
+// shape: measured once per shape and process. None wins everywhere (oneDNN by up to 1.5x on an AMD EPYC and its
+// reordered weight by 1.1-1.6x more there, MKL on an Intel Xeon and its packed weight by 1.3-1.6x more there,
+// the own kernel by ~2x at B = 8 on an AMD EPYC with AVX-512 (Zen 4) where both libraries ran these products
+// at a third of its speed). Elsewhere (CUDA, float64, a torch built without oneDNN and MKL) it is
 // at::mm_out; with torch.backends.mkldnn disabled, oneDNN is ruled out.
 //
 // With a GemmPrecision of bfloat16/float16 the operands are rounded to it and the products accumulated in
@@ -44,7 +46,7 @@ struct RawGemm;
 // machine, once per process (a, b may be transposed views: oneDNN, which reads its input as rows, makes the
 // product as (bᵀ · aᵀ)ᵀ where that is faster). Neither wins everywhere: oneDNN took 0.43-0.57x MKL's time for
 // these products on an AMD EPYC with AVX-512, where MKL runs its AVX2 kernels. HYPERFUSED_STEP_GEMM=onednn or
-// onednn-packed forces oneDNN, mkl or mm at::mm. Elsewhere (CUDA, other dtypes, oneDNN disabled) at::mm.
+// onednn-packed forces oneDNN, mkl, mm or own (a few-rows kernel: not for these) at::mm. Elsewhere (CUDA, other dtypes, oneDNN disabled) at::mm.
 void sequence_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = at::Tensor(),
                  bool accumulate = false);
 // a · b as a new tensor (not pooled: it may be returned), made as sequence_mm makes it.
@@ -92,17 +94,19 @@ class StepGemm {
  private:
   enum class Library { Measure, OneDnn, OneDnnPacked, Mm, Mkl, Own };
   friend void sequence_mm(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
-  static Library forced(bool decode = false);
+  static Library forced();
   Library choose(at::Tensor& out, const at::Tensor& a) const;
   void run_with(Library lib, at::Tensor& out, const at::Tensor& a) const;
   void mm_out(at::Tensor& out, const at::Tensor& a) const;
   void mkl_out(at::Tensor& out, const at::Tensor& a) const;
+  void own_out(at::Tensor& out, const at::Tensor& a) const;
 
   GemmPrecision precision_;
   at::Tensor w_, bias_;  // the operand w, and the bias in the op's dtype
   int64_t runs_;
   bool onednn_ = false, mkl_ = false;  // which of oneDNN and MKL may run the product
   bool onednn_packed_ = false;         // and oneDNN against the weight reordered for the batch size
+  bool own_ = false;                   // and the few-rows kernel
   at::Tensor bias_nk_;  // the bias in the weight's dtype, defined when either may
   bool mkl_trans_ = false;  // MKL reads w_ as (N, K) rows (w_ is a transposed view) rather than (K, N) rows
   int64_t mkl_ld_ = 0;      // and its leading dimension
