@@ -40,13 +40,14 @@ struct GemmPrecision {
 
 struct RawGemm;
 
-// out = a · b (+ bias (N), added to every row), or with accumulate out += a · b: a product over a whole
-// sequence's rows (the input projections, the input's and the weights' gradients). On the CPU in float32 it runs
-// at::mm (MKL) or oneDNN's matmul, whichever measured faster for the shape and the operands' layouts on this
-// machine, once per process (a, b may be transposed views: oneDNN, which reads its input as rows, makes the
-// product as (bᵀ · aᵀ)ᵀ where that is faster). Neither wins everywhere: oneDNN took 0.43-0.57x MKL's time for
-// these products on an AMD EPYC with AVX-512, where MKL runs its AVX2 kernels. HYPERFUSED_STEP_GEMM=onednn or
-// onednn-packed forces oneDNN, mkl, mm or own (a few-rows kernel: not for these) at::mm. Elsewhere (CUDA, other dtypes, oneDNN disabled) at::mm.
+// out = a · b (+ bias (N), added to every row), or with accumulate out += a · b: a product over a whole sequence's
+// rows (the input projections, the input's and the weights' gradients). On the CPU in float32 it runs at::mm (MKL)
+// or oneDNN's matmul, whichever measured faster for the shape and the operands' layouts on this machine, once per
+// process (a, b may be transposed views: oneDNN, which reads its input as rows, makes the product as (bᵀ · aᵀ)ᵀ
+// where that is faster). Neither wins everywhere: oneDNN took 0.43-0.57x MKL's time for these products on an AMD
+// EPYC with AVX-512, where MKL runs its AVX2 kernels. HYPERFUSED_STEP_GEMM=onednn or onednn-packed forces oneDNN;
+// mkl, mm and own (a kernel for few rows, not for these products) force at::mm. Elsewhere (CUDA, other dtypes,
+// oneDNN disabled) at::mm.
 void sequence_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = at::Tensor(),
                  bool accumulate = false);
 // a · b as a new tensor (not pooled: it may be returned), made as sequence_mm makes it.
@@ -54,8 +55,8 @@ at::Tensor sequence_product(const at::Tensor& a, const at::Tensor& b);
 
 class StepGemm {
  public:
-  // w: (K, N); a strided view is fine (MKL reads either row-major layout as it is; oneDNN, which needs (N, K)
-  // rows, gets a copy made the first time it runs).
+  // w: (K, N); a strided view is fine (MKL reads either row-major layout as it is; oneDNN and the few-rows
+  // kernel, which need (N, K) rows, get a copy made the first time either runs).
   // bias: (N), added to every row, or undefined.
   // runs: how many times run() will be called (a sequence's T steps), which weighs the one-time cost of
   // preparing a library (packing the weight) in the choice; 1: at::mm, unmeasured; 0: many.
