@@ -160,6 +160,14 @@ struct Rounds {
   double cutoff = 0.0;  // none
 };
 
+// Below this many multiply-adds a product takes a microsecond or two in every library, and timing cannot tell them
+// apart: a measurement would choose at random from one process to the next, and the libraries sum in different
+// orders, so a run resumed from a checkpoint in a new process would drift from the one that wrote it in the last
+// bits. Such products run at::mm, unmeasured.
+constexpr int64_t kMeasuredMacs = 64 * 1024;
+
+bool too_small_to_measure(int64_t m, int64_t k, int64_t n) { return m * k * n < kMeasuredMacs; }
+
 // Per candidate, the best time of run(i), which runs candidate i on the call's own operands.
 template <typename Run>
 std::vector<double> best_seconds(size_t count, const Rounds& rounds, Run&& run) {
@@ -409,6 +417,7 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
                                               : force == Library::Own && !own_;
   if (cannot) return Library::Mm;
   if (force != Library::Measure) return force;
+  if (too_small_to_measure(a.size(0), w_.size(0), w_.size(1))) return Library::Mm;
   struct Measured {
     std::vector<Library> candidates;
     std::vector<double> seconds;  // per run
@@ -525,7 +534,8 @@ void sequence_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cons
   if (out.is_cpu() && f32 && a.dim() == 2 && b.dim() == 2 && onednn_usable(at::kFloat)) {
     switch (StepGemm::forced()) {
       case StepGemm::Library::Measure:
-        lib = measured_sequence_library(out, a, b, bias, accumulate);
+        if (!too_small_to_measure(a.size(0), a.size(1), b.size(1)))
+          lib = measured_sequence_library(out, a, b, bias, accumulate);
         break;
       case StepGemm::Library::OneDnn:
       case StepGemm::Library::OneDnnPacked:  // (nothing to reorder once: the op reorders b on each call)
