@@ -287,7 +287,7 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
   }
 }
 
-const at::Tensor& StepGemm::onednn_weight() const {
+const at::Tensor& StepGemm::weight_nk() const {
   std::lock_guard<std::mutex> lock(prepared_->mutex);
   if (!prepared_->w_nk.defined()) {
     const auto nk = w_.t();
@@ -301,7 +301,7 @@ const at::Tensor& StepGemm::onednn_weight() const {
 // The weight in oneDNN's layout for `rows` rows of a: reordered at the first step, again if a caller runs it
 // with another batch size.
 at::Tensor StepGemm::onednn_packed_for(int64_t rows) const {
-  const at::Tensor& w_nk = onednn_weight();
+  const at::Tensor& w_nk = weight_nk();
   Prepared& p = *prepared_;
   std::lock_guard<std::mutex> lock(p.mutex);
   if (p.onednn_rows != rows) {
@@ -333,7 +333,7 @@ StepGemm::Library StepGemm::forced() {
 void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const {
   if (lib == Library::OneDnn || lib == Library::OneDnnPacked) {
     const auto bias = bias_nk_.defined() ? std::optional<at::Tensor>(bias_nk_) : std::nullopt;
-    const at::Tensor w = lib == Library::OneDnn ? onednn_weight() : onednn_packed_for(a.size(0));
+    const at::Tensor w = lib == Library::OneDnn ? weight_nk() : onednn_packed_for(a.size(0));
     out.copy_(onednn_linear()->call(precision_.operand(a), w, bias, "none", c10::List<std::optional<at::Scalar>>(),
                                     std::nullopt));
   } else if (lib == Library::Mkl) {
@@ -370,7 +370,7 @@ void StepGemm::mkl_out(at::Tensor& out, const at::Tensor& a) const {
 // out = a · w (+ bias) by the few-rows kernel, which reads w as its (N, K) rows: w_ itself where it is a
 // transposed view of such rows (the forward's products), else the transposed copy oneDNN reads too.
 void StepGemm::own_out(at::Tensor& out, const at::Tensor& a) const {
-  const at::Tensor& w_nk = onednn_weight();
+  const at::Tensor& w_nk = weight_nk();
   float beta = 0.0f;
   if (bias_.defined()) {
     out.copy_(bias_.expand_as(out));
@@ -434,7 +434,7 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
     if (mkl_) made.candidates.push_back(Library::Mkl);
     if (own_) made.candidates.push_back(Library::Own);
     // oneDNN and the own kernel read (N, K) rows: where w_ is (K, N) rows, each call makes a transposed copy first
-    const double transpose = onednn_ || own_ ? seconds_of([&] { onednn_weight(); }) : 0.0;
+    const double transpose = onednn_ || own_ ? seconds_of([&] { weight_nk(); }) : 0.0;
     for (const Library lib : made.candidates) {
       if (lib == Library::OneDnn || lib == Library::Own) {
         made.setup.push_back(transpose);
@@ -655,9 +655,11 @@ void run_batch(BatchLibrary lib, const RawGemm* gemms, int count) {
 }
 
 // The fastest way to run the batch `gemms` (all of one shape and weight dtype), of MKL's batch GEMM (mkl: float32
-// weights) and, where it can run them (own), the own kernel on one thread or spread: measured as fastest_decode measures, at the first batch of its
-// shape and size, into scratch, and remembered. On a 2-core AMD EPYC the 12 scaling vectors took 12.2 µs in MKL,
-// 9.7 µs in the kernel on one thread and 5.2 µs spread at B = 1, H = 256; 22.6, 19.7 and 11.4 µs at H = 1000.
+// weights) and, where it can run them (own), the own kernel on one thread or spread: measured as fastest_decode
+// measures, at the first batch of its shape and size, into scratch, and remembered. On a 2-core AMD EPYC the 12
+// scaling vectors took 12.2 µs in MKL, 9.7 µs in the kernel on one thread and 5.2 µs spread at B = 1, H = 256;
+// 22.6, 19.7 and 11.4 µs at H = 1000. Each of them is under too_small_to_measure's size, but the batch is not:
+// neither decode chooser applies that rule.
 BatchLibrary fastest_batch(const RawGemm* gemms, int count, bool own, bool mkl) {
   static Remembered<std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool>, BatchLibrary> fastest;
   const RawGemm& g = gemms[0];

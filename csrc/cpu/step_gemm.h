@@ -114,15 +114,15 @@ class StepGemm {
   // chosen at the first run; atomic, as run() is const and a caller may share a StepGemm between threads
   mutable std::atomic<Library> lib_{Library::Measure};
   at::Tensor packed_for(int rows) const;
-  const at::Tensor& onednn_weight() const;
+  const at::Tensor& weight_nk() const;
   at::Tensor onednn_packed_for(int64_t rows) const;
   // Made on first use, under the lock (run() is const: callers may share a StepGemm between threads).
   struct Prepared {
     std::mutex mutex;
     at::Tensor weight;  // w_ packed by MKL for `rows` rows of a
     int rows = -1;
-    at::Tensor w_nk;  // wᵀ contiguous, for oneDNN: a copy only the first oneDNN run makes (a measured choice
-                      // of MKL or at::mm never needs it; at H = 256 the transposing copy took ~1.3 ms)
+    at::Tensor w_nk;  // wᵀ contiguous, for oneDNN and the few-rows kernel: a copy only their first run makes (a
+                      // measured choice of MKL or at::mm never needs it; at H = 256 the copy took ~1.3 ms)
     at::Tensor onednn_packed;  // w_nk in oneDNN's blocked layout for `onednn_rows` rows of a
     int64_t onednn_rows = -1;
   };
