@@ -186,6 +186,29 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint_and_an_exact_resume(t
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+def test_deterministic_holds_for_the_run_only(fails, monkeypatch):
+    """--deterministic turns torch's deterministic algorithms on for the run (on the CPU: no library measured,
+    every product in at::mm, so a run resumed in another process continues bit for bit) and restores the
+    caller's setting after it, however the run ends."""
+    seen = []
+
+    def run(args):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        if fails:
+            raise RuntimeError("stopped")
+        return {}, None
+
+    monkeypatch.setattr(charlm, "_train", run)
+    before = torch.are_deterministic_algorithms_enabled()
+    for extra in (["--deterministic"], []):
+        try:
+            charlm.train(charlm.parse_args(TINY + extra))
+        except RuntimeError:
+            assert fails
+    assert seen == [True, before] and torch.are_deterministic_algorithms_enabled() == before
+
+
 @needs_ptb
 def test_sample_prints_characters_from_a_trained_checkpoint(tmp_path, capsys):
     ck = str(tmp_path / "ck.pt")

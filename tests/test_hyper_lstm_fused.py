@@ -6,7 +6,7 @@ import torch
 import hyperfused
 from conftest import (HAS_GPU, HAS_MKL_BATCH, HAS_MKL_CBLAS, backend_cases, device_for, own_kernel_for,
                       requires_extension, requires_gpu, size_id)
-from helpers import assert_same_run, make_pair, random_state, randomize_
+from helpers import assert_same_run, make_pair, random_state, randomize_, run_and_grad
 
 pytestmark = requires_extension
 
@@ -175,6 +175,49 @@ def test_cpu_float32_sequence_gemms_every_way(library, mkldnn, in_onednn, monkey
         assert_same_run(ref, fast, torch.randn(T, B, X), random_state(ref, B, torch.float32), **F32)
     if in_onednn is not None:
         assert (SEQUENCE_ONEDNN in {e.name for e in prof.events()}) == in_onednn
+
+
+# what runs a product anywhere but in ATen's own ops
+LIBRARIES = {ONEDNN, MKL, ONEDNN_PACK, OWN, SEQUENCE_ONEDNN, "hyperfused::mkl_pack", "hyperfused::mkl_batch",
+             "hyperfused::mkl_bf16", "hyperfused::onednn_gemm", "hyperfused::few_rows_gemm_batch"}
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_cpu_deterministic_algorithms_measure_no_library(deterministic_algorithms, monkeypatch):
+    """A measured choice of library is made per process, and the libraries sum in different orders, so two
+    processes could differ in the last bits. Under torch.use_deterministic_algorithms(True), with
+    HYPERFUSED_STEP_GEMM unset, nothing is measured: a training call (forward and backward) and decode steps run
+    every product in ATen's ops, and give the same bits as HYPERFUSED_STEP_GEMM=mm. The products are above the
+    size under which at::mm runs unmeasured anyway: measured, each library the machine has runs here at least in
+    its trial (oneDNN's, MKL's and the few-rows kernel's records all appear)."""
+    monkeypatch.delenv("HYPERFUSED_STEP_GEMM", raising=False)
+    T, B, X, H, Hh, Nz = 3, 32, 64, 128, 32, 4
+    ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, dtype=torch.float32)
+    cell = hyperfused.HyperLSTMCell(X, H, hyper_size=Hh, hyper_embed=Nz, backend="cpu")
+    x, state = torch.randn(T, B, X), random_state(ref, B, torch.float32)
+
+    def run():
+        with torch.no_grad():
+            s = cell(x[0])
+            steps = cell(x[1], s).tensors()
+        return run_and_grad(fast, x, state), steps
+
+    with torch.profiler.profile() as prof:
+        (outs, grads), steps = run()
+    assert not LIBRARIES & {e.name for e in prof.events()}
+    torch.use_deterministic_algorithms(False)
+    monkeypatch.setenv("HYPERFUSED_STEP_GEMM", "mm")
+    (outs_mm, grads_mm), steps_mm = run()
+    assert all(torch.equal(a, b) for a, b in zip(outs + list(steps), outs_mm + list(steps_mm), strict=True))
+    assert grads.keys() == grads_mm.keys() and all(torch.equal(grads[k], grads_mm[k]) for k in grads)
+    assert_same_run(ref, fast, x, state, **F32)
 
 
 @pytest.mark.skipif(not HAS_MKL_CBLAS, reason="this torch exports no MKL CBLAS")

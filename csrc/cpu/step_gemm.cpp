@@ -315,10 +315,12 @@ at::Tensor StepGemm::onednn_packed_for(int64_t rows) const {
 // HYPERFUSED_STEP_GEMM=onednn|onednn-packed|mkl|mm|own forces a library (the tests run each); unset or empty,
 // the library is measured. own is hyperfused's few-rows kernel. The products over a whole sequence follow it too
 // (sequence_mm: onednn and onednn-packed force oneDNN, mkl, mm and own at::mm). Anything else is refused: a
-// mistyped value must not silently measure.
+// mistyped value must not silently measure. Unset under torch.use_deterministic_algorithms(True): mm. A measured
+// choice is made per process, and two near-equal libraries, which sum in different orders, can be chosen
+// differently by two processes; deterministic algorithms promise the same bits from run to run.
 StepGemm::Library StepGemm::forced() {
   const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
-  if (!v || !*v) return Library::Measure;
+  if (!v || !*v) return at::globalContext().deterministicAlgorithms() ? Library::Mm : Library::Measure;
   const std::string s(v);
   if (s == "onednn") return Library::OneDnn;
   if (s == "onednn-packed") return Library::OneDnnPacked;
@@ -659,7 +661,7 @@ void run_batch(BatchLibrary lib, const RawGemm* gemms, int count) {
 // measures, at the first batch of its shape and size, into scratch, and remembered. On a 2-core AMD EPYC the 12
 // scaling vectors took 12.2 µs in MKL, 9.7 µs in the kernel on one thread and 5.2 µs spread at B = 1, H = 256;
 // 22.6, 19.7 and 11.4 µs at H = 1000. Each of them is under too_small_to_measure's size, but the batch is not:
-// neither decode chooser applies that rule.
+// neither decode chooser applies that rule (torch.use_deterministic_algorithms fixes their choice instead).
 BatchLibrary fastest_batch(const RawGemm* gemms, int count, bool own, bool mkl) {
   static Remembered<std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool>, BatchLibrary> fastest;
   const RawGemm& g = gemms[0];
