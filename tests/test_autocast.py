@@ -10,7 +10,7 @@ import torch
 import hyperfused
 from hyperfused import reference
 from hyperfused.ops.hyper_lstm import gemm_dtype_for
-from conftest import HAS_GPU, HAS_MKL_CBLAS, backend_params, device_for
+from conftest import HAS_GPU, HAS_MKL_CBLAS, backend_params, device_for, own_kernel_for
 from helpers import randomize_
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -77,15 +77,19 @@ def test_low_precision_gemms_match_the_float32_reference(backend):
                     reason="this torch has no oneDNN or exports no MKL CBLAS")
 @pytest.mark.parametrize("library, runs", [("onednn", "mkldnn::_linear_pointwise"),
                                            ("onednn-packed", "mkldnn::_linear_pointwise"),
-                                           ("mkl", "hyperfused::mkl_gemm"), ("mm", "aten::mm")])
+                                           ("mkl", "hyperfused::mkl_gemm"), ("mm", "aten::mm"),
+                                           ("own", "hyperfused::few_rows_gemm")])
 def test_cpu_bfloat16_step_gemms_every_way(library, runs, monkeypatch):
     """The recurrent GEMMs with bfloat16 operands in each CPU library the op measures (HYPERFUSED_STEP_GEMM
     forces one): oneDNN (against the weight as it is, or reordered for the batch size) and at::mm return
-    bfloat16 and MKL float32, so the tolerances above cover them all."""
+    bfloat16, MKL and the few-rows kernel (which rounds a to bfloat16 as it reads it) float32, so the
+    tolerances above cover them all."""
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
     if library.startswith("onednn") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         # oneDNN has no bfloat16 kernels on this CPU (AVX2 only) and refuses the weight: at::mm runs instead
         library, runs = "mm", "aten::mm"
+    if library == "own" and not own_kernel_for(torch.bfloat16):
+        library, runs = "mm", "aten::mm"  # a build without the kernel's bfloat16 path runs at::mm
     ref_out, ref_grads = _sequence_run("reference", "cpu", None)
     with torch.profiler.profile() as prof:
         out, grads = _sequence_run("cpu", "cpu", torch.bfloat16)

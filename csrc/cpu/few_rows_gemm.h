@@ -5,7 +5,8 @@
 // per-call work outweighs the arithmetic: on an AMD EPYC at H = 256 the decode step's four products took 3-14 µs
 // each here, 7-26 µs in MKL (float32 weights) and 27-42 µs in oneDNN (bfloat16), under the profiler. It is one
 // of the candidates StepGemm measures, for a decode step's products (decode_gemm) and for the time loop's
-// (run): at m = 8 it was level with the libraries on a Zen 5 EPYC and took half their time on a Zen 4 one.
+// (run; float32, and bfloat16 under autocast): at m = 8 it was level with the libraries on a Zen 5 EPYC and took
+// half their time on a Zen 4 one.
 // With float32 weights and k <= 16 (the 12 scaling vectors' N_z) it works 16 outputs of a row at a time
 // instead, from 16 rows of w transposed in registers: a dot product would spend a 16-lane sum on each few
 // multiply-adds (StepGemm::decode_batch measures it against MKL's batch GEMM).

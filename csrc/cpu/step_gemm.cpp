@@ -269,10 +269,12 @@ StepGemm::StepGemm(const at::Tensor& w, const at::Tensor& bias, GemmPrecision pr
   mkl_ = w.is_cpu() && mkl_dtype && mkl_blas() && (force == Library::Measure || force == Library::Mkl);
   // Run once, a product gains nothing from a library that prepares its weight (MKL's packing, oneDNN's
   // transposed copy or reorder) and pays for the preparation: a decode step's GEMMs took up to 1.45x as long measured.
-  // The own kernel: float32 (no rounding to a low precision), a product whose N it covers.
+  // The own kernel: float32, or bfloat16 operands (it rounds a to bfloat16 as it reads it, and accumulates and
+  // returns float32, as MKL does), for a product whose N it covers.
   RawGemm probe{};
   probe.w_transposed = true, probe.n = w_.size(1), probe.w_dtype = w_.scalar_type();
-  own_ = w.is_cpu() && !precision_.low && few_rows_gemm_runs(probe) &&
+  const bool own_dtype = precision_.low ? *precision_.low == at::kBFloat16 : w_.scalar_type() == at::kFloat;
+  own_ = w.is_cpu() && own_dtype && few_rows_gemm_runs(probe) &&
          (force == Library::Measure || force == Library::Own);
   if (runs == 1 && force == Library::Measure) onednn_ = onednn_packed_ = mkl_ = own_ = false;
   if (onednn_ || mkl_) {
@@ -381,7 +383,7 @@ void StepGemm::own_out(at::Tensor& out, const at::Tensor& a) const {
   const int64_t n = w_nk.size(0), k = w_nk.size(1);
   // (a dimension of size 1 may carry any stride: each leading dimension at least its row's length)
   few_rows_gemm({a.data_ptr<float>(), std::max(a.stride(0), k), w_nk.data_ptr(), std::max(w_nk.stride(0), k), true,
-                 out.data_ptr<float>(), std::max(out.stride(0), n), a.size(0), n, k, beta, at::kFloat, false});
+                 out.data_ptr<float>(), std::max(out.stride(0), n), a.size(0), n, k, beta, w_nk.scalar_type(), false});
 }
 
 // The weight packed for `rows` rows of a: packed at the first step, again if a caller runs it with another
