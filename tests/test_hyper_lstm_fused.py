@@ -195,8 +195,8 @@ def test_cpu_deterministic_algorithms_measure_no_library(deterministic_algorithm
     processes could differ in the last bits. Under torch.use_deterministic_algorithms(True), with
     HYPERFUSED_STEP_GEMM unset, nothing is measured: a training call (forward and backward) and decode steps run
     every product in ATen's ops, and give the same bits as HYPERFUSED_STEP_GEMM=mm. The products are above the
-    size under which at::mm runs unmeasured anyway: measured, each library the machine has runs here at least in
-    its trial (oneDNN's, MKL's and the few-rows kernel's records all appear)."""
+    size under which at::mm runs unmeasured anyway: measured in a fresh process on an AVX-512 machine, oneDNN's,
+    MKL's and the few-rows kernel's records all appear here, each at least in its trial."""
     monkeypatch.delenv("HYPERFUSED_STEP_GEMM", raising=False)
     T, B, X, H, Hh, Nz = 3, 32, 64, 128, 32, 4
     ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, dtype=torch.float32)
