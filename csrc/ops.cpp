@@ -97,6 +97,30 @@ static PyObject* few_rows_gemm(PyObject*, PyObject* args) {
   hyperfused::few_rows_gemm(g);
   Py_RETURN_TRUE;
 }
+// out (m, n) = a (m, k) · w (+ bias) in float32 by a StepGemm made for `runs` runs (its library forced by
+// HYPERFUSED_STEP_GEMM, or measured), on the memory of contiguous tensors the caller keeps alive, pointers as
+// ints: w as (k, n) rows, or (w_nk) as the transposed view of (n, k) rows, as the backward's and the forward's
+// products read their weights; bias (n), or 0 for none.
+static PyObject* step_gemm(PyObject*, PyObject* args) {
+  unsigned long long a = 0, w = 0, bias = 0, out = 0;
+  int w_nk = 0;
+  long long m = 0, n = 0, k = 0, runs = 0;
+  if (!PyArg_ParseTuple(args, "KKpKKLLLL", &a, &w, &w_nk, &bias, &out, &m, &n, &k, &runs)) return nullptr;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const auto blob = [&](unsigned long long p, at::IntArrayRef sizes) {
+    return at::from_blob(reinterpret_cast<float*>(p), sizes, f32);
+  };
+  try {
+    const auto weight = w_nk ? blob(w, {n, k}).t() : blob(w, {k, n});
+    const hyperfused::StepGemm gemm(weight, bias ? blob(bias, {n}) : at::Tensor(), {}, runs);
+    auto result = blob(out, {m, n});
+    gemm.run(result, blob(a, {m, k}));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
 static PyObject* recording_counts(PyObject*, PyObject*) {
   const auto [recorded, replayed] = hyperfused::recording_counts();
   return Py_BuildValue("(LL)", static_cast<long long>(recorded), static_cast<long long>(replayed));
@@ -119,6 +143,7 @@ static PyMethodDef methods[] = {
     {"_few_rows_gemm_weights", few_rows_gemm_weights, METH_NOARGS,
      "Tests: the weight dtypes the CPU's few-rows kernel reads in this build, by name ('float32', ...)."},
     {"_few_rows_gemm", few_rows_gemm, METH_VARARGS, "Tests: one product by the CPU's few-rows kernel."},
+    {"_step_gemm", step_gemm, METH_VARARGS, "Tests: one product by a CPU StepGemm, with or without a bias."},
     {"_recording_counts", recording_counts, METH_NOARGS,
      "Tests: (recordings made, replays run) of the sequence ops (HYPERFUSED_CUDA_GRAPHS)."},
 #ifdef WITH_CUDA

@@ -153,6 +153,34 @@ def test_cpu_float32_step_gemm_every_way(library, mkldnn, runs, absent, monkeypa
     assert runs <= names and not absent & names
 
 
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("w_nk", [False, True], ids=["kn-rows", "nk-rows"])
+@pytest.mark.parametrize("library", ["onednn", "onednn-packed", "mkl", "own", "mm"])
+def test_step_gemm_adds_its_bias_in_every_library(library, w_nk, with_bias, monkeypatch):
+    """A StepGemm with a bias (the layer's time loop makes none today; a decode step on a torch without MKL's batch
+    GEMM does) adds it in every library: oneDNN takes it in the call, MKL and the few-rows kernel start from it in
+    out (beta = 1), at::mm through addmm. The weight as (K, N) rows and as the transposed view of (N, K) rows;
+    out starts as NaN, so a library that read it without a bias (beta = 0) would show. A dropped bias is off by
+    ~1, against a tolerance of 1e-5. Where the forced library cannot run (no oneDNN, no MKL CBLAS, no kernel),
+    at::mm runs and the result is checked the same."""
+    monkeypatch.setenv("HYPERFUSED_STEP_GEMM", library)
+    m, k, n = 5, 37, 148  # n a multiple of the kernel's 4 columns
+    a, w, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n) if with_bias else None
+    stored = w.t().contiguous() if w_nk else w.contiguous()
+    out = torch.full((m, n), float("nan"))
+    with torch.profiler.profile() as prof:
+        hyperfused._extension._C._step_gemm(a.data_ptr(), stored.data_ptr(), w_nk,
+                                            bias.data_ptr() if with_bias else 0, out.data_ptr(), m, n, k, 0)
+    expected = torch.addmm(bias, a, w) if with_bias else a @ w
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    names = {e.name for e in prof.events()}
+    ran = {"onednn": ONEDNN if torch.backends.mkldnn.is_available() else None,
+           "onednn-packed": ONEDNN if torch.backends.mkldnn.is_available() else None,
+           "mkl": MKL if HAS_MKL_CBLAS else None, "own": OWN if own_kernel_for(torch.float32) else None,
+           "mm": None}[library]
+    assert ran is None or ran in names
+
+
 SEQUENCE_ONEDNN = "hyperfused::onednn_sequence_gemm"
 
 
