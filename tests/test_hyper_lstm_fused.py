@@ -248,6 +248,28 @@ def test_cpu_deterministic_algorithms_measure_no_library(deterministic_algorithm
     assert_same_run(ref, fast, x, state, **F32)
 
 
+def test_products_too_small_to_time_run_mm_unmeasured(monkeypatch):
+    """Below 64K multiply-adds timing cannot tell the libraries apart, so a measured choice would differ from
+    process to process (and so would the last bits, say of a run resumed from a checkpoint): with
+    HYPERFUSED_STEP_GEMM unset, every product of a training call at H = 16, B = 4 runs at::mm, unmeasured (no
+    library's record, not even a trial's). A StepGemm just above the size (fresh, so nothing is remembered) does
+    measure: the records of every library this machine has appear, so the first half can fail."""
+    monkeypatch.delenv("HYPERFUSED_STEP_GEMM", raising=False)
+    ref, fast = make_pair("cpu", 8, 16, hyper_size=8, hyper_embed=4, dtype=torch.float32)
+    x, state = torch.randn(3, 4, 8), random_state(ref, 4, torch.float32)
+    with torch.profiler.profile() as prof:
+        assert_same_run(ref, fast, x, state, **F32)
+    assert not LIBRARIES & {e.name for e in prof.events()}
+    m, k, n = 19, 41, 88  # 68,552 multiply-adds
+    a, w, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+    with torch.profiler.profile() as prof:
+        hyperfused._extension._C._step_gemm(a.data_ptr(), w.data_ptr(), False, 0, out.data_ptr(), m, n, k, 0)
+    torch.testing.assert_close(out, a @ w, rtol=1e-5, atol=1e-5)
+    measured = ({ONEDNN} if torch.backends.mkldnn.is_available() else set()) | (
+        {MKL} if HAS_MKL_CBLAS else set()) | OWN_RUNS
+    assert measured <= {e.name for e in prof.events()}
+
+
 @pytest.mark.skipif(not HAS_MKL_CBLAS, reason="this torch exports no MKL CBLAS")
 def test_cpu_decode_in_mkl_follows_the_batch_size(monkeypatch):
     """Decode steps with MKL's GEMMs (HYPERFUSED_STEP_GEMM=mkl: the direct batch calls where torch exports them,

@@ -160,14 +160,6 @@ struct Rounds {
   double cutoff = 0.0;  // none
 };
 
-// Below this many multiply-adds a product takes a microsecond or two in every library, and timing cannot tell them
-// apart: a measurement would choose at random from one process to the next, and the libraries sum in different
-// orders, so a run resumed from a checkpoint in a new process would drift from the one that wrote it in the last
-// bits. Such products run at::mm, unmeasured.
-constexpr int64_t kMeasuredMacs = 64 * 1024;
-
-bool too_small_to_measure(int64_t m, int64_t k, int64_t n) { return m * k * n < kMeasuredMacs; }
-
 // Per candidate, the best time of run(i), which runs candidate i on the call's own operands.
 template <typename Run>
 std::vector<double> best_seconds(size_t count, const Rounds& rounds, Run&& run) {
@@ -334,6 +326,18 @@ StepGemm::Library StepGemm::forced() {
   return Library::Measure;
 }
 
+// Below this many multiply-adds a product takes a microsecond or two in every library, and timing cannot tell them
+// apart: a measurement would choose at random from one process to the next, and the libraries sum in different
+// orders, so a run resumed from a checkpoint in a new process would drift from the one that wrote it in the last
+// bits. Such a product runs at::mm, unmeasured, in both choosers that time one product (StepGemm::choose and
+// sequence_mm); the decode choosers time a step's batch of such products, and keep forced()'s answer.
+constexpr int64_t kMeasuredMacs = 64 * 1024;
+
+StepGemm::Library StepGemm::forced(int64_t m, int64_t k, int64_t n) {
+  const Library force = forced();
+  return force == Library::Measure && m * k * n < kMeasuredMacs ? Library::Mm : force;
+}
+
 void StepGemm::run_with(Library lib, at::Tensor& out, const at::Tensor& a) const {
   if (lib == Library::OneDnn || lib == Library::OneDnnPacked) {
     const auto bias = bias_nk_.defined() ? std::optional<at::Tensor>(bias_nk_) : std::nullopt;
@@ -412,7 +416,7 @@ at::Tensor StepGemm::packed_for(int rows) const {
 // sequence's T steps) prepares once, so it counts a 1/runs share: at H = 1000 packing costs as much as ~15
 // steps save, and a short sequence is faster unprepared.
 StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
-  const Library force = forced();
+  const Library force = forced(a.size(0), w_.size(0), w_.size(1));
   if (force == Library::OneDnnPacked && !onednn_packed_ && onednn_) return Library::OneDnn;  // no reorder op
   // A forced library that cannot run this product (oneDNN without bfloat16 kernels on this CPU, MKL without
   // its CBLAS): at::mm, which runs every product.
@@ -421,7 +425,6 @@ StepGemm::Library StepGemm::choose(at::Tensor& out, const at::Tensor& a) const {
                                               : force == Library::Own && !own_;
   if (cannot) return Library::Mm;
   if (force != Library::Measure) return force;
-  if (too_small_to_measure(a.size(0), w_.size(0), w_.size(1))) return Library::Mm;
   struct Measured {
     std::vector<Library> candidates;
     std::vector<double> seconds;  // per run
@@ -536,10 +539,9 @@ void sequence_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cons
   const bool f32 = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat;
   auto lib = SequenceLibrary::Mm;
   if (out.is_cpu() && f32 && a.dim() == 2 && b.dim() == 2 && onednn_usable(at::kFloat)) {
-    switch (StepGemm::forced()) {
+    switch (StepGemm::forced(a.size(0), a.size(1), b.size(1))) {
       case StepGemm::Library::Measure:
-        if (!too_small_to_measure(a.size(0), a.size(1), b.size(1)))
-          lib = measured_sequence_library(out, a, b, bias, accumulate);
+        lib = measured_sequence_library(out, a, b, bias, accumulate);
         break;
       case StepGemm::Library::OneDnn:
       case StepGemm::Library::OneDnnPacked:  // (nothing to reorder once: the op reorders b on each call)
@@ -662,7 +664,7 @@ void run_batch(BatchLibrary lib, const RawGemm* gemms, int count) {
 // weights) and, where it can run them (own), the own kernel on one thread or spread: measured as fastest_decode
 // measures, at the first batch of its shape and size, into scratch, and remembered. On a 2-core AMD EPYC the 12
 // scaling vectors took 12.2 µs in MKL, 9.7 µs in the kernel on one thread and 5.2 µs spread at B = 1, H = 256;
-// 22.6, 19.7 and 11.4 µs at H = 1000. Each of them is under too_small_to_measure's size, but the batch is not:
+// 22.6, 19.7 and 11.4 µs at H = 1000. Each of them is under kMeasuredMacs, but the batch is not:
 // neither decode chooser applies that rule (torch.use_deterministic_algorithms fixes their choice instead).
 BatchLibrary fastest_batch(const RawGemm* gemms, int count, bool own, bool mkl) {
   static Remembered<std::tuple<int64_t, int64_t, int64_t, int, int, bool, bool>, BatchLibrary> fastest;

@@ -96,6 +96,8 @@ class StepGemm {
   enum class Library { Measure, OneDnn, OneDnnPacked, Mm, Mkl, Own };
   friend void sequence_mm(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
   static Library forced();
+  // forced(), or at::mm (Mm) for a product of (m, k) · (k, n) too small to time where the library is measured.
+  static Library forced(int64_t m, int64_t k, int64_t n);
   Library choose(at::Tensor& out, const at::Tensor& a) const;
   void run_with(Library lib, at::Tensor& out, const at::Tensor& a) const;
   void mm_out(at::Tensor& out, const at::Tensor& a) const;
