@@ -26,6 +26,19 @@ PyObject* py_list(const std::vector<V>& values, Item item) {
   return list;
 }
 
+// Runs fn for a test hook: true, or false with Python's RuntimeError set to the message of the c10::Error it threw
+// (a TORCH_CHECK's), so that a refusal reaches the test as an exception rather than ending the process.
+template <typename Fn>
+bool ran(Fn&& fn) {
+  try {
+    fn();
+    return true;
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return false;
+  }
+}
+
 // The weights the CPU's few-rows kernel may read, by their torch names ("bfloat16-widened": bfloat16 weights
 // widened to float32, RawGemm::widen).
 struct FewRowsWeights {
@@ -60,12 +73,7 @@ static PyObject* emulator_probe(PyObject*, PyObject* args) {
   int blocks = 0, threads = 0, groups = 0, reverse = 0;
   if (!PyArg_ParseTuple(args, "siiip", &kind, &blocks, &threads, &groups, &reverse)) return nullptr;
   std::vector<double> out;
-  try {
-    out = hyperfused::emulator_probe(kind, blocks, threads, groups, reverse);
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    return nullptr;
-  }
+  if (!ran([&] { out = hyperfused::emulator_probe(kind, blocks, threads, groups, reverse); })) return nullptr;
   return py_list(out, PyFloat_FromDouble);
 }
 static PyObject* few_rows_gemm_weights(PyObject*, PyObject*) {
@@ -110,15 +118,13 @@ static PyObject* step_gemm(PyObject*, PyObject* args) {
   const auto blob = [&](unsigned long long p, at::IntArrayRef sizes) {
     return at::from_blob(reinterpret_cast<float*>(p), sizes, f32);
   };
-  try {
+  const bool done = ran([&] {
     const auto weight = w_nk ? blob(w, {n, k}).t() : blob(w, {k, n});
     const hyperfused::StepGemm gemm(weight, bias ? blob(bias, {n}) : at::Tensor(), {}, runs);
     auto result = blob(out, {m, n});
     gemm.run(result, blob(a, {m, k}));
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    return nullptr;
-  }
+  });
+  if (!done) return nullptr;
   Py_RETURN_NONE;
 }
 static PyObject* recording_counts(PyObject*, PyObject*) {

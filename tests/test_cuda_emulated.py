@@ -157,6 +157,16 @@ def test_emulated_sums_over_a_cluster_and_its_groups(blocks, threads, groups, re
     assert _probe("group_sum", blocks, threads, groups, reverse) == want
 
 
+@pytest.mark.parametrize("kind, blocks, threads, groups, message", [
+    ("no_such_probe", 1, 256, 1, "unknown kind 'no_such_probe'"), ("sum", 9, 256, 1, "bad launch shape")],
+    ids=["kind", "shape"])
+def test_emulator_probe_refuses_what_it_cannot_run(kind, blocks, threads, groups, message):
+    """The probe checks its arguments before it launches: an error raised on an emulated thread would end the
+    process (the unknown kind did, before)."""
+    with pytest.raises(RuntimeError, match=message):
+        _probe(kind, blocks, threads, groups)
+
+
 @pytest.mark.parametrize("reverse, stale", [(False, [0.0, -1.0]), (True, [1.0, -1.0])], ids=["ascending", "reverse"])
 def test_emulator_exposes_a_read_of_another_block_without_the_cluster_barrier(reverse, stale):
     """Block r writes r, then reads block r+1's value: after __syncthreads alone the block that runs first reads

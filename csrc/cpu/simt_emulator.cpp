@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -308,6 +309,11 @@ std::vector<double> emulator_probe(const std::string& kind, int blocks, int64_t 
   TORCH_CHECK(blocks >= 1 && blocks <= 8 && block_threads >= 32 && block_threads <= 1024 && block_threads % 32 == 0 &&
                   (groups == 1 || groups == 2 || groups == 4) && block_threads * blocks % (32 * groups) == 0,
               "hyperfused: emulator_probe: bad launch shape");
+  // checked here, not in the body: an error thrown on an emulated thread would end the process
+  const char* const kinds[] = {"sum", "group_sum", "skip_block_barrier", "skip_cluster_barrier", "read_next_block",
+                               "read_next_block_after_cluster_barrier"};
+  TORCH_CHECK(std::find(std::begin(kinds), std::end(kinds), kind) != std::end(kinds),
+              "hyperfused: emulator_probe: unknown kind '", kind, "'");
   Cluster unit(blocks, block_threads, groups, reverse, 0);
   std::vector<double> out(unit.threads(), 0.0), global(blocks, -1.0);
   const std::function<void(int64_t)> body = [&](int64_t t) {
@@ -319,13 +325,11 @@ std::vector<double> emulator_probe(const std::string& kind, int blocks, int64_t 
       if (t != 3) th.block_sync();
     } else if (kind == "skip_cluster_barrier") {
       if (t != 3) th.sync();
-    } else if (kind == "read_next_block" || kind == "read_next_block_after_cluster_barrier") {
+    } else {  // read_next_block, read_next_block_after_cluster_barrier
       if (th.thread() == 0) global[r] = double(r);
       if (kind == "read_next_block") th.block_sync();
       else th.sync();
       out[t] = global[(r + 1) % blocks];
-    } else {
-      TORCH_CHECK(false, "hyperfused: emulator_probe: unknown kind '", kind, "'");
     }
   };
   unit.run(0, body);
