@@ -11,6 +11,7 @@ import torch
 from conftest import needs_ptb
 from hyperfused.train import charlm
 from hyperfused.train import checkpoint as ck_io
+from hyperfused.train.determinism import deterministic_algorithms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden", "16", "--hyper-size", "8", "--hyper-embed", "2", "--embed", "8", "--batch-size", "4",
@@ -188,25 +189,29 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint_and_an_exact_resume(t
 
 @pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
 def test_deterministic_holds_for_the_run_only(fails, monkeypatch):
-    """--deterministic turns torch's deterministic algorithms on for the run (on the CPU: no library measured,
-    every product in at::mm, so a run resumed in another process continues bit for bit) and restores the
-    caller's setting after it, however the run ends."""
+    """--deterministic turns torch's deterministic algorithms on for the run, strictly (on the CPU: no library
+    measured, every product in at::mm, so a run resumed in another process continues bit for bit), and gives the
+    caller's setting back after it, both flags, however the run ends. The caller here runs them warn-only."""
     seen = []
 
+    def setting():
+        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
     def run(args):
-        seen.append(torch.are_deterministic_algorithms_enabled())
+        seen.append(setting())
         if fails:
             raise RuntimeError("stopped")
         return {}, None
 
     monkeypatch.setattr(charlm, "_train", run)
-    before = torch.are_deterministic_algorithms_enabled()
-    for extra in (["--deterministic"], []):
-        try:
-            charlm.train(charlm.parse_args(TINY + extra))
-        except RuntimeError:
-            assert fails
-    assert seen == [True, before] and torch.are_deterministic_algorithms_enabled() == before
+    with deterministic_algorithms(warn_only=True):
+        for extra in (["--deterministic"], []):
+            try:
+                charlm.train(charlm.parse_args(TINY + extra))
+            except RuntimeError:
+                assert fails
+        after = setting()
+    assert seen == [(True, False), (True, True)] and after == (True, True)
 
 
 @needs_ptb

@@ -5,6 +5,7 @@ and torch.compile through every Triton op's backward."""
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import hyperfused
+from hyperfused.train.determinism import deterministic_algorithms
 from conftest import HAS_GPU, requires_extension, requires_gpu
 from helpers import forward_and_loss, random_state, randomize_, seeded_weights
 
@@ -36,13 +38,13 @@ def test_helpers_keep_every_tensor_on_the_models_device():
         assert w.device.type == "cuda" and w.shape == outs[0].shape
 
 
+@contextmanager
 def _fill_uninitialized_with_nan(monkeypatch):
-    """torch.empty (and at::empty inside the ops) then returns NaN-filled memory: whatever an op leaves
+    """torch.empty (and at::empty inside the ops) returns NaN-filled memory in the block: whatever an op leaves
     unwritten in an output shows up as NaN."""
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    return previous
+    with deterministic_algorithms(warn_only=True):
+        yield
 
 
 FULL_WRITE_BACKENDS = [b for b in ("cpu", "cuda", "triton") if b in hyperfused.available_backends()]
@@ -64,12 +66,9 @@ def test_saved_workspace_is_fully_written(backend, layer_norm, monkeypatch):
     state = [torch.randn(2, n, device=device) for n in (6, 6, 5, 5)]
     op = torch.ops.hyperfused.hyper_lstm_triton_forward if backend == "triton" else \
         torch.ops.hyperfused.hyper_lstm_forward
-    previous = _fill_uninitialized_with_nan(monkeypatch)
-    try:
+    with _fill_uninitialized_with_nan(monkeypatch):
         outs = op(x, *state, params, None, None, layer_norm, 1.0)
         torch.autograd.backward(outs[:4], [torch.ones_like(o) for o in outs[:4]])
-    finally:
-        torch.use_deterministic_algorithms(previous)
     for name, t in zip(("hs", "cs", "hhs", "hcs", "g", "ws"), outs, strict=True):
         assert torch.isfinite(t).all(), f"{backend}: forward output {name} has unwritten (NaN) entries"
     for i, p in enumerate([x] + params):

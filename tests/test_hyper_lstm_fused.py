@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import hyperfused
+from hyperfused.train.determinism import deterministic_algorithms
 from conftest import (HAS_GPU, HAS_MKL_BATCH, HAS_MKL_CBLAS, backend_cases, device_for, own_kernel_for,
                       requires_extension, requires_gpu, size_id)
 from helpers import assert_same_run, make_pair, random_state, randomize_, run_and_grad
@@ -210,15 +211,7 @@ LIBRARIES = {ONEDNN, MKL, ONEDNN_PACK, OWN, SEQUENCE_ONEDNN, "hyperfused::mkl_pa
              "hyperfused::mkl_bf16", "hyperfused::onednn_gemm", "hyperfused::few_rows_gemm_batch"}
 
 
-@pytest.fixture
-def deterministic_algorithms():
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
-def test_cpu_deterministic_algorithms_measure_no_library(deterministic_algorithms, monkeypatch):
+def test_cpu_deterministic_algorithms_measure_no_library(monkeypatch):
     """A measured choice of library is made per process, and the libraries sum in different orders, so two
     processes could differ in the last bits. Under torch.use_deterministic_algorithms(True), with
     HYPERFUSED_STEP_GEMM unset, nothing is measured: a training call (forward and backward) and decode steps run
@@ -237,10 +230,9 @@ def test_cpu_deterministic_algorithms_measure_no_library(deterministic_algorithm
             steps = cell(x[1], s).tensors()
         return run_and_grad(fast, x, state), steps
 
-    with torch.profiler.profile() as prof:
+    with deterministic_algorithms(), torch.profiler.profile() as prof:
         (outs, grads), steps = run()
     assert not LIBRARIES & {e.name for e in prof.events()}
-    torch.use_deterministic_algorithms(False)
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", "mm")
     (outs_mm, grads_mm), steps_mm = run()
     assert all(torch.equal(a, b) for a, b in zip(outs + list(steps), outs_mm + list(steps_mm), strict=True))

@@ -34,6 +34,7 @@ from ..models import LayerNormLSTM
 from ..nn import HyperLSTM, HyperLSTMState
 from . import checkpoint as checkpoint_io
 from .data import MissingDataError, load_ptb_chars
+from .determinism import deterministic_algorithms
 
 MODELS = ("lstm", "ln-lstm", "hyperlstm", "ln-hyperlstm")
 
@@ -200,14 +201,10 @@ def _parser():
 def train(args):
     if not args.deterministic:
         return _train(args)
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if args.device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode asks for it
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         return _train(args)
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _train(args):
