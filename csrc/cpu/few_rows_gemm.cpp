@@ -11,8 +11,9 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-// GCC 12 warns that _mm512_reduce_add_ps reads an uninitialised value: the _mm256_undefined_pd() its
-// extract takes as the (unused, fully masked-in) pass-through operand. Nothing uninitialised is read.
+// GCC 12 warns that AVX-512 intrinsics (unpacks, widening loads, shifts) read an uninitialised value: the
+// _mm512_undefined_*() each passes as the (unused, fully masked-in) pass-through operand. Nothing uninitialised
+// is read.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
@@ -27,20 +28,37 @@ constexpr int kRows = 4, kCols = 4;
 constexpr int64_t kMinWorkPerThread = 64 * 1024;
 
 #if defined(__AVX512F__)
+// The sums of the 16 lanes of each of a, b, c, d, as the four lanes of one vector. Summed together rather than
+// one by one: a dot product of k = 256 spends as many instructions on its sum as on its multiply-adds when each
+// of the tile's 16 accumulators is reduced alone (~8 shuffles and adds each), ~3x fewer so.
+inline __m128 lane_sums(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // within each 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [Σa, Σb, Σc, Σd] of that lane's four values
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d ab2 = _mm512_castps_pd(ab), cd2 = _mm512_castps_pd(cd);
+  const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab2, cd2)),
+                                    _mm512_castpd_ps(_mm512_unpackhi_pd(ab2, cd2)));
+  // the four 128-bit lanes added together
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
 // The tile's R × C dot products: add_block(i, acc) adds the block of k from i (Block values) into the float32
-// lanes of acc[r][c]; the lanes are then summed into out[r·ldo + c] (+ out when beta is 1).
+// lanes of acc[r][c]; the lanes are then summed into out[r·ldo + c] (+ out when beta is 1), a row's C = 4 sums
+// as one vector.
 template <int R, int C, int Block, typename AddBlock>
 inline void tile(int64_t k, float* out, int64_t ldo, float beta, const AddBlock& add_block) {
+  static_assert(C == 4, "lane_sums sums four accumulators");
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; i += Block) add_block(i, acc);
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      const float sum = _mm512_reduce_add_ps(acc[r][c]);
-      float& o = out[r * ldo + c];
-      o = beta == 0.0f ? sum : sum + o;
-    }
+  for (int r = 0; r < R; ++r) {
+    __m128 sums = lane_sums(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+    if (beta != 0.0f) sums = _mm_add_ps(sums, _mm_loadu_ps(out + r * ldo));
+    _mm_storeu_ps(out + r * ldo, sums);
+  }
 }
 
 // 16 weights from p, float32 or (AVX-512 BW and VL) float16 widened to float32; zero where mask is unset.
