@@ -214,29 +214,40 @@ LIBRARIES = {ONEDNN, MKL, ONEDNN_PACK, OWN, SEQUENCE_ONEDNN, "hyperfused::mkl_pa
 def test_cpu_deterministic_algorithms_measure_no_library(monkeypatch):
     """A measured choice of library is made per process, and the libraries sum in different orders, so two
     processes could differ in the last bits. Under torch.use_deterministic_algorithms(True), with
-    HYPERFUSED_STEP_GEMM unset, nothing is measured: a training call (forward and backward) and decode steps run
-    every product in ATen's ops, and give the same bits as HYPERFUSED_STEP_GEMM=mm. The products are above the
-    size under which at::mm runs unmeasured anyway: measured in a fresh process on an AVX-512 machine, oneDNN's,
-    MKL's and the few-rows kernel's records all appear here, each at least in its trial."""
+    HYPERFUSED_STEP_GEMM unset, nothing is measured: a training call (forward and backward) runs every product in
+    ATen's ops and gives the same bits as HYPERFUSED_STEP_GEMM=mm; decode steps make their products directly, in
+    the few-rows kernel where the build has it, else MKL (ATen's ops took 1.8-4.9x their time), with no trial of
+    another library, and give the same bits as HYPERFUSED_STEP_GEMM=own. The
+    products are above the size under which at::mm runs unmeasured anyway: measured in a fresh process on an
+    AVX-512 machine, oneDNN's, MKL's and the few-rows kernel's records all appear here, each at least in its
+    trial."""
     monkeypatch.delenv("HYPERFUSED_STEP_GEMM", raising=False)
     T, B, X, H, Hh, Nz = 3, 32, 64, 128, 32, 4
     ref, fast = make_pair("cpu", X, H, hyper_size=Hh, hyper_embed=Nz, dtype=torch.float32)
     cell = hyperfused.HyperLSTMCell(X, H, hyper_size=Hh, hyper_embed=Nz, backend="cpu")
     x, state = torch.randn(T, B, X), random_state(ref, B, torch.float32)
 
-    def run():
+    def decode():
         with torch.no_grad():
-            s = cell(x[0])
-            steps = cell(x[1], s).tensors()
-        return run_and_grad(fast, x, state), steps
+            return cell(x[1], cell(x[0])).tensors()
 
-    with deterministic_algorithms(), torch.profiler.profile() as prof:
-        (outs, grads), steps = run()
-    assert not LIBRARIES & {e.name for e in prof.events()}
+    with deterministic_algorithms():
+        with torch.profiler.profile() as prof:
+            outs, grads = run_and_grad(fast, x, state)
+        assert not LIBRARIES & {e.name for e in prof.events()}
+        with torch.profiler.profile() as prof:
+            steps = decode()
+        names = {e.name for e in prof.events()}
+        direct = {"hyperfused::mkl_batch", OWN, "hyperfused::few_rows_gemm_batch"}
+        assert not (LIBRARIES - direct) & names  # no oneDNN: not even a trial
+        assert direct & names or not HAS_MKL_BATCH
+        assert bool(OWN_RUNS) == (OWN in names)
     monkeypatch.setenv("HYPERFUSED_STEP_GEMM", "mm")
-    (outs_mm, grads_mm), steps_mm = run()
-    assert all(torch.equal(a, b) for a, b in zip(outs + list(steps), outs_mm + list(steps_mm), strict=True))
+    outs_mm, grads_mm = run_and_grad(fast, x, state)
+    assert all(torch.equal(a, b) for a, b in zip(outs, outs_mm, strict=True))
     assert grads.keys() == grads_mm.keys() and all(torch.equal(grads[k], grads_mm[k]) for k in grads)
+    monkeypatch.setenv("HYPERFUSED_STEP_GEMM", "own")
+    assert all(torch.equal(a, b) for a, b in zip(steps, decode(), strict=True))
     assert_same_run(ref, fast, x, state, **F32)
 
 

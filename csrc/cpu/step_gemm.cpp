@@ -561,7 +561,11 @@ at::Tensor sequence_product(const at::Tensor& a, const at::Tensor& b) {
 }
 
 bool StepGemm::batch_allowed() {
-  return mkl_sgemm_batch() && forced() != Library::Mm;
+  // Under deterministic algorithms forced() is Mm too, but the direct calls stay, each in a fixed library (the
+  // few-rows kernel where it runs, else MKL) rather than a measured one: the ATen ops took 1.8-4.9x the measured
+  // libraries' time for a decode step on an AMD EPYC.
+  const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
+  return mkl_sgemm_batch() && !(v && std::string(v) == "mm");
 }
 
 void mkl_batch(const RawGemm* gemms, int count) {
@@ -694,7 +698,8 @@ void StepGemm::decode_batch(const RawGemm* gemms, int count) {
   TORCH_CHECK(own || mkl, "hyperfused: a decode step's batch of products with half-precision weights needs the "
               "few-rows kernel, which cannot run them in this build");
   BatchLibrary lib = BatchLibrary::Mkl;  // forced (mkl, onednn), or what the own kernel cannot run
-  if (own && (force == Library::Own || !mkl))
+  // (Mm: deterministic algorithms, which fix the kernel where it runs; HYPERFUSED_STEP_GEMM=mm never gets here)
+  if (own && (force == Library::Own || force == Library::Mm || !mkl))
     lib = force == Library::Measure ? fastest_batch(gemms, count, /*own=*/true, /*mkl=*/false)
                                     : BatchLibrary::OwnSpread;
   else if (force == Library::Measure)
@@ -726,7 +731,7 @@ void StepGemm::decode_gemm(const RawGemm& g, const at::Tensor& w) {
   // (run once, a product gains nothing from oneDNN's reorder: a forced onednn-packed runs it unpacked)
   if (force == Library::OneDnn || force == Library::OneDnnPacked)
     lib = onednn ? DecodeLibrary::OneDnn : DecodeLibrary::Mkl;
-  else if (force == Library::Own)
+  else if (force == Library::Own || force == Library::Mm)  // (Mm: deterministic algorithms, as in decode_batch)
     lib = own ? DecodeLibrary::Own : DecodeLibrary::Mkl;
   else if (force == Library::Measure)
     lib = fastest_decode(g, w, onednn, own);

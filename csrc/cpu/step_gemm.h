@@ -65,7 +65,8 @@ class StepGemm {
   // out (m, N) and a (m, K), each with contiguous rows, in the op's dtype.
   void run(at::Tensor& out, const at::Tensor& a) const;
   // Whether a decode step may make its products directly (mkl_batch, decode_gemm): torch has MKL's batch GEMM,
-  // and HYPERFUSED_STEP_GEMM is not mm (which keeps the ATen ops; unset, so do deterministic algorithms).
+  // and HYPERFUSED_STEP_GEMM is not mm (which keeps the ATen ops). Under deterministic algorithms they are made
+  // directly, each in a fixed library (the few-rows kernel where it runs, else MKL): nothing is measured.
   static bool batch_allowed();
   // One product of a decode step: by MKL straight into g.out, by oneDNN's matmul (the result copied into
   // g.out), or by hyperfused's own few-rows kernel (few_rows_gemm.h) straight into g.out, whichever measured
