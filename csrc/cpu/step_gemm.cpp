@@ -309,12 +309,10 @@ at::Tensor StepGemm::onednn_packed_for(int64_t rows) const {
 // HYPERFUSED_STEP_GEMM=onednn|onednn-packed|mkl|mm|own forces a library (the tests run each); unset or empty,
 // the library is measured. own is hyperfused's few-rows kernel. The products over a whole sequence follow it too
 // (sequence_mm: onednn and onednn-packed force oneDNN, mkl, mm and own at::mm). Anything else is refused: a
-// mistyped value must not silently measure. Unset under torch.use_deterministic_algorithms(True): mm. A measured
-// choice is made per process, and two near-equal libraries, which sum in different orders, can be chosen
-// differently by two processes; deterministic algorithms promise the same bits from run to run.
-StepGemm::Library StepGemm::forced() {
+// mistyped value must not silently measure.
+StepGemm::Library StepGemm::requested() {
   const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
-  if (!v || !*v) return at::globalContext().deterministicAlgorithms() ? Library::Mm : Library::Measure;
+  if (!v || !*v) return Library::Measure;
   const std::string s(v);
   if (s == "onednn") return Library::OneDnn;
   if (s == "onednn-packed") return Library::OneDnnPacked;
@@ -324,6 +322,14 @@ StepGemm::Library StepGemm::forced() {
   TORCH_CHECK(false, "hyperfused: HYPERFUSED_STEP_GEMM must be 'onednn', 'onednn-packed', 'mkl', 'mm', 'own' or ",
               "unset, got '", s, "'");
   return Library::Measure;
+}
+
+// Unset under torch.use_deterministic_algorithms(True): mm. A measured choice is made per process, and two
+// near-equal libraries, which sum in different orders, can be chosen differently by two processes; deterministic
+// algorithms promise the same bits from run to run.
+StepGemm::Library StepGemm::forced() {
+  const Library r = requested();
+  return r == Library::Measure && at::globalContext().deterministicAlgorithms() ? Library::Mm : r;
 }
 
 // Below this many multiply-adds a product takes a microsecond or two in every library, and timing cannot tell them
@@ -564,8 +570,7 @@ bool StepGemm::batch_allowed() {
   // Under deterministic algorithms forced() is Mm too, but the direct calls stay, each in a fixed library (the
   // few-rows kernel where it runs, else MKL) rather than a measured one: the ATen ops took 1.8-4.9x the measured
   // libraries' time for a decode step on an AMD EPYC.
-  const char* v = std::getenv("HYPERFUSED_STEP_GEMM");
-  return mkl_sgemm_batch() && !(v && std::string(v) == "mm");
+  return mkl_sgemm_batch() && requested() != Library::Mm;
 }
 
 void mkl_batch(const RawGemm* gemms, int count) {

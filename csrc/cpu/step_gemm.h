@@ -96,6 +96,9 @@ class StepGemm {
  private:
   enum class Library { Measure, OneDnn, OneDnnPacked, Mm, Mkl, Own };
   friend void sequence_mm(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
+  // HYPERFUSED_STEP_GEMM's library, or Measure where it is unset.
+  static Library requested();
+  // requested(), or Mm where nothing is requested under torch.use_deterministic_algorithms(True).
   static Library forced();
   // forced(), or at::mm (Mm) for a product of (m, k) · (k, n) too small to time where the library is measured.
   static Library forced(int64_t m, int64_t k, int64_t n);

@@ -10,8 +10,9 @@ import torch
 @contextmanager
 def deterministic_algorithms(warn_only: bool = False) -> Iterator[None]:
     """``torch.use_deterministic_algorithms(True, warn_only=warn_only)`` inside the block, then the caller's
-    setting back, both flags, however the block ends. On the CPU hyperfused measures no library then: every
-    product runs as ``torch.mm`` does, so two processes give the same bits."""
+    setting back, both flags, however the block ends. On the CPU hyperfused measures no library then (a
+    sequence's products run as ``torch.mm`` does, a decode step's in fixed libraries), so two processes give the
+    same bits."""
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=warn_only)
     try:
