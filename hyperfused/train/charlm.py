@@ -24,8 +24,11 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -207,150 +210,208 @@ def train(args):
         return _train(args)
 
 
+@dataclass
+class _Processes:
+    """This process's place among the data-parallel ones (torchrun sets WORLD_SIZE)."""
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint keeps besides the model and the optimiser, so that a resumed run continues exactly."""
+    step: int = 0
+    state: object = None  # the detached state carried into the next chunk (None: a zero state)
+    history: list = field(default_factory=list)
+    best: Optional[dict] = None  # with --patience: dict(valid_bpc, step, model) of the best validated parameters
+
+
 def _train(args):
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = torch.device(args.device)
-    if distributed:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-    if distributed and args.patience is not None:
-        raise SystemExit("error: --patience needs a single process (only rank 0 validates)")
-    quiet = args.quiet or rank != 0
-
+    procs = _start_processes(args)
+    quiet = args.quiet or procs.rank != 0
     train_text, valid_text, test_text = load_ptb_chars()
     vocab = sorted(set(train_text))
     index = {ch: i for i, ch in enumerate(vocab)}
     encode = lambda s: torch.tensor([index[ch] for ch in s], dtype=torch.long)  # noqa: E731
-    if args.train_limit:
-        train_text = train_text[:args.train_limit]
-    shard = len(train_text) // world  # each rank reads its own contiguous shard
-    train_data = streams(encode(train_text[rank * shard:(rank + 1) * shard]), args.batch_size).to(device)
-    chunks = (train_data.shape[0] - 1) // args.seq_len
-    if chunks < 1:
-        raise SystemExit(f"error: too little training text for --batch-size {args.batch_size} and --seq-len "
-                         f"{args.seq_len} on {world} process(es)")
+    train_data, chunks = _train_streams(args, train_text, encode, procs)
     steps = args.steps if args.steps is not None else max(1, int(args.epochs * chunks))
+    model, net, opt = _model_and_optimizer(args, len(vocab), procs)
+    run = _resume(args, model, opt, procs, quiet) if args.resume else _Progress()
+    valid_data = _eval_data(valid_text, encode, args, procs.device) if procs.rank == 0 else None
 
-    torch.manual_seed(args.seed)
-    model = CharLM(args.model, len(vocab), args.embed, args.hidden, args.layers, args.hyper_size, args.hyper_embed,
-                   args.dropout, args.recurrent_dropout, args.backend, args.scale_init).to(device)
-    torch.manual_seed(args.seed + 1000 * rank)  # dropout masks differ between ranks
-    net = model
-    if distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-
-    step, state, history = 0, None, []
-    best = None  # with --patience: dict(valid_bpc, step, model) of the best validated parameters
-    if args.resume:
-        if not args.checkpoint or not os.path.exists(args.checkpoint):
-            raise SystemExit(f"error: --resume needs an existing --checkpoint, got {args.checkpoint!r}")
-        try:
-            ck = checkpoint_io.load(args.checkpoint, map_location=device)
-        except checkpoint_io.CheckpointError as e:
-            raise SystemExit(f"error: {e}")
-        if not isinstance(ck, dict) or not {"step", "model", "optimizer", "ranks", "history", "args"} <= ck.keys():
-            raise SystemExit(f"error: {args.checkpoint} is not a charlm training checkpoint")
-        notes = _check_resume_args(args.checkpoint, ck["args"], args)
-        if len(ck["ranks"]) != world:
-            raise SystemExit(f"error: {args.checkpoint} was written by {len(ck['ranks'])} process(es); resume it "
-                             f"with the same number (this run has {world})")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
-        step, history, best = ck["step"], ck["history"], ck.get("best")
-        for note in notes if not quiet else []:
-            print(note.format(step=step))
-        mine = ck["ranks"][rank]
-        torch.set_rng_state(mine["rng"])
-        if device.type == "cuda" and mine["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(mine["cuda_rng"], device)
-        state = mine["state"]
-        if state is not None:
-            state = [t.to(device) for t in state]
-            state = HyperLSTMState(*state) if len(state) == 4 else tuple(state)
-
-    def checkpoint():
-        _stop_if_diverged(_first_non_finite(model, weights=True), step, args)
-        s = None if state is None else list(state.tensors() if isinstance(state, HyperLSTMState) else state)
-        mine = dict(rng=torch.get_rng_state(), state=s,
-                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        ranks = [mine]
-        if distributed:
-            ranks = [None] * world
-            dist.all_gather_object(ranks, {k: (v.cpu() if isinstance(v, torch.Tensor) else
-                                              [t.cpu() for t in v] if isinstance(v, list) else v)
-                                           for k, v in mine.items()})
-        if rank == 0:
-            checkpoint_io.save(dict(step=step, model=model.state_dict(), optimizer=opt.state_dict(), ranks=ranks,
-                                    history=history, args=vars(args), best=best), args.checkpoint)
-
-    bar = tqdm(total=steps, initial=step, desc=f"charlm {args.model}", disable=quiet)
+    bar = tqdm(total=steps, initial=run.step, desc=f"charlm {args.model}", disable=quiet)
     running = None
-    clock = time.perf_counter() - (history[-1].get("elapsed_s", 0.0) if history else 0.0)
+    clock = time.perf_counter() - (run.history[-1].get("elapsed_s", 0.0) if run.history else 0.0)
     model.train()
-    while step < steps and not _out_of_patience(history, best, args.patience):
-        j = step % chunks
+    while run.step < steps and not _out_of_patience(run.history, run.best, args.patience):
+        j = run.step % chunks
         if j == 0:
-            state = None  # a new pass over the data starts from a zero state
+            run.state = None  # a new pass over the data starts from a zero state
         x = train_data[j * args.seq_len:(j + 1) * args.seq_len]
         y = train_data[j * args.seq_len + 1:(j + 1) * args.seq_len + 1]
-        logits, state = net(x, state)
-        state = detach_state(state)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        step += 1
-        bpc = loss.item() / math.log(2)
-        _stop_if_diverged(_first_non_finite(model, bpc), step, args)
+        bpc = _train_step(args, net, model, opt, x, y, run)
         running = bpc if running is None else 0.98 * running + 0.02 * bpc
-        record = dict(step=step, train_bpc=bpc)
-        if args.eval_every and step % args.eval_every == 0 and rank == 0:
-            record["valid_bpc"] = evaluate(model, _eval_data(valid_text, encode, args, device), args.seq_len)
-            if args.patience is not None and (best is None or record["valid_bpc"] < best["valid_bpc"]):
-                best = dict(valid_bpc=record["valid_bpc"], step=step,
-                            model={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+        record = dict(step=run.step, train_bpc=bpc)
+        if args.eval_every and run.step % args.eval_every == 0 and procs.rank == 0:
+            _validate(args, model, valid_data, run, record)
         record["elapsed_s"] = time.perf_counter() - clock
-        history.append(record)
-        bar.set_postfix(bpc=f"{running:.3f}", **({"valid": f"{record['valid_bpc']:.3f}"} if "valid_bpc" in record else {}))
+        run.history.append(record)
+        shown = {"valid": f"{record['valid_bpc']:.3f}"} if "valid_bpc" in record else {}
+        bar.set_postfix(bpc=f"{running:.3f}", **shown)
         bar.update()
-        if args.checkpoint and args.checkpoint_every and step % args.checkpoint_every == 0:
-            checkpoint()
+        if args.checkpoint and args.checkpoint_every and run.step % args.checkpoint_every == 0:
+            _save_checkpoint(args, model, opt, procs, run)
     bar.close()
-    if args.checkpoint and step > 0 and not (args.checkpoint_every and step % args.checkpoint_every == 0):
-        checkpoint()  # the end of the run, between periodic checkpoints
+    if args.checkpoint and run.step > 0 and not (args.checkpoint_every and run.step % args.checkpoint_every == 0):
+        _save_checkpoint(args, model, opt, procs, run)  # the end of the run, between periodic checkpoints
 
-    if best is not None and best["step"] != step:
-        model.load_state_dict(best["model"])  # the final numbers are those of the best validated parameters
-    result = dict(model=args.model, steps=step, world_size=world, best_step=best["step"] if best else None,
-                  seed=args.seed, scale_init=args.scale_init, lr=args.lr, hidden=args.hidden,
-                  recurrent_dropout=args.recurrent_dropout, dropout=args.dropout, clip=args.clip,
-                  hyper_size=args.hyper_size, hyper_embed=args.hyper_embed, batch_size=args.batch_size,
-                  seq_len=args.seq_len, elapsed_s=history[-1]["elapsed_s"] if history else 0.0,
-                  parameters=sum(p.numel() for p in model.parameters()),
-                  train_bpc_last=history[-1]["train_bpc"] if history else None,
-                  train_bpc_last50=sum(h["train_bpc"] for h in history[-50:]) / len(history[-50:]) if history else None)
-    if rank == 0:
-        result["valid_bpc"] = evaluate(model, _eval_data(valid_text, encode, args, device), args.seq_len)
-        result["test_bpc"] = evaluate(model, _eval_data(test_text, encode, args, device), args.seq_len)
-    if args.log and rank == 0:
-        _write_log(args.log, history, result)
+    if run.best is not None and run.best["step"] != run.step:
+        model.load_state_dict(run.best["model"])  # the final numbers are those of the best validated parameters
+    result = _summary(args, model, procs, run)
+    if procs.rank == 0:
+        result["valid_bpc"] = evaluate(model, valid_data, args.seq_len)
+        result["test_bpc"] = evaluate(model, _eval_data(test_text, encode, args, procs.device), args.seq_len)
+        if args.log:
+            _write_log(args.log, run.history, result)
     if args.save_final:
-        torch.save(model.state_dict(), args.save_final.replace("{rank}", str(rank)))
-    if distributed:
+        torch.save(model.state_dict(), args.save_final.replace("{rank}", str(procs.rank)))
+    if procs.distributed:
         dist.destroy_process_group()
-    return result, history
+    return result, run.history
+
+
+def _start_processes(args) -> _Processes:
+    """One process, or joins torchrun's group (gloo on the CPU, nccl on CUDA, one GPU per local rank)."""
+    device = torch.device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Processes(device)
+    if args.patience is not None:
+        raise SystemExit("error: --patience needs a single process (only rank 0 validates)")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return _Processes(device, dist.get_rank(), dist.get_world_size())
+
+
+def _train_streams(args, train_text: str, encode, procs: _Processes):
+    """This process's training streams, (n, batch) on its device, and how many --seq-len chunks they hold."""
+    if args.train_limit:
+        train_text = train_text[:args.train_limit]
+    shard = len(train_text) // procs.world  # each rank reads its own contiguous shard
+    data = streams(encode(train_text[procs.rank * shard:(procs.rank + 1) * shard]), args.batch_size)
+    chunks = (data.shape[0] - 1) // args.seq_len
+    if chunks < 1:
+        raise SystemExit(f"error: too little training text for --batch-size {args.batch_size} and --seq-len "
+                         f"{args.seq_len} on {procs.world} process(es)")
+    return data.to(procs.device), chunks
+
+
+def _model_and_optimizer(args, vocab_size: int, procs: _Processes):
+    """(model, what the step calls: the model or its DistributedDataParallel wrapper, Adam)."""
+    torch.manual_seed(args.seed)  # the same initial parameters on every rank
+    model = CharLM(args.model, vocab_size, args.embed, args.hidden, args.layers, args.hyper_size, args.hyper_embed,
+                   args.dropout, args.recurrent_dropout, args.backend, args.scale_init).to(procs.device)
+    torch.manual_seed(args.seed + 1000 * procs.rank)  # dropout masks differ between ranks
+    net = model
+    if procs.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+    return model, net, torch.optim.Adam(model.parameters(), lr=args.lr)
+
+
+def _resume(args, model, opt, procs: _Processes, quiet: bool) -> _Progress:
+    """Loads --checkpoint into the model and the optimiser, restores this rank's RNG states; its progress."""
+    if not args.checkpoint or not os.path.exists(args.checkpoint):
+        raise SystemExit(f"error: --resume needs an existing --checkpoint, got {args.checkpoint!r}")
+    try:
+        ck = checkpoint_io.load(args.checkpoint, map_location=procs.device)
+    except checkpoint_io.CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    if not isinstance(ck, dict) or not {"step", "model", "optimizer", "ranks", "history", "args"} <= ck.keys():
+        raise SystemExit(f"error: {args.checkpoint} is not a charlm training checkpoint")
+    notes = _check_resume_args(args.checkpoint, ck["args"], args)
+    if len(ck["ranks"]) != procs.world:
+        raise SystemExit(f"error: {args.checkpoint} was written by {len(ck['ranks'])} process(es); resume it "
+                         f"with the same number (this run has {procs.world})")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    for group in opt.param_groups:
+        group["lr"] = args.lr
+    run = _Progress(ck["step"], None, ck["history"], ck.get("best"))
+    for note in notes if not quiet else []:
+        print(note.format(step=run.step))
+    mine = ck["ranks"][procs.rank]
+    torch.set_rng_state(mine["rng"])
+    if procs.device.type == "cuda" and mine["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(mine["cuda_rng"], procs.device)
+    if mine["state"] is not None:
+        state = [t.to(procs.device) for t in mine["state"]]
+        run.state = HyperLSTMState(*state) if len(state) == 4 else tuple(state)
+    return run
+
+
+def _save_checkpoint(args, model, opt, procs: _Processes, run: _Progress) -> None:
+    """Rank 0 writes the model, the optimiser, every rank's RNG states and carried state, and the progress."""
+    _stop_if_diverged(_first_non_finite(model, weights=True), run.step, args)
+    state = None
+    if run.state is not None:
+        state = list(run.state.tensors() if isinstance(run.state, HyperLSTMState) else run.state)
+    mine = dict(rng=torch.get_rng_state(), state=state,
+                cuda_rng=torch.cuda.get_rng_state(procs.device) if procs.device.type == "cuda" else None)
+    ranks = [mine]
+    if procs.distributed:
+        ranks = [None] * procs.world
+        dist.all_gather_object(ranks, {k: (v.cpu() if isinstance(v, torch.Tensor) else
+                                          [t.cpu() for t in v] if isinstance(v, list) else v)
+                                       for k, v in mine.items()})
+    if procs.rank == 0:
+        checkpoint_io.save(dict(step=run.step, model=model.state_dict(), optimizer=opt.state_dict(), ranks=ranks,
+                                history=run.history, args=vars(args), best=run.best), args.checkpoint)
+
+
+def _train_step(args, net, model, opt, x, y, run: _Progress) -> float:
+    """One optimiser step on the chunk (x, y), carrying the state; the chunk's bits per character."""
+    logits, state = net(x, run.state)
+    run.state = detach_state(state)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    opt.step()
+    run.step += 1
+    bpc = loss.item() / math.log(2)
+    _stop_if_diverged(_first_non_finite(model, bpc), run.step, args)
+    return bpc
+
+
+def _validate(args, model, valid_data, run: _Progress, record: dict) -> None:
+    """Validation bpc into `record`; with --patience, keeps a copy of the best validated parameters."""
+    record["valid_bpc"] = evaluate(model, valid_data, args.seq_len)
+    if args.patience is not None and (run.best is None or record["valid_bpc"] < run.best["valid_bpc"]):
+        run.best = dict(valid_bpc=record["valid_bpc"], step=run.step,
+                        model={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+
+
+def _summary(args, model, procs: _Processes, run: _Progress) -> dict:
+    """The run's configuration and where its training loss ended (rank 0 adds valid and test bpc)."""
+    history = run.history
+    last50 = history[-50:]
+    return dict(model=args.model, steps=run.step, world_size=procs.world,
+                best_step=run.best["step"] if run.best else None, seed=args.seed, scale_init=args.scale_init,
+                lr=args.lr, hidden=args.hidden, recurrent_dropout=args.recurrent_dropout, dropout=args.dropout,
+                clip=args.clip, hyper_size=args.hyper_size, hyper_embed=args.hyper_embed,
+                batch_size=args.batch_size, seq_len=args.seq_len,
+                elapsed_s=history[-1]["elapsed_s"] if history else 0.0,
+                parameters=sum(p.numel() for p in model.parameters()),
+                train_bpc_last=history[-1]["train_bpc"] if history else None,
+                train_bpc_last50=sum(h["train_bpc"] for h in last50) / len(last50) if history else None)
 
 
 def _out_of_patience(history, best, patience) -> bool:
