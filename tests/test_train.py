@@ -128,6 +128,15 @@ def test_charlm_patience_needs_validations(bad, capsys):
         charlm.parse_args(bad)
 
 
+def test_charlm_patience_with_several_processes_is_refused_before_they_join(monkeypatch):
+    """Only rank 0 validates, so --patience cannot stop every rank together: torchrun's WORLD_SIZE = 2 is
+    refused with a clear error before the process group starts (no rendezvous here would ever complete)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("group started"))
+    with pytest.raises(SystemExit, match="--patience needs a single process"):
+        charlm.train(charlm.parse_args(TINY + ["--patience", "2", "--eval-every", "5"]))
+
+
 @needs_ptb
 def test_charlm_patience_stops_and_reports_the_best_validated_parameters(monkeypatch):
     """Validations scripted to improve, then worsen twice: with --patience 2 the run stops at the fourth,
