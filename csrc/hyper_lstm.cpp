@@ -609,6 +609,145 @@ StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Ten
   return {h1, c1, hh1, hc1};
 }
 
+namespace {
+
+// The backward's work for one step once a BackwardStep holds its pointers: the step kernel, or the GEMM-shaped
+// step's phases around the projections' gradients; then the recurrent GEMMs that carry dh and dĥ to t − 1.
+struct BackwardStepper {
+  const StepKernels& k;
+  const ScaleGemms& proj;
+  const StepGemm &rec, &hyper;  // (4H+4Ĥ, H) and (4Ĥ, Ĥ): the transposed recurrent products
+  const bool split;
+  const int64_t z_slot;
+  const LaunchShape shape;
+  // The GEMM-shaped step's buffers: d_h (4, B, H), dd (12, B, H), dz (12, B, N_z), dz·Z (B, Ĥ).
+  at::Tensor dh_all, dd_all, dz_all, dhh_extra;
+
+  BackwardStepper(const StepKernels& k, const ScaleGemms& proj, bool split, const StepGemm& rec,
+                  const StepGemm& hyper, const Dims& d, const at::TensorOptions& opts)
+      : k(k), proj(proj), rec(rec), hyper(hyper), split(split), z_slot(WsLayout(d).z),
+        dh_all(split ? at::empty({4, d.B, d.H}, opts) : at::Tensor()),
+        dd_all(split ? at::empty({12, d.B, d.H}, opts) : at::Tensor()),
+        dz_all(split ? at::empty({12, d.B, d.Nz}, opts) : at::Tensor()),
+        dhh_extra(split ? at::empty({d.B, d.Hh}, opts) : at::Tensor()) {}
+
+  // ws_t (B, WsLayout.width) and dz_t (B, 12N_z), the backward workspace's dz slot, are read only by the
+  // GEMM-shaped step; dg_t (B, 4H+4Ĥ) is st.dg, its hyper part (B, 4Ĥ) dg_hyper_t.
+  void run(BackwardStep& st, const at::Tensor& ws_t, const at::Tensor& dz_t, const at::Tensor& dg_t,
+           const at::Tensor& dg_hyper_t, at::Tensor& dh_rec, at::Tensor& dhh_rec) {
+    shape.apply(st);
+    if (split) {
+      // d_h from the saved z (kind h), then the main cell; dz = dd·W_z for all rows at once, into the backward
+      // workspace; dĥ's share dz·Z; then the hyper cell.
+      const int64_t Nz = dz_all.size(2);
+      proj.scales(dh_all, ws_t.narrow(1, z_slot, 4 * Nz), /*blocks=*/4);
+      st.phase = StepPhase::Main;
+      st.scale = dh_all.data_ptr();
+      st.dd = dd_all.data_ptr();
+      k.backward(st);
+      proj.scale_grads(dz_all, dd_all);
+      dz_t.view({dz_t.size(0), 12, Nz}).copy_(dz_all.transpose(0, 1));
+      proj.embedding_grads(dhh_extra, dz_t);
+      st.phase = StepPhase::Hyper;
+      st.dhh_extra = dhh_extra.data_ptr();
+    }
+    k.backward(st);
+    rec.run(dh_rec, dg_t);
+    hyper.run(dhh_rec, dg_hyper_t);
+  }
+};
+
+// What the backward kept or computed for all M = T·B rows, each as an (M, width) matrix: the operands of the
+// weight gradients, which reduce over the rows after the time loop.
+struct Rows {
+  DwsLayout D;                    // the backward workspace's layout (with or without the layer norms' rows)
+  at::Tensor g, gx, ws, dg, dws;  // widths g_width(), 4H, WsLayout.width, g_width(), D.width
+};
+
+// The elementwise gradients (b_0, b̂, the layer norms', the 12 scaling weights') from the step kernel's
+// per-thread sums, `accum` (threads, AccumLayout.width). gp: the parameters' gradients, in PARAM order.
+void grads_from_thread_sums(const at::Tensor& accum, const Dims& d, bool layer_norm, at::Tensor* gp) {
+  const AccumLayout A(d);
+  const auto sums = accum.sum(0);
+  const auto take = [&](int64_t offset, int64_t n) {  // clones: no two parameters' grads share storage
+    return sums.narrow(0, offset, n).clone();
+  };
+  for (const auto& [cell, C, n, bias, lnw] : {std::make_tuple(A.main, A.main_cell, d.H, BIAS, LN_WEIGHT),
+                                            std::make_tuple(A.hyper, A.hyper_cell, d.Hh, HYPER_BIAS, HYPER_LN_WEIGHT)}) {
+    gp[bias] = take(cell + C.bias, 4 * n);
+    if (!layer_norm) continue;
+    gp[lnw] = take(cell + C.ln_w, 4 * n);
+    gp[lnw + 1] = take(cell + C.ln_b, 4 * n);
+    gp[lnw + 2] = take(cell + C.lnc_w, n);
+    gp[lnw + 3] = take(cell + C.lnc_b, n);
+  }
+  // (3, 4, N_z, H) → the (2, 4H, N_z) and (4H, N_z) layouts of the weights
+  const auto scale = sums.narrow(0, A.scale, 12 * d.Nz * d.H).view({3, 4, d.Nz, d.H}).transpose(2, 3);
+  gp[SCALE_WEIGHT] = scale.narrow(0, 0, 2).reshape({2, 4 * d.H, d.Nz});
+  gp[BIAS_SCALE_WEIGHT] = scale.select(0, 2).reshape({4 * d.H, d.Nz});
+}
+
+// The same gradients reduced by ATen from the rows; returns dgx = da ⊙ d_x, the gradient of W_x x_t (which the
+// step kernel that sums leaves in da's slot instead).
+at::Tensor grads_from_rows(at::TensorList p, const Rows& r, const Dims& d, bool layer_norm, at::Tensor* gp) {
+  const WsLayout L(d);
+  const DwsLayout& D = r.D;
+  const int64_t M = r.g.size(0), H = d.H, Nz = d.Nz;
+  const auto da = r.dws.narrow(1, D.da, 4 * H);
+  const auto z3 = r.ws.narrow(1, L.z, 12 * Nz).reshape({M, 3, 4, Nz});
+  const auto w_scale = p[SCALE_WEIGHT].view({2, 4, H, Nz});
+  const auto dgx = da * at::einsum("myn,yhn->myh", {z3.select(1, 1), w_scale.select(0, 1)}).reshape({M, 4 * H});
+  gp[BIAS] = da.sum(0);
+  gp[HYPER_BIAS] = r.dg.narrow(1, 4 * H, 4 * d.Hh).sum(0);
+  const auto dd_h = (da * r.g.narrow(1, 0, 4 * H)).view({M, 4, H});
+  const auto dd_x = (da * r.gx).view({M, 4, H});
+  const auto dd_b = da.reshape({M, 4, H});
+  gp[SCALE_WEIGHT] = at::stack({at::einsum("myh,myn->yhn", {dd_h, z3.select(1, 0)}),
+                                at::einsum("myh,myn->yhn", {dd_x, z3.select(1, 1)})})
+                         .reshape({2, 4 * H, Nz});
+  gp[BIAS_SCALE_WEIGHT] = at::einsum("myh,myn->yhn", {dd_b, z3.select(1, 2)}).reshape({4 * H, Nz});
+  if (!layer_norm) return dgx;
+  // A layer norm's gain and bias gradients (parameters lnw .. lnw + 3) from the per-row dy and dcout slots.
+  const auto ln_grads = [&](int64_t dy, int64_t dcout, int64_t nrm, int64_t cn, int64_t n, int lnw) {
+    const auto dy_rows = r.dws.narrow(1, dy, 4 * n), dcout_rows = r.dws.narrow(1, dcout, n);
+    gp[lnw] = (dy_rows * r.ws.narrow(1, nrm, 4 * n)).sum(0);
+    gp[lnw + 1] = dy_rows.sum(0);
+    gp[lnw + 2] = (dcout_rows * r.ws.narrow(1, cn, n)).sum(0);
+    gp[lnw + 3] = dcout_rows.sum(0);
+  };
+  ln_grads(D.dy, D.dcout, L.n, L.cn, H, LN_WEIGHT);
+  ln_grads(D.dyh, D.dhcout, L.hn, L.hcn, d.Hh, HYPER_LN_WEIGHT);
+  return dgx;
+}
+
+// The gradients that are products over the rows: dx (returned, (M, X)) and the weights' (into gp), each
+// operand rounded once (a no-op without a low precision: dgx, dg and hs feed several GEMMs each). x2_op: x as
+// (M, X), rounded.
+at::Tensor grads_from_products(const GemmPrecision& P, at::TensorList p, const Rows& r, const Dims& d,
+                               const at::Tensor& x2_op, const at::Tensor& dgx, const at::Tensor& h0,
+                               const at::Tensor& hs, const at::Tensor& hh0, const at::Tensor& hhs, at::Tensor* gp) {
+  const auto dtype = hs.scalar_type();  // the op's (x's)
+  const int64_t H = d.H, Hh = d.Hh, X = x2_op.size(1), Nz = d.Nz;
+  const auto dgx_op = P.operand(dgx), dg_op = P.operand(r.dg), hs_op = P.operand(hs);
+  const auto dah_op = dg_op.narrow(1, 4 * H, 4 * Hh);
+  gp[WEIGHT_IH] = P.mm(dgx_op.t(), x2_op, dtype);
+  // [dW_h ; dŴ_x,h] (4H+4Ĥ, H), the gradient of the recurrent product's weight, in one pass over dg
+  const auto d_rec = times_prev(P, dg_op, h0, hs_op);
+  gp[WEIGHT_HH] = d_rec.narrow(0, 0, 4 * H);
+  gp[HYPER_WEIGHT_IH] = at::cat({P.mm(dah_op.t(), x2_op, dtype), d_rec.narrow(0, 4 * H, 4 * Hh)}, 1);
+  gp[HYPER_WEIGHT_HH] = times_prev(P, dah_op, hh0, hhs);
+  const auto dz = r.dws.narrow(1, r.D.dz, 12 * Nz);
+  const auto hh_all = hhs.view({-1, Hh});
+  // (two products, not one split: an op's outputs must not share storage)
+  gp[Z_WEIGHT] = sequence_product(dz.narrow(1, 0, 8 * Nz).t(), hh_all);
+  gp[Z_BIAS] = dz.narrow(1, 0, 8 * Nz).sum(0);
+  gp[BIAS_Z_WEIGHT] = sequence_product(dz.narrow(1, 8 * Nz, 4 * Nz).t(), hh_all);
+  return P.mm(dgx_op, P.operand(p[WEIGHT_IH]), dtype)
+      .add_(P.mm(dah_op, P.operand(p[HYPER_WEIGHT_IH].narrow(1, 0, X)), dtype));
+}
+
+}  // namespace
+
 std::vector<at::Tensor> hyper_lstm_backward(
     const StepKernels& k, const std::optional<at::Tensor>& grad_hs_in, const std::optional<at::Tensor>& grad_cs_in,
     const std::optional<at::Tensor>& grad_hhs_in, const std::optional<at::Tensor>& grad_hcs_in, const at::Tensor& x,
@@ -624,7 +763,6 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const Dims dims = s.dims();
   const WsLayout L(dims);
   const bool split = gemm_shaped(k);
-  const LaunchShape shape;
   const bool in_kernel = sums_in_kernel(k) && !split;
   const DwsLayout D(dims, /*ln_rows=*/!in_kernel);
   const int64_t T = s.T, B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, M = T * B, GW = dims.g_width();
@@ -641,7 +779,6 @@ std::vector<at::Tensor> hyper_lstm_backward(
                                         std::make_tuple(&grad_hcs, "grad_hcs", Hh)})
     if (*gr) check_arg(**gr, name, {T, B, width}, x);
 
-  const auto dtype = x.scalar_type();
   const auto x2_op = P.operand(x.reshape({M, X}));  // rounded once for gx and the weight gradients
   const auto opts = x.options();
   const auto gx = input_gemm(P, x2_op, p[WEIGHT_IH].t(), opts).view({T, B, 4 * H});  // recomputed, not stored
@@ -656,21 +793,16 @@ std::vector<at::Tensor> hyper_lstm_backward(
   auto dhh_zone = hzone ? at::empty({B, Hh}, opts) : at::Tensor();
   const Transposed tr(p, s, Use::Backward, split);
   const StepParams sp = step_params(p, &tr);
-  // (4H+4Ĥ, H), (4Ĥ, Ĥ): the transposed products
   const StepGemm rec(tr.w_rec, {}, P, T), hyper(p[HYPER_WEIGHT_HH], {}, P, T);
-  const AccumLayout A(dims);
   // the kernel's per-thread sums (~0.8 MB per thread at H = 1000, N_z = 16), zeroed, from the cache
-  auto accum = in_kernel ? pooled_empty({int64_t(at::get_num_threads()), A.width}, opts).zero_() : at::Tensor();
-  // The GEMM-shaped step's buffers: d_h (4, B, H), dd (12, B, H), dz (12, B, N_z), dz·Z (B, Ĥ).
-  auto dh_all = split ? at::empty({4, B, H}, opts) : at::Tensor();
-  auto dd_all = split ? at::empty({12, B, H}, opts) : at::Tensor();
-  auto dz_all = split ? at::empty({12, B, Nz}, opts) : at::Tensor();
-  auto dhh_extra = split ? at::empty({B, Hh}, opts) : at::Tensor();
+  auto accum = in_kernel ? pooled_empty({int64_t(at::get_num_threads()), AccumLayout(dims).width}, opts).zero_()
+                         : at::Tensor();
   const ScaleGemms proj(p, s, split);
+  BackwardStepper stepper(k, proj, split, rec, hyper, dims, opts);
   // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
   const auto dg_t = dg.unbind(0), dg_hyper_t = dg.narrow(2, 4 * H, 4 * Hh).unbind(0);
-  const auto ws_t = split ? ws.unbind(0) : std::vector<at::Tensor>();
-  const auto dz_t = split ? dws.narrow(2, D.dz, 12 * Nz).unbind(0) : std::vector<at::Tensor>();
+  const auto ws_t = split ? ws.unbind(0) : std::vector<at::Tensor>(T);
+  const auto dz_t = split ? dws.narrow(2, D.dz, 12 * Nz).unbind(0) : std::vector<at::Tensor>(T);
   const Steps G(g), Gx(gx), Cs(cs), HCs(hcs), Ws(ws), DG(dg), DWs(dws);
   const Steps Mask(mask), HMask(hyper_mask), ZMask(zoneout_mask), HZMask(hyper_zoneout_mask);
   const Steps GradHs(grad_hs), GradCs(grad_cs), GradHHs(grad_hhs), GradHCs(grad_hcs);
@@ -684,108 +816,31 @@ std::vector<at::Tensor> hyper_lstm_backward(
                     dc.data_ptr(), dhc.data_ptr(), zone ? dh_zone.data_ptr() : nullptr,
                     hzone ? dhh_zone.data_ptr() : nullptr, DG.at(t), DWs.at(t),
                     in_kernel ? accum.data_ptr() : nullptr, k.stream()};
-    shape.apply(st);
-    if (split) {
-      // d_h from the saved z (kind h), then the main cell; dz = dd·W_z for all rows at once, into the backward
-      // workspace; dĥ's share dz·Z; then the hyper cell.
-      proj.scales(dh_all, ws_t[t].narrow(1, L.z, 4 * Nz), /*blocks=*/4);
-      st.phase = StepPhase::Main;
-      st.scale = dh_all.data_ptr();
-      st.dd = dd_all.data_ptr();
-      k.backward(st);
-      proj.scale_grads(dz_all, dd_all);
-      dz_t[t].view({B, 12, Nz}).copy_(dz_all.transpose(0, 1));
-      proj.embedding_grads(dhh_extra, dz_t[t]);
-      st.phase = StepPhase::Hyper;
-      st.dhh_extra = dhh_extra.data_ptr();
-    }
-    k.backward(st);
-    rec.run(dh_rec, dg_t[t]);
-    hyper.run(dhh_rec, dg_hyper_t[t]);
+    stepper.run(st, ws_t[t], dz_t[t], dg_t[t], dg_hyper_t[t], dh_rec, dhh_rec);
     if (zone) dh_rec.add_(dh_zone);
     if (hzone) dhh_rec.add_(dhh_zone);
   }
 
-  // Weight gradients: each a reduction over all T·B rows.
-  const auto dgm = dg.view({M, GW});
-  const auto dah = dgm.narrow(1, 4 * H, 4 * Hh);
-  const auto dwsm = dws.view({M, D.width}), wsm = ws.view({M, L.width});
-  const auto z3 = wsm.narrow(1, L.z, 12 * Nz).reshape({M, 3, 4, Nz});
-  const auto hh_all = hhs.view({M, Hh});
+  // Weight gradients: each a reduction over all T·B rows. The elementwise ones (and dgx, the gradient of
+  // W_x x_t) the kernel summed per thread, leaving dgx in da's slot, or ATen reduces them here.
+  const Rows rows{D, g.view({M, GW}), gx.view({M, 4 * H}), ws.view({M, L.width}), dg.view({M, GW}),
+                  dws.view({M, D.width})};
   std::vector<at::Tensor> grads(5 + NUM_PARAMS);
   at::Tensor* gp = grads.data() + 5;
-  // The gradients that reduce elementwise over rows (the biases, the 12 scaling weights, the layer norms) and
-  // dgx, the grad of W_x x_t: the kernel summed them per thread and left dgx in da's slot, or ATen does it here.
-  const auto da = dwsm.narrow(1, D.da, 4 * H);
-  // A layer norm's gain and bias gradients (parameters lnw .. lnw + 3) from the per-row dy and dcout slots.
-  const auto ln_grads_from_rows = [&](int64_t dy, int64_t dcout, int64_t nrm, int64_t cn, int64_t n, int lnw) {
-    const auto dy_rows = dwsm.narrow(1, dy, 4 * n), dcout_rows = dwsm.narrow(1, dcout, n);
-    gp[lnw] = (dy_rows * wsm.narrow(1, nrm, 4 * n)).sum(0);
-    gp[lnw + 1] = dy_rows.sum(0);
-    gp[lnw + 2] = (dcout_rows * wsm.narrow(1, cn, n)).sum(0);
-    gp[lnw + 3] = dcout_rows.sum(0);
-  };
   at::Tensor dgx;
   if (in_kernel) {
-    dgx = da;
-    const auto sums = accum.sum(0);
-    const auto take = [&](int64_t offset, int64_t n) {  // clones: no two parameters' grads share storage
-      return sums.narrow(0, offset, n).clone();
-    };
-    for (const auto& [cell, C, n, bias, lnw] : {std::make_tuple(A.main, A.main_cell, H, BIAS, LN_WEIGHT),
-                                              std::make_tuple(A.hyper, A.hyper_cell, Hh, HYPER_BIAS, HYPER_LN_WEIGHT)}) {
-      gp[bias] = take(cell + C.bias, 4 * n);
-      if (!layer_norm) continue;
-      gp[lnw] = take(cell + C.ln_w, 4 * n);
-      gp[lnw + 1] = take(cell + C.ln_b, 4 * n);
-      gp[lnw + 2] = take(cell + C.lnc_w, n);
-      gp[lnw + 3] = take(cell + C.lnc_b, n);
-    }
-    // (3, 4, N_z, H) → the (2, 4H, N_z) and (4H, N_z) layouts of the weights
-    const auto scale = sums.narrow(0, A.scale, 12 * Nz * H).view({3, 4, Nz, H}).transpose(2, 3);
-    gp[SCALE_WEIGHT] = scale.narrow(0, 0, 2).reshape({2, 4 * H, Nz});
-    gp[BIAS_SCALE_WEIGHT] = scale.select(0, 2).reshape({4 * H, Nz});
+    grads_from_thread_sums(accum, dims, layer_norm, gp);
+    dgx = rows.dws.narrow(1, D.da, 4 * H);
   } else {
-    const auto w_scale = p[SCALE_WEIGHT].view({2, 4, H, Nz});
-    dgx = da * at::einsum("myn,yhn->myh", {z3.select(1, 1), w_scale.select(0, 1)}).reshape({M, 4 * H});
-    gp[BIAS] = da.sum(0);
-    gp[HYPER_BIAS] = dah.sum(0);
-    const auto dd_h = (da * g.view({M, GW}).narrow(1, 0, 4 * H)).view({M, 4, H});
-    const auto dd_x = (da * gx.view({M, 4 * H})).view({M, 4, H});
-    const auto dd_b = da.reshape({M, 4, H});
-    gp[SCALE_WEIGHT] = at::stack({at::einsum("myh,myn->yhn", {dd_h, z3.select(1, 0)}),
-                                  at::einsum("myh,myn->yhn", {dd_x, z3.select(1, 1)})})
-                           .reshape({2, 4 * H, Nz});
-    gp[BIAS_SCALE_WEIGHT] = at::einsum("myh,myn->yhn", {dd_b, z3.select(1, 2)}).reshape({4 * H, Nz});
-    if (layer_norm) {
-      ln_grads_from_rows(D.dy, D.dcout, L.n, L.cn, H, LN_WEIGHT);
-      ln_grads_from_rows(D.dyh, D.dhcout, L.hn, L.hcn, Hh, HYPER_LN_WEIGHT);
-    }
+    dgx = grads_from_rows(p, rows, dims, layer_norm, gp);
   }
   if (!layer_norm)
     for (int i = LN_WEIGHT; i <= HYPER_LN_CELL_BIAS; ++i) gp[i] = at::zeros_like(p[i]);
-
-  // Each operand rounded once (a no-op without a low precision): dgx, dg and hs feed several GEMMs each.
-  const auto dgx_op = P.operand(dgx), dg_op = P.operand(dgm), hs_op = P.operand(hs);
-  const auto dah_op = dg_op.narrow(1, 4 * H, 4 * Hh);
-  grads[0] = P.mm(dgx_op, P.operand(p[WEIGHT_IH]), dtype)
-                 .add_(P.mm(dah_op, P.operand(p[HYPER_WEIGHT_IH].narrow(1, 0, X)), dtype))
-                 .view({T, B, X});
+  grads[0] = grads_from_products(P, p, rows, dims, x2_op, dgx, h0, hs, hh0, hhs, gp).view({T, B, X});
   grads[1] = dh_rec;
   grads[2] = dc;
   grads[3] = dhh_rec;
   grads[4] = dhc;
-  gp[WEIGHT_IH] = P.mm(dgx_op.t(), x2_op, dtype);
-  // [dW_h ; dŴ_x,h] (4H+4Ĥ, H), the gradient of the recurrent product's weight, in one pass over dg
-  const auto d_rec = times_prev(P, dg_op, h0, hs_op);
-  gp[WEIGHT_HH] = d_rec.narrow(0, 0, 4 * H);
-  gp[HYPER_WEIGHT_IH] = at::cat({P.mm(dah_op.t(), x2_op, dtype), d_rec.narrow(0, 4 * H, 4 * Hh)}, 1);
-  gp[HYPER_WEIGHT_HH] = times_prev(P, dah_op, hh0, hhs);
-  const auto dz = dwsm.narrow(1, D.dz, 12 * Nz);
-  // (two products, not one split: an op's outputs must not share storage)
-  gp[Z_WEIGHT] = sequence_product(dz.narrow(1, 0, 8 * Nz).t(), hh_all);
-  gp[Z_BIAS] = dz.narrow(1, 0, 8 * Nz).sum(0);
-  gp[BIAS_Z_WEIGHT] = sequence_product(dz.narrow(1, 8 * Nz, 4 * Nz).t(), hh_all);
   return grads;
 }
 
