@@ -830,6 +830,29 @@ def test_jit_trace_of_a_sequence_and_of_a_state_passed_in():
         assert (no_hyper[0] - want[0]).abs().max() > 1e-3  # the trace reads the hyper state it is given
 
 
+@pytest.mark.parametrize("traced_with_grad", [True, False], ids=["traced-with-grad", "traced-without"])
+@pytest.mark.parametrize("T, options", [(4, dict(num_layers=2, bidirectional=True)), (1, {}), (1, dict(zoneout=0.2))],
+                         ids=["2-layer-bidirectional", "one-step", "one-step-zoneout"])
+def test_jit_trace_passes_its_check_and_the_trace_differentiates(T, options, traced_with_grad):
+    """torch.jit.trace's default check reruns the call without gradients and compares the two graphs: the module
+    records one path either way (the sequence op, saving for a backward; a one-step call does not switch to the
+    decode op). The trace then gives the eager module's outputs and every parameter's gradient, whether it was
+    traced with gradients or without (a trace made under no_grad used to keep nothing for a backward)."""
+    torch.manual_seed(11)
+    m = randomize_(hyperfused.HyperLSTM(5, 7, hyper_size=6, hyper_embed=3, **options), scale=0.3).eval()
+    x, other = torch.randn(T, 2, 5), torch.randn(T, 2, 5)
+    with warnings.catch_warnings(), torch.set_grad_enabled(traced_with_grad):
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records as constants
+        traced = torch.jit.trace(m, (x,))  # check_trace=True: fails if the checking run records another graph
+    params = list(m.parameters())
+    got, want = traced(other), m(other)
+    for a, b in zip((got[0], *got[1]), (want[0], *want[1][:2]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    loss = lambda out: (out[0] * torch.linspace(-1, 1, out[0].shape[-1])).sum() + out[1][1].square().sum()  # noqa: E731
+    for a, b in zip(torch.autograd.grad(loss(got), params), torch.autograd.grad(loss(want), params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 class _FromFourTensors(torch.nn.Module):
     def __init__(self, m):
         super().__init__()

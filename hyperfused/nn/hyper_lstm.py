@@ -299,8 +299,9 @@ class HyperLSTMCell(Module):
         return T == 1 and backend in ("cpu", "cuda") and self._needs_no_masks_or_grad()
 
     def _needs_no_masks_or_grad(self) -> bool:
-        # Zoneout needs masks even in evaluation, recurrent dropout in training: the general path draws them.
-        return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        # Zoneout needs masks even in evaluation, recurrent dropout in training: the general path draws them. A
+        # torch.jit.trace records one path, which its check reruns without gradients: the one that has them.
+        return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not jit_tracing()
                 and not (self.zoneout or self.hyper_zoneout) and not (self.training and self.recurrent_dropout))
 
     def _fused_backend(self, device: torch.device) -> bool:
@@ -453,8 +454,8 @@ class _HyperCarry:
         that runs inside a backward pass is activation checkpointing's rerun of an earlier one (which stops
         where it has what the backward needs): its state is kept apart, for the next rerun call only, so that
         the next forward call still finds the last state of the forward pass."""
-        if func_transforming() or exporting():  # (a transform's tensors die with it; an exported
-            return                                  # program's are not the module's)
+        if func_transforming() or exporting() or jit_tracing():  # (a transform's tensors die with it; an
+            return  # exported program's, and those torch.jit.trace records, are not the module's)
         state = tuple(t.detach() if t.requires_grad else t for t in (h, c, hh, hc))
         # (not asked while compiling: a compiled graph's checkpoint reruns are its own)
         if not torch.compiler.is_compiling() and _in_backward():

@@ -15,6 +15,7 @@ from . import _checks
 from .._extension import HAS_EXTENSION
 from .._triton_kernels import layouts
 from ._autograd import recomputed_grads
+from .backends import jit_tracing
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -90,8 +91,10 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
             mask, hyper_mask, zoneout_mask, hyper_zoneout_mask = masks
         op = torch.ops.hyperfused.hyper_lstm_triton_forward if backend == "triton" else \
             torch.ops.hyperfused.hyper_lstm_forward
-        # When no gradient can be asked for, nothing is saved for a backward (g and ws become one step's scratch)
-        training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, hh0, hc0, *params))
+        # When no gradient can be asked for, nothing is saved for a backward (g and ws become one step's scratch).
+        # torch.jit.trace records the flag as a constant, and a trace may be run with gradients: it saves.
+        training = jit_tracing() or (torch.is_grad_enabled()
+                                     and any(t.requires_grad for t in (x, h0, c0, hh0, hc0, *params)))
         outs = op(
             x.contiguous(), h0.contiguous(), c0.contiguous(), hh0.contiguous(), hc0.contiguous(),
             [p.contiguous() for p in params], mask, hyper_mask, layer_norm, float(forget_bias), zoneout_mask,
