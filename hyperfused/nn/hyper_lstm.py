@@ -275,7 +275,7 @@ class HyperLSTMCell(Module):
         state = _initial_state(hx, 1, B, self.hidden_size, self.hyper_size, batched, self.weight_ih, stacked=False,
                                carry=self._carry)
         state = [s[0] for s in state]
-        backend = resolve_backend(self.backend, x.device)
+        backend = _backend_for(self.backend, x, B)
         h, c, hh, hc = (s[0] for s in self.run(backend, x.unsqueeze(0), state))
         if self._carry is not None:
             self._carry.remember(h, c, hh, hc)
@@ -291,8 +291,8 @@ class HyperLSTMCell(Module):
     # autograd (nothing to record).
 
     def _decodes(self, input, hx) -> bool:
-        return (isinstance(hx, HyperLSTMState) and input.dim() == 2 and self._needs_no_masks_or_grad()
-                and self._fused_backend(input.device))
+        return (isinstance(hx, HyperLSTMState) and input.dim() == 2 and input.shape[0] > 0
+                and self._needs_no_masks_or_grad() and self._fused_backend(input.device))
 
     def _steps_alone(self, backend: str, T: int) -> bool:
         """Whether T steps on `backend` run as one decode op: T = 1 on a C++ backend, without gradients or masks."""
@@ -415,12 +415,17 @@ def _check_tensor(name: str, t, ref: torch.Tensor, ndims: tuple, features: int) 
         raise ValueError(f"{name}: expected a {expected} tensor, got shape {tuple(t.shape)}")
     if t.shape[-1] != features:
         raise ValueError(f"{name}: expected last dimension input_size={features}, got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name}: got an empty sequence or batch, shape {tuple(t.shape)}")
     if t.dtype != ref.dtype:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the module's), got {t.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the module's device), got {t.device}")
+
+
+def _backend_for(backend: str, x: torch.Tensor, B: int) -> str:
+    """The backend a call runs on. An empty batch (B = 0, which nn.LSTM and nn.LSTMCell accept) has nothing to
+    fuse: the reference's ops make its empty outputs, connected to the parameters as a real batch's are."""
+    backend = resolve_backend(backend, x.device)
+    return "reference" if B == 0 else backend
 
 
 class _HyperCarry:
@@ -728,9 +733,11 @@ class HyperLSTM(Module):
             x = input if not batched or not self.batch_first else input.transpose(0, 1)
             x = x if batched else x.unsqueeze(1)
         T, B, _ = x.shape
+        if T == 0:
+            raise ValueError(f"input: expected a sequence of at least one step, got shape {tuple(input.shape)}")
         L, D = self.num_layers, self.num_directions
         state = _initial_state(hx, L * D, B, self.hidden_size, self.hyper_size, batched, ref, carry=self._carry)
-        backend = resolve_backend(self.backend, x.device)
+        backend = _backend_for(self.backend, x, B)
         rev = _reverse_index(T, lengths, x.device) if D == 2 else None
         finals = []
         layer_input = x
