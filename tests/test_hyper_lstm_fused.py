@@ -5,8 +5,8 @@ import torch
 
 import hyperfused
 from hyperfused.train.determinism import deterministic_algorithms
-from conftest import (HAS_GPU, HAS_MKL_BATCH, HAS_MKL_CBLAS, backend_cases, device_for, own_kernel_for,
-                      requires_extension, requires_gpu, size_id)
+from conftest import (HAS_GPU, HAS_MKL_BATCH, HAS_MKL_CBLAS, backend_cases, backend_params, device_for,
+                      own_kernel_for, requires_extension, requires_gpu, size_id)
 from helpers import assert_same_run, make_pair, random_state, randomize_, run_and_grad
 
 pytestmark = requires_extension
@@ -593,3 +593,28 @@ def test_the_time_loops_make_no_tensor_views_per_step(monkeypatch):
     per_step = {k: (long[k] - short[k]) / 10 for k in set(short) | set(long) if k not in gemm}
     assert sum(per_step.values()) <= 12, per_step
     assert (long["aten::mm"] - short["aten::mm"]) / 10 == 4  # two recurrent GEMMs forward, two backward
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", *backend_params("cpu", "cuda", "triton")])
+def test_an_empty_batch_runs_as_on_nn_lstm(backend):
+    """B = 0, which nn.LSTM and nn.LSTMCell accept (a filtered or sharded batch can be empty): the same output and
+    state shapes as theirs, every parameter's gradient a zero tensor (not None, as a real batch's optimizer step
+    expects), a returned state passed back, a one-step call without gradients (the decode path), the cell."""
+    device = device_for(backend) if backend in ("cpu", "cuda", "triton") else "cpu"
+    m = hyperfused.HyperLSTM(5, 7, num_layers=2, bidirectional=True, hyper_size=6, hyper_embed=3, backend=backend,
+                             device=device)
+    lstm = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, device=device)
+    x = torch.randn(4, 0, 5, device=device)
+    (out, state), (want, (h, c)) = m(x), lstm(x)
+    assert out.shape == want.shape and state[0].shape == h.shape and state[1].shape == c.shape
+    assert state.hyper_h.shape == state.hyper_c.shape == (4, 0, 6)
+    (out.sum() + state[1].sum()).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+    assert m(x, state)[0].shape == want.shape
+    with torch.no_grad():
+        assert m(x[:1], state)[0].shape == (1, 0, 14)
+    cell = hyperfused.HyperLSTMCell(5, 7, hyper_size=6, hyper_embed=3, backend=backend, device=device)
+    s = cell(x[0])
+    assert s[0].shape == torch.nn.LSTMCell(5, 7, device=device)(x[0])[0].shape == (0, 7)
+    with torch.no_grad():
+        assert cell(x[0], s)[1].shape == (0, 7)

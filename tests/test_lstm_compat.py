@@ -12,7 +12,7 @@ import torch.nn.utils.prune
 
 import hyperfused
 from hyperfused import HyperLSTMState
-from conftest import HAS_MKL_BATCH, backend_params, device_for, own_kernel_for
+from conftest import HAS_MKL_BATCH, own_kernel_for
 from helpers import randomize_
 
 
@@ -828,31 +828,6 @@ def test_jit_trace_of_a_sequence_and_of_a_state_passed_in():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         no_hyper = traced(other, start[0], start[1], torch.zeros_like(start.hyper_h), start.hyper_c)
         assert (no_hyper[0] - want[0]).abs().max() > 1e-3  # the trace reads the hyper state it is given
-
-
-@pytest.mark.parametrize("backend", ["auto", "reference", *backend_params("cpu", "cuda", "triton")])
-def test_an_empty_batch_runs_as_on_nn_lstm(backend):
-    """B = 0, which nn.LSTM and nn.LSTMCell accept (a filtered or sharded batch can be empty): the same output and
-    state shapes as theirs, every parameter's gradient a zero tensor (not None, as a real batch's optimizer step
-    expects), a returned state passed back, a one-step call without gradients (the decode path), the cell."""
-    device = device_for(backend) if backend in ("cpu", "cuda", "triton") else "cpu"
-    m = hyperfused.HyperLSTM(5, 7, num_layers=2, bidirectional=True, hyper_size=6, hyper_embed=3, backend=backend,
-                             device=device)
-    lstm = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, device=device)
-    x = torch.randn(4, 0, 5, device=device)
-    (out, state), (want, (h, c)) = m(x), lstm(x)
-    assert out.shape == want.shape and state[0].shape == h.shape and state[1].shape == c.shape
-    assert state.hyper_h.shape == state.hyper_c.shape == (4, 0, 6)
-    (out.sum() + state[1].sum()).backward()
-    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
-    assert m(x, state)[0].shape == want.shape
-    with torch.no_grad():
-        assert m(x[:1], state)[0].shape == (1, 0, 14)
-    cell = hyperfused.HyperLSTMCell(5, 7, hyper_size=6, hyper_embed=3, backend=backend, device=device)
-    s = cell(x[0])
-    assert s[0].shape == torch.nn.LSTMCell(5, 7, device=device)(x[0])[0].shape == (0, 7)
-    with torch.no_grad():
-        assert cell(x[0], s)[1].shape == (0, 7)
 
 
 @pytest.mark.parametrize("traced_with_grad", [True, False], ids=["traced-with-grad", "traced-without"])
