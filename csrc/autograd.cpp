@@ -115,14 +115,22 @@ struct HyperLSTMFunction : public torch::autograd::Function<HyperLSTMFunction> {
   // With create_graph=True (a gradient penalty, Hessian-vector products): the fused backward has no autograd of
   // its own, so the forward is recomputed in differentiable PyTorch ops from the saved inputs and differentiated,
   // which gives gradients that can be differentiated again. As ops/_autograd.py's recomputed_grads does for the
-  // Python-registered ops.
+  // Python-registered ops, and for the same reason from aliases (views) of the inputs: the gradients must be
+  // the partial derivatives this op owes each input, not total ones, which would count twice the paths from one
+  // input through another computed from it (c_0 through h_0 = tanh(c_0)).
   static variable_list recomputed(AutogradContext* ctx, const variable_list& grad_outputs) {
     const auto s = ctx->get_saved_variables();
-    const std::vector<at::Tensor> params(s.begin() + kInputs + kMasks + kOutputs, s.end());
+    variable_list inputs(s.begin(), s.begin() + kInputs);
+    inputs.insert(inputs.end(), s.begin() + kInputs + kMasks + kOutputs, s.end());
+    for (auto& t : inputs) {
+      if (t.requires_grad()) t = t.view_as(t);
+    }
+    const std::vector<at::Tensor> params(inputs.begin() + kInputs, inputs.end());
     const auto* m = &s[kInputs];
     const auto [hs, cs, hhs, hcs] = reference_op().call(
-        s[0], s[1], s[2], s[3], s[4], params, or_none(m[0]), or_none(m[1]), ctx->saved_data["layer_norm"].toBool(),
-        ctx->saved_data["forget_bias"].toDouble(), or_none(m[2]), or_none(m[3]));
+        inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], params, or_none(m[0]), or_none(m[1]),
+        ctx->saved_data["layer_norm"].toBool(), ctx->saved_data["forget_bias"].toDouble(), or_none(m[2]),
+        or_none(m[3]));
     const at::Tensor outs[] = {hs, cs, hhs, hcs};
     variable_list outputs, given, wanted;
     for (int k = 0; k < 4; ++k) {
@@ -131,8 +139,6 @@ struct HyperLSTMFunction : public torch::autograd::Function<HyperLSTMFunction> {
         given.push_back(grad_outputs[k]);
       }
     }
-    variable_list inputs(s.begin(), s.begin() + kInputs);
-    inputs.insert(inputs.end(), params.begin(), params.end());
     for (const auto& t : inputs) {
       if (t.requires_grad()) wanted.push_back(t);
     }

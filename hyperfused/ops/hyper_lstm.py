@@ -172,8 +172,8 @@ def register_lstm_meta(forward_op: str, backward_op: str, autograd: bool = True)
         x, h0, c0, hh0, hc0, mask, hyper_mask, zm, hzm, hs, cs, hhs, hcs, g, ws, *params = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             grads = recomputed_grads(
-                lambda: torch.ops.hyperfused.hyper_lstm_reference(x, h0, c0, hh0, hc0, params, mask, hyper_mask,
-                                                                  ctx.layer_norm, ctx.forget_bias, zm, hzm),
+                lambda *t: torch.ops.hyperfused.hyper_lstm_reference(*t[:5], list(t[5:]), mask, hyper_mask,
+                                                                     ctx.layer_norm, ctx.forget_bias, zm, hzm),
                 (x, h0, c0, hh0, hc0, *params), (grad_hs, grad_cs, grad_hhs, grad_hcs))
         elif not ctx.saved:
             raise RuntimeError(f"{forward_op}: the forward ran with save_for_backward=False and kept nothing for a "

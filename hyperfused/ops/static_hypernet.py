@@ -95,8 +95,7 @@ def register_generation_meta(op_name: str, backward_op: str) -> None:
     def backward(ctx, grad):
         z, w_in, b_in, w_out, b_out, tile_meta = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients, by recomputing in PyTorch ops
-            grads = recomputed_grads(lambda: (generate_kernels_torch(z, w_in, b_in, w_out, b_out, tile_meta, ctx.numel,
-                                                                     ctx.kernel_size),),
+            grads = recomputed_grads(lambda *t: (generate_kernels_torch(*t, tile_meta, ctx.numel, ctx.kernel_size),),
                                      (z, w_in, b_in, w_out, b_out), (grad,))
         else:
             grads = backward_impl(grad, z, w_in, b_in, w_out, tile_meta, ctx.kernel_size)
