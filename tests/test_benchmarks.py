@@ -2,6 +2,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 import hyperfused
@@ -255,3 +256,15 @@ def test_each_config_given_gets_its_own_table_and_rows(tmp_path, capsys):
         "custom 1 (T=3, B=2, X=4, H=8, Ĥ=4, N_z=2)", "custom 2 (T=2, B=3, X=4, H=8, Ĥ=4, N_z=2)"]
     per_config = len(rows) // 2
     assert all(t.count("| nn.LSTM |") == 1 and t.count("\n| ") == per_config + 1 for t in tables)
+
+
+def test_projection_benchmark_times_every_row_and_checks_its_config(capsys):
+    from benchmarks.projection import main as projection_main
+    projection_main(["--config", "3,2,4,6,2", "--repeats", "1", "--warmup", "0", "--device", "cpu"])
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [r.split("|")[1].strip() for r in rows][:2] == ["nn.LSTM, proj_size=2", "HyperLSTM reference, proj_size=2"]
+    assert all(float(r.split("|")[2]) > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        projection_main(["--config", "3,2,4,6,6"])  # proj_size must be below hidden_size
+    assert "expected T,B,X,H,P as positive integers with P < H" in capsys.readouterr().err

@@ -172,3 +172,13 @@ def test_create_graph_gradients_of_inputs_computed_from_one_another(backend):
     for a, b in zip(grads(backend), grads("reference"), strict=True):
         torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, b.abs().max().item()))
 
+
+@pytest.mark.parametrize("backend", backend_params("cpu", "cuda"))
+def test_gradient_penalty_with_a_projection_matches_reference(backend):
+    """proj_size > 0: the fused steps start from the reference's first step, and run on weights that are
+    products of the parameters; the penalty's gradients of every parameter, W_hr's included."""
+    device = device_for(backend)
+    ref, fast = make_pair(backend, 5, 12, num_layers=2, proj_size=4, hyper_size=6, hyper_embed=3)
+    ref, fast = ref.to(device), fast.to(device)
+    x, state = torch.randn(4, 3, 5, dtype=torch.float64, device=device), random_state(ref, 3)
+    _assert_close_grads(penalty_grads(fast, x, state), penalty_grads(ref, x, state), F64)

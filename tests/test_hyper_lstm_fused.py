@@ -618,3 +618,51 @@ def test_an_empty_batch_runs_as_on_nn_lstm(backend):
     assert s[0].shape == torch.nn.LSTMCell(5, 7, device=device)(x[0])[0].shape == (0, 7)
     with torch.no_grad():
         assert cell(x[0], s)[1].shape == (0, 7)
+
+
+# (T, B, X, H, P, Hh, Nz) for nn.LSTM's projection: T = 1 (the first step alone, which runs on the reference's ops),
+# H = 37 with P = 11, B = 1.
+PROJECTED = [(1, 2, 3, 9, 4, 5, 2), (4, 1, 5, 37, 11, 20, 4), (5, 3, 6, 16, 5, 8, 3)]
+PROJECTED_RUNS = backend_cases(
+    [(b, d, s) for b in ("cpu", "cuda") for d in (torch.float64, torch.float32) for s in PROJECTED] +
+    [("triton", torch.float32, s) for s in PROJECTED[:2]],
+    case_id=lambda v: f"{str(v[0])[6:]}-T{v[1][0]}B{v[1][1]}H{v[1][3]}P{v[1][4]}")
+
+
+@pytest.mark.parametrize("backend, dtype, size", PROJECTED_RUNS)
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+def test_a_projection_matches_the_reference(backend, dtype, size, layer_norm):
+    """proj_size > 0 on a fused backend (its steps on the unprojected state, with W_h·W_hr and Ŵ_x's h columns
+    times W_hr as the weights that read it; the first step and the projection in the reference's ops), two
+    bidirectional layers, against the reference: every output, state and gradient, W_hr's included. The
+    tolerances are the unprojected tests'; reading the projected h where the unprojected one belongs changes
+    the outputs at the first decimal."""
+    T, B, X, H, P, Hh, Nz = size
+    device = device_for(backend)
+    ref, fast = make_pair(backend, X, H, 2, bidirectional=True, proj_size=P, hyper_size=Hh, hyper_embed=Nz,
+                          layer_norm=layer_norm, dtype=dtype)
+    ref, fast = ref.to(device), fast.to(device)
+    x = torch.randn(T, B, X, dtype=dtype, device=device)
+    tol = F64 if dtype == torch.float64 else GPU_F32 if device == "cuda" else F32
+    assert_same_run(ref, fast, x, random_state(ref, B, dtype), **tol)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", "cuda"))
+@pytest.mark.parametrize("masks", [dict(recurrent_dropout=0.3, hyper_zoneout=0.2), dict(zoneout=0.25)],
+                         ids=["dropout-hyper-zoneout", "zoneout"])
+def test_a_projection_with_masks_matches_the_reference(backend, masks):
+    """Training with recurrent dropout and zoneout on ĥ (the fused route), and with zoneout on the projected h
+    (which no unprojected state gives: the reference's ops run that layer): the same masks drawn from the same
+    seed, float64."""
+    device = device_for(backend)
+    ref, fast = make_pair(backend, 5, 12, proj_size=4, hyper_size=6, hyper_embed=3, **masks)
+    ref, fast = ref.to(device), fast.to(device)
+    x, state = torch.randn(6, 3, 5, dtype=torch.float64, device=device), random_state(ref, 3)
+    torch.manual_seed(11)
+    outs_r, grads_r = run_and_grad(ref, x, state)
+    torch.manual_seed(11)
+    outs_f, grads_f = run_and_grad(fast, x, state)
+    for a, b in zip(outs_f, outs_r, strict=True):
+        torch.testing.assert_close(a, b, **F64)
+    for name in grads_r:
+        torch.testing.assert_close(grads_f[name], grads_r[name], **F64, msg=lambda m, n=name: f"grad {n}: {m}")

@@ -216,7 +216,8 @@ def test_nn_lstm_positional_arguments_mean_the_same():
     """nn.LSTM's 8th positional argument is proj_size; the hyper options are keyword-only."""
     m = hyperfused.HyperLSTM(4, 6, 2, True, True, 0.0, True, 0)
     assert (m.num_layers, m.bias, m.batch_first, m.bidirectional) == (2, True, True, True)
-    with pytest.raises(ValueError, match=r"proj_size: HyperLSTM has no output projection; expected 0"):
+    assert hyperfused.HyperLSTM(4, 6, 1, True, False, 0.0, False, 3).proj_size == 3
+    with pytest.raises(ValueError, match=r"proj_size: expected 0 or less than hidden_size=6"):
         hyperfused.HyperLSTM(4, 6, 1, True, False, 0.0, False, 128)
     with pytest.raises(TypeError):
         hyperfused.HyperLSTM(4, 6, 1, True, False, 0.0, False, 0, None, None, 128)  # hyper_size is keyword-only

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils import _pytree
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from ._args import finite_real, flag, positive_int, probability, real
+from ._args import finite_real, flag, non_negative_int, positive_int, probability, real
 from ._module import Module
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
 from ..ops.backends import exporting, func_transforming, jit_tracing
@@ -161,12 +161,17 @@ class HyperLSTMCell(Module):
     layer norm. ``scale_init`` is where every scaling vector d starts: the paper's 0.1 by default (its
     recurrent-batch-norm trick); 1.0 starts the main cell as a plain (LN-)LSTM. The hyper options are
     keyword-only.
+
+    ``proj_size = P > 0`` (beyond nn.LSTMCell; HyperLSTM's layers use it as nn.LSTM's ``proj_size``): h is
+    projected to P by ``weight_hr`` (P, H) as nn.LSTM projects it, so ``weight_hh`` is (4H, P), the hyper cell
+    reads X + P inputs, and h is (B, P) while c stays (B, H).
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
                  hyper_size: int = 128, hyper_embed: int = 16, layer_norm: bool = True, forget_bias: float = 1.0,
                  recurrent_dropout: float = 0.0, zoneout: float = 0.0, hyper_zoneout: float = 0.0,
-                 carry_hyper_state: bool = True, scale_init: float = 0.1, backend: str = "auto"):
+                 carry_hyper_state: bool = True, scale_init: float = 0.1, backend: str = "auto",
+                 proj_size: int = 0):
         super().__init__()
         self._carry = _HyperCarry() if flag("carry_hyper_state", carry_hyper_state) else None
         self.scale_init = finite_real("scale_init", scale_init)
@@ -177,9 +182,10 @@ class HyperLSTMCell(Module):
         self.forget_bias = real("forget_bias", forget_bias)
         self.recurrent_dropout = probability("recurrent_dropout", recurrent_dropout)
         self.backend = _check_backend(backend)
-        X, H, Hh, Nz = input_size, hidden_size, hyper_size, hyper_embed
-        shapes = dict(weight_ih=(4 * H, X), weight_hh=(4 * H, H), bias_ih=(4 * H,), bias_hh=(4 * H,),
-                      hyper_weight_ih=(4 * Hh, X + H),
+        self.proj_size = _check_proj_size(proj_size, self.hidden_size)
+        X, H, Hh, Nz, P = input_size, hidden_size, hyper_size, hyper_embed, self.proj_size or hidden_size
+        shapes = dict(weight_ih=(4 * H, X), weight_hh=(4 * H, P), bias_ih=(4 * H,), bias_hh=(4 * H,),
+                      hyper_weight_ih=(4 * Hh, X + P),
                       hyper_weight_hh=(4 * Hh, Hh), hyper_bias=(4 * Hh,), z_weight=(8 * Nz, Hh), z_bias=(8 * Nz,),
                       scale_weight=(2, 4 * H, Nz), bias_z_weight=(4 * Nz, Hh), bias_scale_weight=(4 * H, Nz),
                       ln_weight=(4 * H,), ln_bias=(4 * H,), ln_cell_weight=(H,), ln_cell_bias=(H,),
@@ -196,6 +202,8 @@ class HyperLSTMCell(Module):
                 self.register_buffer(name, t.zero_())
             else:
                 self.register_parameter(name, nn.Parameter(t))
+        if self.proj_size:  # after the others, as nn.LSTM lists its weight_hr last
+            self.weight_hr = nn.Parameter(torch.empty(P, H, **factory))
         self._register_load_state_dict_pre_hook(_upgrade_cell_state_dict, with_module=True)
         self.reset_parameters()
 
@@ -208,6 +216,8 @@ class HyperLSTMCell(Module):
         _orthogonal_blocks_(self.weight_hh, 4)
         _orthogonal_(self.hyper_weight_ih)
         _orthogonal_blocks_(self.hyper_weight_hh, 4)
+        if self.proj_size:
+            _orthogonal_(self.weight_hr)
         self.hyper_bias.zero_()
         self.z_weight.zero_()
         self.z_bias.fill_(1.0)
@@ -219,6 +229,11 @@ class HyperLSTMCell(Module):
             self.bias_hh.zero_()
             nn.init.normal_(self.bias_z_weight, std=0.01)
             self.bias_scale_weight.zero_()
+
+    @property
+    def real_hidden_size(self) -> int:
+        """The size of h: proj_size with a projection, else hidden_size (nn.LSTM's name for it)."""
+        return self.proj_size or self.hidden_size
 
     def flat_params(self) -> list[torch.Tensor]:
         """The tensors in the order the ops take them (hyperfused.reference.PARAM_NAMES): b_0 is
@@ -242,7 +257,7 @@ class HyperLSTMCell(Module):
         """Zoneout on h and ĥ (Krueger et al. 2016, as haste applies it): 1 where a unit takes its new value.
         Training draws Bernoulli(1 - p) from torch's RNG; evaluation uses the expectation, 1 - p everywhere."""
         masks = []
-        for p, n in ((self.zoneout, self.hidden_size), (self.hyper_zoneout, self.hyper_size)):
+        for p, n in ((self.zoneout, self.real_hidden_size), (self.hyper_zoneout, self.hyper_size)):
             if p == 0.0:
                 masks.append(None)
             elif self.training:
@@ -261,7 +276,8 @@ class HyperLSTMCell(Module):
         mask, hyper_mask = self.recurrent_masks(x.shape[0], x.shape[1], x)
         zoneout_mask, hyper_zoneout_mask = self.zoneout_masks(x.shape[0], x.shape[1], x)
         return hyper_lstm_layer(backend, x, *state, self.flat_params(), self.layer_norm, self.forget_bias, mask,
-                                hyper_mask, zoneout_mask, hyper_zoneout_mask)
+                                hyper_mask, zoneout_mask, hyper_zoneout_mask,
+                                weight_hr=self.weight_hr if self.proj_size else None)
 
     def forward(self, input: torch.Tensor, hx=None) -> HyperLSTMState:
         if not isinstance(input, torch.Tensor) and (node := self._fx_node(input, hx)) is not None:
@@ -272,7 +288,7 @@ class HyperLSTMCell(Module):
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         B = x.shape[0]
-        state = _initial_state(hx, 1, B, self.hidden_size, self.hyper_size, batched, self.weight_ih, stacked=False,
+        state = _initial_state(hx, 1, B, self._state_sizes(), batched, self.weight_ih, stacked=False,
                                carry=self._carry)
         state = [s[0] for s in state]
         backend = _backend_for(self.backend, x, B)
@@ -295,8 +311,9 @@ class HyperLSTMCell(Module):
                 and self._needs_no_masks_or_grad() and self._fused_backend(input.device))
 
     def _steps_alone(self, backend: str, T: int) -> bool:
-        """Whether T steps on `backend` run as one decode op: T = 1 on a C++ backend, without gradients or masks."""
-        return T == 1 and backend in ("cpu", "cuda") and self._needs_no_masks_or_grad()
+        """Whether T steps on `backend` run as one decode op: T = 1 on a C++ backend, without gradients or masks (or
+        a projection, which the decode op does not have)."""
+        return T == 1 and backend in ("cpu", "cuda") and not self.proj_size and self._needs_no_masks_or_grad()
 
     def _needs_no_masks_or_grad(self) -> bool:
         # Zoneout needs masks even in evaluation, recurrent dropout in training: the general path draws them. A
@@ -306,8 +323,13 @@ class HyperLSTMCell(Module):
 
     def _fused_backend(self, device: torch.device) -> bool:
         """Whether the backend resolves to the C++ ops on `device`, now (never where only plain PyTorch can run:
-        torch.onnx.export tracing, a torch.func transform, forward-mode AD)."""
-        return resolve_backend(self.backend, device) in ("cpu", "cuda")
+        torch.onnx.export tracing, a torch.func transform, forward-mode AD), for a cell the decode op can step (one
+        without a projection)."""
+        return not self.proj_size and resolve_backend(self.backend, device) in ("cpu", "cuda")
+
+    def _state_sizes(self) -> tuple:
+        """The sizes of (h, c, ĥ, ĉ)."""
+        return self.real_hidden_size, self.hidden_size, self.hyper_size, self.hyper_size
 
     def _decode_params(self) -> list:
         # Detached views share their parameter's storage, so they see every change of its values however it is
@@ -369,7 +391,8 @@ class HyperLSTMCell(Module):
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, hyper_size={self.hyper_size}, "
-                f"hyper_embed={self.hyper_embed}, layer_norm={self.layer_norm}, bias={self.use_bias}")
+                f"hyper_embed={self.hyper_embed}, layer_norm={self.layer_norm}, bias={self.use_bias}"
+                + (f", proj_size={self.proj_size}" if self.proj_size else ""))
 
 
 class _DecodeParams:
@@ -419,6 +442,14 @@ def _check_tensor(name: str, t, ref: torch.Tensor, ndims: tuple, features: int) 
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the module's), got {t.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the module's device), got {t.device}")
+
+
+def _check_proj_size(proj_size, hidden_size: int) -> int:
+    """nn.LSTM's proj_size: 0 (none) or below hidden_size."""
+    P = non_negative_int("proj_size", proj_size)
+    if P >= hidden_size:
+        raise ValueError(f"proj_size: expected 0 or less than hidden_size={hidden_size} (as nn.LSTM), got {P}")
+    return P
 
 
 def _backend_for(backend: str, x: torch.Tensor, B: int) -> str:
@@ -546,17 +577,19 @@ def _check_state(name: str, t, expected: tuple, ref: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the module's device), got {t.device}")
 
 
-def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, ref: torch.Tensor,
+def _initial_state(hx, num_states: int, B: int, sizes: tuple, batched: bool, ref: torch.Tensor,
                    stacked: bool = True, carry: Optional[_HyperCarry] = None):
-    """(h0, c0, ĥ0, ĉ0), each (num_states, B, ·), from hx = None | (h0, c0) | HyperLSTMState.
+    """(h0, c0, ĥ0, ĉ0), each (num_states, B, ·), from hx = None | (h0, c0) | HyperLSTMState; `sizes` are
+    their last dimensions.
 
     The user's tensors are (num_states, B, ·) — or (B, ·) without `stacked`, as nn.LSTMCell takes them —
     and lose B when unbatched."""
     def zeros(n):
         return torch.zeros(num_states, B, n, dtype=ref.dtype, device=ref.device)
 
+    Hp, H, Hh, _ = sizes
     if hx is None:
-        return zeros(H), zeros(H), zeros(Hh), zeros(Hh)
+        return zeros(Hp), zeros(H), zeros(Hh), zeros(Hh)
     if jit_tracing() and not isinstance(hx, HyperLSTMState):
         # A HyperLSTMState given to the tracer arrives so too; the carry would bake a remembered one in.
         raise RuntimeError("hx: torch.jit.trace, and torch.onnx.export(dynamo=False), which traces with it, pass a "
@@ -568,7 +601,7 @@ def _initial_state(hx, num_states: int, B: int, H: int, Hh: int, batched: bool, 
         raise TypeError("hx: expected a tuple (h_0, c_0) or the HyperLSTMState a previous call returned, "
                         f"got {type(hx).__name__}")
     hyper = (hx.hyper_h, hx.hyper_c) if isinstance(hx, HyperLSTMState) else None
-    named = [("hx[0] (h_0)", hx[0], H), ("hx[1] (c_0)", hx[1], H)]
+    named = [("hx[0] (h_0)", hx[0], Hp), ("hx[1] (c_0)", hx[1], H)]
     if hyper is not None:
         named += [("hx.hyper_h", hyper[0], Hh), ("hx.hyper_c", hyper[1], Hh)]
     out = []
@@ -622,9 +655,6 @@ class HyperLSTM(Module):
                  hyper_zoneout: float = 0.0, carry_hyper_state: bool = True, scale_init: float = 0.1,
                  backend: str = "auto"):
         super().__init__()
-        if isinstance(proj_size, bool) or proj_size != 0:
-            raise ValueError(f"proj_size: HyperLSTM has no output projection; expected 0 (nn.LSTM's default), got "
-                             f"{proj_size!r}. The hyper-specific options (hyper_size, ...) are keyword-only")
         self._carry = _HyperCarry() if flag("carry_hyper_state", carry_hyper_state) else None
         self.input_size, self.hidden_size = positive_int("input_size", input_size), positive_int("hidden_size", hidden_size)
         self.num_layers = positive_int("num_layers", num_layers)
@@ -637,12 +667,14 @@ class HyperLSTM(Module):
         self.zoneout, self.hyper_zoneout = probability("zoneout", zoneout), probability("hyper_zoneout", hyper_zoneout)
         self.scale_init = finite_real("scale_init", scale_init)
         self.backend = _check_backend(backend)
+        self.proj_size = _check_proj_size(proj_size, self.hidden_size)
         D = 2 if bidirectional else 1
-        cells = [HyperLSTMCell(input_size if layer == 0 else D * hidden_size, hidden_size, bias, device, dtype,
+        out_size = self.proj_size or hidden_size
+        cells = [HyperLSTMCell(input_size if layer == 0 else D * out_size, hidden_size, bias, device, dtype,
                                hyper_size=hyper_size, hyper_embed=hyper_embed, layer_norm=layer_norm,
                                forget_bias=forget_bias, recurrent_dropout=recurrent_dropout, zoneout=zoneout,
                                hyper_zoneout=hyper_zoneout, carry_hyper_state=False, scale_init=scale_init,
-                               backend=backend)
+                               backend=backend, proj_size=self.proj_size)
                  for layer in range(num_layers) for _ in range(D)]
         # The parameters belong to this module under nn.LSTM's flat names (weight_ih_l0, bias_hh_l1_reverse,
         # ..., and hyper_weight_ih_l0, z_weight_l0, ... beside them); each layer's HyperLSTMCell reads the same
@@ -657,8 +689,6 @@ class HyperLSTM(Module):
                     self.register_buffer(name + self._suffix(k), t)
         object.__setattr__(self, "_cells", cells)
         self._register_load_state_dict_pre_hook(_upgrade_lstm_state_dict, with_module=True)
-
-    proj_size = 0  # nn.LSTM's attribute, for code that reads it; projections are not supported
 
     def _suffix(self, k: int) -> str:
         """nn.LSTM's name suffix of layer-direction k: _l{layer}, and _reverse for the backward direction."""
@@ -701,9 +731,10 @@ class HyperLSTM(Module):
 
     @property
     def all_weights(self) -> list:
-        """[[weight_ih, weight_hh, bias_ih, bias_hh]] per layer and direction, as nn.LSTM.all_weights (the main
-        cell's; without bias, the two weights)."""
-        names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ())
+        """[[weight_ih, weight_hh, bias_ih, bias_hh, weight_hr]] per layer and direction, as nn.LSTM.all_weights
+        (the main cell's; without bias no biases, without a projection no weight_hr)."""
+        names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.bias else ()) + \
+            (("weight_hr",) if self.proj_size else ())
         return [[getattr(self, n + self._suffix(k)) for n in names] for k in range(len(self._cells))]
 
     @property
@@ -736,7 +767,7 @@ class HyperLSTM(Module):
         if T == 0:
             raise ValueError(f"input: expected a sequence of at least one step, got shape {tuple(input.shape)}")
         L, D = self.num_layers, self.num_directions
-        state = _initial_state(hx, L * D, B, self.hidden_size, self.hyper_size, batched, ref, carry=self._carry)
+        state = _initial_state(hx, L * D, B, cells[0]._state_sizes(), batched, ref, carry=self._carry)
         backend = _backend_for(self.backend, x, B)
         rev = _reverse_index(T, lengths, x.device) if D == 2 else None
         finals = []
@@ -782,12 +813,10 @@ class HyperLSTM(Module):
         """
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"lstm: expected a torch.nn.LSTM, got {type(lstm).__name__}")
-        if lstm.proj_size:
-            raise ValueError("lstm: LSTMs with proj_size > 0 have no HyperLSTM counterpart")
         ref = lstm.weight_ih_l0
         kwargs.setdefault("forget_bias", 0.0)
         m = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first, lstm.dropout,
-                lstm.bidirectional, device=ref.device, dtype=ref.dtype, **kwargs)
+                lstm.bidirectional, lstm.proj_size, device=ref.device, dtype=ref.dtype, **kwargs)
         with torch.no_grad():
             for ours, theirs in zip(m.all_weights, lstm.all_weights):
                 for a, b in zip(ours, theirs):
@@ -799,7 +828,7 @@ class HyperLSTM(Module):
         network and the layer norms have no counterpart there and are left behind."""
         ref = self._cells[0].weight_ih
         lstm = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first, self.dropout,
-                       self.bidirectional, device=ref.device, dtype=ref.dtype)
+                       self.bidirectional, self.proj_size, device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             for ours, theirs in zip(self.all_weights, lstm.all_weights):
                 for a, b in zip(ours, theirs):
@@ -810,7 +839,8 @@ class HyperLSTM(Module):
         s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
-        for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False)):
+        for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False),
+                              ("proj_size", 0)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
         return s + (f", hyper_size={self.hyper_size}, hyper_embed={self.hyper_embed}, layer_norm={self.layer_norm}, "

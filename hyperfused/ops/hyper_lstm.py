@@ -6,6 +6,7 @@ breaks.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -73,13 +74,16 @@ def gemm_dtype_for(dtype: torch.dtype, device: torch.device) -> Optional[torch.d
 def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.Tensor], layer_norm: bool,
                      forget_bias: float, mask: Optional[torch.Tensor] = None,
                      hyper_mask: Optional[torch.Tensor] = None, zoneout_mask: Optional[torch.Tensor] = None,
-                     hyper_zoneout_mask: Optional[torch.Tensor] = None):
+                     hyper_zoneout_mask: Optional[torch.Tensor] = None, weight_hr: Optional[torch.Tensor] = None):
     """Runs x (T, B, X) from (h0, c0, ĥ0, ĉ0); returns the per-step (h, c, ĥ, ĉ), each (T, B, ·). The masks
-    (T, B, ·) are recurrent dropout's multipliers on φ(g) and zoneout's (1 = take the new h)."""
+    (T, B, ·) are recurrent dropout's multipliers on φ(g) and zoneout's (1 = take the new h). ``weight_hr``
+    (P, H): nn.LSTM's projection of h (h0 and the h returned are then P wide)."""
     masks = (mask, hyper_mask, zoneout_mask, hyper_zoneout_mask)
-    if backend == "reference":
+    if backend == "reference" or (weight_hr is not None and zoneout_mask is not None):
         return reference.hyper_lstm_sequence(x, h0, c0, hh0, hc0, reference.HyperLSTMParams(*params), layer_norm,
-                                             forget_bias, *masks)
+                                             forget_bias, *masks, weight_hr=weight_hr)
+    if weight_hr is not None:
+        return _projected_layer(backend, x, (h0, c0, hh0, hc0), params, layer_norm, forget_bias, masks, weight_hr)
     if backend in ("cpu", "cuda", "triton"):
         dtype = x.dtype
         gemm_dtype = gemm_dtype_for(dtype, x.device)
@@ -101,6 +105,40 @@ def hyper_lstm_layer(backend: str, x, h0, c0, hh0, hc0, params: Sequence[torch.T
             hyper_zoneout_mask, save_for_backward=training, gemm_dtype=gemm_dtype)
         return tuple(o.to(dtype) for o in outs[:4])
     raise ValueError(f"backend: no HyperLSTM implementation named {backend!r}")
+
+
+def _projected_layer(backend: str, x, state: tuple, params, layer_norm: bool, forget_bias: float, masks: tuple,
+                     weight_hr):
+    """A layer with nn.LSTM's projection h_t = W_hr u_t, u_t = σ(a^o) ⊙ φ(LN(c_t)), on a fused backend, whose
+    kernels have no projection. They run the steps on u instead, with the weights that read it: W_h h_{t-1} =
+    (W_h W_hr) u_{t-1}, and Ŵ_x's columns on h_{t-1} times W_hr likewise — the same function, two products per
+    call. The first step runs on the reference from the given h_0 (P wide: in general no u gives it), and every
+    h_t comes from one product over all T·B rows after the loop. Autograd carries the gradients through those
+    products. Zoneout on h mixes h_{t-1} into h_t in P space, where no u gives the result: the caller runs that
+    on the reference."""
+    mask, hyper_mask, _, hyper_zoneout_mask = masks
+    dtype, p = x.dtype, reference.HyperLSTMParams(*params)
+    at_first = [None if m is None else m[0] for m in (mask, hyper_mask, None, hyper_zoneout_mask)]
+    high = lambda t: t if t is None or dtype in _FLOAT_DTYPES else t.float()  # noqa: E731 (half modules)
+    with _autocast_off(x.device):  # both in the parameters' precision; the fused op rounds them as it rounds W_h
+        u1, c1, hh1, hc1 = (t.to(dtype) for t in reference.hyper_lstm_step(
+            high(x[0]), tuple(map(high, state)), reference.HyperLSTMParams(*map(high, p)), layer_norm, forget_bias,
+            *map(high, at_first)))
+        X = x.shape[-1]
+        read_u = p._replace(weight_hh=p.weight_hh @ weight_hr, hyper_weight_ih=torch.cat(
+            [p.hyper_weight_ih[:, :X], p.hyper_weight_ih[:, X:] @ weight_hr], 1))
+    first = (u1, c1, hh1, hc1)
+    if x.shape[0] > 1:
+        later = [None if m is None else m[1:] for m in (mask, hyper_mask, None, hyper_zoneout_mask)]
+        rest = hyper_lstm_layer(backend, x[1:], *first, list(read_u), layer_norm, forget_bias, *later)
+        us, cs, hhs, hcs = (torch.cat([a.unsqueeze(0), b]) for a, b in zip(first, rest))
+    else:
+        us, cs, hhs, hcs = (t.unsqueeze(0) for t in first)
+    return (us @ weight_hr.T).to(dtype), cs, hhs, hcs
+
+
+def _autocast_off(device: torch.device):
+    return torch.autocast(device.type, enabled=False) if _has_autocast(device.type) else contextlib.nullcontext()
 
 
 # The forward written out in differentiable PyTorch ops (the reference's steps). A fused op's backward run with

@@ -13,6 +13,10 @@ Conventions shared with every backend (they define the parameter layout the kern
   ``bias_z_weight`` / ``bias_scale_weight`` because it has no bias of its own and disappears with
   ``bias=False``.
 * ``scale_weight[k, y·H + r, n]`` is row ``r`` of ``W_kz^y``: ``d_k^y[r] = Σ_n scale_weight[k, yH+r, n] z_k^y[n]``.
+* With a projection (nn.LSTM's ``proj_size = P > 0``) the carried and emitted ``h`` is
+  ``W_hr · (o ⊙ tanh(LN(c)))`` of size P, as nn.LSTM's: ``weight_hh`` is then (4H, P) and the hyper cell
+  reads ``[x_t ; h_{t-1}]`` of size X + P. ``W_hr`` (P, H) is an argument of its own, not one of the
+  ``HyperLSTMParams`` (the fused kernels, which read that list, have no projection).
 """
 from __future__ import annotations
 
@@ -29,9 +33,9 @@ class HyperLSTMParams(NamedTuple):
     """One layer, one direction. Shapes with X inputs, H hidden, Hh = hyper_size, Nz = hyper_embed."""
 
     weight_ih: torch.Tensor  # (4H, X)      W_x
-    weight_hh: torch.Tensor  # (4H, H)      W_h
+    weight_hh: torch.Tensor  # (4H, H)      W_h  ((4H, P) with a projection)
     bias: torch.Tensor  # (4H,)         b_0
-    hyper_weight_ih: torch.Tensor  # (4Hh, X+H)   Ŵ_x, reads [x_t ; h_{t-1}]
+    hyper_weight_ih: torch.Tensor  # (4Hh, X+H)   Ŵ_x, reads [x_t ; h_{t-1}]  ((4Hh, X+P) with a projection)
     hyper_weight_hh: torch.Tensor  # (4Hh, Hh)    Ŵ_h
     hyper_bias: torch.Tensor  # (4Hh,)        b̂
     z_weight: torch.Tensor  # (8Nz, Hh)    W_hh^y, W_hx^y  (kinds h, x)
@@ -107,7 +111,7 @@ def embeddings(hh, p: HyperLSTMParams):
 
 def scaling_vectors(hh, p: HyperLSTMParams):
     """d_h^y, d_x^y and the dynamic bias b^y (each of size H) for a hyper state ĥ_t."""
-    H = p.weight_hh.shape[1]
+    H = p.weight_hh.shape[0] // 4
     z = embeddings(hh, p)
     d = {}
     for k, y in enumerate(GATES):
@@ -125,11 +129,11 @@ def zoneout(new, prev, keep_new):
 
 
 def hyper_lstm_step(x, state, p: HyperLSTMParams, layer_norm_on=True, forget_bias=1.0, mask=None, hyper_mask=None,
-                    zoneout_mask=None, hyper_zoneout_mask=None):
+                    zoneout_mask=None, hyper_zoneout_mask=None, weight_hr=None):
     """One time step. ``state = (h, c, ĥ, ĉ)``; returns the new state in the same order. The zoneout masks
-    act on h and ĥ (the embeddings read the zoned ĥ_t)."""
+    act on h and ĥ (the embeddings read the zoned ĥ_t); with ``weight_hr`` (P, H), on the projected h."""
     h_prev, c_prev, hh_prev, hc_prev = state
-    H = h_prev.shape[-1]
+    H = c_prev.shape[-1]
     hh, hc = hyper_cell_step(x, h_prev, hh_prev, hc_prev, p, layer_norm_on, forget_bias, hyper_mask)
     hh = zoneout(hh, hh_prev, hyper_zoneout_mask)
     d = scaling_vectors(hh, p)
@@ -139,22 +143,26 @@ def hyper_lstm_step(x, state, p: HyperLSTMParams, layer_norm_on=True, forget_bia
         a = d["h", y] * (h_prev @ _gate(p.weight_hh.T, k, H)) + d["x", y] * (x @ _gate(p.weight_ih.T, k, H)) + d["b", y]
         pre[y] = layer_norm(a, _gate(p.ln_weight, k, H), _gate(p.ln_bias, k, H)) if layer_norm_on else a
     h, c = _lstm_update(pre, c_prev, (p.ln_cell_weight, p.ln_cell_bias), forget_bias, layer_norm_on, mask)
+    if weight_hr is not None:
+        h = h @ weight_hr.T  # nn.LSTM's projection
     return zoneout(h, h_prev, zoneout_mask), c, hh, hc
 
 
 def hyper_lstm_sequence(x, h0, c0, hh0, hc0, p: HyperLSTMParams, layer_norm_on=True, forget_bias=1.0,
                         mask: Optional[torch.Tensor] = None, hyper_mask: Optional[torch.Tensor] = None,
-                        zoneout_mask: Optional[torch.Tensor] = None, hyper_zoneout_mask: Optional[torch.Tensor] = None):
+                        zoneout_mask: Optional[torch.Tensor] = None, hyper_zoneout_mask: Optional[torch.Tensor] = None,
+                        weight_hr: Optional[torch.Tensor] = None):
     """Runs x of shape (T, B, X) from the given state; returns the stacked (h, c, ĥ, ĉ) of every step.
 
     ``mask``/``hyper_mask`` (T, B, H)/(T, B, Hh) are recurrent-dropout multipliers (already scaled by 1/keep);
-    ``zoneout_mask``/``hyper_zoneout_mask`` of the same shapes are zoneout's (see `zoneout`).
+    ``zoneout_mask``/``hyper_zoneout_mask`` of h's and ĥ's shapes are zoneout's (see `zoneout`). ``weight_hr``
+    (P, H): nn.LSTM's projection of h (then h0 and the h returned are (·, B, P)).
     """
     state = (h0, c0, hh0, hc0)
     outs = []
     at = lambda m, t: None if m is None else m[t]  # noqa: E731
     for t in range(x.shape[0]):
         state = hyper_lstm_step(x[t], state, p, layer_norm_on, forget_bias, at(mask, t), at(hyper_mask, t),
-                                at(zoneout_mask, t), at(hyper_zoneout_mask, t))
+                                at(zoneout_mask, t), at(hyper_zoneout_mask, t), weight_hr)
         outs.append(state)
     return tuple(torch.stack(s) for s in zip(*outs))
