@@ -264,10 +264,10 @@ def _train(args):
         shown = {"valid": f"{record['valid_bpc']:.3f}"} if "valid_bpc" in record else {}
         bar.set_postfix(bpc=f"{running:.3f}", **shown)
         bar.update()
-        if args.checkpoint and args.checkpoint_every and run.step % args.checkpoint_every == 0:
+        if _periodic_checkpoint_due(args, run.step):
             _save_checkpoint(args, model, opt, procs, run)
     bar.close()
-    if args.checkpoint and run.step > 0 and not (args.checkpoint_every and run.step % args.checkpoint_every == 0):
+    if args.checkpoint and run.step > 0 and not _periodic_checkpoint_due(args, run.step):
         _save_checkpoint(args, model, opt, procs, run)  # the end of the run, between periodic checkpoints
 
     if run.best is not None and run.best["step"] != run.step:
@@ -354,6 +354,11 @@ def _resume(args, model, opt, procs: _Processes, quiet: bool) -> _Progress:
         state = [t.to(procs.device) for t in mine["state"]]
         run.state = HyperLSTMState(*state) if len(state) == 4 else tuple(state)
     return run
+
+
+def _periodic_checkpoint_due(args, step: int) -> bool:
+    """Whether `step` ends with a periodic checkpoint (--checkpoint with --checkpoint-every)."""
+    return bool(args.checkpoint and args.checkpoint_every and step % args.checkpoint_every == 0)
 
 
 def _save_checkpoint(args, model, opt, procs: _Processes, run: _Progress) -> None:
