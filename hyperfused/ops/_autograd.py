@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 
-def recomputed_grads(forward: Callable[[], Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor],
+def recomputed_grads(forward: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor],
                      grad_outputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """The gradients for a backward run with create_graph=True (a gradient penalty, Hessian-vector products,
     MAML's inner steps). A fused backward has no autograd of its own, so this recomputes the forward in plain
