@@ -175,8 +175,8 @@ def test_create_graph_gradients_of_inputs_computed_from_one_another(backend):
 
 @pytest.mark.parametrize("backend", backend_params("cpu", "cuda"))
 def test_gradient_penalty_with_a_projection_matches_reference(backend):
-    """proj_size > 0: the fused steps start from the reference's first step, and run on weights that are
-    products of the parameters; the penalty's gradients of every parameter, W_hr's included."""
+    """proj_size > 0: the fused steps run on weights that are products of the parameters (the first step on
+    them padded with zeros); the penalty's gradients of every parameter, W_hr's included."""
     device = device_for(backend)
     ref, fast = make_pair(backend, 5, 12, num_layers=2, proj_size=4, hyper_size=6, hyper_embed=3)
     ref, fast = ref.to(device), fast.to(device)

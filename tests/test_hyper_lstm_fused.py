@@ -620,7 +620,7 @@ def test_an_empty_batch_runs_as_on_nn_lstm(backend):
         assert cell(x[0], s)[1].shape == (0, 7)
 
 
-# (T, B, X, H, P, Hh, Nz) for nn.LSTM's projection: T = 1 (the first step alone, which runs on the reference's ops),
+# (T, B, X, H, P, Hh, Nz) for nn.LSTM's projection: T = 1 (the first step alone, its own call on the padded h_0),
 # H = 37 with P = 11, B = 1.
 PROJECTED = [(1, 2, 3, 9, 4, 5, 2), (4, 1, 5, 37, 11, 20, 4), (5, 3, 6, 16, 5, 8, 3)]
 PROJECTED_RUNS = backend_cases(
@@ -633,17 +633,21 @@ PROJECTED_RUNS = backend_cases(
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
 def test_a_projection_matches_the_reference(backend, dtype, size, layer_norm):
     """proj_size > 0 on a fused backend (its steps on the unprojected state, with W_h·W_hr and Ŵ_x's h columns
-    times W_hr as the weights that read it; the first step and the projection in the reference's ops), two
-    bidirectional layers, against the reference: every output, state and gradient, W_hr's included. The
-    tolerances are the unprojected tests'; reading the projected h where the unprojected one belongs changes
-    the outputs at the first decimal."""
+    times W_hr as the weights that read it; the first step a call of its own on h_0 and the weights that read
+    it padded with zeros), two bidirectional layers, against the reference: every output, state and gradient,
+    W_hr's included. The tolerances are the unprojected tests', but for float32 an atol of 1e-4 (of the largest
+    entry): without layer norm, these random weights' float32 gradients are that ill-conditioned — measured
+    against the float64 reference over six seeds at T4B1H37P11, the float32 reference itself is off by up to
+    1.9e-5 of the largest entry, the fused layer by up to 3.9e-5 (3.5e-5 with the first step in the reference's
+    ops), with layer norm both under 1e-6. Reading the projected h where the unprojected one belongs changes the
+    outputs at the first decimal."""
     T, B, X, H, P, Hh, Nz = size
     device = device_for(backend)
     ref, fast = make_pair(backend, X, H, 2, bidirectional=True, proj_size=P, hyper_size=Hh, hyper_embed=Nz,
                           layer_norm=layer_norm, dtype=dtype)
     ref, fast = ref.to(device), fast.to(device)
     x = torch.randn(T, B, X, dtype=dtype, device=device)
-    tol = F64 if dtype == torch.float64 else GPU_F32 if device == "cuda" else F32
+    tol = F64 if dtype == torch.float64 else GPU_F32 if device == "cuda" else dict(F32, atol=1e-4)
     assert_same_run(ref, fast, x, random_state(ref, B, dtype), **tol)
 
 

@@ -155,7 +155,8 @@ def test_a_state_of_the_wrong_size_is_refused_by_name():
 
 def test_a_projected_model_compiles_whole_and_exports():
     """torch.compile(fullgraph=True) and torch.export capture a projected layer (the fused op where one is
-    built, with its first step and the products around it in plain ops)."""
+    built, twice: the first step on the padded weights, then the rest; the products and pads around them in
+    plain ops)."""
     torch.manual_seed(6)
     m = randomize_(HyperLSTM(X, H, 2, proj_size=P, hyper_size=4, hyper_embed=2), scale=0.3)
     x = torch.randn(3, 2, X)

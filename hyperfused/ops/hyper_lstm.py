@@ -112,29 +112,27 @@ def _projected_layer(backend: str, x, state: tuple, params, layer_norm: bool, fo
     """A layer with nn.LSTM's projection h_t = W_hr u_t, u_t = σ(a^o) ⊙ φ(LN(c_t)), on a fused backend, whose
     kernels have no projection. They run the steps on u instead, with the weights that read it: W_h h_{t-1} =
     (W_h W_hr) u_{t-1}, and Ŵ_x's columns on h_{t-1} times W_hr likewise — the same function, two products per
-    call. The first step runs on the reference from the given h_0 (P wide: in general no u gives it), and every
-    h_t comes from one product over all T·B rows after the loop. Autograd carries the gradients through those
-    products. Zoneout on h mixes h_{t-1} into h_t in P space, where no u gives the result: the caller runs that
-    on the reference."""
-    mask, hyper_mask, _, hyper_zoneout_mask = masks
-    dtype, p = x.dtype, reference.HyperLSTMParams(*params)
-    at_first = [None if m is None else m[0] for m in (mask, hyper_mask, None, hyper_zoneout_mask)]
-    high = lambda t: t if t is None or dtype in _FLOAT_DTYPES else t.float()  # noqa: E731 (half modules)
-    with _autocast_off(x.device):  # both in the parameters' precision; the fused op rounds them as it rounds W_h
-        u1, c1, hh1, hc1 = (t.to(dtype) for t in reference.hyper_lstm_step(
-            high(x[0]), tuple(map(high, state)), reference.HyperLSTMParams(*map(high, p)), layer_norm, forget_bias,
-            *map(high, at_first)))
-        X = x.shape[-1]
+    call. The first step reads the given h_0 (P wide: in general no u gives it), so it is a call of its own, on h_0
+    padded with zeros to H and read by W_h and Ŵ_x's h columns padded with zero columns (P < H): the same
+    products. Every h_t comes from one product over all T·B rows after the loop; autograd carries the gradients
+    through the pads and products. Zoneout on h mixes h_{t-1} into h_t in P space, where no u gives the result:
+    the caller runs that on the reference."""
+    h0, c0, hh0, hc0 = state
+    (P, H), X, p = weight_hr.shape, x.shape[-1], reference.HyperLSTMParams(*params)
+    pad = lambda t: torch.nn.functional.pad(t, (0, H - P))  # noqa: E731 (the last P columns to H)
+    with _autocast_off(x.device):  # in the parameters' precision; the fused op rounds it as it rounds W_h
         read_u = p._replace(weight_hh=p.weight_hh @ weight_hr, hyper_weight_ih=torch.cat(
             [p.hyper_weight_ih[:, :X], p.hyper_weight_ih[:, X:] @ weight_hr], 1))
-    first = (u1, c1, hh1, hc1)
+    read_h0 = p._replace(weight_hh=pad(p.weight_hh), hyper_weight_ih=pad(p.hyper_weight_ih))
+    at = lambda steps: [None if m is None else m[steps] for m in masks]  # noqa: E731 (the masks of those steps)
+    seqs = hyper_lstm_layer(backend, x[:1], pad(h0), c0, hh0, hc0, list(read_h0), layer_norm, forget_bias,
+                            *at(slice(0, 1)))
     if x.shape[0] > 1:
-        later = [None if m is None else m[1:] for m in (mask, hyper_mask, None, hyper_zoneout_mask)]
-        rest = hyper_lstm_layer(backend, x[1:], *first, list(read_u), layer_norm, forget_bias, *later)
-        us, cs, hhs, hcs = (torch.cat([a.unsqueeze(0), b]) for a, b in zip(first, rest))
-    else:
-        us, cs, hhs, hcs = (t.unsqueeze(0) for t in first)
-    return (us @ weight_hr.T).to(dtype), cs, hhs, hcs
+        rest = hyper_lstm_layer(backend, x[1:], *(t[0] for t in seqs), list(read_u), layer_norm, forget_bias,
+                                *at(slice(1, None)))
+        seqs = tuple(torch.cat([a, b]) for a, b in zip(seqs, rest))
+    us, cs, hhs, hcs = seqs
+    return (us @ weight_hr.T).to(x.dtype), cs, hhs, hcs  # autocast's product: back to the others' dtype
 
 
 def _autocast_off(device: torch.device):
