@@ -143,6 +143,34 @@ def test_hyper_lstm_under_autocast_runs_its_gemms_in_autocast_dtype(backend):
         torch.testing.assert_close(a, b, rtol=0, atol=5e-2 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", backend_params("cpu", "cuda"))  # Triton's layer is the same Python around its op
+def test_a_projected_layer_in_low_precision_keeps_the_dtypes_of_an_unprojected_one(backend):
+    """proj_size > 0 (two fused calls and the products around them, docs/design.md §1): under autocast a float32
+    module gives float32 outputs, states and gradients, close to its plain run; a bfloat16 module gives bfloat16
+    ones, close to the float32 module with the same (bfloat16) weights. Tolerance 5e-2 of each tensor's largest
+    entry, as above; a forget bias of 0 instead of 1 moves the plain run's outputs by more than 0.1 of theirs."""
+    device = device_for(backend)
+    torch.manual_seed(0)
+    kw = dict(proj_size=7, hyper_size=12, hyper_embed=4, backend=backend, device=device)
+    m = hyperfused.HyperLSTM(6, 24, 2, **kw)
+    x = torch.randn(3, 2, 6, device=device)
+    plain = _lstm_run(m, x)
+    with torch.autocast(device, dtype=_low_for(device)):
+        mixed = _lstm_run(m, x)
+    low = hyperfused.HyperLSTM(6, 24, 2, **kw, dtype=torch.bfloat16)
+    low.load_state_dict(m.state_dict())
+    m.load_state_dict(low.state_dict())  # both hold the bfloat16-exact weights
+    exact = _lstm_run(m, x.bfloat16().float())
+    runs = _lstm_run(low, x.bfloat16())
+    for (a, b), dtype in [*((p, torch.float32) for p in zip(mixed, plain, strict=True)),
+                          *((p, torch.bfloat16) for p in zip(runs, exact, strict=True))]:
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=5e-2 * b.abs().max().item())
+    no_forget_bias = hyperfused.HyperLSTM(6, 24, 2, forget_bias=0.0, **kw)
+    no_forget_bias.load_state_dict(m.state_dict())
+    assert (no_forget_bias(x)[0] - m(x)[0]).abs().max() > 0.1 * m(x)[0].abs().max()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernel_generation_under_autocast_matches_float32(backend):
     device = device_for(backend)
