@@ -50,8 +50,8 @@ def test_half_precision_modules_construct_and_run(cls, dtype):
     ("StaticHyperNetwork", dict(in_tile=True), ValueError, r"in_tile: expected a positive int, got True"),
     ("StaticHyperNetwork", dict(z_dim=True), ValueError, r"z_dim: expected a positive int, got True"),
     ("StaticHyperNetwork", dict(kernel_size="3"), ValueError, r"kernel_size: expected a positive int, got '3'"),
-    ("HyperConv2d", dict(stride=0), ValueError, r"stride: expected a positive int, got 0"),
-    ("HyperConv2d", dict(padding=-1), ValueError, r"padding: expected a non-negative int, got -1"),
+    ("HyperConv2d", dict(stride=0), ValueError, r"stride: expected a positive int or a pair of them, got 0"),
+    ("HyperConv2d", dict(padding=-1), ValueError, r"padding: expected a non-negative int or a pair of them, got -1"),
     ("HyperConv2d", dict(in_channels=True), ValueError, r"in_channels: expected a positive multiple"),
 ])
 def test_constructor_arguments_are_checked_and_named(cls, kwargs, exc, match):
@@ -132,7 +132,8 @@ def test_fuzz_constructors_fail_clearly_or_build(cls):
                            "recurrent_dropout", "batch_first", "bidirectional"],
              "HyperLSTMCell": ["hyper_size", "hyper_embed", "layer_norm", "forget_bias", "recurrent_dropout", "bias"],
              "StaticHyperNetwork": ["in_tile", "out_tile", "kernel_size", "z_dim"],
-             "HyperConv2d": ["stride", "padding", "in_channels", "out_channels"]}[cls]
+             "HyperConv2d": ["stride", "padding", "in_channels", "out_channels", "dilation", "groups", "bias",
+                             "padding_mode"]}[cls]
     for _ in range(60):
         name, value = rng.choice(names), _random_value(rng)
         if name in ("hyper_size", "hyper_embed", "num_layers", "z_dim", "in_tile", "out_tile", "in_channels",

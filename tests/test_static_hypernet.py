@@ -108,7 +108,7 @@ def test_calling_the_hypernetwork_generates_as_generate_does():
 
 # -- the fused generation op against the per-tile reference ----------------------------------------------
 
-from conftest import HAS_GPU, backend_cases, device_for, requires_extension  # noqa: E402
+from conftest import HAS_GPU, backend_cases, backend_params, device_for, requires_extension  # noqa: E402
 from helpers import randomize_, seeded_weights  # noqa: E402
 
 
@@ -251,3 +251,79 @@ def test_generation_traces_under_torch_compile_without_graph_breaks():
     torch.testing.assert_close(got, expected)
     got.sum().backward()
     assert net.w_out.grad is not None and convs[0].z.grad is not None
+
+
+# nn.Conv2d's options on a HyperConv2d: (stride, padding, dilation, groups, bias, padding_mode), on an input of
+# odd size (9 × 7) so that "same" with an even dilated width pads unevenly.
+CONV_OPTIONS = [
+    (1, 0, 1, 1, False, "zeros"),
+    ((2, 1), (1, 2), 1, 1, True, "zeros"),
+    (1, "same", 2, 1, False, "zeros"),
+    (1, "valid", (1, 2), 2, True, "zeros"),
+    (2, 1, 1, 4, False, "reflect"),
+    (1, "same", (2, 1), 2, True, "circular"),
+    (1, (2, 1), 1, 1, False, "replicate"),
+]
+
+
+@pytest.mark.parametrize("stride, padding, dilation, groups, bias, padding_mode", CONV_OPTIONS)
+@pytest.mark.parametrize("backend", ["reference", *backend_params("cpu", "cuda", "triton")])
+def test_hyper_conv2d_options_act_as_nn_conv2ds(backend, stride, padding, dilation, groups, bias, padding_mode):
+    """nn.Conv2d with the same options and the generated kernel as its weight: the same output, exactly (the
+    same convolution), and the same gradients of the input, the kernel and the bias; the kernel is
+    (out, in / groups, k, k) and the embeddings' gradients reach the hypernetwork. float64 (Triton: float32)."""
+    device, dtype = device_for(backend), torch.float32 if backend == "triton" else torch.float64
+    torch.manual_seed(0)
+    net = hyperfused.StaticHyperNetwork(z_dim=3, in_tile=2, out_tile=4, kernel_size=3, backend=backend,
+                                        dtype=dtype, device=device)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode)
+    conv = hyperfused.HyperConv2d(8, 8, 3, hypernet=net, **{k: v for k, v in kw.items()})
+    kernel = net([conv])[0]
+    assert kernel.shape == conv.weight_shape == (8, 8 // groups, 3, 3)
+    plain = torch.nn.Conv2d(8, 8, 3, **kw, dtype=dtype, device=device)
+    with torch.no_grad():
+        plain.weight.copy_(kernel)
+        if bias:
+            plain.bias.copy_(conv.bias)
+    x = torch.randn(2, 8, 9, 7, dtype=dtype, device=device)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    out, expected = conv(xs[0]), plain(xs[1])
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (expected * w).sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    if bias:
+        torch.testing.assert_close(conv.bias.grad, plain.bias.grad)
+    # the kernel's gradient, carried to z: z's gradient is that of <kernel, plain.weight.grad>
+    z_grad = torch.autograd.grad((net([conv])[0] * plain.weight.grad).sum(), conv.z)[0]
+    torch.testing.assert_close(conv.z.grad, z_grad)
+
+
+def test_hyper_conv2d_is_bias_free_by_default_and_keeps_its_state_dict_keys():
+    """bias=False by default (the paper's layers): no bias in the state dict, so that earlier checkpoints load;
+    bias=True adds nn.Conv2d's, initialised within its ±1/√(in/groups·k²)."""
+    net = hyperfused.StaticHyperNetwork(z_dim=3, in_tile=2, out_tile=4, kernel_size=3)
+    assert "bias" not in hyperfused.HyperConv2d(8, 8, 3, hypernet=net).state_dict()
+    conv = hyperfused.HyperConv2d(8, 8, 3, hypernet=net, bias=True, groups=2)
+    assert conv.bias.shape == (8,) and conv.bias.abs().max() <= 1 / (4 * 9) ** 0.5 and conv.bias.abs().sum() > 0
+    assert "groups=2, bias=True" in repr(conv)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(groups=3), ValueError, r"in_channels: expected a multiple of groups=3"),
+    (dict(groups=8), ValueError, r"in_channels: expected a multiple of groups=8 whose share per group is a multiple "
+                                 r"of the hypernet's tile size 2, got 8"),
+    (dict(groups=0), ValueError, r"groups: expected a positive int, got 0"),
+    (dict(padding="same", stride=2), ValueError, r"padding: 'same' needs stride 1 \(as nn.Conv2d\), got stride=\(2, 2\)"),
+    (dict(padding="full"), ValueError, r"padding: expected 'valid', 'same', a non-negative int or a pair of them"),
+    (dict(padding=(1, 2, 3)), ValueError, r"padding: expected a non-negative int or a pair of them, got \(1, 2, 3\)"),
+    (dict(stride=(1, 0)), ValueError, r"stride: expected a positive int or a pair of them, got \(1, 0\)"),
+    (dict(dilation=0), ValueError, r"dilation: expected a positive int or a pair of them, got 0"),
+    (dict(padding_mode="mirror"), ValueError, r"padding_mode: expected one of \('zeros', 'reflect'"),
+    (dict(bias="yes"), TypeError, r"bias: expected a bool, got 'yes'"),
+])
+def test_hyper_conv2d_refuses_bad_options_by_name(kwargs, error, match):
+    net = hyperfused.StaticHyperNetwork(z_dim=3, in_tile=2, out_tile=4, kernel_size=3)
+    with pytest.raises(error, match=match):
+        hyperfused.HyperConv2d(8, 8, 3, hypernet=net, **kwargs)

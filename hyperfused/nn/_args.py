@@ -42,3 +42,13 @@ def probability(name: str, value, include_one: bool = False) -> float:
     if not (0.0 <= p <= 1.0 if include_one else 0.0 <= p < 1.0):
         raise ValueError(f"{name}: expected a probability in [0, 1{']' if include_one else ')'}, got {value!r}")
     return p
+
+
+def int_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each at least `minimum`, as a pair (nn.Conv2d's stride, padding, dilation)."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(items) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum
+                              for v in items):
+        what = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name}: expected a {what} int or a pair of them, got {value!r}")
+    return int(items[0]), int(items[1])
