@@ -84,14 +84,34 @@ def _scaled_atol(ref: torch.Tensor, atol: float) -> float:
     return atol * max(1.0, ref.abs().max().item()) if ref.numel() else atol
 
 
-def assert_same_run(ref, fast, x, state, rtol, atol):
+class Seeded:
+    """A module called after torch.manual_seed(seed): two modules that draw their masks (dropout, zoneout) from
+    torch's RNG in the same order then draw the same ones."""
+
+    def __init__(self, m, seed: int):
+        self.m, self.seed = m, seed
+
+    def __call__(self, *args):
+        torch.manual_seed(self.seed)
+        return self.m(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.m, name)
+
+
+def assert_same_run(ref, fast, x, state, rtol, atol, seed=None, scaled=True):
+    """Every output and gradient of `fast` against `ref`'s; with `seed`, both run with the same masks (Seeded);
+    atol scaled by each tensor's largest entry (_scaled_atol), or as given where not `scaled`."""
+    if seed is not None:
+        ref, fast = Seeded(ref, seed), Seeded(fast, seed)
+    tol = (lambda t: _scaled_atol(t, atol)) if scaled else (lambda t: atol)  # noqa: E731
     outs_r, grads_r = run_and_grad(ref, x, state)
     outs_f, grads_f = run_and_grad(fast, x, state)
     for name, a, b in zip(("output", "h_n", "c_n", "hyper_h", "hyper_c"), outs_f, outs_r, strict=True):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=_scaled_atol(b, atol), msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=tol(b), msg=lambda m, n=name: f"{n}: {m}")
     assert grads_r.keys() == grads_f.keys()
     for name in grads_r:
         assert grads_r[name] is not None, f"reference gradient of {name} is missing"
         assert grads_f[name] is not None, f"gradient of {name} is missing"
-        torch.testing.assert_close(grads_f[name], grads_r[name], rtol=rtol, atol=_scaled_atol(grads_r[name], atol),
+        torch.testing.assert_close(grads_f[name], grads_r[name], rtol=rtol, atol=tol(grads_r[name]),
                                    msg=lambda m, n=name: f"grad {n}: {m}")
