@@ -253,34 +253,37 @@ def test_generation_traces_under_torch_compile_without_graph_breaks():
     assert net.w_out.grad is not None and convs[0].z.grad is not None
 
 
-# nn.Conv2d's options on a HyperConv2d: (stride, padding, dilation, groups, bias, padding_mode), on an input of
-# odd size (9 × 7) so that "same" with an even dilated width pads unevenly.
+# nn.Conv2d's options on a HyperConv2d: (kernel size, stride, padding, dilation, groups, bias, padding_mode).
+# "same" pads d·(k - 1) in all, split unevenly where that is odd (k = 4, d = 1: one more on the right and at the
+# bottom); a (2, 1) dilation pads the height and the width differently.
 CONV_OPTIONS = [
-    (1, 0, 1, 1, False, "zeros"),
-    ((2, 1), (1, 2), 1, 1, True, "zeros"),
-    (1, "same", 2, 1, False, "zeros"),
-    (1, "valid", (1, 2), 2, True, "zeros"),
-    (2, 1, 1, 4, False, "reflect"),
-    (1, "same", (2, 1), 2, True, "circular"),
-    (1, (2, 1), 1, 1, False, "replicate"),
+    (3, 1, 0, 1, 1, False, "zeros"),
+    (3, (2, 1), (1, 2), 1, 1, True, "zeros"),
+    (3, 1, "same", 2, 1, False, "zeros"),
+    (4, 1, "same", 1, 2, False, "zeros"),
+    (3, 1, "valid", (1, 2), 2, True, "zeros"),
+    (3, 2, 1, 1, 4, False, "reflect"),
+    (3, 1, "same", (2, 1), 2, True, "circular"),
+    (4, 1, "same", (1, 2), 1, False, "reflect"),
+    (3, 1, (2, 1), 1, 1, False, "replicate"),
 ]
 
 
-@pytest.mark.parametrize("stride, padding, dilation, groups, bias, padding_mode", CONV_OPTIONS)
+@pytest.mark.parametrize("k, stride, padding, dilation, groups, bias, padding_mode", CONV_OPTIONS)
 @pytest.mark.parametrize("backend", ["reference", *backend_params("cpu", "cuda", "triton")])
-def test_hyper_conv2d_options_act_as_nn_conv2ds(backend, stride, padding, dilation, groups, bias, padding_mode):
+def test_hyper_conv2d_options_act_as_nn_conv2ds(backend, k, stride, padding, dilation, groups, bias, padding_mode):
     """nn.Conv2d with the same options and the generated kernel as its weight: the same output, exactly (the
     same convolution), and the same gradients of the input, the kernel and the bias; the kernel is
     (out, in / groups, k, k) and the embeddings' gradients reach the hypernetwork. float64 (Triton: float32)."""
     device, dtype = device_for(backend), torch.float32 if backend == "triton" else torch.float64
     torch.manual_seed(0)
-    net = hyperfused.StaticHyperNetwork(z_dim=3, in_tile=2, out_tile=4, kernel_size=3, backend=backend,
+    net = hyperfused.StaticHyperNetwork(z_dim=3, in_tile=2, out_tile=4, kernel_size=k, backend=backend,
                                         dtype=dtype, device=device)
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode)
-    conv = hyperfused.HyperConv2d(8, 8, 3, hypernet=net, **{k: v for k, v in kw.items()})
+    conv = hyperfused.HyperConv2d(8, 8, k, hypernet=net, **kw)
     kernel = net([conv])[0]
-    assert kernel.shape == conv.weight_shape == (8, 8 // groups, 3, 3)
-    plain = torch.nn.Conv2d(8, 8, 3, **kw, dtype=dtype, device=device)
+    assert kernel.shape == conv.weight_shape == (8, 8 // groups, k, k)
+    plain = torch.nn.Conv2d(8, 8, k, **kw, dtype=dtype, device=device)
     with torch.no_grad():
         plain.weight.copy_(kernel)
         if bias:
