@@ -183,7 +183,7 @@ class HyperLSTMCell(Module):
         self.recurrent_dropout = probability("recurrent_dropout", recurrent_dropout)
         self.backend = _check_backend(backend)
         self.proj_size = _check_proj_size(proj_size, self.hidden_size)
-        X, H, Hh, Nz, P = input_size, hidden_size, hyper_size, hyper_embed, self.proj_size or hidden_size
+        X, H, Hh, Nz, P = input_size, hidden_size, hyper_size, hyper_embed, self.real_hidden_size
         shapes = dict(weight_ih=(4 * H, X), weight_hh=(4 * H, P), bias_ih=(4 * H,), bias_hh=(4 * H,),
                       hyper_weight_ih=(4 * Hh, X + P),
                       hyper_weight_hh=(4 * Hh, Hh), hyper_bias=(4 * Hh,), z_weight=(8 * Nz, Hh), z_bias=(8 * Nz,),
@@ -308,12 +308,15 @@ class HyperLSTMCell(Module):
 
     def _decodes(self, input, hx) -> bool:
         return (isinstance(hx, HyperLSTMState) and input.dim() == 2 and input.shape[0] > 0
-                and self._needs_no_masks_or_grad() and self._fused_backend(input.device))
+                and self._decode_op_fits() and self._fused_backend(input.device))
 
     def _steps_alone(self, backend: str, T: int) -> bool:
-        """Whether T steps on `backend` run as one decode op: T = 1 on a C++ backend, without gradients or masks (or
-        a projection, which the decode op does not have)."""
-        return T == 1 and backend in ("cpu", "cuda") and not self.proj_size and self._needs_no_masks_or_grad()
+        """Whether T steps on `backend` run as one decode op: T = 1 on a C++ backend, where the op fits."""
+        return T == 1 and backend in ("cpu", "cuda") and self._decode_op_fits()
+
+    def _decode_op_fits(self) -> bool:
+        """Whether the decode op can step this cell now: no gradients or masks, and no projection (it has none)."""
+        return not self.proj_size and self._needs_no_masks_or_grad()
 
     def _needs_no_masks_or_grad(self) -> bool:
         # Zoneout needs masks even in evaluation, recurrent dropout in training: the general path draws them. A
@@ -323,9 +326,8 @@ class HyperLSTMCell(Module):
 
     def _fused_backend(self, device: torch.device) -> bool:
         """Whether the backend resolves to the C++ ops on `device`, now (never where only plain PyTorch can run:
-        torch.onnx.export tracing, a torch.func transform, forward-mode AD), for a cell the decode op can step (one
-        without a projection)."""
-        return not self.proj_size and resolve_backend(self.backend, device) in ("cpu", "cuda")
+        torch.onnx.export tracing, a torch.func transform, forward-mode AD)."""
+        return resolve_backend(self.backend, device) in ("cpu", "cuda")
 
     def _state_sizes(self) -> tuple:
         """The sizes of (h, c, ĥ, ĉ)."""
