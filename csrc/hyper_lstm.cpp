@@ -52,6 +52,7 @@ bool is_gemm_weight(int i) {
 
 struct Sizes {
   int64_t T, B, X, H, Hh, Nz;
+  int64_t P;  // h's width: H, or a projected cell's P in a decode step (hyper_lstm_step)
   Dims dims() const { return Dims{B, H, Hh, Nz}; }
 };
 
@@ -73,7 +74,8 @@ void check_arg(const at::Tensor& t, const char* name, std::vector<int64_t> shape
 Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& hh0,
                    const at::Tensor& hc0, at::TensorList p, const std::optional<at::Tensor>& mask,
                    const std::optional<at::Tensor>& hyper_mask, const std::optional<at::Tensor>& zoneout_mask,
-                   const std::optional<at::Tensor>& hyper_zoneout_mask, bool half_gemm_weights = false) {
+                   const std::optional<at::Tensor>& hyper_zoneout_mask, bool half_gemm_weights = false,
+                   bool projected_h = false) {
   TORCH_CHECK(x.dim() == 3, "hyperfused::hyper_lstm: 'x' must have shape (T, B, input_size), got ", x.sizes());
   TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 0,
               "hyperfused::hyper_lstm: 'x' must be non-empty, got shape ", x.sizes());
@@ -85,16 +87,19 @@ Sizes check_inputs(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
               h0.sizes(), " and ", hh0.sizes());
   TORCH_CHECK(p[SCALE_WEIGHT].dim() == 3, "hyperfused::hyper_lstm: 'scale_weight' must be (2, 4H, N_z), got ",
               p[SCALE_WEIGHT].sizes());
-  Sizes s{x.size(0), x.size(1), x.size(2), h0.size(1), hh0.size(1), p[SCALE_WEIGHT].size(2)};
-  TORCH_CHECK(s.H > 0 && s.Hh > 0 && s.Nz > 0, "hyperfused::hyper_lstm: sizes must be positive");
-  const int64_t B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz;
+  // projected_h (the decode step): h may be P wide, the width W_h and Ŵ_x's h columns read, while c gives H
+  TORCH_CHECK(!projected_h || c0.dim() == 2, "hyperfused::hyper_lstm: 'c0' must be 2-D (B, H), got ", c0.sizes());
+  Sizes s{x.size(0), x.size(1), x.size(2), projected_h ? c0.size(1) : h0.size(1), hh0.size(1),
+          p[SCALE_WEIGHT].size(2), h0.size(1)};
+  TORCH_CHECK(s.H > 0 && s.Hh > 0 && s.Nz > 0 && s.P > 0, "hyperfused::hyper_lstm: sizes must be positive");
+  const int64_t B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, P = s.P;
   check_arg(x, "x", {s.T, B, X}, x);
-  check_arg(h0, "h0", {B, H}, x);
+  check_arg(h0, "h0", {B, P}, x);
   check_arg(c0, "c0", {B, H}, x);
   check_arg(hh0, "hh0", {B, Hh}, x);
   check_arg(hc0, "hc0", {B, Hh}, x);
   const std::vector<std::vector<int64_t>> shapes = {
-      {4 * H, X}, {4 * H, H},   {4 * H},     {4 * Hh, X + H}, {4 * Hh, Hh}, {4 * Hh}, {8 * Nz, Hh},
+      {4 * H, X}, {4 * H, P},   {4 * H},     {4 * Hh, X + P}, {4 * Hh, Hh}, {4 * Hh}, {8 * Nz, Hh},
       {8 * Nz},   {2, 4 * H, Nz}, {4 * Nz, Hh}, {4 * H, Nz},   {4 * H},      {4 * H},  {H},
       {H},        {4 * Hh},     {4 * Hh},    {Hh},            {Hh}};
   for (int i = 0; i < NUM_PARAMS; ++i)
@@ -172,7 +177,7 @@ struct Transposed {
     if (use != Use::Decode) w_rec = pooled_rows(p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H));
     if (use != Use::Decode) return;
     rec.emplace(p[WEIGHT_HH].t(), at::Tensor(), GemmPrecision{}, 1);
-    rec_hyper.emplace(p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H).t(), at::Tensor(), GemmPrecision{}, 1);
+    rec_hyper.emplace(p[HYPER_WEIGHT_IH].narrow(1, s.X, s.P).t(), at::Tensor(), GemmPrecision{}, 1);
     hyper.emplace(p[HYPER_WEIGHT_HH].t(), at::Tensor(), GemmPrecision{}, 1);
     input.emplace(p[WEIGHT_IH].t(), at::Tensor(), GemmPrecision{}, 1);
     hyper_input.emplace(p[HYPER_WEIGHT_IH].narrow(1, 0, s.X).t(), p[HYPER_BIAS], GemmPrecision{}, 1);
@@ -474,7 +479,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
 namespace {
 
 // A decode step's scratch, (B, ·) blocks: gx, ghx, g, ghh, ws and the 12 scaling vectors (12, B, H), then
-// xh_width more values ([x, h], B × (X + H)). Kept per thread for the thread's life, so that a step allocates
+// xh_width more values ([x, h], B × (X + P)). Kept per thread for the thread's life, so that a step allocates
 // none of it.
 float* decode_scratch(const Dims& d, const WsLayout& L, int64_t xh_width) {
   static thread_local std::vector<float> scratch;
@@ -497,15 +502,15 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
                         bool layer_norm, double forget_bias) {
   const Dims d = s.dims();
   const WsLayout L(d);
-  const int64_t B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, GW = d.g_width();
+  const int64_t B = s.B, X = s.X, H = s.H, Hh = s.Hh, Nz = s.Nz, P = s.P, GW = d.g_width();
   const auto f = [](const at::Tensor& t) { return t.data_ptr<float>(); };
-  float* const gx = decode_scratch(d, L, B * (X + H));
+  float* const gx = decode_scratch(d, L, B * (X + P));
   float *const ghx = gx + B * 4 * H, *const g = ghx + B * 4 * Hh, *const ghh = g + B * GW;
   float *const ws = ghh + B * 4 * Hh, *const scale = ws + B * L.width, *const z = ws + L.z;
   float* const xh = scale + 12 * B * H;  // [x, h] rows, for one product with the whole of Ŵ_x
   for (int64_t b = 0; b < B; ++b) {
-    std::copy_n(f(x) + b * X, X, xh + b * (X + H));
-    std::copy_n(f(h) + b * H, H, xh + b * (X + H) + X);
+    std::copy_n(f(x) + b * X, X, xh + b * (X + P));
+    std::copy_n(f(h) + b * P, P, xh + b * (X + P) + X);
   }
   const auto opts = x.options();
   auto h1 = at::empty({B, H}, opts), c1 = at::empty({B, H}, opts);
@@ -524,8 +529,8 @@ StepOut decode_step_raw(const StepKernels& k, const Sizes& s, const at::Tensor& 
                            w.scalar_type(), /*widen=*/!is_large_weight(i)}, w);
   };
   product(f(x), X, WEIGHT_IH, gx, 4 * H);              // W_x x
-  product(xh, X + H, HYPER_WEIGHT_IH, g + 4 * H, GW);  // Ŵ_x [x, h]
-  product(f(h), H, WEIGHT_HH, g, GW);                  // W_h h
+  product(xh, X + P, HYPER_WEIGHT_IH, g + 4 * H, GW);  // Ŵ_x [x, h]
+  product(f(h), P, WEIGHT_HH, g, GW);                  // W_h h
   product(f(hh), Hh, HYPER_WEIGHT_HH, ghh, 4 * Hh);    // Ŵ_h ĥ
   ForwardStep st{d, ScalarKind::Float32, layer_norm, forget_bias, step_params(p),
                  g, ghh, gx, ghx, c.data_ptr(), hc.data_ptr(), nullptr, nullptr, nullptr, nullptr, h.data_ptr(),
@@ -562,7 +567,7 @@ StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Ten
                         double forget_bias) {
   TORCH_CHECK(x.dim() == 2, "hyperfused::hyper_lstm_step: 'x' must have shape (B, input_size), got ", x.sizes());
   const Sizes s = check_inputs(x.unsqueeze(0), h, c, hh, hc, p, std::nullopt, std::nullopt, std::nullopt,
-                               std::nullopt, /*half_gemm_weights=*/true);
+                               std::nullopt, /*half_gemm_weights=*/true, /*projected_h=*/true);
   const c10::DeviceGuard guard(x.device());
   const NoAutocast no_autocast;
   const Dims dims = s.dims();

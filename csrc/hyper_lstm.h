@@ -41,6 +41,8 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
 
 // One step without gradients (decoding): x (B, X) and the state h, c (B, H), ĥ, ĉ (B, Ĥ) give the next state,
 // four (B, ·) tensors. The forward above with T = 1 and nothing saved, minus the caller's reshaping.
+// A projected cell's h (B, P) is taken as it is (W_h (4H, P), Ŵ_x (4Ĥ, X + P); c gives H): the h returned is
+// then the unprojected (B, H) one, which the caller projects (h = W_hr u).
 using StepOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 StepOut hyper_lstm_step(const StepKernels& k, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
                         const at::Tensor& hh, const at::Tensor& hc, at::TensorList params, bool layer_norm,

@@ -261,10 +261,15 @@ def test_each_config_given_gets_its_own_table_and_rows(tmp_path, capsys):
 def test_projection_benchmark_times_every_row_and_checks_its_config(capsys):
     from benchmarks.projection import main as projection_main
     projection_main(["--config", "3,2,4,6,2", "--repeats", "1", "--warmup", "0", "--device", "cpu"])
-    table = capsys.readouterr().out
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "ms" not in line]
-    assert [r.split("|")[1].strip() for r in rows][:2] == ["nn.LSTM, proj_size=2", "HyperLSTM reference, proj_size=2"]
-    assert all(float(r.split("|")[2]) > 0 for r in rows)
+    training, decode = capsys.readouterr().out.split("one step without gradients")
+    for table, unit in ((training, "ms"), (decode, "µs per step")):
+        rows = [line for line in table.splitlines() if line.startswith("| ") and unit not in line]
+        names = [r.split("|")[1].strip() for r in rows]
+        assert names[:2] == ["nn.LSTM, proj_size=2", "HyperLSTM reference, proj_size=2"]
+        assert all(float(r.split("|")[2]) > 0 for r in rows)
+    fused = [b for b in ("cpu",) if b in hyperfused.available_backends()]
+    assert names[2:] == [f"HyperLSTM {b}, proj_size=2" for b in fused] + [
+        f"HyperLSTM {b}, no projection" for b in fused[:1]] + [f"HyperLSTMCell {b}, proj_size=2" for b in fused]
     with pytest.raises(SystemExit):
         projection_main(["--config", "3,2,4,6,6"])  # proj_size must be below hidden_size
     assert "expected T,B,X,H,P as positive integers with P < H" in capsys.readouterr().err

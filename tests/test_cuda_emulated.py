@@ -79,12 +79,13 @@ def test_emulated_cuda_recurrent_dropout(gpu, emulated):
         torch.testing.assert_close(grads_f[name], grads_r[name], **F64, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
-def test_emulated_cuda_decode_step(emulated, monkeypatch):
+@pytest.mark.parametrize("proj_size", [0, 70], ids=["plain", "projected"])
+def test_emulated_cuda_decode_step(emulated, monkeypatch, proj_size):
     """The decode op (hyperfused::hyper_lstm_step: a cell stepped from its own state under no_grad) runs the same
-    kernels."""
-    ref = randomize_(hyperfused.HyperLSTMCell(5, 300, hyper_size=20, hyper_embed=5, dtype=torch.float64,
-                                              backend="reference"))
-    cell = hyperfused.HyperLSTMCell(5, 300, hyper_size=20, hyper_embed=5, dtype=torch.float64, backend="cpu")
+    kernels; a projected cell's op reads its P-wide h as it is."""
+    kw = dict(hyper_size=20, hyper_embed=5, dtype=torch.float64, proj_size=proj_size)
+    ref = randomize_(hyperfused.HyperLSTMCell(5, 300, backend="reference", **kw))
+    cell = hyperfused.HyperLSTMCell(5, 300, backend="cpu", **kw)
     cell.load_state_dict(ref.state_dict())
     calls = []
     real = hyperfused.HyperLSTMCell._decode_step

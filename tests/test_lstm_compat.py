@@ -618,18 +618,22 @@ def test_decode_products_direct_or_through_aten(B, layer_norm, H, monkeypatch):
     (1, False, False, True), (2, True, True, True), (2, False, False, False)],
     ids=["1-layer", "2-layer-bidirectional-batch-first", "2-layer-unbatched"])
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
-def test_a_hyper_lstm_called_one_step_at_a_time_decodes(layers, bidirectional, batch_first, batched, layer_norm):
+@pytest.mark.parametrize("proj_size", [0, 11], ids=["plain", "projected"])
+def test_a_hyper_lstm_called_one_step_at_a_time_decodes(layers, bidirectional, batch_first, batched, layer_norm,
+                                                        proj_size):
     """A HyperLSTM called with T = 1 under no_grad (a sampling loop written for nn.LSTM) runs every layer and
     direction through the decode op instead of the sequence op, and gives what the general path gives with
     gradients on, to float32 rounding (the decode op's GEMM-shaped step sums in another order; 1e-5 allowed).
-    Dropping the forget bias moves the states by more than 0.1."""
+    A projected layer's too (the op on its P-wide h, the projection after it; the general path steps on the
+    unprojected state). Dropping the forget bias moves the states by more than 0.1."""
     X, H, B = 5, 37, 3
 
     def model(forget_bias):
         torch.manual_seed(1)
         return randomize_(hyperfused.HyperLSTM(X, H, num_layers=layers, bidirectional=bidirectional,
                                                batch_first=batch_first, hyper_size=7, hyper_embed=3,
-                                               layer_norm=layer_norm, forget_bias=forget_bias, backend="cpu"),
+                                               layer_norm=layer_norm, forget_bias=forget_bias, backend="cpu",
+                                               proj_size=proj_size),
                           scale=0.3)
 
     m, no_forget_bias = model(1.0), model(0.0)
@@ -654,13 +658,16 @@ def test_a_hyper_lstm_called_one_step_at_a_time_decodes(layers, bidirectional, b
 
 @pytest.mark.skipif(not hyperfused.HAS_EXTENSION, reason="hyperfused._C not built (run scripts/bootstrap.sh)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_a_half_precision_cell_steps_without_gradients(dtype, monkeypatch):
+@pytest.mark.parametrize("proj_size", [0, 3], ids=["plain", "projected"])
+def test_a_half_precision_cell_steps_without_gradients(dtype, proj_size, monkeypatch):
     """Sampling from a bfloat16 or float16 cell: the decode path steps in float32 (from float32 copies of the
     weights refreshed on every call, a bfloat16 cell's four large weights read as they are) and gives what a
-    float32 copy of the cell gives, rounded to the cell's dtype. In-place changes through .data, which no
-    version counter records, reach the next step: to a large weight, a small one and b_0's two halves."""
+    float32 copy of the cell gives, rounded to the cell's dtype (a projected cell's projection in its dtype, as
+    its sequence path projects). In-place changes through .data, which no version counter records, reach the
+    next step: to a large weight, a small one, b_0's two halves and the projection."""
     torch.manual_seed(0)
-    cell = randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2, backend="cpu"), scale=0.3)
+    cell = randomize_(hyperfused.HyperLSTMCell(5, 8, hyper_size=6, hyper_embed=2, backend="cpu",
+                                               proj_size=proj_size), scale=0.3)
     low = copy.deepcopy(cell).to(dtype)
     cell.load_state_dict({k: v.float() for k, v in low.state_dict().items()})  # the same bfloat16-exact weights
     calls = []
@@ -677,7 +684,8 @@ def test_a_half_precision_cell_steps_without_gradients(dtype, monkeypatch):
         for a, b in zip(s_low.tensors(), s.tensors(), strict=True):
             torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
         # each change moves h by 0.21 or more (measured), ten times the tolerance: a stale step would fail
-        for name, change in (("weight_hh", -1.0), ("scale_weight", 3.0), ("bias_hh", -2.0), ("bias_ih", -0.25)):
+        changes = [("weight_hh", -1.0), ("scale_weight", 3.0), ("bias_hh", -2.0), ("bias_ih", -0.25)]
+        for name, change in changes + ([("weight_hr", -1.0)] if proj_size else []):
             for m in (low, cell):  # in place, past the version counter: the float32 copies must follow
                 getattr(m, name).data.mul_(change)
             again = low(x, low(x))

@@ -169,6 +169,35 @@ def test_opcheck_hyper_lstm_step(family, device, layer_norm, monkeypatch):
         ops.hyper_lstm_step(step[0][None], *step[1:])
 
 
+@pytest.mark.parametrize("family, device", CPP_CASES, ids=lambda v: v)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_opcheck_hyper_lstm_step_of_a_projected_cell(family, device, dtype):
+    """A projected cell's decoding step: h (B, P) as it is, W_h (4H, P), Ŵ_x (4Ĥ, X + P), c giving H; the op
+    returns the unprojected h (B, H), and its fake says so. Against the reference's step on the same P-wide h:
+    float64 to 1e-12, float32 to 1e-5 (measured over five seeds: up to 5e-7). Plausible bugs move the result by
+    0.2–1.5 (measured on the reference, five seeds): h's entries read one place off, or Ŵ_x's h columns. An h
+    whose width W_h does not read is refused by name."""
+    _skip_unless_built("cpp")
+    torch.manual_seed(5)
+    X, H, P, B = 3, 7, 4, 2  # H not a multiple of 4 and one that is (below): both scaling-vector products
+    for H in (7, 8):
+        cell = randomize_(hyperfused.HyperLSTMCell(X, H, hyper_size=5, hyper_embed=2, proj_size=P, dtype=dtype,
+                                                   device=device), scale=0.4)
+        params = [p.detach() for p in cell.flat_params()]
+        state = [torch.randn(B, n, dtype=dtype, device=device) for n in (P, H, 5, 5)]
+        step = [torch.randn(B, X, dtype=dtype, device=device), *state, params, True, 1.0]
+        torch.library.opcheck(ops.hyper_lstm_step, step)
+        out = ops.hyper_lstm_step(*step)
+        assert [tuple(t.shape) for t in out] == [(B, H), (B, H), (B, 5), (B, 5)]
+        ref = hyperfused.reference.hyper_lstm_step(step[0], state, hyperfused.reference.HyperLSTMParams(*params))
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for a, b in zip(out, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=tol)
+    wrong = torch.randn(B, P + 1, dtype=dtype, device=device)
+    with pytest.raises(RuntimeError, match=rf"'weight_hh' has shape \[32, {P}\], expected \[32, {P + 1}\]"):
+        ops.hyper_lstm_step(step[0], wrong, *step[2:])
+
+
 @requires_extension
 def test_every_registered_op_is_covered():
     """A new op without an opcheck here fails this test."""

@@ -110,8 +110,10 @@ def test_from_lstm_and_to_lstm_keep_the_projection():
 
 
 def test_the_cell_projects_and_steps_alike_with_and_without_gradients():
-    """HyperLSTMCell(proj_size=P): h is (B, P); a step without gradients (where a cell without a projection
-    takes the decode op, which has none) gives what a step with gradients gives."""
+    """HyperLSTMCell(proj_size=P): h is (B, P); a step without gradients (the decode op where the extension is
+    built: it reads the P-wide h, and the cell projects what it returns) gives what a step with gradients gives,
+    to float32 rounding (measured: 1.2e-7; 1e-6 allowed). Leaving out the output gate from what is projected
+    moves h by 0.28 here (more than 0.05 asserted)."""
     torch.manual_seed(3)
     cell = randomize_(HyperLSTMCell(X, H, hyper_size=4, hyper_embed=2, proj_size=P), scale=0.3)
     assert cell.weight_hr.shape == (P, H) and cell.weight_hh.shape == (4 * H, P)
@@ -121,8 +123,11 @@ def test_the_cell_projects_and_steps_alike_with_and_without_gradients():
     with_grad = cell(x, state)
     with torch.no_grad():
         without = cell(x, state)
-    for a, b in zip(with_grad.tensors(), without.tensors()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        ungated = (torch.tanh(torch.nn.functional.layer_norm(without[1], (H,), cell.ln_cell_weight,
+                                                             cell.ln_cell_bias)) @ cell.weight_hr.T)
+    for a, b in zip(with_grad.tensors(), without.tensors(), strict=True):
+        torch.testing.assert_close(b, a.detach(), rtol=0, atol=1e-6)
+    assert (ungated - without[0]).abs().max() > 0.05
     assert cell(x[0])[0].shape == (P,)
 
 

@@ -315,8 +315,8 @@ class HyperLSTMCell(Module):
         return T == 1 and backend in ("cpu", "cuda") and self._decode_op_fits()
 
     def _decode_op_fits(self) -> bool:
-        """Whether the decode op can step this cell now: no gradients or masks, and no projection (it has none)."""
-        return not self.proj_size and self._needs_no_masks_or_grad()
+        """Whether the decode op can step this cell now: no gradients or masks."""
+        return self._needs_no_masks_or_grad()
 
     def _needs_no_masks_or_grad(self) -> bool:
         # Zoneout needs masks even in evaluation, recurrent dropout in training: the general path draws them. A
@@ -366,13 +366,13 @@ class HyperLSTMCell(Module):
         return cached.refresh((params["bias_ih"], params["bias_hh"]) if self.use_bias else None)
 
     def _decode_step(self, x: torch.Tensor, hx: "HyperLSTMState") -> "HyperLSTMState":
-        B, H, Hh = x.shape[0], self.hidden_size, self.hyper_size
+        B, H, Hh, P = x.shape[0], self.hidden_size, self.hyper_size, self.real_hidden_size
         h, c, hh, hc = hx[0], hx[1], hx.hyper_h, hx.hyper_c
         ref = self.weight_ih
-        if not (h.shape == c.shape == (B, H) and hh.shape == hc.shape == (B, Hh)
+        if not (h.shape == (B, P) and c.shape == (B, H) and hh.shape == hc.shape == (B, Hh)
                 and h.dtype == c.dtype == hh.dtype == hc.dtype == ref.dtype
                 and h.device == c.device == hh.device == hc.device == ref.device):
-            for name, t, n in (("hx[0] (h_0)", h, H), ("hx[1] (c_0)", c, H), ("hx.hyper_h", hh, Hh),
+            for name, t, n in (("hx[0] (h_0)", h, P), ("hx[1] (c_0)", c, H), ("hx.hyper_h", hh, Hh),
                                ("hx.hyper_c", hc, Hh)):
                 _check_state(name, t, (B, n), ref)
         h, c, hh, hc = self._step(x, h, c, hh, hc)
@@ -381,7 +381,9 @@ class HyperLSTMCell(Module):
         return HyperLSTMState(h, c, hh, hc)
 
     def _step(self, x, h, c, hh, hc) -> tuple:
-        """The decode op on checked (B, ·) tensors: the next (h, c, ĥ, ĉ) in x's dtype."""
+        """The decode op on checked (B, ·) tensors: the next (h, c, ĥ, ĉ) in x's dtype. A projected cell's op
+        takes its (B, P) h as it is and returns the unprojected u (B, H), projected here as the sequence path
+        projects it (_projected_layer)."""
         dtype = x.dtype
         if dtype not in (torch.float32, torch.float64):  # half-precision cells step in float32 (_decode_params)
             x, h, c, hh, hc = (t.float() for t in (x, h, c, hh, hc))
@@ -389,7 +391,10 @@ class HyperLSTMCell(Module):
             out = torch.ops.hyperfused.hyper_lstm_step.default(
                 x.contiguous(), h.contiguous(), c.contiguous(), hh.contiguous(), hc.contiguous(),
                 self._decode_params(), self.layer_norm, self.forget_bias)
-        return out if out[0].dtype == dtype else tuple(t.to(dtype) for t in out)
+        out = out if out[0].dtype == dtype else tuple(t.to(dtype) for t in out)
+        if self.proj_size:  # autocast's product back to the others' dtype
+            out = ((out[0] @ self.weight_hr.T).to(dtype), *out[1:])
+        return out
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, hyper_size={self.hyper_size}, "

@@ -34,10 +34,10 @@ def _check_arg(op: str, t, name: str, shape: Sequence, x: torch.Tensor, x_name: 
 
 def lstm_sizes(x, h0, c0, hh0, hc0, params, mask: Optional[torch.Tensor], hyper_mask: Optional[torch.Tensor],
                zoneout_mask: Optional[torch.Tensor] = None, hyper_zoneout_mask: Optional[torch.Tensor] = None,
-               op: str = "hyperfused::hyper_lstm", half_gemm_weights: bool = False):
+               op: str = "hyperfused::hyper_lstm", half_gemm_weights: bool = False, projected_h: bool = False):
     """Checks the forward op's inputs as csrc/hyper_lstm.cpp does; returns (T, B, X, H, Ĥ, N_z).
     half_gemm_weights: the four weights of the input and recurrent products may be bfloat16 or float16 (decode
-    step)."""
+    step). projected_h (decode step): h0 may be P wide, the width W_h and Ŵ_x's h columns read; c0 gives H."""
     torch._check(x.dim() == 3, lambda: f"{op}: 'x' must have shape (T, B, input_size), got {list(x.shape)}")
     torch._check(x.dtype in _FLOATS, lambda: f"{op}: 'x' must be float32 or float64, got {x.dtype}")
     torch._check(len(params) == len(PARAM_NAMES),
@@ -45,13 +45,15 @@ def lstm_sizes(x, h0, c0, hh0, hc0, params, mask: Optional[torch.Tensor], hyper_
     torch._check(h0.dim() == 2 and hh0.dim() == 2,
                  lambda: f"{op}: 'h0' and 'hh0' must be 2-D (B, ·), got {list(h0.shape)} and {list(hh0.shape)}")
     torch._check(params[8].dim() == 3, lambda: f"{op}: 'scale_weight' must be (2, 4H, N_z), got {list(params[8].shape)}")
+    torch._check(not projected_h or c0.dim() == 2, lambda: f"{op}: 'c0' must be 2-D (B, H), got {list(c0.shape)}")
     T, B, X = x.shape
-    H, Hh, Nz = h0.shape[1], hh0.shape[1], params[8].shape[2]
+    P, Hh, Nz = h0.shape[1], hh0.shape[1], params[8].shape[2]
+    H = c0.shape[1] if projected_h else P
     torch._check(T > 0 and B > 0 and X > 0, lambda: f"{op}: 'x' must be non-empty, got shape {list(x.shape)}")
-    torch._check(H > 0 and Hh > 0 and Nz > 0, lambda: f"{op}: sizes must be positive")
-    for name, t, n in (("h0", h0, H), ("c0", c0, H), ("hh0", hh0, Hh), ("hc0", hc0, Hh)):
+    torch._check(H > 0 and Hh > 0 and Nz > 0 and P > 0, lambda: f"{op}: sizes must be positive")
+    for name, t, n in (("h0", h0, P), ("c0", c0, H), ("hh0", hh0, Hh), ("hc0", hc0, Hh)):
         _check_arg(op, t, name, (B, n), x)
-    shapes = [(4 * H, X), (4 * H, H), (4 * H,), (4 * Hh, X + H), (4 * Hh, Hh), (4 * Hh,), (8 * Nz, Hh), (8 * Nz,),
+    shapes = [(4 * H, X), (4 * H, P), (4 * H,), (4 * Hh, X + P), (4 * Hh, Hh), (4 * Hh,), (8 * Nz, Hh), (8 * Nz,),
               (2, 4 * H, Nz), (4 * Nz, Hh), (4 * H, Nz), (4 * H,), (4 * H,), (H,), (H,), (4 * Hh,), (4 * Hh,), (Hh,),
               (Hh,)]
     for name, t, shape in zip(PARAM_NAMES, params, shapes):
@@ -73,10 +75,12 @@ def lstm_saved(x, sizes, hs, cs, hhs, hcs, g, ws, saved_shapes, op: str = "hyper
 
 def step_sizes(x, h, c, hh, hc, params):
     """Checks the single-step op's inputs as csrc/hyper_lstm.cpp does (its x as one step of the sequence op's;
-    the weights of the input and recurrent products may be half precision); returns (B, X, H, Ĥ, N_z)."""
+    the weights of the products may be half precision; a projected cell's h is P wide); returns
+    (B, X, H, Ĥ, N_z)."""
     torch._check(x.dim() == 2, lambda: f"hyperfused::hyper_lstm_step: 'x' must have shape (B, input_size), got "
                                        f"{list(x.shape)}")
-    return lstm_sizes(x.unsqueeze(0), h, c, hh, hc, params, None, None, half_gemm_weights=True)[1:]
+    return lstm_sizes(x.unsqueeze(0), h, c, hh, hc, params, None, None, half_gemm_weights=True,
+                      projected_h=True)[1:]
 
 
 def lstm_grads(x, sizes, grads, op: str = "hyperfused::hyper_lstm") -> None:
