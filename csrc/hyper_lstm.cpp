@@ -156,9 +156,15 @@ at::Tensor scale_weight_transposed(const at::Tensor& sw, const at::Tensor& bsw, 
 // What a call uses the weight copies for: the sequence forward, its backward, or a decode step.
 enum class Use { Forward, Backward, Decode };
 
+// Whether a call's recurrent products run on [W_h ; Ŵ_x,h] as one copied block (one GEMM per step) or on the two
+// parameters themselves (two GEMMs per step). The copy reads and writes both weights once per call, which a
+// single step does not earn back: at T = 1 (a HyperLSTMCell trained step by step, a projected layer's first
+// step) it cost more than the product that reads the block (1.6 ms against 1.3-1.6 ms at B = 8, H = 1000).
+bool concat_recurrent(int64_t T) { return T > 1; }
+
 // Owns the transposed weight copies that the one-kernel step (StepPhase::Whole) reads through StepParams, and
-// the recurrent weight [W_h ; Ŵ_x[:, X:]] (4H+4Ĥ, H) as one contiguous block, each made only where the call
-// uses it; the GEMM-shaped step's projections run on the parameters themselves (ScaleGemms) and need no copy.
+// the recurrent weight [W_h ; Ŵ_x[:, X:]] (4H+4Ĥ, H) as one contiguous block where the call runs several steps
+// (concat_rec: concat_recurrent), each made only where the call uses it; the GEMM-shaped step's projections run on the parameters themselves (ScaleGemms) and need no copy.
 // Made on every call, never kept across calls: a kept copy is only as current as what tells it that its source
 // changed, and an in-place change through a parameter's .data (manual SGD, EMA and clipping code do this)
 // bumps no version counter, so a kept copy would silently give the previous weights' results.
@@ -169,12 +175,13 @@ struct Transposed {
   // The decode step's GEMMs, each run once (so that a StepGemm does not pack its weight), all on the parameters
   // themselves: W_h h and Ŵ_x,h h (two products, no concatenated copy), Ŵ_h ĥ, W_x x, Ŵ_x[:, :X] x + b̂.
   std::optional<StepGemm> input, hyper_input, rec, rec_hyper, hyper;
-  Transposed(at::TensorList p, const Sizes& s, Use use, bool split) {
+  Transposed(at::TensorList p, const Sizes& s, Use use, bool split, bool concat_rec = true) {
     if (!split) {
       if (use != Use::Backward) z_weight_t = rows_transposed(p[Z_WEIGHT], p[BIAS_Z_WEIGHT]);
       scale_weight_t = scale_weight_transposed(p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT], s.H, s.Nz);
     }
-    if (use != Use::Decode) w_rec = pooled_rows(p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H));
+    if (use != Use::Decode && concat_rec)
+      w_rec = pooled_rows(p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H));
     if (use != Use::Decode) return;
     rec.emplace(p[WEIGHT_HH].t(), at::Tensor(), GemmPrecision{}, 1);
     rec_hyper.emplace(p[HYPER_WEIGHT_IH].narrow(1, s.X, s.P).t(), at::Tensor(), GemmPrecision{}, 1);
@@ -445,18 +452,22 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const auto gx = input_gemm(P, x2, p[WEIGHT_IH].t(), opts).view({T, B, 4 * H});
   const auto ghx =
       input_gemm(P, x2, p[HYPER_WEIGHT_IH].narrow(1, 0, X).t(), opts, p[HYPER_BIAS]).view({T, B, 4 * Hh});
-  const bool split = gemm_shaped(k);
-  const Transposed tr(p, s, Use::Forward, split);
+  const bool split = gemm_shaped(k), concat = concat_recurrent(T);
+  const Transposed tr(p, s, Use::Forward, split, concat);
   auto hs = pooled_empty({T, B, H}, opts), cs = pooled_empty({T, B, H}, opts);
   auto hhs = pooled_empty({T, B, Hh}, opts), hcs = pooled_empty({T, B, Hh}, opts);
   const int64_t kept = save_for_backward ? T : 1;  // steps of g and ws held at once
   auto g = pooled_empty({kept, B, dims.g_width()}, opts);
   auto ws = pooled_empty({kept, B, WsLayout(dims).width}, opts);
   const StepParams sp = step_params(p, &tr);
-  // [W_h ; Ŵ_x,h] h_{t-1} (w_rec transposed, (H, 4H+4Ĥ)) and Ŵ_h ĥ_{t-1}, each run T times
-  const StepGemm rec(tr.w_rec.t(), at::Tensor(), P, T), hyper(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P, T);
+  // [W_h ; Ŵ_x,h] h_{t-1} (w_rec transposed, (H, 4H+4Ĥ)), or W_h h_{t-1} and Ŵ_x,h h_{t-1}, and Ŵ_h ĥ_{t-1},
+  // each run T times
+  const StepGemm rec(concat ? tr.w_rec.t() : p[WEIGHT_HH].t(), at::Tensor(), P, T);
+  const StepGemm hyper(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P, T);
+  std::optional<StepGemm> rec_hyper;
+  if (!concat) rec_hyper.emplace(p[HYPER_WEIGHT_IH].narrow(1, X, H).t(), at::Tensor(), P, T);
   const ScaleGemms proj(p, s, split);
-  ForwardStepper stepper(k, proj, split, rec, nullptr, hyper, dims, opts);
+  ForwardStepper stepper(k, proj, split, rec, rec_hyper ? &*rec_hyper : nullptr, hyper, dims, opts);
   // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
   const auto hs_t = hs.unbind(0), hhs_t = hhs.unbind(0), g_t = g.unbind(0), ws_t = ws.unbind(0);
   const Steps Hs(hs), Cs(cs), HHs(hhs), HCs(hcs), Gx(gx), GHx(ghx);
@@ -621,20 +632,23 @@ namespace {
 struct BackwardStepper {
   const StepKernels& k;
   const ScaleGemms& proj;
-  const StepGemm &rec, &hyper;  // (4H+4Ĥ, H) and (4Ĥ, Ĥ): the transposed recurrent products
+  // (4H+4Ĥ, H), or (4H, H) with rec_hyper (4Ĥ, H), and (4Ĥ, Ĥ): the transposed recurrent products
+  const StepGemm &rec, *rec_hyper, &hyper;
   const bool split;
   const int64_t z_slot;
   const LaunchShape shape;
-  // The GEMM-shaped step's buffers: d_h (4, B, H), dd (12, B, H), dz (12, B, N_z), dz·Z (B, Ĥ).
-  at::Tensor dh_all, dd_all, dz_all, dhh_extra;
+  // The GEMM-shaped step's buffers: d_h (4, B, H), dd (12, B, H), dz (12, B, N_z), dz·Z (B, Ĥ); with rec_hyper,
+  // dh's share through Ŵ_x,h (B, H).
+  at::Tensor dh_all, dd_all, dz_all, dhh_extra, dh_hyper;
 
   BackwardStepper(const StepKernels& k, const ScaleGemms& proj, bool split, const StepGemm& rec,
-                  const StepGemm& hyper, const Dims& d, const at::TensorOptions& opts)
-      : k(k), proj(proj), rec(rec), hyper(hyper), split(split), z_slot(WsLayout(d).z),
+                  const StepGemm* rec_hyper, const StepGemm& hyper, const Dims& d, const at::TensorOptions& opts)
+      : k(k), proj(proj), rec(rec), rec_hyper(rec_hyper), hyper(hyper), split(split), z_slot(WsLayout(d).z),
         dh_all(split ? at::empty({4, d.B, d.H}, opts) : at::Tensor()),
         dd_all(split ? at::empty({12, d.B, d.H}, opts) : at::Tensor()),
         dz_all(split ? at::empty({12, d.B, d.Nz}, opts) : at::Tensor()),
-        dhh_extra(split ? at::empty({d.B, d.Hh}, opts) : at::Tensor()) {}
+        dhh_extra(split ? at::empty({d.B, d.Hh}, opts) : at::Tensor()),
+        dh_hyper(rec_hyper ? at::empty({d.B, d.H}, opts) : at::Tensor()) {}
 
   // ws_t (B, WsLayout.width) and dz_t (B, 12N_z), the backward workspace's dz slot, are read only by the
   // GEMM-shaped step; dg_t (B, 4H+4Ĥ) is st.dg, its hyper part (B, 4Ĥ) dg_hyper_t.
@@ -657,7 +671,13 @@ struct BackwardStepper {
       st.dhh_extra = dhh_extra.data_ptr();
     }
     k.backward(st);
-    rec.run(dh_rec, dg_t);
+    if (rec_hyper) {
+      rec.run(dh_rec, dg_t.narrow(1, 0, dg_t.size(1) - dg_hyper_t.size(1)));
+      rec_hyper->run(dh_hyper, dg_hyper_t);
+      dh_rec.add_(dh_hyper);
+    } else {
+      rec.run(dh_rec, dg_t);
+    }
     hyper.run(dhh_rec, dg_hyper_t);
   }
 };
@@ -796,14 +816,17 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const bool hzone = hyper_zoneout_mask.has_value() && hyper_zoneout_mask->defined();
   auto dh_zone = zone ? at::empty({B, H}, opts) : at::Tensor();
   auto dhh_zone = hzone ? at::empty({B, Hh}, opts) : at::Tensor();
-  const Transposed tr(p, s, Use::Backward, split);
+  const bool concat = concat_recurrent(T);
+  const Transposed tr(p, s, Use::Backward, split, concat);
   const StepParams sp = step_params(p, &tr);
-  const StepGemm rec(tr.w_rec, {}, P, T), hyper(p[HYPER_WEIGHT_HH], {}, P, T);
+  const StepGemm rec(concat ? tr.w_rec : p[WEIGHT_HH], {}, P, T), hyper(p[HYPER_WEIGHT_HH], {}, P, T);
+  std::optional<StepGemm> rec_hyper;
+  if (!concat) rec_hyper.emplace(p[HYPER_WEIGHT_IH].narrow(1, X, H), at::Tensor(), P, T);
   // the kernel's per-thread sums (~0.8 MB per thread at H = 1000, N_z = 16), zeroed, from the cache
   auto accum = in_kernel ? pooled_empty({int64_t(at::get_num_threads()), AccumLayout(dims).width}, opts).zero_()
                          : at::Tensor();
   const ScaleGemms proj(p, s, split);
-  BackwardStepper stepper(k, proj, split, rec, hyper, dims, opts);
+  BackwardStepper stepper(k, proj, split, rec, rec_hyper ? &*rec_hyper : nullptr, hyper, dims, opts);
   // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
   const auto dg_t = dg.unbind(0), dg_hyper_t = dg.narrow(2, 4 * H, 4 * Hh).unbind(0);
   const auto ws_t = split ? ws.unbind(0) : std::vector<at::Tensor>(T);
