@@ -120,14 +120,14 @@ def _projected_layer(backend: str, x, state: tuple, params, layer_norm: bool, fo
     h0, c0, hh0, hc0 = state
     (P, H), X, p = weight_hr.shape, x.shape[-1], reference.HyperLSTMParams(*params)
     pad = lambda t: torch.nn.functional.pad(t, (0, H - P))  # noqa: E731 (the last P columns to H)
-    with _autocast_off(x.device):  # in the parameters' precision; the fused op rounds it as it rounds W_h
-        read_u = p._replace(weight_hh=p.weight_hh @ weight_hr, hyper_weight_ih=torch.cat(
-            [p.hyper_weight_ih[:, :X], p.hyper_weight_ih[:, X:] @ weight_hr], 1))
     read_h0 = p._replace(weight_hh=pad(p.weight_hh), hyper_weight_ih=pad(p.hyper_weight_ih))
     at = lambda steps: [None if m is None else m[steps] for m in masks]  # noqa: E731 (the masks of those steps)
     seqs = hyper_lstm_layer(backend, x[:1], pad(h0), c0, hh0, hc0, list(read_h0), layer_norm, forget_bias,
                             *at(slice(0, 1)))
-    if x.shape[0] > 1:
+    if x.shape[0] > 1:  # (a single step, a cell trained step by step, needs no W_h W_hr: 4H·P·H multiply-adds)
+        with _autocast_off(x.device):  # in the parameters' precision; the fused op rounds it as it rounds W_h
+            read_u = p._replace(weight_hh=p.weight_hh @ weight_hr, hyper_weight_ih=torch.cat(
+                [p.hyper_weight_ih[:, :X], p.hyper_weight_ih[:, X:] @ weight_hr], 1))
         rest = hyper_lstm_layer(backend, x[1:], *(t[0] for t in seqs), list(read_u), layer_norm, forget_bias,
                                 *at(slice(1, None)))
         seqs = tuple(torch.cat([a, b]) for a, b in zip(seqs, rest))
