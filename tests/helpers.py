@@ -28,7 +28,7 @@ def random_state(m: hyperfused.HyperLSTM, B: int, dtype=torch.float64, requires_
     n = m.num_layers * m.num_directions
     device = next(m.parameters()).device
     ts = [torch.randn(n, B, size, dtype=dtype, device=device, requires_grad=requires_grad)
-          for size in (m.proj_size or m.hidden_size, m.hidden_size, m.hyper_size, m.hyper_size)]
+          for size in m.cells[0]._state_sizes()]
     return hyperfused.HyperLSTMState(*ts)
 
 
