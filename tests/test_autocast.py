@@ -143,12 +143,14 @@ def test_hyper_lstm_under_autocast_runs_its_gemms_in_autocast_dtype(backend):
         torch.testing.assert_close(a, b, rtol=0, atol=5e-2 * b.abs().max().item())
 
 
-@pytest.mark.parametrize("backend", backend_params("cpu", "cuda"))  # Triton's layer is the same Python around its op
+@pytest.mark.parametrize("backend", [pytest.param("reference", id="reference"), *backend_params("cpu", "cuda")])
 def test_a_projected_layer_in_low_precision_keeps_the_dtypes_of_an_unprojected_one(backend):
-    """proj_size > 0 (two fused calls and the products around them, docs/design.md §1): under autocast a float32
-    module gives float32 outputs, states and gradients, close to its plain run; a bfloat16 module gives bfloat16
-    ones, close to the float32 module with the same (bfloat16) weights. Tolerance 5e-2 of each tensor's largest
-    entry, as above; a forget bias of 0 instead of 1 moves the plain run's outputs by more than 0.1 of theirs."""
+    """proj_size > 0 (two fused calls and the products around them, docs/design.md §1; on the reference, its
+    steps): under autocast a float32 module gives float32 outputs, states and gradients, close to its plain run,
+    and takes its state back (with and without gradients); a bfloat16 module gives bfloat16 ones, close to the
+    float32 module with the same (bfloat16) weights. Tolerance 5e-2 of each tensor's largest entry, as above; a
+    forget bias of 0 instead of 1 moves the plain run's outputs by more than 0.1 of theirs. (Triton's layer is
+    the same Python around its op.)"""
     device = device_for(backend)
     torch.manual_seed(0)
     kw = dict(proj_size=7, hyper_size=12, hyper_embed=4, backend=backend, device=device)
@@ -157,6 +159,10 @@ def test_a_projected_layer_in_low_precision_keeps_the_dtypes_of_an_unprojected_o
     plain = _lstm_run(m, x)
     with torch.autocast(device, dtype=_low_for(device)):
         mixed = _lstm_run(m, x)
+        for grad in (True, False):  # the state a call returned is one the next call takes
+            with torch.set_grad_enabled(grad):
+                out, state = m(x[:1], m(x)[1])
+            assert out.dtype == state[0].dtype == torch.float32
     low = hyperfused.HyperLSTM(6, 24, 2, **kw, dtype=torch.bfloat16)
     low.load_state_dict(m.state_dict())
     m.load_state_dict(low.state_dict())  # both hold the bfloat16-exact weights

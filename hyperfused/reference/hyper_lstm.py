@@ -143,8 +143,8 @@ def hyper_lstm_step(x, state, p: HyperLSTMParams, layer_norm_on=True, forget_bia
         a = d["h", y] * (h_prev @ _gate(p.weight_hh.T, k, H)) + d["x", y] * (x @ _gate(p.weight_ih.T, k, H)) + d["b", y]
         pre[y] = layer_norm(a, _gate(p.ln_weight, k, H), _gate(p.ln_bias, k, H)) if layer_norm_on else a
     h, c = _lstm_update(pre, c_prev, (p.ln_cell_weight, p.ln_cell_bias), forget_bias, layer_norm_on, mask)
-    if weight_hr is not None:
-        h = h @ weight_hr.T  # nn.LSTM's projection
+    if weight_hr is not None:  # nn.LSTM's projection, in h's dtype (autocast would leave its product bfloat16)
+        h = (h @ weight_hr.T).to(h.dtype)
     return zoneout(h, h_prev, zoneout_mask), c, hh, hc
 
 
