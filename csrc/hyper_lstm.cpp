@@ -164,7 +164,8 @@ bool concat_recurrent(int64_t T) { return T > 1; }
 
 // Owns the transposed weight copies that the one-kernel step (StepPhase::Whole) reads through StepParams, and
 // the recurrent weight [W_h ; Ŵ_x[:, X:]] (4H+4Ĥ, H) as one contiguous block where the call runs several steps
-// (concat_rec: concat_recurrent), each made only where the call uses it; the GEMM-shaped step's projections run on the parameters themselves (ScaleGemms) and need no copy.
+// (concat_rec: concat_recurrent), each made only where the call uses it; the GEMM-shaped step's projections run
+// on the parameters themselves (ScaleGemms) and need no copy.
 // Made on every call, never kept across calls: a kept copy is only as current as what tells it that its source
 // changed, and an in-place change through a parameter's .data (manual SGD, EMA and clipping code do this)
 // bumps no version counter, so a kept copy would silently give the previous weights' results.
