@@ -15,7 +15,7 @@ from ._module import Module
 from ..ops import check_backend_name as _check_backend, hyper_lstm_layer, resolve_backend
 from ..ops.backends import exporting, func_transforming, jit_tracing
 from ..ops._checks import DECODE_HALF_WEIGHTS
-from ..reference import PARAM_NAMES
+from ..reference import PARAM_NAMES, project
 
 _BIAS_PARAMS = ("bias_z_weight", "bias_scale_weight")
 # A cell's parameters and constant buffers, by name: PARAM_NAMES with b_0 as nn.LSTMCell's bias_ih + bias_hh.
@@ -316,9 +316,6 @@ class HyperLSTMCell(Module):
 
     def _decode_op_fits(self) -> bool:
         """Whether the decode op can step this cell now: no gradients or masks."""
-        return self._needs_no_masks_or_grad()
-
-    def _needs_no_masks_or_grad(self) -> bool:
         # Zoneout needs masks even in evaluation, recurrent dropout in training: the general path draws them. A
         # torch.jit.trace records one path, which its check reruns without gradients: the one that has them.
         return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not jit_tracing()
@@ -392,9 +389,7 @@ class HyperLSTMCell(Module):
                 x.contiguous(), h.contiguous(), c.contiguous(), hh.contiguous(), hc.contiguous(),
                 self._decode_params(), self.layer_norm, self.forget_bias)
         out = out if out[0].dtype == dtype else tuple(t.to(dtype) for t in out)
-        if self.proj_size:  # autocast's product back to the others' dtype
-            out = ((out[0] @ self.weight_hr.T).to(dtype), *out[1:])
-        return out
+        return (project(out[0], self.weight_hr), *out[1:]) if self.proj_size else out
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, hyper_size={self.hyper_size}, "

@@ -132,7 +132,7 @@ def _projected_layer(backend: str, x, state: tuple, params, layer_norm: bool, fo
                                 *at(slice(1, None)))
         seqs = tuple(torch.cat([a, b]) for a, b in zip(seqs, rest))
     us, cs, hhs, hcs = seqs
-    return (us @ weight_hr.T).to(x.dtype), cs, hhs, hcs  # autocast's product: back to the others' dtype
+    return reference.project(us, weight_hr), cs, hhs, hcs
 
 
 def _autocast_off(device: torch.device):

@@ -128,6 +128,12 @@ def zoneout(new, prev, keep_new):
     return new if keep_new is None else prev + keep_new * (new - prev)
 
 
+def project(u: torch.Tensor, weight_hr: torch.Tensor) -> torch.Tensor:
+    """nn.LSTM's projection h = W_hr u, in u's dtype (autocast would leave the product in its low precision,
+    which the next step's state check refuses)."""
+    return (u @ weight_hr.T).to(u.dtype)
+
+
 def hyper_lstm_step(x, state, p: HyperLSTMParams, layer_norm_on=True, forget_bias=1.0, mask=None, hyper_mask=None,
                     zoneout_mask=None, hyper_zoneout_mask=None, weight_hr=None):
     """One time step. ``state = (h, c, ĥ, ĉ)``; returns the new state in the same order. The zoneout masks
@@ -143,8 +149,8 @@ def hyper_lstm_step(x, state, p: HyperLSTMParams, layer_norm_on=True, forget_bia
         a = d["h", y] * (h_prev @ _gate(p.weight_hh.T, k, H)) + d["x", y] * (x @ _gate(p.weight_ih.T, k, H)) + d["b", y]
         pre[y] = layer_norm(a, _gate(p.ln_weight, k, H), _gate(p.ln_bias, k, H)) if layer_norm_on else a
     h, c = _lstm_update(pre, c_prev, (p.ln_cell_weight, p.ln_cell_bias), forget_bias, layer_norm_on, mask)
-    if weight_hr is not None:  # nn.LSTM's projection, in h's dtype (autocast would leave its product bfloat16)
-        h = (h @ weight_hr.T).to(h.dtype)
+    if weight_hr is not None:
+        h = project(h, weight_hr)
     return zoneout(h, h_prev, zoneout_mask), c, hh, hc
 
 
