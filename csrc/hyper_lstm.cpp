@@ -162,6 +162,9 @@ enum class Use { Forward, Backward, Decode };
 // step) it cost more than the product that reads the block (1.6 ms against 1.3-1.6 ms at B = 8, H = 1000).
 bool concat_recurrent(int64_t T) { return T > 1; }
 
+// Ŵ_x's columns on h, (4Ĥ, P): the hyper cell's share of the recurrent product (P = H but in a projected decode)
+at::Tensor hyper_h_columns(at::TensorList p, const Sizes& s) { return p[HYPER_WEIGHT_IH].narrow(1, s.X, s.P); }
+
 // Owns the transposed weight copies that the one-kernel step (StepPhase::Whole) reads through StepParams, and
 // the recurrent weight [W_h ; Ŵ_x[:, X:]] (4H+4Ĥ, H) as one contiguous block where the call runs several steps
 // (concat_rec: concat_recurrent), each made only where the call uses it; the GEMM-shaped step's projections run
@@ -182,10 +185,10 @@ struct Transposed {
       scale_weight_t = scale_weight_transposed(p[SCALE_WEIGHT], p[BIAS_SCALE_WEIGHT], s.H, s.Nz);
     }
     if (use != Use::Decode && concat_rec)
-      w_rec = pooled_rows(p[WEIGHT_HH], p[HYPER_WEIGHT_IH].narrow(1, s.X, s.H));
+      w_rec = pooled_rows(p[WEIGHT_HH], hyper_h_columns(p, s));
     if (use != Use::Decode) return;
     rec.emplace(p[WEIGHT_HH].t(), at::Tensor(), GemmPrecision{}, 1);
-    rec_hyper.emplace(p[HYPER_WEIGHT_IH].narrow(1, s.X, s.P).t(), at::Tensor(), GemmPrecision{}, 1);
+    rec_hyper.emplace(hyper_h_columns(p, s).t(), at::Tensor(), GemmPrecision{}, 1);
     hyper.emplace(p[HYPER_WEIGHT_HH].t(), at::Tensor(), GemmPrecision{}, 1);
     input.emplace(p[WEIGHT_IH].t(), at::Tensor(), GemmPrecision{}, 1);
     hyper_input.emplace(p[HYPER_WEIGHT_IH].narrow(1, 0, s.X).t(), p[HYPER_BIAS], GemmPrecision{}, 1);
@@ -466,7 +469,7 @@ ForwardOut hyper_lstm_forward(const StepKernels& k, const at::Tensor& x, const a
   const StepGemm rec(concat ? tr.w_rec.t() : p[WEIGHT_HH].t(), at::Tensor(), P, T);
   const StepGemm hyper(p[HYPER_WEIGHT_HH].t(), at::Tensor(), P, T);
   std::optional<StepGemm> rec_hyper;
-  if (!concat) rec_hyper.emplace(p[HYPER_WEIGHT_IH].narrow(1, X, H).t(), at::Tensor(), P, T);
+  if (!concat) rec_hyper.emplace(hyper_h_columns(p, s).t(), at::Tensor(), P, T);
   const ScaleGemms proj(p, s, split);
   ForwardStepper stepper(k, proj, split, rec, rec_hyper ? &*rec_hyper : nullptr, hyper, dims, opts);
   // The GEMMs' per-step operands as views made once; every other per-step pointer by arithmetic (Steps).
@@ -822,7 +825,7 @@ std::vector<at::Tensor> hyper_lstm_backward(
   const StepParams sp = step_params(p, &tr);
   const StepGemm rec(concat ? tr.w_rec : p[WEIGHT_HH], {}, P, T), hyper(p[HYPER_WEIGHT_HH], {}, P, T);
   std::optional<StepGemm> rec_hyper;
-  if (!concat) rec_hyper.emplace(p[HYPER_WEIGHT_IH].narrow(1, X, H), at::Tensor(), P, T);
+  if (!concat) rec_hyper.emplace(hyper_h_columns(p, s), at::Tensor(), P, T);
   // the kernel's per-thread sums (~0.8 MB per thread at H = 1000, N_z = 16), zeroed, from the cache
   auto accum = in_kernel ? pooled_empty({int64_t(at::get_num_threads()), AccumLayout(dims).width}, opts).zero_()
                          : at::Tensor();
